@@ -1,0 +1,4 @@
+//! Protocol tests: every frame and answer in the captures of a real ComfyUI parses into
+//! the typed layer and serializes back to the same JSON, so nothing unknown is lost.
+
+mod captures;
