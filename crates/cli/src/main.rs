@@ -1,0 +1,84 @@
+//! The `gantry` binary: a thin command-line layer over the library crates.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "gantry",
+    version,
+    about = "A job orchestrator for ComfyUI GPU farms"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a ComfyUI simulator that speaks the real protocol, with injectable faults.
+    Sim(SimArgs),
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8188")]
+    listen: SocketAddr,
+    /// Run every timed phase this many times faster (100 for tests).
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// A fault to inject, e.g. `stall:at=50,every=3`; repeatable. Also settable at run
+    /// time with POST /sim/faults.
+    #[arg(long = "fault", value_name = "SPEC")]
+    faults: Vec<String>,
+    /// Seed for faults with a probability (`p=0.25`), for a reproducible sequence.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Model files the loaders list and accept, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    models: Option<Vec<String>>,
+    /// Folder for output, input and temp files (a temporary one by default).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Sim(args) => sim(args).await,
+    }
+}
+
+async fn sim(args: SimArgs) -> anyhow::Result<()> {
+    let config = gantry_sim::SimConfig {
+        listen: args.listen,
+        speed: args.speed,
+        faults: args.faults,
+        seed: args.seed,
+        models: args.models.unwrap_or_else(gantry_sim::default_models),
+        data_dir: args.data_dir,
+    };
+    let handle = gantry_sim::spawn(config)
+        .await
+        .context("cannot start the simulator")?;
+    println!("gantry sim: a ComfyUI server on {}", handle.url());
+    println!(
+        "  try: curl {}/system_stats    (Ctrl+C stops it)",
+        handle.url()
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl+C")?;
+    handle.shutdown().await;
+    Ok(())
+}

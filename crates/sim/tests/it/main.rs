@@ -1,0 +1,3 @@
+//! The simulator's integration tests: one binary, so the build stays fast.
+
+mod smoke;

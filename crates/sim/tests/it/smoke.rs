@@ -1,0 +1,94 @@
+//! End-to-end runs through gantry's own protocol client: a workflow executes, its
+//! messages arrive in the real order, history and /view agree.
+
+use gantry_comfy::rest::{Outcome, PromptRequest};
+use gantry_comfy::ws::ServerMessage;
+use gantry_comfy::{Client, Session, SessionEvent};
+use gantry_sim::{spawn, SimConfig};
+use serde_json::{Map, Value};
+use std::time::Duration;
+
+pub fn workflow(name: &str) -> Map<String, Value> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+    let path = if name.contains('/') {
+        dir.join(name)
+    } else {
+        dir.join("comfyui-protocol/workflows").join(name)
+    };
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Collects a session's messages until the end marker of `prompt_id`, with a deadline.
+pub async fn until_end(session: &mut Session, prompt_id: &str) -> Vec<ServerMessage> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, session.next())
+            .await
+            .expect("end marker before the deadline")
+            .expect("socket open");
+        match ev {
+            SessionEvent::Message(m) => {
+                let end = m.is_end_marker() && m.prompt_id() == Some(prompt_id);
+                out.push(m);
+                if end {
+                    return out;
+                }
+            }
+            SessionEvent::Closed { .. } => panic!("socket closed early: {out:?}"),
+            _ => {}
+        }
+    }
+}
+
+pub fn kinds(ms: &[ServerMessage]) -> Vec<&str> {
+    ms.iter().map(ServerMessage::kind).collect()
+}
+
+#[tokio::test]
+async fn txt2img_runs_and_writes_a_real_png() {
+    let sim = spawn(SimConfig {
+        speed: 20.0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = Client::new(&sim.url()).unwrap();
+    let mut session = client.connect(false).await.unwrap();
+    let req = PromptRequest {
+        prompt: workflow("workflows/txt2img.json"),
+        client_id: Some(session.client_id().to_string()),
+        ..Default::default()
+    };
+    let accepted = match client.submit(&req).await.unwrap() {
+        gantry_comfy::client::Submitted::Accepted(a) => a,
+        other => panic!("rejected: {other:?}"),
+    };
+    assert!(accepted.node_errors.is_empty());
+    let ms = until_end(&mut session, &accepted.prompt_id).await;
+    let k = kinds(&ms);
+    assert_eq!(k[0], "status");
+    assert!(
+        k.contains(&"execution_start") && k.contains(&"execution_success"),
+        "{k:?}"
+    );
+    let n_progress = k.iter().filter(|t| **t == "progress").count();
+    assert_eq!(n_progress, 20, "one progress per KSampler step");
+    assert_eq!(
+        &k[k.len() - 3..],
+        ["execution_success", "status", "executing"]
+    );
+
+    let entry = client
+        .history_of(&accepted.prompt_id)
+        .await
+        .unwrap()
+        .expect("history entry");
+    assert_eq!(entry.outcome(), Outcome::Success);
+    let files = entry.files();
+    assert_eq!(files.len(), 1);
+    let png = client.view(&files[0]).await.unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    sim.shutdown().await;
+}
