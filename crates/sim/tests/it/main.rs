@@ -1,3 +1,4 @@
 //! The simulator's integration tests: one binary, so the build stays fast.
 
+mod faults;
 mod smoke;
