@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 
 fn captures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/comfyui-protocol/captures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/comfyui/captures")
 }
 
 fn captures() -> Vec<(String, Value)> {

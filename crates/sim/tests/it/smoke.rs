@@ -9,11 +9,11 @@ use serde_json::{Map, Value};
 use std::time::Duration;
 
 pub fn workflow(name: &str) -> Map<String, Value> {
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
     let path = if name.contains('/') {
         dir.join(name)
     } else {
-        dir.join("comfyui-protocol/workflows").join(name)
+        dir.join("comfyui/workflows").join(name)
     };
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
