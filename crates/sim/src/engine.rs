@@ -1121,6 +1121,7 @@ fn execution_order(
 ) -> Vec<String> {
     fn visit(
         prompt: &Map<String, Value>,
+        outputs: &[String],
         id: &str,
         sigs: &HashMap<String, String>,
         cache: &HashMap<String, Cached>,
@@ -1131,13 +1132,18 @@ fn execution_order(
             return;
         }
         let is_cached = sigs.get(id).is_some_and(|s| cache.contains_key(s));
+        // ExecutionList never stages a cached dependency; only outputs are always staged
+        // (a cached output still sends `executed` with its cached UI output).
+        if is_cached && !outputs.contains(&id.to_string()) {
+            return;
+        }
         if !is_cached {
             if let Some(inputs) = prompt[id]["inputs"].as_object() {
                 for v in inputs.values() {
                     if let Some(from) = v.as_array().and_then(|l| l.first()).and_then(Value::as_str)
                     {
                         if prompt.contains_key(from) {
-                            visit(prompt, from, sigs, cache, seen, order);
+                            visit(prompt, outputs, from, sigs, cache, seen, order);
                         }
                     }
                 }
@@ -1151,7 +1157,7 @@ fn execution_order(
     // ComfyUI stages outputs from a set; take them in prompt order for a stable run.
     outs.sort_by_key(|o| prompt.keys().position(|k| k == *o));
     for o in outs {
-        visit(prompt, o, sigs, cache, &mut seen, &mut order);
+        visit(prompt, outputs, o, sigs, cache, &mut seen, &mut order);
     }
     order
 }

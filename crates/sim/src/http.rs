@@ -468,13 +468,17 @@ async fn socket_task(app: App, mut socket: WebSocket, sid: String) {
         );
     }
     let mut first_text = true;
+    let mut replaced = false;
     let clean = loop {
         tokio::select! {
             _ = app.life.cancelled() => break false,
-            out = rx.recv() => match out {
+            out = rx.recv(), if !replaced => match out {
                 Some(Out::Text(t)) => if socket.send(Message::text(t)).await.is_err() { break true },
                 Some(Out::Binary(b)) => if socket.send(Message::binary(b)).await.is_err() { break true },
-                Some(Out::Drop) | None => break false,
+                Some(Out::Drop) => break false,
+                // A newer socket with this sid took the table entry: this one stays open
+                // and hears nothing more, as in ComfyUI.
+                None => replaced = true,
             },
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Text(t))) => {
@@ -503,7 +507,9 @@ async fn socket_task(app: App, mut socket: WebSocket, sid: String) {
     // ComfyUI pops the sid whichever socket holds it now.
     app.sim.state().sockets.remove(&sid);
     if clean {
-        let _ = socket.send(Message::Close(None)).await;
+        // The library queued its answer to the client's close frame; reading on until the
+        // stream ends sends it, so the client sees a clean 1000 close.
+        while let Some(Ok(_)) = socket.recv().await {}
     }
     // Not clean: dropping the socket closes TCP with no close frame (the client sees 1006).
 }

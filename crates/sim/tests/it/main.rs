@@ -1,4 +1,6 @@
 //! The simulator's integration tests: one binary, so the build stays fast.
 
 mod faults;
+mod parity;
 mod smoke;
+mod support;

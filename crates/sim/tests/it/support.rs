@@ -17,9 +17,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// `shared/comfyui-protocol/captures`, beside the workspace.
+/// `fixtures/comfyui/captures`, at the root of the repository.
 pub fn captures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/comfyui-protocol/captures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/comfyui/captures")
 }
 
 /// Names (without `.json`) of every capture file; panics when the folder is missing, so a
@@ -81,7 +81,7 @@ pub fn load_capture(name: &str) -> Capture {
     let path = captures_dir().join(format!("{name}.json"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "capture {} must exist (is ../shared checked out?): {e}",
+            "capture {} must exist (is fixtures/comfyui/captures present?): {e}",
             path.display()
         )
     });
@@ -195,10 +195,13 @@ impl Socket {
     /// Wakes on every received frame, so nothing is slept away.
     pub async fn wait_until(&self, deadline: Duration, done: impl Fn(&SocketLog) -> bool) -> bool {
         let mut rx = self.log.clone();
-        match tokio::time::timeout(deadline, rx.wait_for(|log| done(log))).await {
-            Ok(Ok(_)) => true,
+        let waited = tokio::time::timeout(deadline, rx.wait_for(|log| done(log)))
+            .await
+            .map(|held| held.is_ok());
+        match waited {
+            Ok(true) => true,
             // The reader task is gone: nothing more will arrive, judge the final log.
-            Ok(Err(_)) => done(&rx.borrow()),
+            Ok(false) => done(&rx.borrow()),
             Err(_elapsed) => false,
         }
     }
@@ -233,6 +236,15 @@ pub enum HttpFailure {
     /// Nothing listens: what a client sees while the server is down.
     Connect(String),
     Other(String),
+}
+
+impl std::fmt::Display for HttpFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpFailure::Connect(e) => write!(f, "cannot connect: {e}"),
+            HttpFailure::Other(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 /// A client that never reuses connections: a pooled connection to a simulator that has
