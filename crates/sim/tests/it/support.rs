@@ -210,8 +210,6 @@ impl Socket {
 /// What one HTTP request got.
 #[derive(Debug)]
 pub struct HttpOutcome {
-    /// When the whole body had arrived (or the request failed).
-    pub at: Instant,
     pub result: Result<HttpReply, HttpFailure>,
 }
 
@@ -274,10 +272,7 @@ pub async fn send(request: reqwest::RequestBuilder) -> HttpOutcome {
         Err(e) if e.is_connect() => Err(HttpFailure::Connect(e.to_string())),
         Err(e) => Err(HttpFailure::Other(e.to_string())),
     };
-    HttpOutcome {
-        at: Instant::now(),
-        result,
-    }
+    HttpOutcome { result }
 }
 
 /// Calls `probe` every `every` until it returns Some, or the deadline passes.
