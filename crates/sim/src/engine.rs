@@ -106,6 +106,8 @@ pub struct State {
     runs: u64,
     /// A `hang-before-start` fault has stuck the worker.
     pub hung: bool,
+    /// Dequeued (and shown as running) but not yet picked up by the worker task.
+    ready: Option<Item>,
     /// The running prompt's messages are not sent (`ws-silent`).
     silent: bool,
 }
@@ -305,26 +307,38 @@ impl Sim {
                 let notified = self.wake.notified();
                 {
                     let mut st = self.state();
-                    if !st.hung && !st.queue.is_empty() {
-                        let hang = self
-                            .faults
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .roll(|k| matches!(k, Kind::HangBeforeStart));
-                        if hang.is_empty() {
-                            let item = st.queue.remove(0);
-                            st.running = Some(item.clone());
-                            st.queue_updated();
-                            break item;
-                        }
-                        st.hung = true;
-                        tracing::info!("hang-before-start: the worker stops taking prompts");
+                    self.dequeue(&mut st);
+                    if let Some(item) = st.ready.take() {
+                        break item;
                     }
                 }
                 notified.await;
             };
             self.run(item).await;
         }
+    }
+
+    /// Takes the head of the queue when nothing runs. Called with the lock held both by the
+    /// worker and by `POST /prompt`: ComfyUI's idle worker dequeues before the next POST is
+    /// answered, so the dequeue `status` must not wait for this task to be scheduled.
+    pub fn dequeue(&self, st: &mut State) {
+        if st.running.is_some() || st.hung || st.queue.is_empty() {
+            return;
+        }
+        let hang = self
+            .faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .roll(|k| matches!(k, Kind::HangBeforeStart));
+        if !hang.is_empty() {
+            st.hung = true;
+            tracing::info!("hang-before-start: the worker stops taking prompts");
+            return;
+        }
+        let item = st.queue.remove(0);
+        st.running = Some(item.clone());
+        st.ready = Some(item);
+        st.queue_updated();
     }
 
     async fn run(&self, item: Item) {

@@ -161,13 +161,17 @@ async fn post_prompt(State(app): State<App>, body: Bytes) -> Response {
             outputs,
             node_errors,
         } => {
-            sim.state().push(Item {
-                number: number.clone(),
-                prompt_id: prompt_id.clone(),
-                prompt: graph,
-                extra_data,
-                outputs,
-            });
+            {
+                let mut st = sim.state();
+                st.push(Item {
+                    number: number.clone(),
+                    prompt_id: prompt_id.clone(),
+                    prompt: graph,
+                    extra_data,
+                    outputs,
+                });
+                sim.dequeue(&mut st);
+            }
             sim.wake.notify_waiters();
             ok_json(&json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors}))
         }

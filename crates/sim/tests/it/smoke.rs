@@ -92,3 +92,48 @@ async fn txt2img_runs_and_writes_a_real_png() {
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_backend_without_the_model_rejects_with_value_not_in_list() {
+    let sim = spawn(SimConfig {
+        speed: 20.0,
+        models: vec!["other.safetensors".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let client = Client::new(&sim.url()).unwrap();
+    let info = client.object_info().await.unwrap();
+    assert_eq!(
+        info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0],
+        serde_json::json!(["other.safetensors"])
+    );
+    let req = PromptRequest {
+        prompt: workflow("workflows/txt2img.json"),
+        ..Default::default()
+    };
+    let rejected = match client.submit(&req).await.unwrap() {
+        gantry_comfy::client::Submitted::Rejected(r) => r,
+        other => panic!("accepted a workflow whose model is missing: {other:?}"),
+    };
+    assert_eq!(rejected.error.kind, "prompt_outputs_failed_validation");
+    let node = &rejected.node_errors["4"];
+    assert_eq!(node.class_type, "CheckpointLoaderSimple");
+    assert_eq!(node.dependent_outputs, ["9"]);
+    let e = &node.errors[0];
+    assert_eq!(e.kind, "value_not_in_list");
+    assert_eq!(e.extra_info["input_name"], "ckpt_name");
+    assert_eq!(
+        e.extra_info["received_value"],
+        "v1-5-pruned-emaonly.safetensors"
+    );
+    assert_eq!(
+        e.details,
+        "ckpt_name: 'v1-5-pruned-emaonly.safetensors' not in ['other.safetensors']"
+    );
+    assert!(
+        client.queue().await.unwrap().queue_pending.is_empty(),
+        "nothing queued"
+    );
+    sim.shutdown().await;
+}
