@@ -453,6 +453,16 @@ impl Sim {
             }
         }
 
+        // A loader served from cache still has its weights in memory.
+        for id in &cached_nodes {
+            let class = item.prompt[id]["class_type"].as_str().unwrap_or_default();
+            for key in crate::nodes::model_inputs(class) {
+                if let Some(file) = item.prompt[id]["inputs"][*key].as_str() {
+                    loaded_models.insert(file.to_string());
+                }
+            }
+        }
+
         let node_type = |node: &str| item.prompt[node]["class_type"].clone();
         let status_str = match stop {
             None => {
