@@ -318,6 +318,20 @@ impl Sim {
         }
     }
 
+    /// Replaces the faults in force and wakes the worker. Clearing hang-before-start lets a
+    /// stuck worker take prompts again.
+    pub fn replace_faults(&self, faults: Vec<crate::faults::Fault>) {
+        let hang = faults.iter().any(|f| f.kind == Kind::HangBeforeStart);
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(faults);
+        if !hang {
+            self.state().hung = false;
+        }
+        self.wake.notify_waiters();
+    }
+
     /// Takes the head of the queue when nothing runs. Called with the lock held both by the
     /// worker and by `POST /prompt`: ComfyUI's idle worker dequeues before the next POST is
     /// answered, so the dequeue `status` must not wait for this task to be scheduled.

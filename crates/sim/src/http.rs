@@ -2,7 +2,7 @@
 //! its Origin check, its socket table rules, and `/sim/faults` for tests.
 
 use crate::engine::{Item, Out, Sim, Socket};
-use crate::faults::{Fault, Kind};
+use crate::faults::Fault;
 use crate::validate::{validate_prompt, Verdict};
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -413,17 +413,7 @@ async fn post_faults(State(app): State<App>, body: Bytes) -> Response {
             }
         }
     }
-    let hang = faults.iter().any(|f| f.kind == Kind::HangBeforeStart);
-    app.sim
-        .faults
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .replace(faults);
-    if !hang {
-        // Clearing hang-before-start lets the stuck worker take prompts again.
-        app.sim.state().hung = false;
-    }
-    app.sim.wake.notify_waiters();
+    app.sim.replace_faults(faults);
     ok_json(&json!({"faults": specs}))
 }
 

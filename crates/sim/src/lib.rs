@@ -264,19 +264,7 @@ impl SimHandle {
             .iter()
             .map(|s| Fault::parse(s))
             .collect::<Result<Vec<_>, _>>()?;
-        let hang = faults
-            .iter()
-            .any(|f| f.kind == faults::Kind::HangBeforeStart);
-        self.inner
-            .sim
-            .faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(faults);
-        if !hang {
-            self.inner.sim.state().hung = false;
-        }
-        self.inner.sim.wake.notify_waiters();
+        self.inner.sim.replace_faults(faults);
         Ok(())
     }
 

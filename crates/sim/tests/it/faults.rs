@@ -3,7 +3,7 @@
 //! that something does *not* happen, it watches for a bounded time in which a healthy
 //! simulator at this speed would have finished many times over.
 
-use crate::smoke::{kinds, until_end, workflow};
+use crate::smoke::{kinds, run_ms, until_end, workflow};
 use gantry_comfy::client::Submitted;
 use gantry_comfy::rest::{Outcome, PromptRequest};
 use gantry_comfy::ws::ServerMessage;
@@ -85,6 +85,24 @@ async fn poll<T, F: std::future::Future<Output = Option<T>>>(mut f: impl FnMut()
             "condition not met in time"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls history until the prompt has an entry, and returns how it ended.
+async fn await_outcome(client: &Client, id: &str) -> Outcome {
+    poll(|| {
+        let c = client.clone();
+        let id = id.to_string();
+        async move { history_outcome(&c, &id).await }
+    })
+    .await
+}
+
+/// The socket's last event is a close without a close frame (1006).
+fn assert_abnormal_close(evs: &[SessionEvent]) {
+    match evs.last() {
+        Some(SessionEvent::Closed { code, .. }) => assert_eq!(*code, Some(1006)),
+        other => panic!("expected an abnormal close, got {other:?}"),
     }
 }
 
@@ -271,16 +289,8 @@ async fn ws_drop_closes_sockets_with_1006_and_the_run_still_completes() {
     let mut s = client.connect(false).await.unwrap();
     let id = submit(&client, &s, sleep_graph(20)).await;
     let evs = watch(&mut s, Duration::from_secs(5)).await;
-    match evs.last() {
-        Some(SessionEvent::Closed { code, .. }) => assert_eq!(*code, Some(1006)),
-        other => panic!("expected an abnormal close, got {other:?}"),
-    }
-    let outcome = poll(|| {
-        let c = client.clone();
-        let id = id.clone();
-        async move { history_outcome(&c, &id).await }
-    })
-    .await;
+    assert_abnormal_close(&evs);
+    let outcome = await_outcome(&client, &id).await;
     assert_eq!(outcome, Outcome::Success);
     sim.shutdown().await;
 }
@@ -290,12 +300,7 @@ async fn ws_silent_sends_nothing_about_the_run_but_history_has_it() {
     let (sim, client) = sim_with(&["ws-silent"]).await;
     let mut s = client.connect(false).await.unwrap();
     let id = submit(&client, &s, sleep_graph(21)).await;
-    let outcome = poll(|| {
-        let c = client.clone();
-        let id = id.clone();
-        async move { history_outcome(&c, &id).await }
-    })
-    .await;
+    let outcome = await_outcome(&client, &id).await;
     assert_eq!(outcome, Outcome::Success);
     let evs = watch(&mut s, Duration::from_millis(200)).await;
     let ms = messages(&evs);
@@ -316,10 +321,7 @@ async fn crash_drops_sockets_refuses_http_and_restarts_empty() {
     until_end(&mut s, &first).await;
     let second = submit(&client, &s, sleep_graph(31)).await;
     let evs = watch(&mut s, Duration::from_secs(5)).await;
-    match evs.last() {
-        Some(SessionEvent::Closed { code, .. }) => assert_eq!(*code, Some(1006)),
-        other => panic!("expected an abnormal close, got {other:?}"),
-    }
+    assert_abnormal_close(&evs);
     // Down: connections are refused (restart_ms=4000 at speed 20 is 200 ms).
     let fresh = Client::new(&sim.url()).unwrap();
     let down = fresh.prompt_info().await;
@@ -356,18 +358,8 @@ async fn slow_fault_stretches_execution_time() {
     let mut s = client.connect(false).await.unwrap();
     let id = submit(&client, &s, sleep_graph(40)).await;
     until_end(&mut s, &id).await;
-    let entry = client.history_of(&id).await.unwrap().unwrap();
-    let ts = |name: &str| {
-        entry
-            .status
-            .messages
-            .iter()
-            .find(|(m, _)| m == name)
-            .and_then(|(_, d)| d["timestamp"].as_i64())
-            .unwrap()
-    };
     // GantrySleep(1 s) at speed 20 is 50 ms; four times slower is at least 200 ms.
-    let ms = ts("execution_success") - ts("execution_start");
+    let ms = run_ms(&client, &id).await;
     assert!(ms >= 190, "ran in {ms} ms");
     sim.shutdown().await;
 }

@@ -139,7 +139,7 @@ async fn a_backend_without_the_model_rejects_with_value_not_in_list() {
 }
 
 /// Run time of a finished prompt, from its history timestamps.
-async fn run_ms(client: &Client, id: &str) -> i64 {
+pub async fn run_ms(client: &Client, id: &str) -> i64 {
     let entry = client.history_of(id).await.unwrap().expect("history entry");
     let ts = |name: &str| {
         entry
