@@ -815,14 +815,12 @@ impl Run<'_> {
                 "RuntimeError",
             ));
         }
-        let has_progress = matches!(class.as_str(), "KSampler" | "GantrySleep" | "GantryStall")
-            || (class == "GantryFail" && num("steps_before_fail", 0.0) > 0.0);
+        let has_progress = reports_progress(&self.item.prompt[id]);
         if has_progress {
             self.progress_nodes_seen += 1;
         }
         let oom = self.kinds.contains(&Kind::Oom);
-        if oom && (has_progress || first_work && !self.item.prompt.values().any(is_progress_class))
-        {
+        if oom && (has_progress || first_work && !self.item.prompt.values().any(reports_progress)) {
             return Err(fail(
                 "Allocation on device \nThis error means you ran out of memory on your GPU.\n\nTIPS: If the workflow worked before you might have accidentally set the batch_size to a large number.".into(),
                 "torch.OutOfMemoryError",
@@ -1076,11 +1074,16 @@ impl Run<'_> {
     }
 }
 
-fn is_progress_class(node: &Value) -> bool {
-    matches!(
-        node["class_type"].as_str(),
-        Some("KSampler" | "GantrySleep" | "GantryStall" | "GantryFail")
-    )
+/// Nodes that send progress as they run (the stall and oom faults aim at them).
+fn reports_progress(node: &Value) -> bool {
+    match node["class_type"].as_str() {
+        Some("KSampler" | "GantrySleep" | "GantryStall") => true,
+        Some("GantryFail") => node
+            .pointer("/inputs/steps_before_fail")
+            .and_then(Value::as_f64)
+            .is_some_and(|n| n > 0.0),
+        _ => false,
+    }
 }
 
 fn is_always_run(node: &Value) -> bool {
