@@ -1,0 +1,392 @@
+//! Which backend a queued job goes to: eligibility (tags, node classes, the job's own
+//! exclusions), then preference (backend priority, warm models, not where it failed
+//! before, least recently used). Also whether a job can never run anywhere, so it fails
+//! instead of waiting forever (DESIGN.md invariant 1).
+
+use std::collections::HashSet;
+use std::fmt::Write;
+
+use crate::job::{Job, JobError, Millis};
+
+/// What the scheduler knows of one backend at this moment.
+#[derive(Clone, Debug)]
+pub struct Candidate<'a> {
+    pub name: &'a str,
+    pub priority: i32,
+    pub tags: &'a [String],
+    /// Node classes from `/object_info`; `None` until they have been fetched.
+    pub classes: Option<&'a HashSet<String>>,
+    /// Connected, with no attempt in flight: it can take a prompt now.
+    pub idle: bool,
+    /// Model files of its recent runs, most recent first.
+    pub warm_models: &'a [String],
+    /// When it last took a prompt; 0 if never.
+    pub last_used: Millis,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Choice {
+    /// Dispatch to the candidate at this index.
+    Run(usize),
+    /// Some backend could run it later; none can now.
+    Wait(Waiting),
+    /// No known backend can ever run it.
+    Never(JobError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waiting {
+    /// Eligible backends exist and all are busy or offline.
+    Busy,
+    /// Some backend's node classes are not known yet.
+    Capabilities,
+    /// No backend is configured.
+    NoBackends,
+}
+
+impl Waiting {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Waiting::Busy => "every eligible backend is busy or offline",
+            Waiting::Capabilities => "waiting to learn the backends' node classes",
+            Waiting::NoBackends => "no backend is configured",
+        }
+    }
+}
+
+/// Why `backend` can never run `job`, if it cannot.
+pub fn never_reason(job: &Job, backend: &Candidate<'_>) -> Option<String> {
+    let missing_tags: Vec<&str> = job
+        .spec
+        .tags
+        .iter()
+        .filter(|t| !backend.tags.contains(t))
+        .map(String::as_str)
+        .collect();
+    if !missing_tags.is_empty() {
+        return Some(format!("lacks tag {}", missing_tags.join(", ")));
+    }
+    if let Some(classes) = backend.classes {
+        let missing: Vec<String> = job
+            .spec
+            .workflow
+            .nodes()
+            .filter(|(_, class)| !classes.contains(*class))
+            .map(|(node, class)| format!("node class {class} (node {node})"))
+            .collect();
+        if !missing.is_empty() {
+            return Some(format!("{} not installed", missing.join(", ")));
+        }
+    }
+    let reasons: Vec<String> = job
+        .excluded
+        .iter()
+        .filter(|e| e.backend == backend.name)
+        .map(|e| e.reason.to_string())
+        .collect();
+    if !reasons.is_empty() {
+        return Some(reasons.join(", "));
+    }
+    None
+}
+
+/// Sort key among eligible idle backends; smaller is better.
+type Preference<'a> = (i32, usize, bool, Millis, &'a str);
+
+/// Choose a backend for `job` among `backends`.
+pub fn choose(job: &Job, backends: &[Candidate<'_>]) -> Choice {
+    if backends.is_empty() {
+        return Choice::Wait(Waiting::NoBackends);
+    }
+    let models: Vec<String> = job
+        .spec
+        .workflow
+        .models()
+        .into_iter()
+        .map(|m| m.file)
+        .collect();
+    let failed_on: HashSet<&str> = job
+        .attempts
+        .iter()
+        .filter(|a| a.error.is_some())
+        .map(|a| a.backend.as_str())
+        .collect();
+
+    let mut never = Vec::new();
+    let mut best: Option<(usize, Preference<'_>)> = None;
+    let mut capabilities_unknown = false;
+    for (idx, b) in backends.iter().enumerate() {
+        if let Some(reason) = never_reason(job, b) {
+            never.push((b.name, reason));
+            continue;
+        }
+        if b.classes.is_none() {
+            capabilities_unknown = true;
+            continue;
+        }
+        if !b.idle {
+            continue;
+        }
+        let warm = models.iter().filter(|m| b.warm_models.contains(m)).count();
+        // Smaller is better in every field but priority and warmth, which are negated.
+        let key = (
+            -b.priority,
+            usize::MAX - warm,
+            failed_on.contains(b.name),
+            b.last_used,
+            b.name,
+        );
+        if best.as_ref().is_none_or(|(_, k)| key < *k) {
+            best = Some((idx, key));
+        }
+    }
+    if let Some((idx, _)) = best {
+        return Choice::Run(idx);
+    }
+    if never.len() == backends.len() {
+        let mut message = String::from("no backend can run this job:");
+        for (i, (name, reason)) in never.iter().enumerate() {
+            let sep = if i == 0 { " " } else { "; " };
+            let _ = write!(message, "{sep}{name}: {reason}");
+        }
+        let details = serde_json::Value::Object(
+            never
+                .iter()
+                .map(|(name, reason)| (name.to_string(), serde_json::Value::from(reason.clone())))
+                .collect(),
+        );
+        return Choice::Never(
+            JobError::new("unroutable", message)
+                .with_details(serde_json::json!({ "backends": details })),
+        );
+    }
+    if capabilities_unknown {
+        return Choice::Wait(Waiting::Capabilities);
+    }
+    Choice::Wait(Waiting::Busy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Exclusion, ExclusionReason, JobId, JobSpec, Timeouts};
+    use crate::workflow::Workflow;
+
+    fn job(tags: &[&str]) -> Job {
+        let workflow = Workflow::parse(&serde_json::json!({
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
+            "9": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "x"}}
+        }))
+        .unwrap();
+        Job::new(
+            JobId::random(),
+            JobSpec {
+                workflow,
+                priority: 0,
+                max_attempts: 3,
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                timeouts: Timeouts::default(),
+                idempotency_key: None,
+                metadata: Default::default(),
+            },
+            0,
+        )
+    }
+
+    struct B {
+        name: &'static str,
+        priority: i32,
+        tags: Vec<String>,
+        classes: Option<HashSet<String>>,
+        idle: bool,
+        warm: Vec<String>,
+        last_used: Millis,
+    }
+
+    fn b(name: &'static str) -> B {
+        B {
+            name,
+            priority: 0,
+            tags: vec![],
+            classes: Some(
+                ["CheckpointLoaderSimple", "SaveImage"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+            ),
+            idle: true,
+            warm: vec![],
+            last_used: 0,
+        }
+    }
+
+    fn pick(job: &Job, bs: &[B]) -> String {
+        let candidates: Vec<Candidate<'_>> = bs
+            .iter()
+            .map(|b| Candidate {
+                name: b.name,
+                priority: b.priority,
+                tags: &b.tags,
+                classes: b.classes.as_ref(),
+                idle: b.idle,
+                warm_models: &b.warm,
+                last_used: b.last_used,
+            })
+            .collect();
+        match choose(job, &candidates) {
+            Choice::Run(i) => bs[i].name.to_owned(),
+            Choice::Wait(w) => format!("wait: {}", w.describe()),
+            Choice::Never(e) => format!("never: {}", e.message),
+        }
+    }
+
+    #[test]
+    fn least_recently_used_breaks_ties() {
+        let bs = [
+            B {
+                last_used: 5,
+                ..b("a")
+            },
+            B {
+                last_used: 3,
+                ..b("b")
+            },
+            B {
+                last_used: 9,
+                ..b("c")
+            },
+        ];
+        assert_eq!(pick(&job(&[]), &bs), "b");
+    }
+
+    #[test]
+    fn priority_beats_warmth_beats_lru() {
+        let warm = vec!["m.safetensors".to_owned()];
+        let bs = [
+            B {
+                last_used: 1,
+                ..b("cold")
+            },
+            B {
+                last_used: 9,
+                warm: warm.clone(),
+                ..b("warm")
+            },
+        ];
+        assert_eq!(pick(&job(&[]), &bs), "warm");
+        let bs = [
+            B {
+                priority: 1,
+                last_used: 9,
+                ..b("preferred")
+            },
+            B {
+                last_used: 1,
+                warm,
+                ..b("warm")
+            },
+        ];
+        assert_eq!(pick(&job(&[]), &bs), "preferred");
+    }
+
+    #[test]
+    fn tags_and_classes_are_required() {
+        let bs = [
+            B {
+                last_used: 0,
+                ..b("untagged")
+            },
+            B {
+                tags: vec!["sdxl".into()],
+                last_used: 9,
+                ..b("tagged")
+            },
+        ];
+        assert_eq!(pick(&job(&["sdxl"]), &bs), "tagged");
+        let bs = [
+            B {
+                classes: Some(HashSet::from(["SaveImage".to_owned()])),
+                ..b("small")
+            },
+            B {
+                last_used: 9,
+                ..b("full")
+            },
+        ];
+        assert_eq!(pick(&job(&[]), &bs), "full");
+    }
+
+    #[test]
+    fn busy_or_unknown_backends_mean_wait() {
+        assert_eq!(
+            pick(
+                &job(&[]),
+                &[B {
+                    idle: false,
+                    ..b("a")
+                }]
+            ),
+            "wait: every eligible backend is busy or offline"
+        );
+        assert_eq!(
+            pick(
+                &job(&[]),
+                &[B {
+                    classes: None,
+                    ..b("a")
+                }]
+            ),
+            "wait: waiting to learn the backends' node classes"
+        );
+        assert_eq!(pick(&job(&[]), &[]), "wait: no backend is configured");
+    }
+
+    #[test]
+    fn never_lists_what_is_missing_where() {
+        let mut j = job(&[]);
+        j.excluded.push(Exclusion {
+            backend: "a".into(),
+            reason: ExclusionReason::MissingModel {
+                node: "4".into(),
+                input: "ckpt_name".into(),
+                value: "m.safetensors".into(),
+            },
+        });
+        let bs = [
+            b("a"),
+            B {
+                classes: Some(HashSet::from(["SaveImage".to_owned()])),
+                ..b("b")
+            },
+        ];
+        assert_eq!(
+            pick(&j, &bs),
+            "never: no backend can run this job: a: model \"m.safetensors\" (node 4 input ckpt_name) not installed; b: node class CheckpointLoaderSimple (node 4) not installed"
+        );
+    }
+
+    #[test]
+    fn a_job_avoids_the_backend_it_failed_on() {
+        let mut j = job(&[]);
+        j.attempts.push(crate::job::Attempt {
+            number: 1,
+            backend: "a".into(),
+            prompt_id: "p".into(),
+            status: crate::job::AttemptStatus::Failed,
+            created_at: 0,
+            submitted_at: None,
+            started_at: None,
+            finished_at: None,
+            error: Some(JobError::new("x", "y")),
+            counted: true,
+        });
+        let bs = [
+            b("a"),
+            B {
+                last_used: 9,
+                ..b("b")
+            },
+        ];
+        assert_eq!(pick(&j, &bs), "b");
+    }
+}

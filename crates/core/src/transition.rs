@@ -1,0 +1,825 @@
+//! The job state machine: the one pure function through which every change to a job goes.
+//!
+//! `transition(job, input, now, policy)` answers the changed job, the events to persist
+//! with it (in the same transaction) and the effects the engine must carry out, or says
+//! why the input changes nothing. Inputs about an attempt carry its number, so an event
+//! from an old attempt never moves a job that has moved on (DESIGN.md invariant 3).
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{
+    Attempt, AttemptStatus, Exclusion, ExclusionReason, Job, JobError, JobState, Millis, Output,
+};
+
+/// How retries are spaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            backoff_base_ms: 1_000,
+            backoff_max_ms: 30_000,
+        }
+    }
+}
+
+impl Policy {
+    /// The wait before try `n + 1` after `n` counted failures: base, 2 base, 4 base, ...
+    pub fn backoff_ms(&self, n_failed: u32) -> u64 {
+        let shift = n_failed.saturating_sub(1).min(20);
+        self.backoff_base_ms
+            .saturating_mul(1u64 << shift)
+            .min(self.backoff_max_ms)
+    }
+}
+
+/// Whose fault a failed attempt was, which decides what happens next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The backend's fault (timeout, lost connection, crash, out of memory): retry,
+    /// counting the attempt.
+    Backend,
+    /// The workflow's fault (validation, an exception that repeats): fail now.
+    Workflow,
+    /// The backend lacks something another backend may have: exclude it for this job and
+    /// route elsewhere, without using up an attempt.
+    Missing,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub error: JobError,
+    /// Keep this job away from the attempt's backend from now on.
+    pub exclude: Option<ExclusionReason>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    /// The scheduler gives a queued job to a backend; gantry chose the prompt id.
+    Dispatch {
+        backend: String,
+        prompt_id: String,
+    },
+    /// The backend accepted the prompt.
+    Submitted {
+        attempt: u32,
+    },
+    /// `execution_start` for the attempt's prompt.
+    Started {
+        attempt: u32,
+    },
+    Succeeded {
+        attempt: u32,
+        outputs: Vec<Output>,
+    },
+    Failed {
+        attempt: u32,
+        failure: Failure,
+    },
+    /// A client asked to cancel.
+    Cancel,
+    /// The backend confirmed the interrupt or the dequeue, or the cancel grace passed.
+    CancelConfirmed {
+        attempt: u32,
+    },
+    /// The job waited in `queued` longer than its queue timeout.
+    QueueTimeout {
+        limit_ms: u64,
+    },
+    /// No known backend could ever run the job.
+    Unroutable {
+        error: JobError,
+    },
+}
+
+impl Input {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Input::Dispatch { .. } => "dispatch",
+            Input::Submitted { .. } => "submitted",
+            Input::Started { .. } => "started",
+            Input::Succeeded { .. } => "succeeded",
+            Input::Failed { .. } => "failed",
+            Input::Cancel => "cancel",
+            Input::CancelConfirmed { .. } => "cancel_confirmed",
+            Input::QueueTimeout { .. } => "queue_timeout",
+            Input::Unroutable { .. } => "unroutable",
+        }
+    }
+
+    pub fn attempt(&self) -> Option<u32> {
+        match self {
+            Input::Submitted { attempt }
+            | Input::Started { attempt }
+            | Input::Succeeded { attempt, .. }
+            | Input::Failed { attempt, .. }
+            | Input::CancelConfirmed { attempt } => Some(*attempt),
+            Input::Dispatch { .. }
+            | Input::Cancel
+            | Input::QueueTimeout { .. }
+            | Input::Unroutable { .. } => None,
+        }
+    }
+}
+
+/// What a state change records; persisted with a sequence number in the same
+/// transaction as the change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    Queued {
+        priority: i32,
+    },
+    Dispatched {
+        attempt: u32,
+        backend: String,
+        prompt_id: String,
+    },
+    Submitted {
+        attempt: u32,
+        backend: String,
+    },
+    Started {
+        attempt: u32,
+        backend: String,
+    },
+    AttemptFailed {
+        attempt: u32,
+        backend: String,
+        error: JobError,
+        /// The job goes back to the queue.
+        retry: bool,
+    },
+    CancelRequested {
+        attempt: Option<u32>,
+    },
+    Succeeded {
+        attempt: u32,
+        backend: String,
+        /// A success that arrived after gantry had given up on that attempt.
+        late: bool,
+    },
+    Failed {
+        error: JobError,
+    },
+    Cancelled {
+        attempt: Option<u32>,
+    },
+    /// An input about an old attempt or a finished job: kept, and changed nothing.
+    Late {
+        attempt: Option<u32>,
+        input: String,
+    },
+}
+
+impl EventKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Queued { .. } => "queued",
+            EventKind::Dispatched { .. } => "dispatched",
+            EventKind::Submitted { .. } => "submitted",
+            EventKind::Started { .. } => "started",
+            EventKind::AttemptFailed { .. } => "attempt_failed",
+            EventKind::CancelRequested { .. } => "cancel_requested",
+            EventKind::Succeeded { .. } => "succeeded",
+            EventKind::Failed { .. } => "failed",
+            EventKind::Cancelled { .. } => "cancelled",
+            EventKind::Late { .. } => "late",
+        }
+    }
+}
+
+/// Work for the engine that follows from a transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Interrupt (if running) or dequeue (if pending) this attempt's prompt.
+    StopAttempt {
+        attempt: u32,
+        backend: String,
+        prompt_id: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Applied {
+    pub job: Job,
+    pub events: Vec<EventKind>,
+    pub effects: Vec<Effect>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// About an attempt that is not the job's live one, or a job already finished: the
+    /// caller records it as a late event.
+    #[error("{input} for attempt {attempt:?} is late: the job is {state} on attempt {current:?}")]
+    Late {
+        input: &'static str,
+        attempt: Option<u32>,
+        current: Option<u32>,
+        state: JobState,
+    },
+    /// Already done (a second cancel, a repeated `started`).
+    #[error("{input} changes nothing")]
+    NoChange { input: &'static str },
+    #[error("cannot {input} a {state} job")]
+    NotAllowed {
+        input: &'static str,
+        state: JobState,
+    },
+}
+
+/// Apply `input` to `job` at `now`.
+pub fn transition(
+    job: &Job,
+    input: Input,
+    now: Millis,
+    policy: &Policy,
+) -> Result<Applied, Refused> {
+    let name = input.name();
+    let mut next = job.clone();
+    let mut events = Vec::new();
+    let mut effects = Vec::new();
+    let current = job.current_attempt().map(|a| a.number);
+    let late = |attempt: Option<u32>| Refused::Late {
+        input: name,
+        attempt,
+        current,
+        state: job.state,
+    };
+    let not_allowed = Refused::NotAllowed {
+        input: name,
+        state: job.state,
+    };
+
+    match input {
+        Input::Dispatch { backend, prompt_id } => {
+            if job.state != JobState::Queued {
+                return Err(not_allowed);
+            }
+            let number = job.attempts.len() as u32 + 1;
+            next.attempts.push(Attempt {
+                number,
+                backend: backend.clone(),
+                prompt_id: prompt_id.clone(),
+                status: AttemptStatus::Submitting,
+                created_at: now,
+                submitted_at: None,
+                started_at: None,
+                finished_at: None,
+                error: None,
+                counted: true,
+            });
+            next.state = JobState::Running;
+            events.push(EventKind::Dispatched {
+                attempt: number,
+                backend,
+                prompt_id,
+            });
+        }
+        Input::Submitted { attempt } => {
+            let a = live_attempt_mut(&mut next, attempt).ok_or_else(|| late(Some(attempt)))?;
+            match a.status {
+                AttemptStatus::Submitting => {
+                    a.status = AttemptStatus::Pending;
+                    a.submitted_at = Some(now);
+                    events.push(EventKind::Submitted {
+                        attempt,
+                        backend: a.backend.clone(),
+                    });
+                }
+                AttemptStatus::Pending | AttemptStatus::Executing => {
+                    return Err(Refused::NoChange { input: name })
+                }
+                AttemptStatus::Succeeded | AttemptStatus::Failed | AttemptStatus::Cancelled => {
+                    return Err(late(Some(attempt)))
+                }
+            }
+        }
+        Input::Started { attempt } => {
+            let a = live_attempt_mut(&mut next, attempt).ok_or_else(|| late(Some(attempt)))?;
+            match a.status {
+                // The start can overtake the answer to the submit (they travel on
+                // different connections).
+                AttemptStatus::Submitting | AttemptStatus::Pending => {
+                    a.submitted_at.get_or_insert(now);
+                    a.status = AttemptStatus::Executing;
+                    a.started_at = Some(now);
+                    events.push(EventKind::Started {
+                        attempt,
+                        backend: a.backend.clone(),
+                    });
+                }
+                AttemptStatus::Executing => return Err(Refused::NoChange { input: name }),
+                AttemptStatus::Succeeded | AttemptStatus::Failed | AttemptStatus::Cancelled => {
+                    return Err(late(Some(attempt)))
+                }
+            }
+        }
+        Input::Succeeded { attempt, outputs } => {
+            if job.state.is_terminal() {
+                return Err(late(Some(attempt)));
+            }
+            let is_current = current == Some(attempt)
+                && job.current_attempt().is_some_and(|a| a.status.is_live());
+            let Some(idx) = next.attempts.iter().position(|a| a.number == attempt) else {
+                return Err(late(Some(attempt)));
+            };
+            if !is_current {
+                // First success wins: an earlier attempt that gantry gave up on finished
+                // after all. Stop whatever attempt is live now.
+                if let Some(live) = next.attempts.last_mut().filter(|a| a.status.is_live()) {
+                    live.status = AttemptStatus::Cancelled;
+                    live.finished_at = Some(now);
+                    effects.push(Effect::StopAttempt {
+                        attempt: live.number,
+                        backend: live.backend.clone(),
+                        prompt_id: live.prompt_id.clone(),
+                    });
+                }
+            }
+            let a = &mut next.attempts[idx];
+            a.status = AttemptStatus::Succeeded;
+            a.finished_at = Some(now);
+            a.started_at.get_or_insert(now);
+            a.submitted_at.get_or_insert(now);
+            let backend = a.backend.clone();
+            next.state = JobState::Succeeded;
+            next.outputs = outputs;
+            next.error = None;
+            if job.cancel_requested {
+                next.note = Some("the job succeeded before the cancel reached it".to_owned());
+            }
+            events.push(EventKind::Succeeded {
+                attempt,
+                backend,
+                late: !is_current,
+            });
+        }
+        Input::Failed { attempt, failure } => {
+            if job.state != JobState::Running {
+                return Err(late(Some(attempt)));
+            }
+            let cancel_requested = job.cancel_requested;
+            let max_attempts = job.spec.max_attempts;
+            let a = live_attempt_mut(&mut next, attempt).ok_or_else(|| late(Some(attempt)))?;
+            a.status = AttemptStatus::Failed;
+            a.finished_at = Some(now);
+            a.error = Some(failure.error.clone());
+            a.counted = failure.kind != FailureKind::Missing;
+            let backend = a.backend.clone();
+            if let Some(reason) = failure.exclude {
+                let exclusion = Exclusion {
+                    backend: backend.clone(),
+                    reason,
+                };
+                if !next.excluded.contains(&exclusion) {
+                    next.excluded.push(exclusion);
+                }
+            }
+            let used = next.attempts_used();
+            let retry = !cancel_requested
+                && match failure.kind {
+                    FailureKind::Workflow => false,
+                    FailureKind::Backend => used < max_attempts,
+                    FailureKind::Missing => true,
+                };
+            events.push(EventKind::AttemptFailed {
+                attempt,
+                backend,
+                error: failure.error.clone(),
+                retry,
+            });
+            if cancel_requested {
+                next.state = JobState::Cancelled;
+                events.push(EventKind::Cancelled {
+                    attempt: Some(attempt),
+                });
+            } else if retry {
+                next.state = JobState::Queued;
+                next.not_before = match failure.kind {
+                    FailureKind::Missing => now,
+                    FailureKind::Backend | FailureKind::Workflow => {
+                        now + policy.backoff_ms(used) as i64
+                    }
+                };
+            } else {
+                let mut error = failure.error;
+                if failure.kind == FailureKind::Backend {
+                    error.message = format!(
+                        "{} (gave up after {used} of {max_attempts} attempts)",
+                        error.message
+                    );
+                }
+                next.state = JobState::Failed;
+                next.error = Some(error.clone());
+                events.push(EventKind::Failed { error });
+            }
+        }
+        Input::Cancel => match job.state {
+            JobState::Queued => {
+                next.cancel_requested = true;
+                next.state = JobState::Cancelled;
+                events.push(EventKind::Cancelled { attempt: None });
+            }
+            JobState::Running => {
+                if job.cancel_requested {
+                    return Err(Refused::NoChange { input: name });
+                }
+                next.cancel_requested = true;
+                let live = job.live_attempt();
+                if let Some(a) = live {
+                    effects.push(Effect::StopAttempt {
+                        attempt: a.number,
+                        backend: a.backend.clone(),
+                        prompt_id: a.prompt_id.clone(),
+                    });
+                }
+                events.push(EventKind::CancelRequested {
+                    attempt: live.map(|a| a.number),
+                });
+            }
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled => {
+                return Err(not_allowed)
+            }
+        },
+        Input::CancelConfirmed { attempt } => {
+            if job.state != JobState::Running || !job.cancel_requested {
+                return Err(late(Some(attempt)));
+            }
+            let a = live_attempt_mut(&mut next, attempt).ok_or_else(|| late(Some(attempt)))?;
+            a.status = AttemptStatus::Cancelled;
+            a.finished_at = Some(now);
+            next.state = JobState::Cancelled;
+            events.push(EventKind::Cancelled {
+                attempt: Some(attempt),
+            });
+        }
+        Input::QueueTimeout { limit_ms } => {
+            if job.state != JobState::Queued {
+                return Err(not_allowed);
+            }
+            let error = JobError::new(
+                "queue_timeout",
+                format!("the job waited in the queue longer than its limit of {limit_ms} ms"),
+            )
+            .with_details(serde_json::json!({ "limit_ms": limit_ms }));
+            next.state = JobState::Failed;
+            next.error = Some(error.clone());
+            events.push(EventKind::Failed { error });
+        }
+        Input::Unroutable { error } => {
+            if job.state != JobState::Queued {
+                return Err(not_allowed);
+            }
+            next.state = JobState::Failed;
+            next.error = Some(error.clone());
+            events.push(EventKind::Failed { error });
+        }
+    }
+
+    next.version = job.version + 1;
+    next.updated_at = now;
+    Ok(Applied {
+        job: next,
+        events,
+        effects,
+    })
+}
+
+fn live_attempt_mut(job: &mut Job, number: u32) -> Option<&mut Attempt> {
+    if job.state != JobState::Running {
+        return None;
+    }
+    job.attempts
+        .last_mut()
+        .filter(|a| a.number == number && a.status.is_live())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{JobId, JobSpec, Timeouts};
+    use crate::workflow::Workflow;
+
+    fn job(max_attempts: u32) -> Job {
+        let workflow = Workflow::parse(&serde_json::json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}}
+        }))
+        .unwrap();
+        Job::new(
+            JobId::random(),
+            JobSpec {
+                workflow,
+                priority: 0,
+                max_attempts,
+                tags: vec![],
+                timeouts: Timeouts::default(),
+                idempotency_key: None,
+                metadata: Default::default(),
+            },
+            0,
+        )
+    }
+
+    fn apply(job: &Job, input: Input) -> Job {
+        transition(job, input, 10, &Policy::default()).unwrap().job
+    }
+
+    fn dispatch(job: &Job, backend: &str) -> Job {
+        apply(
+            job,
+            Input::Dispatch {
+                backend: backend.into(),
+                prompt_id: format!("p-{backend}-{}", job.attempts.len() + 1),
+            },
+        )
+    }
+
+    fn fail(kind: FailureKind) -> Failure {
+        Failure {
+            kind,
+            error: JobError::new("x", "boom"),
+            exclude: None,
+        }
+    }
+
+    /// One line per step: the state, the current attempt and its status.
+    fn trace(job: &Job) -> String {
+        match job.current_attempt() {
+            Some(a) => format!(
+                "{} #{} {:?} v{}",
+                job.state, a.number, a.status, job.version
+            ),
+            None => format!("{} v{}", job.state, job.version),
+        }
+    }
+
+    #[test]
+    fn happy_path() {
+        let j = job(3);
+        let j1 = dispatch(&j, "a");
+        let j2 = apply(&j1, Input::Submitted { attempt: 1 });
+        let j3 = apply(&j2, Input::Started { attempt: 1 });
+        let j4 = apply(
+            &j3,
+            Input::Succeeded {
+                attempt: 1,
+                outputs: vec![],
+            },
+        );
+        let got: Vec<String> = [&j, &j1, &j2, &j3, &j4].iter().map(|j| trace(j)).collect();
+        assert_eq!(
+            got,
+            [
+                "queued v1",
+                "running #1 Submitting v2",
+                "running #1 Pending v3",
+                "running #1 Executing v4",
+                "succeeded #1 Succeeded v5"
+            ]
+        );
+    }
+
+    #[test]
+    fn start_may_overtake_the_submit_answer() {
+        let j = dispatch(&job(1), "a");
+        let j = apply(&j, Input::Started { attempt: 1 });
+        assert_eq!(trace(&j), "running #1 Executing v3");
+        let again = transition(&j, Input::Submitted { attempt: 1 }, 10, &Policy::default());
+        assert_eq!(again, Err(Refused::NoChange { input: "submitted" }));
+    }
+
+    #[test]
+    fn backend_failures_retry_until_attempts_run_out() {
+        let j = dispatch(&job(2), "a");
+        let applied = transition(
+            &j,
+            Input::Failed {
+                attempt: 1,
+                failure: fail(FailureKind::Backend),
+            },
+            100,
+            &Policy::default(),
+        )
+        .unwrap();
+        assert_eq!(applied.job.state, JobState::Queued);
+        assert_eq!(applied.job.not_before, 1_100);
+        let j = dispatch(&applied.job, "b");
+        let j = apply(
+            &j,
+            Input::Failed {
+                attempt: 2,
+                failure: fail(FailureKind::Backend),
+            },
+        );
+        assert_eq!(j.state, JobState::Failed);
+        let error = j.error.unwrap();
+        assert_eq!(error.message, "boom (gave up after 2 of 2 attempts)");
+    }
+
+    #[test]
+    fn workflow_failures_do_not_retry() {
+        let j = dispatch(&job(3), "a");
+        let j = apply(
+            &j,
+            Input::Failed {
+                attempt: 1,
+                failure: fail(FailureKind::Workflow),
+            },
+        );
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(j.error.unwrap().message, "boom");
+    }
+
+    #[test]
+    fn missing_capability_excludes_the_backend_and_costs_no_attempt() {
+        let j = dispatch(&job(1), "a");
+        let j = apply(
+            &j,
+            Input::Failed {
+                attempt: 1,
+                failure: Failure {
+                    kind: FailureKind::Missing,
+                    error: JobError::new("missing_model", "no model"),
+                    exclude: Some(ExclusionReason::MissingModel {
+                        node: "4".into(),
+                        input: "ckpt_name".into(),
+                        value: "x.safetensors".into(),
+                    }),
+                },
+            },
+        );
+        assert_eq!(j.state, JobState::Queued);
+        assert_eq!(j.not_before, 10, "no backoff for a missing model");
+        assert!(j.is_excluded("a"));
+        assert!(!j.is_excluded("b"));
+        assert_eq!(j.attempts_used(), 0);
+    }
+
+    #[test]
+    fn late_inputs_about_an_old_attempt_change_nothing() {
+        let j = dispatch(&job(3), "a");
+        let j = apply(
+            &j,
+            Input::Failed {
+                attempt: 1,
+                failure: fail(FailureKind::Backend),
+            },
+        );
+        let j = dispatch(&j, "b");
+        for input in [
+            Input::Started { attempt: 1 },
+            Input::Submitted { attempt: 1 },
+            Input::Failed {
+                attempt: 1,
+                failure: fail(FailureKind::Backend),
+            },
+            Input::CancelConfirmed { attempt: 1 },
+        ] {
+            let refused = transition(&j, input, 20, &Policy::default()).unwrap_err();
+            assert!(
+                matches!(
+                    refused,
+                    Refused::Late {
+                        attempt: Some(1),
+                        current: Some(2),
+                        ..
+                    }
+                ),
+                "{refused:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_late_success_is_adopted_and_stops_the_live_attempt() {
+        let j = dispatch(&job(3), "a");
+        let j = apply(
+            &j,
+            Input::Failed {
+                attempt: 1,
+                failure: fail(FailureKind::Backend),
+            },
+        );
+        let j = dispatch(&j, "b");
+        let applied = transition(
+            &j,
+            Input::Succeeded {
+                attempt: 1,
+                outputs: vec![],
+            },
+            30,
+            &Policy::default(),
+        )
+        .unwrap();
+        assert_eq!(applied.job.state, JobState::Succeeded);
+        assert_eq!(applied.job.attempts[0].status, AttemptStatus::Succeeded);
+        assert_eq!(applied.job.attempts[1].status, AttemptStatus::Cancelled);
+        assert_eq!(
+            applied.effects,
+            [Effect::StopAttempt {
+                attempt: 2,
+                backend: "b".into(),
+                prompt_id: "p-b-2".into()
+            }]
+        );
+        assert!(matches!(
+            applied.events[0],
+            EventKind::Succeeded { late: true, .. }
+        ));
+        // A second success (the other attempt finishing too) is late: one terminal state.
+        let second = transition(
+            &applied.job,
+            Input::Succeeded {
+                attempt: 2,
+                outputs: vec![],
+            },
+            40,
+            &Policy::default(),
+        );
+        assert!(matches!(second, Err(Refused::Late { .. })));
+    }
+
+    #[test]
+    fn cancel_queued_is_immediate_and_running_waits_for_the_backend() {
+        let queued = apply(&job(3), Input::Cancel);
+        assert_eq!(queued.state, JobState::Cancelled);
+
+        let running = dispatch(&job(3), "a");
+        let applied = transition(&running, Input::Cancel, 10, &Policy::default()).unwrap();
+        assert_eq!(applied.job.state, JobState::Running);
+        assert!(applied.job.cancel_requested);
+        assert_eq!(applied.effects.len(), 1);
+        let again = transition(&applied.job, Input::Cancel, 11, &Policy::default());
+        assert_eq!(again, Err(Refused::NoChange { input: "cancel" }));
+        let done = apply(&applied.job, Input::CancelConfirmed { attempt: 1 });
+        assert_eq!(trace(&done), "cancelled #1 Cancelled v4");
+        let terminal = transition(&done, Input::Cancel, 12, &Policy::default());
+        assert_eq!(
+            terminal,
+            Err(Refused::NotAllowed {
+                input: "cancel",
+                state: JobState::Cancelled
+            })
+        );
+    }
+
+    #[test]
+    fn a_failure_after_cancel_cancels_and_a_success_wins_with_a_note() {
+        let running = apply(&dispatch(&job(3), "a"), Input::Cancel);
+        let failed = apply(
+            &running,
+            Input::Failed {
+                attempt: 1,
+                failure: fail(FailureKind::Backend),
+            },
+        );
+        assert_eq!(failed.state, JobState::Cancelled);
+        let succeeded = apply(
+            &running,
+            Input::Succeeded {
+                attempt: 1,
+                outputs: vec![],
+            },
+        );
+        assert_eq!(succeeded.state, JobState::Succeeded);
+        assert!(succeeded.note.is_some());
+    }
+
+    #[test]
+    fn only_queued_jobs_dispatch_time_out_or_become_unroutable() {
+        let running = dispatch(&job(3), "a");
+        for input in [
+            Input::Dispatch {
+                backend: "b".into(),
+                prompt_id: "p".into(),
+            },
+            Input::QueueTimeout { limit_ms: 5 },
+            Input::Unroutable {
+                error: JobError::new("unroutable", "none"),
+            },
+        ] {
+            assert!(matches!(
+                transition(&running, input, 10, &Policy::default()),
+                Err(Refused::NotAllowed { .. })
+            ));
+        }
+        let timed_out = apply(&job(3), Input::QueueTimeout { limit_ms: 5 });
+        assert_eq!(timed_out.state, JobState::Failed);
+        assert_eq!(timed_out.error.unwrap().code, "queue_timeout");
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let p = Policy::default();
+        let got: Vec<u64> = (1..=7).map(|n| p.backoff_ms(n)).collect();
+        assert_eq!(got, [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000]);
+    }
+}

@@ -1,0 +1,375 @@
+//! ComfyUI workflows in API format, checked at the edge: a `Workflow` that exists is an
+//! object of nodes, each with a `class_type` and `inputs`, whose links all point at nodes
+//! that exist. Also the facts routing needs: the classes used, the model files named, and
+//! a hash of the workflow's shape.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+
+/// Inputs that name a model file, by the names ComfyUI's loaders use.
+const MODEL_INPUTS: &[&str] = &[
+    "ckpt_name",
+    "lora_name",
+    "vae_name",
+    "unet_name",
+    "clip_name",
+    "clip_name1",
+    "clip_name2",
+    "control_net_name",
+    "upscale_model_name",
+    "style_model_name",
+    "gligen_name",
+    "model_name",
+];
+
+const MODEL_EXTENSIONS: &[&str] = &[
+    ".safetensors",
+    ".ckpt",
+    ".pt",
+    ".pth",
+    ".bin",
+    ".gguf",
+    ".sft",
+];
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("the workflow must be a JSON object of nodes keyed by node id, got {got}")]
+    NotAnObject { got: &'static str },
+    #[error(
+        "the workflow is in the UI's save format (\"nodes\" and \"links\"), not API format: \
+         in ComfyUI use Workflow > Export (API) (or enable dev mode options and use \
+         \"Save (API Format)\") and submit that file"
+    )]
+    UiFormat,
+    #[error(
+        "the workflow looks like a whole /prompt request body: submit the graph under its \
+         \"prompt\" key as the workflow"
+    )]
+    PromptBody,
+    #[error("the workflow has no nodes")]
+    Empty,
+    #[error("node {node}: must be an object with \"class_type\" and \"inputs\"")]
+    NodeNotAnObject { node: String },
+    #[error("node {node}: \"class_type\" is missing or not a non-empty string")]
+    MissingClassType { node: String },
+    #[error("node {node} ({class_type}): \"inputs\" is missing or not an object")]
+    MissingInputs { node: String, class_type: String },
+    #[error("node {node} ({class_type}): input {input} is a link but not [node_id, output_index]")]
+    BadLink {
+        node: String,
+        class_type: String,
+        input: String,
+    },
+    #[error("node {node} ({class_type}): input {input} links to node {target}, which is not in the workflow")]
+    MissingLinkTarget {
+        node: String,
+        class_type: String,
+        input: String,
+        target: String,
+    },
+}
+
+impl Error {
+    /// The node at fault, for the API's `details`.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Error::NotAnObject { .. } | Error::UiFormat | Error::PromptBody | Error::Empty => None,
+            Error::NodeNotAnObject { node }
+            | Error::MissingClassType { node }
+            | Error::MissingInputs { node, .. }
+            | Error::BadLink { node, .. }
+            | Error::MissingLinkTarget { node, .. } => Some(node),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::UiFormat => "ui_format",
+            Error::MissingLinkTarget { .. } => "missing_link_target",
+            Error::NotAnObject { .. }
+            | Error::PromptBody
+            | Error::Empty
+            | Error::NodeNotAnObject { .. }
+            | Error::MissingClassType { .. }
+            | Error::MissingInputs { .. }
+            | Error::BadLink { .. } => "invalid_workflow",
+        }
+    }
+}
+
+/// A model file a node names.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ModelRef {
+    pub node: String,
+    pub input: String,
+    pub file: String,
+}
+
+/// A checked API-format workflow.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "Value", into = "Value")]
+pub struct Workflow(Map<String, Value>);
+
+impl TryFrom<Value> for Workflow {
+    type Error = Error;
+    fn try_from(value: Value) -> Result<Workflow, Error> {
+        Workflow::parse(&value)
+    }
+}
+
+impl From<Workflow> for Value {
+    fn from(w: Workflow) -> Value {
+        Value::Object(w.0)
+    }
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl Workflow {
+    pub fn parse(value: &Value) -> Result<Workflow, Error> {
+        let Value::Object(graph) = value else {
+            return Err(Error::NotAnObject {
+                got: kind_of(value),
+            });
+        };
+        if graph.get("nodes").is_some_and(Value::is_array) && graph.contains_key("links") {
+            return Err(Error::UiFormat);
+        }
+        if graph.get("prompt").is_some_and(Value::is_object) && !graph.contains_key("class_type") {
+            let looks_like_nodes = graph
+                .get("prompt")
+                .and_then(Value::as_object)
+                .is_some_and(|p| p.values().all(|n| n.get("class_type").is_some()));
+            if looks_like_nodes {
+                return Err(Error::PromptBody);
+            }
+        }
+        if graph.is_empty() {
+            return Err(Error::Empty);
+        }
+        for (id, node) in graph {
+            let Value::Object(node) = node else {
+                return Err(Error::NodeNotAnObject { node: id.clone() });
+            };
+            let class_type = match node.get("class_type") {
+                Some(Value::String(c)) if !c.is_empty() => c.clone(),
+                _ => return Err(Error::MissingClassType { node: id.clone() }),
+            };
+            let Some(Value::Object(inputs)) = node.get("inputs") else {
+                return Err(Error::MissingInputs {
+                    node: id.clone(),
+                    class_type,
+                });
+            };
+            for (input, v) in inputs {
+                let Value::Array(link) = v else { continue };
+                let target = match link.as_slice() {
+                    [Value::String(target), Value::Number(n)] if n.as_u64().is_some() => target,
+                    _ => {
+                        return Err(Error::BadLink {
+                            node: id.clone(),
+                            class_type,
+                            input: input.clone(),
+                        })
+                    }
+                };
+                if !graph.contains_key(target) {
+                    return Err(Error::MissingLinkTarget {
+                        node: id.clone(),
+                        class_type,
+                        input: input.clone(),
+                        target: target.clone(),
+                    });
+                }
+            }
+        }
+        Ok(Workflow(graph.clone()))
+    }
+
+    pub fn graph(&self) -> &Map<String, Value> {
+        &self.0
+    }
+
+    /// `(node id, class_type)` for every node, in the workflow's order.
+    pub fn nodes(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(id, node)| {
+            let class = node
+                .get("class_type")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            (id.as_str(), class)
+        })
+    }
+
+    pub fn classes(&self) -> BTreeSet<&str> {
+        self.nodes().map(|(_, class)| class).collect()
+    }
+
+    pub fn class_of(&self, node: &str) -> Option<&str> {
+        self.0.get(node)?.get("class_type")?.as_str()
+    }
+
+    /// Model files named by loader inputs, for warm affinity and missing-model messages.
+    pub fn models(&self) -> Vec<ModelRef> {
+        let mut out = Vec::new();
+        for (id, node) in &self.0 {
+            let Some(inputs) = node.get("inputs").and_then(Value::as_object) else {
+                continue;
+            };
+            for (input, v) in inputs {
+                let Some(file) = v.as_str() else { continue };
+                let lower = file.to_ascii_lowercase();
+                if MODEL_INPUTS.contains(&input.as_str())
+                    || (input.ends_with("_name")
+                        && MODEL_EXTENSIONS.iter().any(|ext| lower.ends_with(ext)))
+                {
+                    out.push(ModelRef {
+                        node: id.clone(),
+                        input: input.clone(),
+                        file: file.to_owned(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether `input` of `node` names a model file (so a backend that does not list the
+    /// value lacks a model rather than the workflow being wrong).
+    pub fn is_model_input(&self, node: &str, input: &str) -> bool {
+        self.models()
+            .iter()
+            .any(|m| m.node == node && m.input == input)
+    }
+
+    /// A stable hash of the shape (node ids, classes and links), not of seeds, prompt
+    /// text or other values, so reruns with new seeds share it.
+    pub fn shape_hash(&self) -> String {
+        let mut ids: Vec<&String> = self.0.keys().collect();
+        ids.sort();
+        let mut h = Sha256::new();
+        for id in ids {
+            let node = &self.0[id];
+            h.update(id.as_bytes());
+            h.update([0]);
+            h.update(
+                node.get("class_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
+            h.update([0]);
+            if let Some(inputs) = node.get("inputs").and_then(Value::as_object) {
+                let mut names: Vec<&String> = inputs.keys().collect();
+                names.sort();
+                for name in names {
+                    h.update(name.as_bytes());
+                    if let Value::Array(link) = &inputs[name] {
+                        h.update(b"=");
+                        h.update(link[0].as_str().unwrap_or_default().as_bytes());
+                        h.update(b":");
+                        h.update(link[1].to_string().as_bytes());
+                    }
+                    h.update([0]);
+                }
+            }
+            h.update([1]);
+        }
+        hex::encode(&h.finalize()[..16])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn check(value: Value, expect: &str) {
+        let got = match Workflow::parse(&value) {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn parse_names_what_is_wrong() {
+        check(
+            json!({"1": {"class_type": "EmptyImage", "inputs": {}}}),
+            "ok",
+        );
+        check(
+            json!([1]),
+            "the workflow must be a JSON object of nodes keyed by node id, got an array",
+        );
+        check(json!({}), "the workflow has no nodes");
+        check(
+            json!({"nodes": [], "links": [], "version": 0.4}),
+            "the workflow is in the UI's save format (\"nodes\" and \"links\"), not API format: in ComfyUI use Workflow > Export (API) (or enable dev mode options and use \"Save (API Format)\") and submit that file",
+        );
+        check(
+            json!({"prompt": {"1": {"class_type": "X", "inputs": {}}}, "client_id": "c"}),
+            "the workflow looks like a whole /prompt request body: submit the graph under its \"prompt\" key as the workflow",
+        );
+        check(
+            json!({"1": 5}),
+            "node 1: must be an object with \"class_type\" and \"inputs\"",
+        );
+        check(
+            json!({"1": {"inputs": {}}}),
+            "node 1: \"class_type\" is missing or not a non-empty string",
+        );
+        check(
+            json!({"1": {"class_type": "A"}}),
+            "node 1 (A): \"inputs\" is missing or not an object",
+        );
+        check(
+            json!({"1": {"class_type": "A", "inputs": {"x": [1, 0]}}}),
+            "node 1 (A): input x is a link but not [node_id, output_index]",
+        );
+        check(
+            json!({"1": {"class_type": "A", "inputs": {"x": ["9", 0]}}}),
+            "node 1 (A): input x links to node 9, which is not in the workflow",
+        );
+    }
+
+    #[test]
+    fn models_and_classes() {
+        let w = Workflow::parse(&json!({
+            "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5.safetensors"}},
+            "5": {"class_type": "LoraLoader", "inputs": {"lora_name": "d.safetensors", "model": ["4", 0], "clip": ["4", 1]}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat.safetensors", "clip": ["5", 1]}}
+        }))
+        .unwrap();
+        let files: Vec<String> = w.models().into_iter().map(|m| m.file).collect();
+        assert_eq!(files, ["v1-5.safetensors", "d.safetensors"]);
+        assert!(w.is_model_input("4", "ckpt_name"));
+        assert!(!w.is_model_input("6", "text"));
+        assert_eq!(
+            w.classes().into_iter().collect::<Vec<_>>(),
+            ["CLIPTextEncode", "CheckpointLoaderSimple", "LoraLoader"]
+        );
+    }
+
+    #[test]
+    fn shape_hash_ignores_values_but_not_links() {
+        let a = json!({"1": {"class_type": "A", "inputs": {"seed": 1}}, "2": {"class_type": "B", "inputs": {"x": ["1", 0]}}});
+        let b = json!({"1": {"class_type": "A", "inputs": {"seed": 2}}, "2": {"class_type": "B", "inputs": {"x": ["1", 0]}}});
+        let c = json!({"1": {"class_type": "A", "inputs": {"seed": 1}}, "2": {"class_type": "B", "inputs": {"x": ["1", 1]}}});
+        let hash = |v: &Value| Workflow::parse(v).unwrap().shape_hash();
+        assert_eq!(hash(&a), hash(&b));
+        assert_ne!(hash(&a), hash(&c));
+    }
+}

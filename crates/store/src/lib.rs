@@ -1,0 +1,104 @@
+//! gantry's durable store: the `Store` trait the engine writes through, and its embedded
+//! SQLite implementation.
+//!
+//! Every change to a job is one conditional update (it applies only if the stored version
+//! is the one the change was computed from) with its event rows in the same transaction,
+//! so a job's row and its history never disagree and two writers never both win.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use gantry_core::{EventKind, Job, JobId, JobState, Millis};
+use serde::Serialize;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The job changed since it was read: reload and recompute.
+    #[error("job {id} changed concurrently (expected version {expected})")]
+    Conflict { id: JobId, expected: u64 },
+    #[error("no job {0}")]
+    NotFound(JobId),
+    #[error("the store's schema is version {found}, newer than this gantry knows ({known}): upgrade gantry")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("store: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("store: a stored record does not decode: {0}")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A persisted event: a state change (or a late input) with its place in the one global
+/// sequence.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Event {
+    pub seq: i64,
+    pub job_id: JobId,
+    pub at: Millis,
+    /// The job's state after this event.
+    pub state: JobState,
+    pub kind: EventKind,
+}
+
+/// The answer to `create_job`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Created {
+    /// Committed, with its first event.
+    New(Event),
+    /// A job with this idempotency key exists; `same_request` says whether it was made
+    /// from the same request body.
+    Existing { job: Box<Job>, same_request: bool },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub limit: u32,
+    /// Only jobs older than this position (from a previous page's `next`).
+    pub before: Option<i64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Where the next page starts, if there may be one.
+    pub next: Option<i64>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Commit a new job and its `Queued` event, unless a job with the same idempotency key
+    /// exists. `request_hash` identifies the request body for that comparison.
+    async fn create_job(&self, job: &Job, request_hash: &str) -> Result<Created>;
+
+    async fn job(&self, id: &JobId) -> Result<Option<Job>>;
+
+    /// Newest first.
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<JobPage>;
+
+    /// Store `job` if the stored version is `job.version - 1`, with `events` in the same
+    /// transaction; `Error::Conflict` otherwise.
+    async fn update_job(&self, job: &Job, events: &[EventKind]) -> Result<Vec<Event>>;
+
+    /// Record events that change no job (late inputs).
+    async fn append_events(
+        &self,
+        job: &Job,
+        at: Millis,
+        events: &[EventKind],
+    ) -> Result<Vec<Event>>;
+
+    /// Queued jobs in dispatch order: priority (higher first), then submission order.
+    async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>>;
+
+    /// Every job in `running`, for reconciliation after a restart.
+    async fn running_jobs(&self) -> Result<Vec<Job>>;
+
+    /// The events of one job after `after_seq`, in order.
+    async fn job_events(&self, id: &JobId, after_seq: i64) -> Result<Vec<Event>>;
+
+    /// All events after `after_seq`, in order, at most `limit`.
+    async fn events_since(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>>;
+}
