@@ -1,5 +1,7 @@
 //! The `gantry` binary: a thin command-line layer over the library crates.
 
+mod demo;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -18,8 +20,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the orchestrator against ComfyUI servers (or simulators).
+    Serve(ServeArgs),
+    /// Run gantry with three simulated ComfyUI backends (one faulty) and a trickle of jobs.
+    Demo(demo::DemoArgs),
     /// Run a ComfyUI simulator that speaks the real protocol, with injectable faults.
     Sim(SimArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to serve the API on.
+    #[arg(long, env = "GANTRY_LISTEN", default_value = gantry_server::config::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Folder for the embedded store and the jobs' output files.
+    #[arg(long, env = "GANTRY_DATA_DIR", default_value = "gantry-data")]
+    data_dir: PathBuf,
+    /// A ComfyUI server, as [NAME=]URL (the name defaults to host:port); repeatable.
+    #[arg(long = "backend", value_name = "[NAME=]URL")]
+    backends: Vec<String>,
+    /// A TOML file with backends (tags, priority), timeouts and limits.
+    #[arg(long, env = "GANTRY_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -55,8 +77,36 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Demo(args) => demo::run(args).await,
         Command::Sim(args) => sim(args).await,
     }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = gantry_server::Config::new(args.listen, args.data_dir);
+    for spec in &args.backends {
+        config
+            .backends
+            .push(gantry_server::BackendConfig::parse(spec)?);
+    }
+    if let Some(path) = &args.config {
+        config.apply_file(path)?;
+    }
+    if config.backends.is_empty() {
+        anyhow::bail!(
+            "no backends: give --backend [NAME=]URL (a ComfyUI server) or [[backends]] in --config"
+        );
+    }
+    let server = gantry_server::Server::start(config)
+        .await
+        .context("cannot start gantry")?;
+    println!("gantry: serving on {}", server.url());
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl+C")?;
+    server.shutdown().await;
+    Ok(())
 }
 
 async fn sim(args: SimArgs) -> anyhow::Result<()> {

@@ -1,0 +1,64 @@
+//! The event bus: persisted state changes (with their sequence numbers) and ephemeral
+//! progress, fanned out to every SSE stream. Persisted events are the truth and can be
+//! re-read from the store by a subscriber that fell behind; progress may be dropped.
+
+use gantry_core::JobId;
+use gantry_store::Event;
+use serde::Serialize;
+use std::sync::Arc;
+use tokio::sync::broadcast;
+
+#[derive(Clone, Debug)]
+pub enum BusEvent {
+    Persisted(Arc<Event>),
+    Live(Arc<LiveEvent>),
+}
+
+impl BusEvent {
+    pub fn job_id(&self) -> &JobId {
+        match self {
+            BusEvent::Persisted(e) => &e.job_id,
+            BusEvent::Live(e) => &e.job_id,
+        }
+    }
+}
+
+/// Something seen on a backend while an attempt runs; not persisted.
+#[derive(Clone, Debug, Serialize)]
+pub struct LiveEvent {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub backend: String,
+    #[serde(flatten)]
+    pub kind: LiveKind,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LiveKind {
+    /// A node started executing.
+    Node { node: String, class_type: String },
+    /// A node's own step counter.
+    Progress { node: String, value: f64, max: f64 },
+}
+
+#[derive(Clone)]
+pub struct Bus {
+    tx: broadcast::Sender<BusEvent>,
+}
+
+impl Bus {
+    pub fn new(capacity: usize) -> Bus {
+        let (tx, _) = broadcast::channel(capacity);
+        Bus { tx }
+    }
+
+    pub fn publish(&self, event: BusEvent) {
+        // No subscriber is fine: nobody is watching.
+        let _ = self.tx.send(event);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<BusEvent> {
+        self.tx.subscribe()
+    }
+}

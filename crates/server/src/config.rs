@@ -1,0 +1,296 @@
+//! The server's configuration: command-line values layered over an optional TOML file.
+//! Durations are human (`30s`, `5m`) in the file and milliseconds inside.
+
+use gantry_core::Timeouts;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8700";
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendConfig {
+    pub name: String,
+    pub url: String,
+    pub tags: Vec<String>,
+    /// Higher is preferred.
+    pub priority: i32,
+}
+
+impl BackendConfig {
+    /// Parse `[NAME=]URL`; the name defaults to the URL's host:port.
+    pub fn parse(spec: &str) -> Result<BackendConfig, Error> {
+        let (name, url) = match spec.split_once('=') {
+            Some((name, url)) if !name.contains("://") => (Some(name.trim()), url.trim()),
+            _ => (None, spec.trim()),
+        };
+        let parsed = url::Url::parse(url).map_err(|e| Error::Backend {
+            spec: spec.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(Error::Backend {
+                spec: spec.to_owned(),
+                reason: "the URL must be http:// or https:// with a host".into(),
+            });
+        }
+        let name = match name {
+            Some("") => {
+                return Err(Error::Backend {
+                    spec: spec.to_owned(),
+                    reason: "the name before = is empty".into(),
+                })
+            }
+            Some(name) => name.to_owned(),
+            None => match parsed.port_or_known_default() {
+                Some(port) => format!("{}:{port}", parsed.host_str().unwrap_or_default()),
+                None => parsed.host_str().unwrap_or_default().to_owned(),
+            },
+        };
+        Ok(BackendConfig {
+            name,
+            url: url.to_owned(),
+            tags: Vec::new(),
+            priority: 0,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub backends: Vec<BackendConfig>,
+    /// Global timeout defaults; a job's own values come first.
+    pub timeouts: Timeouts,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// How long a cancelled running job waits for its backend to confirm.
+    pub cancel_grace: Duration,
+    /// With an attempt in flight and nothing heard for this long, poll the backend.
+    pub liveness: Duration,
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Config {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Config {
+        Config {
+            listen,
+            data_dir,
+            backends: Vec::new(),
+            timeouts: Timeouts {
+                submit_ms: Some(10_000),
+                start_ms: Some(30_000),
+                first_progress_ms: Some(600_000),
+                node_stall_ms: Some(300_000),
+                deadline_ms: Some(0),
+                queue_ms: Some(0),
+            },
+            max_body_bytes: 32 * 1024 * 1024,
+            cancel_grace: Duration::from_secs(10),
+            liveness: Duration::from_secs(10),
+            max_attempts: 3,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+
+    /// Apply a TOML config file over `self`. Backends in the file come after (and may
+    /// describe, by name, the tags and priority of) those given on the command line.
+    pub fn apply_file(&mut self, path: &Path) -> Result<(), Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        self.apply_toml(&text).map_err(|e| Error::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn apply_toml(&mut self, text: &str) -> Result<(), Error> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| Error::Toml(e.to_string()))?;
+        if let Some(listen) = file.listen {
+            self.listen = listen;
+        }
+        if let Some(dir) = file.data_dir {
+            self.data_dir = dir;
+        }
+        if let Some(size) = file.max_body_bytes {
+            self.max_body_bytes = size;
+        }
+        if let Some(n) = file.max_attempts {
+            self.max_attempts = n;
+        }
+        let d = |key: &str, v: &Option<String>| -> Result<Option<Duration>, Error> {
+            v.as_deref().map(|s| parse_duration(key, s)).transpose()
+        };
+        if let Some(v) = d("cancel_grace", &file.cancel_grace)? {
+            self.cancel_grace = v;
+        }
+        if let Some(v) = d("liveness", &file.liveness)? {
+            self.liveness = v;
+        }
+        let ms = |v: Option<Duration>| v.map(|d| d.as_millis() as u64);
+        let t = &file.timeouts;
+        let given = Timeouts {
+            submit_ms: ms(d("timeouts.submit", &t.submit)?),
+            start_ms: ms(d("timeouts.start", &t.start)?),
+            first_progress_ms: ms(d("timeouts.first_progress", &t.first_progress)?),
+            node_stall_ms: ms(d("timeouts.node_stall", &t.node_stall)?),
+            deadline_ms: ms(d("timeouts.deadline", &t.deadline)?),
+            queue_ms: ms(d("timeouts.queue", &t.queue)?),
+        };
+        self.timeouts = given.or(&self.timeouts);
+        for b in file.backends {
+            let mut parsed = match (&b.url, self.backends.iter().position(|c| c.name == b.name)) {
+                (_, Some(idx)) => self.backends.remove(idx),
+                (Some(url), None) => BackendConfig::parse(&format!("{}={url}", b.name))?,
+                (None, None) => {
+                    return Err(Error::Toml(format!(
+                        "backend {}: no url, and no --backend of that name",
+                        b.name
+                    )))
+                }
+            };
+            if let Some(url) = b.url {
+                parsed.url = url;
+            }
+            parsed.tags = b.tags;
+            parsed.priority = b.priority;
+            self.backends.push(parsed);
+        }
+        Ok(())
+    }
+
+    /// Check what cannot be checked while parsing.
+    pub fn validate(&self) -> Result<(), Error> {
+        let mut names = std::collections::HashSet::new();
+        for b in &self.backends {
+            if !names.insert(&b.name) {
+                return Err(Error::Toml(format!(
+                    "two backends are named {}: give each a unique NAME=URL",
+                    b.name
+                )));
+            }
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::Toml("max_attempts must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+pub fn parse_duration(key: &str, s: &str) -> Result<Duration, Error> {
+    humantime::parse_duration(s).map_err(|e| Error::Duration {
+        key: key.to_owned(),
+        value: s.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--backend {spec}: {reason}")]
+    Backend { spec: String, reason: String },
+    #[error("config {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Toml(String),
+    #[error("{key} = {value:?}: {reason} (write durations like 30s, 5m or 1h30m)")]
+    Duration {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    max_body_bytes: Option<usize>,
+    max_attempts: Option<u32>,
+    cancel_grace: Option<String>,
+    liveness: Option<String>,
+    #[serde(default)]
+    timeouts: FileTimeouts,
+    #[serde(default)]
+    backends: Vec<FileBackend>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileTimeouts {
+    submit: Option<String>,
+    start: Option<String>,
+    first_progress: Option<String>,
+    node_stall: Option<String>,
+    deadline: Option<String>,
+    queue: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    name: String,
+    url: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    priority: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_specs() {
+        let b = BackendConfig::parse("http://10.0.0.5:8188").unwrap();
+        assert_eq!(
+            (b.name.as_str(), b.url.as_str()),
+            ("10.0.0.5:8188", "http://10.0.0.5:8188")
+        );
+        let b = BackendConfig::parse("gpu-1=http://h:8188/").unwrap();
+        assert_eq!(b.name, "gpu-1");
+        assert!(BackendConfig::parse("gpu=ftp://h").is_err());
+        assert!(BackendConfig::parse("=http://h").is_err());
+    }
+
+    #[test]
+    fn file_sets_tags_priority_and_timeouts() {
+        let mut c = Config::new(DEFAULT_LISTEN.parse().unwrap(), "d".into());
+        c.backends
+            .push(BackendConfig::parse("gpu-1=http://a:1").unwrap());
+        c.apply_toml(
+            r#"
+            [timeouts]
+            start = "45s"
+            [[backends]]
+            name = "gpu-1"
+            tags = ["sdxl"]
+            priority = 5
+            [[backends]]
+            name = "gpu-2"
+            url = "http://b:2"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.start_ms, Some(45_000));
+        assert_eq!(c.timeouts.submit_ms, Some(10_000));
+        assert_eq!(c.backends[0].tags, ["sdxl"]);
+        assert_eq!(c.backends[0].priority, 5);
+        assert_eq!(c.backends[1].url, "http://b:2");
+        let err = c.apply_toml("[timeouts]\nstart = \"soon\"").unwrap_err();
+        assert!(
+            err.to_string().starts_with("timeouts.start = \"soon\""),
+            "{err}"
+        );
+        assert!(c.apply_toml("colour = 1").is_err());
+    }
+}

@@ -1,0 +1,453 @@
+//! The engine: the backend registry, the scheduler that matches queued jobs to idle
+//! backends, and `apply`, the one path by which anything (API, scheduler, drivers) changes
+//! a job: transition, conditional store update with its events, publish, carry out effects.
+
+use gantry_core::routing::{self, Candidate, Choice};
+use gantry_core::{
+    transition, Effect, EventKind, Input, Job, JobId, JobSpec, JobState, Millis, Policy, Refused,
+    Timeouts,
+};
+use gantry_store::{Created, Store};
+use indexmap::IndexMap;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusEvent, LiveEvent};
+use crate::config::{BackendConfig, Config};
+use crate::driver::{self, Assignment, Command};
+use crate::outputs::OutputStore;
+
+/// Wall-clock now, for timestamps that are stored and shown.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or_default()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] gantry_store::Error),
+    #[error("no job {0}")]
+    NotFound(JobId),
+}
+
+/// How a backend's connection is, as its driver last saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Connection {
+    Connecting,
+    Connected,
+    Offline,
+}
+
+/// What the engine knows of one backend.
+pub struct BackendState {
+    pub config: BackendConfig,
+    pub connection: Connection,
+    /// Node classes from `/object_info`.
+    pub classes: Option<Arc<HashSet<String>>>,
+    /// Model files of recent runs, most recent first.
+    pub warm_models: Vec<String>,
+    pub last_used: Millis,
+    /// The attempt it is running (reserved by the scheduler before the dispatch commits).
+    pub current: Option<(JobId, u32)>,
+    pub last_seen: Option<Millis>,
+    pub last_error: Option<String>,
+    /// Commands for this backend's driver.
+    pub commands: mpsc::UnboundedSender<Command>,
+}
+
+/// Where the outcome of `apply` left things.
+#[derive(Debug)]
+pub enum Applied {
+    Changed(Job),
+    Refused(Refused, Job),
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    bus: Bus,
+    policy: Policy,
+    config: Config,
+    outputs: OutputStore,
+    http: reqwest::Client,
+    backends: Mutex<IndexMap<String, BackendState>>,
+    /// Wakes the scheduler: a job was queued, a backend freed, a capability learned.
+    wake: Notify,
+    shutdown: CancellationToken,
+}
+
+impl Engine {
+    /// Start the engine: one driver per configured backend, reconciliation of the jobs a
+    /// previous run left running, and the scheduler.
+    pub async fn start(
+        config: Config,
+        store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> Result<Engine, Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        let policy = Policy {
+            backoff_base_ms: config.backoff_base.as_millis() as u64,
+            backoff_max_ms: config.backoff_max.as_millis() as u64,
+        };
+        let mut receivers = Vec::new();
+        let mut backends = IndexMap::new();
+        for b in &config.backends {
+            let (tx, rx) = mpsc::unbounded_channel();
+            receivers.push((b.name.clone(), rx));
+            backends.insert(
+                b.name.clone(),
+                BackendState {
+                    config: b.clone(),
+                    connection: Connection::Connecting,
+                    classes: None,
+                    warm_models: Vec::new(),
+                    last_used: 0,
+                    current: None,
+                    last_seen: None,
+                    last_error: None,
+                    commands: tx,
+                },
+            );
+        }
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                store,
+                bus: Bus::new(4096),
+                policy,
+                outputs: OutputStore::new(&config.data_dir),
+                config,
+                http,
+                backends: Mutex::new(backends),
+                wake: Notify::new(),
+                shutdown,
+            }),
+        };
+        // Jobs left running by a previous process go back to their backend's driver,
+        // which reconciles them with the backend before anything new is dispatched there.
+        for job in engine.inner.store.running_jobs().await? {
+            engine.recover(job).await?;
+        }
+        for (name, rx) in receivers {
+            let e = engine.clone();
+            tasks.spawn(async move { driver::run(e, name, rx).await });
+        }
+        let e = engine.clone();
+        tasks.spawn(async move { e.schedule().await });
+        Ok(engine)
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.inner.bus
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn outputs(&self) -> &OutputStore {
+        &self.inner.outputs
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.inner.http
+    }
+
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+
+    pub fn backends(&self) -> MutexGuard<'_, IndexMap<String, BackendState>> {
+        // A panic while holding this lock is a bug elsewhere; the data is still usable.
+        self.inner
+            .backends
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn wake_scheduler(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Every node class some backend is known to have, or `None` while no backend's
+    /// classes are known.
+    pub fn known_classes(&self) -> Option<HashSet<String>> {
+        let backends = self.backends();
+        let mut all: Option<HashSet<String>> = None;
+        for b in backends.values() {
+            if let Some(classes) = &b.classes {
+                all.get_or_insert_with(HashSet::new)
+                    .extend(classes.iter().cloned());
+            }
+        }
+        all
+    }
+
+    /// Resolved timeouts for a job: its own, then the global defaults.
+    pub fn timeouts_for(&self, job: &Job) -> Timeouts {
+        job.spec.timeouts.or(&self.inner.config.timeouts)
+    }
+
+    /// Commit a new job. The caller answers 202 only after this returns `New`.
+    pub async fn submit(&self, spec: JobSpec, request_hash: &str) -> Result<Created, Error> {
+        let job = Job::new(JobId::random(), spec, now_ms());
+        let created = self.inner.store.create_job(&job, request_hash).await?;
+        if let Created::New(event) = &created {
+            self.inner
+                .bus
+                .publish(BusEvent::Persisted(Arc::new(event.clone())));
+            self.wake_scheduler();
+        }
+        Ok(created)
+    }
+
+    /// Apply `input` to job `id`: recompute on a concurrent change, record late inputs.
+    pub async fn apply(&self, id: &JobId, input: Input) -> Result<Applied, Error> {
+        loop {
+            let job = self
+                .inner
+                .store
+                .job(id)
+                .await?
+                .ok_or_else(|| Error::NotFound(id.clone()))?;
+            let now = now_ms();
+            match transition(&job, input.clone(), now, &self.inner.policy) {
+                Ok(applied) => {
+                    match self
+                        .inner
+                        .store
+                        .update_job(&applied.job, &applied.events)
+                        .await
+                    {
+                        Ok(events) => {
+                            for event in events {
+                                self.inner.bus.publish(BusEvent::Persisted(Arc::new(event)));
+                            }
+                            self.carry_out(&applied.job, applied.effects);
+                            if applied.job.state != JobState::Running {
+                                self.wake_scheduler();
+                            }
+                            return Ok(Applied::Changed(applied.job));
+                        }
+                        Err(gantry_store::Error::Conflict { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(refused) => {
+                    if let Refused::Late { attempt, .. } = &refused {
+                        tracing::info!(job_id = %id, attempt, input = input.name(), "late input recorded");
+                        let events = self
+                            .inner
+                            .store
+                            .append_events(
+                                &job,
+                                now,
+                                &[EventKind::Late {
+                                    attempt: *attempt,
+                                    input: input.name().to_owned(),
+                                }],
+                            )
+                            .await?;
+                        for event in events {
+                            self.inner.bus.publish(BusEvent::Persisted(Arc::new(event)));
+                        }
+                    }
+                    return Ok(Applied::Refused(refused, job));
+                }
+            }
+        }
+    }
+
+    pub fn publish_live(&self, event: LiveEvent) {
+        self.inner.bus.publish(BusEvent::Live(Arc::new(event)));
+    }
+
+    fn carry_out(&self, job: &Job, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::StopAttempt {
+                    attempt,
+                    backend,
+                    prompt_id,
+                } => {
+                    // A cancel waits for the backend's confirmation; a superseded attempt
+                    // (a late success won) is stopped and forgotten.
+                    let confirm = job.state == JobState::Running && job.cancel_requested;
+                    let backends = self.backends();
+                    if let Some(b) = backends.get(&backend) {
+                        let _ = b.commands.send(Command::Stop {
+                            job_id: job.id.clone(),
+                            attempt,
+                            prompt_id,
+                            confirm,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hand a job found running at start-up back to its backend's driver.
+    async fn recover(&self, job: Job) -> Result<(), Error> {
+        let Some(attempt) = job.live_attempt().cloned() else {
+            return Ok(());
+        };
+        let sent = {
+            let mut backends = self.backends();
+            match backends.get_mut(&attempt.backend) {
+                Some(b) => {
+                    b.current = Some((job.id.clone(), attempt.number));
+                    let assignment = Assignment::new(&job, &attempt, self.timeouts_for(&job), true);
+                    b.commands.send(Command::Run(Box::new(assignment))).is_ok()
+                }
+                None => false,
+            }
+        };
+        if !sent {
+            let failure = gantry_core::Failure {
+                kind: gantry_core::FailureKind::Backend,
+                error: gantry_core::JobError::new(
+                    "backend_gone",
+                    format!(
+                        "backend {} is no longer configured; its attempt cannot be followed",
+                        attempt.backend
+                    ),
+                ),
+                exclude: None,
+            };
+            self.apply(
+                &job.id,
+                Input::Failed {
+                    attempt: attempt.number,
+                    failure,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The scheduler loop: whenever woken (or every second, for backoffs and queue
+    /// timeouts), give queued jobs to idle backends in priority order.
+    async fn schedule(self) {
+        loop {
+            if let Err(e) = self.schedule_once().await {
+                tracing::warn!(error = %e, "scheduling pass failed");
+            }
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                _ = self.inner.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    async fn schedule_once(&self) -> Result<(), Error> {
+        let queued = self.inner.store.queued_jobs(512).await?;
+        let now = now_ms();
+        for job in queued {
+            if let Some(limit) = self.timeouts_for(&job).queue_ms.filter(|ms| *ms > 0) {
+                let since = job
+                    .attempts
+                    .last()
+                    .and_then(|a| a.finished_at)
+                    .unwrap_or(job.created_at);
+                if now - since > limit as i64 {
+                    self.apply(&job.id, Input::QueueTimeout { limit_ms: limit })
+                        .await?;
+                    continue;
+                }
+            }
+            if job.not_before > now {
+                continue;
+            }
+            let choice = {
+                let backends = self.backends();
+                let candidates: Vec<Candidate<'_>> = backends
+                    .values()
+                    .map(|b| Candidate {
+                        name: &b.config.name,
+                        priority: b.config.priority,
+                        tags: &b.config.tags,
+                        classes: b.classes.as_deref(),
+                        idle: b.connection == Connection::Connected && b.current.is_none(),
+                        warm_models: &b.warm_models,
+                        last_used: b.last_used,
+                    })
+                    .collect();
+                match routing::choose(&job, &candidates) {
+                    Choice::Run(idx) => Ok(candidates[idx].name.to_owned()),
+                    other => Err(other),
+                }
+            };
+            match choice {
+                Ok(backend) => {
+                    if let Some(b) = self.backends().get_mut(&backend) {
+                        // Reserve before the dispatch commits, so no other job takes it.
+                        b.current = Some((job.id.clone(), job.attempts.len() as u32 + 1));
+                        b.last_used = now;
+                    }
+                    self.dispatch(&job, &backend).await?;
+                }
+                Err(Choice::Never(error)) => {
+                    self.apply(&job.id, Input::Unroutable { error }).await?;
+                }
+                Err(Choice::Run(_) | Choice::Wait(_)) => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn dispatch(&self, job: &Job, backend: &str) -> Result<(), Error> {
+        let prompt_id = uuid::Uuid::new_v4().to_string();
+        let applied = self
+            .apply(
+                &job.id,
+                Input::Dispatch {
+                    backend: backend.to_owned(),
+                    prompt_id,
+                },
+            )
+            .await;
+        let mut backends = self.backends();
+        let Some(b) = backends.get_mut(backend) else {
+            return Ok(());
+        };
+        match applied {
+            Ok(Applied::Changed(job)) => {
+                if let Some(attempt) = job.live_attempt() {
+                    let assignment = Assignment::new(&job, attempt, self.timeouts_for(&job), false);
+                    b.current = Some((job.id.clone(), attempt.number));
+                    let _ = b.commands.send(Command::Run(Box::new(assignment)));
+                }
+                Ok(())
+            }
+            Ok(Applied::Refused(..)) => {
+                b.current = None;
+                Ok(())
+            }
+            Err(e) => {
+                b.current = None;
+                Err(e)
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! gantry's server: the engine (scheduler, one driver per backend, event bus) over a
+//! `Store`, and the v1 HTTP API in front of it. `start` runs it all on one listener
+//! until the shutdown token fires.
+
+pub mod api;
+pub mod bus;
+mod classify;
+pub mod config;
+mod driver;
+pub mod engine;
+pub mod outputs;
+
+use gantry_store::SqliteStore;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{BackendConfig, Config};
+pub use engine::Engine;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create the data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] gantry_store::Error),
+    #[error(transparent)]
+    Engine(#[from] engine::Error),
+    #[error(transparent)]
+    Config(#[from] config::Error),
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub engine: Engine,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Server {
+    /// Open the store in the data dir, start the engine and serve the API on
+    /// `config.listen` (port 0 picks a free port; see `addr`).
+    pub async fn start(config: Config) -> Result<Server, Error> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let store = Arc::new(SqliteStore::open(&config.data_dir).await?);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let engine = Engine::start(config, store, shutdown.clone(), &mut tasks).await?;
+        let app = api::router(engine.clone());
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+        tracing::info!(%addr, "gantry serving");
+        Ok(Server {
+            addr,
+            engine,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stop accepting work, close backend sockets and wait for every task.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}

@@ -1,0 +1,62 @@
+//! Output files, kept by content (SHA-256) in the data dir so they outlive the backend
+//! that made them, and so a cached rerun that names an earlier run's file still gets the
+//! bytes it had (PROTOCOL.md pitfall 13).
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug)]
+pub struct OutputStore {
+    dir: PathBuf,
+}
+
+impl OutputStore {
+    pub fn new(data_dir: &Path) -> OutputStore {
+        OutputStore {
+            dir: data_dir.join("outputs"),
+        }
+    }
+
+    /// Where a file with this hash lives; `None` for anything that is not a hash.
+    pub fn path(&self, sha256: &str) -> Option<PathBuf> {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(self.dir.join(&sha256[..2]).join(sha256))
+    }
+
+    /// Store `bytes` and answer their hash. Writing the same bytes twice is harmless:
+    /// the file is written beside its final name and renamed into place.
+    pub async fn put(&self, bytes: &[u8]) -> std::io::Result<String> {
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let dir = self.dir.join(&sha256[..2]);
+        let path = dir.join(&sha256);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(sha256);
+        }
+        tokio::fs::create_dir_all(&dir).await?;
+        let tmp = dir.join(format!("{sha256}.{}.tmp", uuid::Uuid::new_v4()));
+        tokio::fs::write(&tmp, bytes).await?;
+        tokio::fs::rename(&tmp, &path).await?;
+        Ok(sha256)
+    }
+}
+
+/// A content type for an output file, from its extension.
+pub fn content_type(filename: &str) -> &'static str {
+    let ext = filename.rsplit('.').next().unwrap_or_default();
+    match ext.to_ascii_lowercase().as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "wav" => "audio/wav",
+        "mp3" => "audio/mpeg",
+        "flac" => "audio/flac",
+        "json" => "application/json",
+        "txt" => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}

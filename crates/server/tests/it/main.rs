@@ -1,0 +1,1 @@
+//! Integration tests of gantry-server: added with the next commit.
