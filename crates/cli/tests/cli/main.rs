@@ -1,1 +1,167 @@
-//! placeholder
+//! Tests of the `gantry` binary as a user runs it: a real process, killed for real.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn workflow(seed: u64, seconds: f64) -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/comfyui/workflows/a_normal.json"
+    ))
+    .unwrap();
+    let mut w: Value = serde_json::from_str(&text).unwrap();
+    w["2"]["inputs"]["seed"] = json!(seed);
+    w["2"]["inputs"]["seconds"] = json!(seconds);
+    w
+}
+
+/// Start `gantry serve` on a free port and answer the process and its URL, read from the
+/// line it prints once it listens.
+fn serve(data_dir: &std::path::Path, backend: &str) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--backend"])
+        .arg(format!("sim={backend}"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    let url = line
+        .strip_prefix("gantry: serving on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_owned();
+    (child, url)
+}
+
+async fn get(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+async fn wait_for(
+    http: &reqwest::Client,
+    url: &str,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = get(http, url).await;
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGKILL the server with one job running and two queued, start it again on the same
+/// data dir: the running one is re-attached (not run again), the queued ones run, and
+/// every job succeeds exactly once.
+#[tokio::test]
+async fn sigkill_restart_loses_nothing_and_runs_nothing_twice() {
+    let sim = gantry_sim::spawn(gantry_sim::SimConfig {
+        speed: 4.0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let (mut first, url) = serve(data.path(), &sim.url());
+
+    let mut ids = Vec::new();
+    for seed in 0..3 {
+        // Four seconds of sleep at speed 4: one second on the backend.
+        let resp = http
+            .post(format!("{url}/v1/jobs"))
+            .json(&json!({"workflow": workflow(seed, 4.0)}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        let body: Value = resp.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    wait_for(
+        &http,
+        &format!("{url}/v1/jobs/{}", ids[0]),
+        "the first job to execute",
+        |j| j["phase"] == "executing",
+    )
+    .await;
+    let queued = get(&http, &format!("{url}/v1/jobs?state=queued")).await;
+    assert_eq!(queued["jobs"].as_array().unwrap().len(), 2, "{queued}");
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let (mut second, url) = serve(data.path(), &sim.url());
+    let mut prompt_ids = Vec::new();
+    for id in &ids {
+        let job = wait_for(
+            &http,
+            &format!("{url}/v1/jobs/{id}"),
+            "the job to finish",
+            |j| {
+                matches!(
+                    j["state"].as_str(),
+                    Some("succeeded" | "failed" | "cancelled")
+                )
+            },
+        )
+        .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        let attempts = job["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 1, "one attempt each, none re-run: {job}");
+        prompt_ids.push(attempts[0]["prompt_id"].as_str().unwrap().to_owned());
+    }
+    // The backend ran each prompt once.
+    let history: Value = get(&http, &format!("{}/history", sim.url())).await;
+    let ran: Vec<&String> = history.as_object().unwrap().keys().collect();
+    assert_eq!(ran.len(), 3, "{ran:?}");
+    for pid in &prompt_ids {
+        assert!(ran.contains(&pid), "{pid} not in the backend's history");
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+    sim.shutdown().await;
+}
+
+/// `gantry demo --jobs N --exit-when-done` runs N jobs through three simulated backends,
+/// one of them faulty, and exits 0 with a summary only when all succeeded.
+#[test]
+fn demo_exits_zero_when_every_job_succeeded() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args([
+            "demo",
+            "--jobs",
+            "8",
+            "--exit-when-done",
+            "--speed",
+            "50",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("demo: 8 succeeded, 0 failed, 0 cancelled"),
+        "{stdout}"
+    );
+}
