@@ -247,6 +247,12 @@ fn parse_submit(body: &Value, default_attempts: u32) -> Result<JobSpec, ApiError
             json!({}),
         ));
     };
+    // The UI's save file posted as the whole body: say that, not "unknown field".
+    if obj.get("nodes").is_some_and(Value::is_array) && obj.contains_key("links") {
+        if let Err(e) = Workflow::parse(body) {
+            return Err(ApiError::bad(e.code(), e.to_string(), json!({})));
+        }
+    }
     if let Some(unknown) = obj.keys().find(|k| !SUBMIT_FIELDS.contains(&k.as_str())) {
         let hint = if obj.contains_key("class_type")
             || obj.values().any(|v| v.get("class_type").is_some())
@@ -529,8 +535,14 @@ fn sse_of_event(e: &Event) -> SseEvent {
         .data(data.to_string())
 }
 
+/// The terminal event itself, not another event of the same transition (an
+/// `attempt_failed` is stored with the job's new state too) nor a late one.
 fn ends_stream(e: &Event) -> bool {
-    e.state.is_terminal() && !matches!(e.kind, EventKind::Late { .. })
+    e.state.is_terminal()
+        && matches!(
+            e.kind,
+            EventKind::Succeeded { .. } | EventKind::Failed { .. } | EventKind::Cancelled { .. }
+        )
 }
 
 async fn job_events(

@@ -1,1 +1,6 @@
-//! Integration tests of gantry-server: added with the next commit.
+//! gantry-server end to end: the v1 API over real HTTP, in front of simulated ComfyUI
+//! backends on ephemeral ports.
+
+mod api;
+mod engine;
+mod support;
