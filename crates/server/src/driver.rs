@@ -595,7 +595,7 @@ impl Driver {
             }
             Ok(Ok(Submitted::Accepted(partial))) => {
                 // A partial run is a rejection: take what was queued back off.
-                self.stop_on_backend(&pid, Some(Phase::Pending)).await;
+                self.stop_on_backend(&pid, None).await;
                 let classes = self.classes();
                 let Some(cur) = &self.current else { return };
                 let failure = classify::rejection(
@@ -621,7 +621,7 @@ impl Driver {
             }
             Ok(Err(e)) => {
                 // It may have landed anyway: make sure it does not run unwatched.
-                self.stop_on_backend(&pid, Some(Phase::Pending)).await;
+                self.stop_on_backend(&pid, None).await;
                 self.fail(backend_failure(
                     "submit_failed",
                     format!("submit to {} failed: {e}", self.name),
@@ -629,7 +629,7 @@ impl Driver {
                 .await;
             }
             Err(message) => {
-                self.stop_on_backend(&pid, Some(Phase::Pending)).await;
+                self.stop_on_backend(&pid, None).await;
                 let failure = backend_failure("timeout", message).with_details(
                     json!({"phase": "submit", "limit_ms": limit, "backend": self.name}),
                 );

@@ -417,3 +417,59 @@ async fn a_node_error_fails_over_to_another_backend() {
     assert_eq!(job["error"]["code"], "node_error");
     app.shutdown().await;
 }
+
+/// A 200 that still carries node_errors means ComfyUI would run only the valid outputs
+/// (PROTOCOL.md pitfall 11): gantry counts it as a rejection, fails the job at once with
+/// the backend's node_errors, and takes the partial prompt back off the backend.
+#[tokio::test]
+async fn a_partly_valid_workflow_is_a_rejection_not_a_partial_run() {
+    let app = spawn_app(1, |_| {}).await;
+    // A valid output branch, and a second one whose GantrySleep has steps below the minimum.
+    let mut workflow = fixture("comfyui/workflows/a_normal.json");
+    let bad = fixture("comfyui/workflows/f_value_below_min.json");
+    workflow["12"] = bad["2"].clone();
+    workflow["12"]["inputs"]["image"] = json!(["1", 0]);
+    workflow["13"] = json!({"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "bad"}});
+    let id = app.submit_ok(&json!({"workflow": workflow})).await;
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "{job:#}");
+    assert_eq!(job["error"]["code"], "rejected", "{job:#}");
+    let node_errors = job["error"]["details"]["node_errors"].as_object().unwrap();
+    assert!(!node_errors.is_empty(), "{job:#}");
+    assert!(job["outputs"].as_array().unwrap().is_empty());
+    let prompt_id = job["attempts"][0]["prompt_id"].as_str().unwrap().to_owned();
+    // The valid half was dequeued or interrupted: once the backend's queue is empty, its
+    // history does not show it succeeded.
+    crate::support::poll_until(
+        "the backend's queue to empty",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let q = app.sim_json(0, "/queue").await;
+            let empty = q["queue_running"].as_array().is_some_and(|a| a.is_empty())
+                && q["queue_pending"].as_array().is_some_and(|a| a.is_empty());
+            if empty {
+                Ok(())
+            } else {
+                Err(q)
+            }
+        },
+    )
+    .await;
+    let history = app.sim_json(0, &format!("/history/{prompt_id}")).await;
+    let ran_ok = history[&prompt_id]["status"]["status_str"] == "success";
+    assert!(!ran_ok, "the partial prompt ran to success: {history:#}");
+    // Straight to ComfyUI's rules, this is a 200 with node_errors: a partial run.
+    let direct = app
+        .http
+        .post(format!("{}/prompt", app.sims[0].url()))
+        .json(&json!({ "prompt": workflow, "prompt_id": "probe" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 200);
+    let direct: Value = direct.json().await.unwrap();
+    assert!(direct["node_errors"]["12"].is_object(), "{direct:#}");
+    app.shutdown().await;
+}
