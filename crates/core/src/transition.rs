@@ -59,6 +59,17 @@ pub struct Failure {
     pub exclude: Option<ExclusionReason>,
 }
 
+impl Failure {
+    /// The backend's fault, with nothing to exclude: retry, counting the attempt.
+    pub fn backend(error: JobError) -> Failure {
+        Failure {
+            kind: FailureKind::Backend,
+            error,
+            exclude: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
     /// The scheduler gives a queued job to a backend; gantry chose the prompt id.

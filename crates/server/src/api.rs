@@ -391,14 +391,12 @@ async fn create_job(
     let spec = parse_submit(&value, engine.config().max_attempts)?;
     // ComfyUI answers an unknown class with an error that names neither node nor class,
     // so check against what the backends said they have.
-    if let Some(known) = engine.known_classes() {
-        if let Some((node, class)) = spec.workflow.nodes().find(|(_, c)| !known.contains(*c)) {
-            return Err(ApiError::bad(
-                "unknown_class",
-                format!("node {node}: class_type {class} is not installed on any backend"),
-                json!({"node": node, "class_type": class}),
-            ));
-        }
+    if let Some((node, class)) = engine.unknown_class(&spec.workflow) {
+        return Err(ApiError::bad(
+            "unknown_class",
+            format!("node {node}: class_type {class} is not installed on any backend"),
+            json!({"node": node, "class_type": class}),
+        ));
     }
     let request_hash = hex::encode(Sha256::digest(&body));
     match engine.submit(spec, &request_hash).await? {
@@ -545,6 +543,18 @@ fn ends_stream(e: &Event) -> bool {
         )
 }
 
+/// Send persisted events in order, keeping `last` at the newest sent; false once the
+/// stream is over (the client left, or the job's terminal event went out).
+async fn send_persisted(tx: &mpsc::Sender<SseEvent>, events: &[Event], last: &mut i64) -> bool {
+    for e in events {
+        *last = e.seq;
+        if tx.send(sse_of_event(e)).await.is_err() || ends_stream(e) {
+            return false;
+        }
+    }
+    true
+}
+
 async fn job_events(
     State(engine): State<Engine>,
     Path(id): Path<String>,
@@ -556,17 +566,13 @@ async fn job_events(
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
     tokio::spawn(async move {
         let mut last = 0;
-        for e in &backlog {
-            last = e.seq;
-            if tx.send(sse_of_event(e)).await.is_err() || ends_stream(e) {
-                return;
-            }
+        if !send_persisted(&tx, &backlog, &mut last).await {
+            return;
         }
         loop {
             match live.recv().await {
                 Ok(BusEvent::Persisted(e)) if e.job_id == job.id && e.seq > last => {
-                    last = e.seq;
-                    if tx.send(sse_of_event(&e)).await.is_err() || ends_stream(&e) {
+                    if !send_persisted(&tx, std::slice::from_ref(&*e), &mut last).await {
                         return;
                     }
                 }
@@ -591,11 +597,8 @@ async fn job_events(
                     let Ok(missed) = engine.store().job_events(&job.id, last).await else {
                         return;
                     };
-                    for e in &missed {
-                        last = e.seq;
-                        if tx.send(sse_of_event(e)).await.is_err() || ends_stream(e) {
-                            return;
-                        }
+                    if !send_persisted(&tx, &missed, &mut last).await {
+                        return;
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => return,

@@ -8,8 +8,8 @@ use gantry_comfy::client::{Client, Session, SessionEvent, Submitted};
 use gantry_comfy::rest::{FileRef, HistoryEntry, Outcome, PromptRequest};
 use gantry_comfy::ws::ServerMessage;
 use gantry_core::{
-    Attempt, AttemptStatus, Exclusion, Failure, FailureKind, Input, Job, JobError, JobId, Output,
-    Timeouts, Workflow,
+    Attempt, AttemptStatus, Exclusion, Failure, Input, Job, JobError, JobId, Output, Timeouts,
+    Workflow,
 };
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -264,14 +264,14 @@ impl Driver {
             return;
         }
         if let Some(since) = self.offline_since.filter(|s| now >= *s + self.liveness()) {
-            let failure = backend_failure(
+            let failure = Failure::backend(JobError::new(
                 "backend_unreachable",
                 format!(
                     "lost contact with {} for {} ms while the prompt was in flight",
                     self.name,
                     now.duration_since(since).as_millis()
                 ),
-            );
+            ));
             self.fail(failure).await;
             return;
         }
@@ -374,7 +374,7 @@ impl Driver {
                     cur.node = Some(node.clone());
                     cur.progress = None;
                     let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
-                    self.arm_stall();
+                    self.arm(TimerKind::Stall);
                     self.engine.publish_live(LiveEvent {
                         job_id,
                         attempt,
@@ -395,7 +395,7 @@ impl Driver {
                 let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
                 // A repeated value is not progress (DESIGN.md invariant 4).
                 if advanced {
-                    self.arm_stall();
+                    self.arm(TimerKind::Stall);
                 }
                 self.engine.publish_live(LiveEvent {
                     job_id,
@@ -444,10 +444,10 @@ impl Driver {
             Command::Run(a) => {
                 if let Some(cur) = &self.current {
                     tracing::error!(backend = %self.name, running = %cur.a.job_id, job_id = %a.job_id, "asked to run a second attempt");
-                    let failure = backend_failure(
+                    let failure = Failure::backend(JobError::new(
                         "busy",
                         format!("{} was already running an attempt", self.name),
-                    );
+                    ));
                     self.apply(
                         &a.job_id,
                         Input::Failed {
@@ -476,8 +476,8 @@ impl Driver {
                 });
                 if adopt {
                     match phase {
-                        Phase::Executing => self.arm_stall(),
-                        Phase::Pending | Phase::Submitting => self.arm_start(),
+                        Phase::Executing => self.arm(TimerKind::Stall),
+                        Phase::Pending | Phase::Submitting => self.arm(TimerKind::Start),
                     }
                     if self.session.is_some() {
                         self.reconcile().await;
@@ -555,8 +555,10 @@ impl Driver {
 
     async fn submit(&mut self) {
         let (Some(client), Some(session)) = (self.client.clone(), &self.session) else {
-            let failure =
-                backend_failure("backend_offline", format!("{} is not connected", self.name));
+            let failure = Failure::backend(JobError::new(
+                "backend_offline",
+                format!("{} is not connected", self.name),
+            ));
             self.fail(failure).await;
             return;
         };
@@ -587,52 +589,46 @@ impl Driver {
                 let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
                 if cur.phase == Phase::Submitting {
                     cur.phase = Phase::Pending;
-                    self.arm_start();
+                    self.arm(TimerKind::Start);
                 }
                 self.apply(&job_id, Input::Submitted { attempt }).await;
                 // A cached prompt can finish before its answer is read (pitfall 3).
                 self.reconcile().await;
             }
-            Ok(Ok(Submitted::Accepted(partial))) => {
-                // A partial run is a rejection: take what was queued back off.
-                self.stop_on_backend(&pid, None).await;
+            Ok(Ok(answer)) => {
+                let (error, node_errors) = match &answer {
+                    Submitted::Accepted(partial) => {
+                        // A partial run is a rejection: take what was queued back off.
+                        self.stop_on_backend(&pid, None).await;
+                        (None, &partial.node_errors)
+                    }
+                    Submitted::Rejected(rejected) => (Some(&rejected.error), &rejected.node_errors),
+                };
                 let classes = self.classes();
                 let Some(cur) = &self.current else { return };
                 let failure = classify::rejection(
                     &cur.a.workflow,
                     &self.name,
                     classes.as_deref(),
-                    None,
-                    &partial.node_errors,
-                );
-                self.fail(failure).await;
-            }
-            Ok(Ok(Submitted::Rejected(rejected))) => {
-                let classes = self.classes();
-                let Some(cur) = &self.current else { return };
-                let failure = classify::rejection(
-                    &cur.a.workflow,
-                    &self.name,
-                    classes.as_deref(),
-                    Some(&rejected.error),
-                    &rejected.node_errors,
+                    error,
+                    node_errors,
                 );
                 self.fail(failure).await;
             }
             Ok(Err(e)) => {
                 // It may have landed anyway: make sure it does not run unwatched.
                 self.stop_on_backend(&pid, None).await;
-                self.fail(backend_failure(
+                self.fail(Failure::backend(JobError::new(
                     "submit_failed",
                     format!("submit to {} failed: {e}", self.name),
-                ))
+                )))
                 .await;
             }
             Err(message) => {
                 self.stop_on_backend(&pid, None).await;
-                let failure = backend_failure("timeout", message).with_details(
+                let failure = Failure::backend(JobError::new("timeout", message).with_details(
                     json!({"phase": "submit", "limit_ms": limit, "backend": self.name}),
-                );
+                ));
                 self.fail(failure).await;
             }
         }
@@ -664,7 +660,7 @@ impl Driver {
             if cur.phase == Phase::Submitting {
                 cur.phase = Phase::Pending;
                 let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
-                self.arm_start();
+                self.arm(TimerKind::Start);
                 self.apply(&job_id, Input::Submitted { attempt }).await;
             }
             return;
@@ -680,13 +676,13 @@ impl Driver {
                     self.cancel_confirmed().await;
                     return;
                 }
-                let failure = backend_failure(
+                let failure = Failure::backend(JobError::new(
                     "prompt_lost",
                     format!(
                         "prompt {pid} vanished from {}: in neither its queue nor its history",
                         self.name
                     ),
-                );
+                ));
                 self.fail(failure).await;
             }
             Err(e) => {
@@ -702,7 +698,7 @@ impl Driver {
         }
         cur.phase = Phase::Executing;
         let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
-        self.arm_stall();
+        self.arm(TimerKind::Stall);
         self.apply(&job_id, Input::Started { attempt }).await;
     }
 
@@ -766,13 +762,13 @@ impl Driver {
             let bytes = match client.view(&file).await {
                 Ok(b) => b,
                 Err(e) => {
-                    let failure = backend_failure(
+                    let failure = Failure::backend(JobError::new(
                         "output_unavailable",
                         format!(
                             "cannot download output {} of node {node} from {}: {e}",
                             file.filename, self.name
                         ),
-                    );
+                    ));
                     self.fail(failure).await;
                     return;
                 }
@@ -781,10 +777,10 @@ impl Driver {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot store an output file");
-                    let failure = backend_failure(
+                    let failure = Failure::backend(JobError::new(
                         "output_unstored",
                         format!("cannot store output {}: {e}", file.filename),
-                    );
+                    ));
                     self.fail(failure).await;
                     return;
                 }
@@ -837,10 +833,10 @@ impl Driver {
             Some(true) => self.cancel_confirmed().await,
             Some(false) => self.end_attempt(),
             None => {
-                let failure = backend_failure(
+                let failure = Failure::backend(JobError::new(
                     "interrupted",
                     format!("the prompt was interrupted on {}, not by gantry", self.name),
-                );
+                ));
                 self.fail(failure).await;
             }
         }
@@ -894,9 +890,9 @@ impl Driver {
         let pid = cur.a.prompt_id.clone();
         let current_phase = cur.phase;
         let node = cur.node.clone();
-        let failure = backend_failure("timeout", message).with_details(
+        let failure = Failure::backend(JobError::new("timeout", message).with_details(
             json!({"phase": phase, "limit_ms": limit, "backend": self.name, "node": node}),
-        );
+        ));
         self.stop_on_backend(&pid, Some(current_phase)).await;
         self.fail(failure).await;
     }
@@ -912,26 +908,16 @@ impl Driver {
         }
     }
 
-    fn arm_start(&mut self) {
+    /// Start the phase timer of `kind` from now (none when its limit is 0 or unset).
+    fn arm(&mut self, kind: TimerKind) {
         let Some(cur) = &mut self.current else { return };
-        cur.timer = cur.a.timeouts.start_ms.filter(|ms| *ms > 0).map(|ms| {
-            (
-                Instant::now() + Duration::from_millis(ms),
-                TimerKind::Start,
-                ms,
-            )
-        });
-    }
-
-    fn arm_stall(&mut self) {
-        let Some(cur) = &mut self.current else { return };
-        cur.timer = cur.a.timeouts.node_stall_ms.filter(|ms| *ms > 0).map(|ms| {
-            (
-                Instant::now() + Duration::from_millis(ms),
-                TimerKind::Stall,
-                ms,
-            )
-        });
+        let limit = match kind {
+            TimerKind::Start => cur.a.timeouts.start_ms,
+            TimerKind::Stall => cur.a.timeouts.node_stall_ms,
+        };
+        cur.timer = limit
+            .filter(|ms| *ms > 0)
+            .map(|ms| (Instant::now() + Duration::from_millis(ms), kind, ms));
     }
 
     async fn fail(&mut self, failure: Failure) {
@@ -973,24 +959,5 @@ impl Driver {
             b.warm_models.truncate(16);
         }
         self.engine.wake_scheduler();
-    }
-}
-
-fn backend_failure(code: &str, message: String) -> Failure {
-    Failure {
-        kind: FailureKind::Backend,
-        error: JobError::new(code, message),
-        exclude: None,
-    }
-}
-
-trait WithDetails {
-    fn with_details(self, details: Value) -> Self;
-}
-
-impl WithDetails for Failure {
-    fn with_details(mut self, details: Value) -> Failure {
-        self.error.details = details;
-        self
     }
 }

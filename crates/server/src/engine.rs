@@ -5,7 +5,7 @@
 use gantry_core::routing::{self, Candidate, Choice};
 use gantry_core::{
     transition, Effect, EventKind, Input, Job, JobId, JobSpec, JobState, Millis, Policy, Refused,
-    Timeouts,
+    Timeouts, Workflow,
 };
 use gantry_store::{Created, Store};
 use indexmap::IndexMap;
@@ -187,18 +187,20 @@ impl Engine {
         self.inner.wake.notify_one();
     }
 
-    /// Every node class some backend is known to have, or `None` while no backend's
-    /// classes are known.
-    pub fn known_classes(&self) -> Option<HashSet<String>> {
+    /// The first node of `workflow` whose class no backend has, judged by the backends
+    /// whose classes are known; `None` when every class is found or nothing is known yet.
+    pub fn unknown_class<'w>(&self, workflow: &'w Workflow) -> Option<(&'w str, &'w str)> {
         let backends = self.backends();
-        let mut all: Option<HashSet<String>> = None;
-        for b in backends.values() {
-            if let Some(classes) = &b.classes {
-                all.get_or_insert_with(HashSet::new)
-                    .extend(classes.iter().cloned());
-            }
+        let known: Vec<&HashSet<String>> = backends
+            .values()
+            .filter_map(|b| b.classes.as_deref())
+            .collect();
+        if known.is_empty() {
+            return None;
         }
-        all
+        workflow
+            .nodes()
+            .find(|(_, class)| !known.iter().any(|k| k.contains(*class)))
     }
 
     /// Resolved timeouts for a job: its own, then the global defaults.
@@ -322,17 +324,13 @@ impl Engine {
             }
         };
         if !sent {
-            let failure = gantry_core::Failure {
-                kind: gantry_core::FailureKind::Backend,
-                error: gantry_core::JobError::new(
-                    "backend_gone",
-                    format!(
-                        "backend {} is no longer configured; its attempt cannot be followed",
-                        attempt.backend
-                    ),
+            let failure = gantry_core::Failure::backend(gantry_core::JobError::new(
+                "backend_gone",
+                format!(
+                    "backend {} is no longer configured; its attempt cannot be followed",
+                    attempt.backend
                 ),
-                exclude: None,
-            };
+            ));
             self.apply(
                 &job.id,
                 Input::Failed {
