@@ -243,6 +243,17 @@ pub enum AttemptStatus {
 }
 
 impl AttemptStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptStatus::Submitting => "submitting",
+            AttemptStatus::Pending => "pending",
+            AttemptStatus::Executing => "executing",
+            AttemptStatus::Succeeded => "succeeded",
+            AttemptStatus::Failed => "failed",
+            AttemptStatus::Cancelled => "cancelled",
+        }
+    }
+
     pub fn is_live(self) -> bool {
         match self {
             AttemptStatus::Submitting | AttemptStatus::Pending | AttemptStatus::Executing => true,

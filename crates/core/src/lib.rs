@@ -1,9 +1,11 @@
 //! gantry's domain: jobs and attempts, the one `transition` function that changes them,
-//! the routing choice, and workflow checks. No I/O and no clock: callers pass `now`.
+//! the routing choice, the attempt watchdog, backend health, and workflow checks. No I/O and no clock: callers pass `now`.
 
+pub mod health;
 pub mod job;
 pub mod routing;
 pub mod transition;
+pub mod watchdog;
 pub mod workflow;
 
 pub use job::{

@@ -22,6 +22,9 @@ pub struct Candidate<'a> {
     pub warm_models: &'a [String],
     /// When it last took a prompt; 0 if never.
     pub last_used: Millis,
+    /// Kept away from this job for now: blocked for its workflow after a fault there, or
+    /// its circuit is open. It may run the job once that lifts.
+    pub blocked: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -38,6 +41,8 @@ pub enum Choice {
 pub enum Waiting {
     /// Eligible backends exist and all are busy or offline.
     Busy,
+    /// Every eligible backend that is free is blocked for this workflow or unhealthy.
+    Blocked,
     /// Some backend's node classes are not known yet.
     Capabilities,
     /// No backend is configured.
@@ -48,6 +53,9 @@ impl Waiting {
     pub fn describe(self) -> &'static str {
         match self {
             Waiting::Busy => "every eligible backend is busy or offline",
+            Waiting::Blocked => {
+                "every eligible backend is blocked for this workflow or unhealthy, until a block lifts"
+            }
             Waiting::Capabilities => "waiting to learn the backends' node classes",
             Waiting::NoBackends => "no backend is configured",
         }
@@ -115,6 +123,7 @@ pub fn choose(job: &Job, backends: &[Candidate<'_>]) -> Choice {
     let mut never = Vec::new();
     let mut best: Option<(usize, Preference<'_>)> = None;
     let mut capabilities_unknown = false;
+    let mut blocked = false;
     for (idx, b) in backends.iter().enumerate() {
         if let Some(reason) = never_reason(job, b) {
             never.push((b.name, reason));
@@ -122,6 +131,10 @@ pub fn choose(job: &Job, backends: &[Candidate<'_>]) -> Choice {
         }
         if b.classes.is_none() {
             capabilities_unknown = true;
+            continue;
+        }
+        if b.blocked {
+            blocked = true;
             continue;
         }
         if !b.idle {
@@ -163,6 +176,9 @@ pub fn choose(job: &Job, backends: &[Candidate<'_>]) -> Choice {
     if capabilities_unknown {
         return Choice::Wait(Waiting::Capabilities);
     }
+    if blocked {
+        return Choice::Wait(Waiting::Blocked);
+    }
     Choice::Wait(Waiting::Busy)
 }
 
@@ -201,6 +217,7 @@ mod tests {
         idle: bool,
         warm: Vec<String>,
         last_used: Millis,
+        blocked: bool,
     }
 
     fn b(name: &'static str) -> B {
@@ -217,6 +234,7 @@ mod tests {
             idle: true,
             warm: vec![],
             last_used: 0,
+            blocked: false,
         }
     }
 
@@ -231,6 +249,7 @@ mod tests {
                 idle: b.idle,
                 warm_models: &b.warm,
                 last_used: b.last_used,
+                blocked: b.blocked,
             })
             .collect();
         match choose(job, &candidates) {
@@ -339,6 +358,32 @@ mod tests {
             "wait: waiting to learn the backends' node classes"
         );
         assert_eq!(pick(&job(&[]), &[]), "wait: no backend is configured");
+    }
+
+    #[test]
+    fn a_blocked_backend_is_passed_over_and_alone_means_wait() {
+        let blocked = B {
+            blocked: true,
+            last_used: 0,
+            ..b("a")
+        };
+        let other = B {
+            last_used: 9,
+            ..b("b")
+        };
+        assert_eq!(pick(&job(&[]), &[blocked, other]), "b");
+        let blocked = B {
+            blocked: true,
+            ..b("a")
+        };
+        let busy = B {
+            idle: false,
+            ..b("b")
+        };
+        assert_eq!(
+            pick(&job(&[]), &[blocked, busy]),
+            "wait: every eligible backend is blocked for this workflow or unhealthy, until a block lifts"
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::job::{
-    Attempt, AttemptStatus, Exclusion, ExclusionReason, Job, JobError, JobState, Millis, Output,
+    Attempt, AttemptStatus, Exclusion, ExclusionReason, Job, JobError, JobId, JobState, Millis,
+    Output,
 };
 
 /// How retries are spaced.
@@ -34,6 +35,22 @@ impl Policy {
         self.backoff_base_ms
             .saturating_mul(1u64 << shift)
             .min(self.backoff_max_ms)
+    }
+
+    /// The backoff with "equal jitter" (half fixed, half spread), so jobs that failed
+    /// together do not all come back at once. The spread comes from the job id and the
+    /// attempt, not a random generator, so the same inputs give the same delay.
+    pub fn retry_delay_ms(&self, job: &JobId, n_failed: u32) -> u64 {
+        let full = self.backoff_ms(n_failed);
+        let half = full / 2;
+        if half == 0 {
+            return full;
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in job.as_str().bytes().chain(n_failed.to_le_bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        half + h % (full - half + 1)
     }
 }
 
@@ -107,6 +124,11 @@ pub enum Input {
     Unroutable {
         error: JobError,
     },
+    /// The job is not terminal this long after it was accepted: whatever runs is
+    /// stopped and the job fails, attempts left or not.
+    DeadlinePassed {
+        limit_ms: u64,
+    },
 }
 
 impl Input {
@@ -121,6 +143,7 @@ impl Input {
             Input::CancelConfirmed { .. } => "cancel_confirmed",
             Input::QueueTimeout { .. } => "queue_timeout",
             Input::Unroutable { .. } => "unroutable",
+            Input::DeadlinePassed { .. } => "deadline_passed",
         }
     }
 
@@ -134,7 +157,8 @@ impl Input {
             Input::Dispatch { .. }
             | Input::Cancel
             | Input::QueueTimeout { .. }
-            | Input::Unroutable { .. } => None,
+            | Input::Unroutable { .. }
+            | Input::DeadlinePassed { .. } => None,
         }
     }
 }
@@ -165,7 +189,20 @@ pub enum EventKind {
         backend: String,
         error: JobError,
         /// The job goes back to the queue.
-        retry: bool,
+        #[serde(alias = "retry")]
+        will_retry: bool,
+    },
+    /// The attempt's failure blocked its backend for this workflow shape until `until`.
+    BackendBlocked {
+        backend: String,
+        workflow_hash: String,
+        until: Millis,
+    },
+    /// The job is queued again after a failed attempt, from `not_before` on.
+    JobRetrying {
+        attempt: u32,
+        delay_ms: u64,
+        not_before: Millis,
     },
     CancelRequested {
         attempt: Option<u32>,
@@ -197,6 +234,8 @@ impl EventKind {
             EventKind::Submitted { .. } => "submitted",
             EventKind::Started { .. } => "started",
             EventKind::AttemptFailed { .. } => "attempt_failed",
+            EventKind::JobRetrying { .. } => "job_retrying",
+            EventKind::BackendBlocked { .. } => "backend_blocked",
             EventKind::CancelRequested { .. } => "cancel_requested",
             EventKind::Succeeded { .. } => "succeeded",
             EventKind::Failed { .. } => "failed",
@@ -404,7 +443,7 @@ pub fn transition(
                 attempt,
                 backend,
                 error: failure.error.clone(),
-                retry,
+                will_retry: retry,
             });
             if cancel_requested {
                 next.state = JobState::Cancelled;
@@ -412,13 +451,19 @@ pub fn transition(
                     attempt: Some(attempt),
                 });
             } else if retry {
-                next.state = JobState::Queued;
-                next.not_before = match failure.kind {
-                    FailureKind::Missing => now,
+                let delay_ms = match failure.kind {
+                    FailureKind::Missing => 0,
                     FailureKind::Backend | FailureKind::Workflow => {
-                        now + policy.backoff_ms(used) as i64
+                        policy.retry_delay_ms(&job.id, used)
                     }
                 };
+                next.state = JobState::Queued;
+                next.not_before = now + delay_ms as Millis;
+                events.push(EventKind::JobRetrying {
+                    attempt,
+                    delay_ms,
+                    not_before: next.not_before,
+                });
             } else {
                 let mut error = failure.error;
                 if failure.kind == FailureKind::Backend {
@@ -487,6 +532,42 @@ pub fn transition(
         Input::Unroutable { error } => {
             if job.state != JobState::Queued {
                 return Err(not_allowed);
+            }
+            next.state = JobState::Failed;
+            next.error = Some(error.clone());
+            events.push(EventKind::Failed { error });
+        }
+        Input::DeadlinePassed { limit_ms } => {
+            if job.state.is_terminal() {
+                return Err(not_allowed);
+            }
+            let mut error = JobError::new(
+                "deadline",
+                format!("the job did not finish within its deadline of {limit_ms} ms"),
+            )
+            .with_details(serde_json::json!({ "limit_ms": limit_ms }));
+            if let Some(live) = next.attempts.last_mut().filter(|a| a.status.is_live()) {
+                error.message = format!(
+                    "{} (attempt {} was {} on {})",
+                    error.message,
+                    live.number,
+                    live.status.as_str(),
+                    live.backend
+                );
+                live.status = AttemptStatus::Failed;
+                live.finished_at = Some(now);
+                live.error = Some(error.clone());
+                effects.push(Effect::StopAttempt {
+                    attempt: live.number,
+                    backend: live.backend.clone(),
+                    prompt_id: live.prompt_id.clone(),
+                });
+                events.push(EventKind::AttemptFailed {
+                    attempt: live.number,
+                    backend: live.backend.clone(),
+                    error: error.clone(),
+                    will_retry: false,
+                });
             }
             next.state = JobState::Failed;
             next.error = Some(error.clone());
@@ -621,7 +702,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(applied.job.state, JobState::Queued);
-        assert_eq!(applied.job.not_before, 1_100);
+        // Equal jitter: between half and all of the 1 s base backoff.
+        let delay = applied.job.not_before - 100;
+        assert!((500..=1_000).contains(&delay), "{delay}");
+        assert_eq!(
+            applied.events.last(),
+            Some(&EventKind::JobRetrying {
+                attempt: 1,
+                delay_ms: delay as u64,
+                not_before: applied.job.not_before
+            })
+        );
         let j = dispatch(&applied.job, "b");
         let j = apply(
             &j,
@@ -633,6 +724,64 @@ mod tests {
         assert_eq!(j.state, JobState::Failed);
         let error = j.error.unwrap();
         assert_eq!(error.message, "boom (gave up after 2 of 2 attempts)");
+    }
+
+    #[test]
+    fn retry_delays_are_jittered_per_job_and_grow() {
+        let p = Policy::default();
+        let delays: Vec<u64> = (0..50)
+            .map(|_| p.retry_delay_ms(&JobId::random(), 1))
+            .collect();
+        assert!(delays.iter().all(|d| (500..=1_000).contains(d)));
+        let distinct: std::collections::HashSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 10, "spread out: {delays:?}");
+        let id = JobId::random();
+        assert_eq!(p.retry_delay_ms(&id, 3), p.retry_delay_ms(&id, 3));
+        assert!((2_000..=4_000).contains(&p.retry_delay_ms(&id, 3)));
+        assert!(p.retry_delay_ms(&id, 30) <= 30_000);
+    }
+
+    #[test]
+    fn a_deadline_fails_the_job_and_stops_its_attempt() {
+        let j = dispatch(&job(3), "a");
+        let j = apply(&j, Input::Started { attempt: 1 });
+        let applied = transition(
+            &j,
+            Input::DeadlinePassed { limit_ms: 60_000 },
+            70,
+            &Policy::default(),
+        )
+        .unwrap();
+        assert_eq!(applied.job.state, JobState::Failed);
+        let error = applied.job.error.clone().unwrap();
+        assert_eq!(error.code, "deadline");
+        assert_eq!(
+            error.message,
+            "the job did not finish within its deadline of 60000 ms (attempt 1 was executing on a)"
+        );
+        assert_eq!(applied.job.attempts[0].status, AttemptStatus::Failed);
+        assert_eq!(applied.effects.len(), 1);
+        // A success that arrives after that is late: the job stays failed.
+        let late = transition(
+            &applied.job,
+            Input::Succeeded {
+                attempt: 1,
+                outputs: vec![],
+            },
+            80,
+            &Policy::default(),
+        );
+        assert!(matches!(late, Err(Refused::Late { .. })), "{late:?}");
+        // A queued job fails the same way, with nothing to stop.
+        let queued = transition(
+            &job(1),
+            Input::DeadlinePassed { limit_ms: 5 },
+            9,
+            &Policy::default(),
+        )
+        .unwrap();
+        assert_eq!(queued.job.state, JobState::Failed);
+        assert!(queued.effects.is_empty());
     }
 
     #[test]

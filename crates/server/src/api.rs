@@ -643,10 +643,24 @@ async fn list_backends(State(engine): State<Engine>) -> Json<Value> {
         .values()
         .map(|b| {
             let status = match (b.connection, &b.current) {
+                _ if b.stuck.is_some() => "stuck",
+                (Connection::Connected, _) if !b.health.accepts_work() => "unhealthy",
                 (Connection::Connected, Some(_)) => "busy",
                 (Connection::Connected, None) => "idle",
                 (Connection::Connecting, _) => "connecting",
                 (Connection::Offline, _) => "offline",
+            };
+            let blocks: Vec<Value> = b
+                .health
+                .blocks()
+                .iter()
+                .map(|(hash, until)| json!({"workflow_hash": hash, "until": rfc3339(*until)}))
+                .collect();
+            let circuit = match b.health.circuit() {
+                gantry_core::health::Circuit::Closed => json!({"state": "closed"}),
+                gantry_core::health::Circuit::Open { since, probe_at } => json!({
+                    "state": "open", "since": rfc3339(since), "probe_at": rfc3339(probe_at)
+                }),
             };
             json!({
                 "name": b.config.name,
@@ -661,6 +675,9 @@ async fn list_backends(State(engine): State<Engine>) -> Json<Value> {
                 "last_error": b.last_error,
                 "node_classes": b.classes.as_ref().map(|c| c.len()),
                 "warm_models": b.warm_models,
+                "blocks": blocks,
+                "circuit": circuit,
+                "stuck": b.stuck.as_ref().map(|(pid, since)| json!({"prompt_id": pid, "since": rfc3339(*since)})),
             })
         })
         .collect();

@@ -2,7 +2,8 @@
 //! progress, fanned out to every SSE stream. Persisted events are the truth and can be
 //! re-read from the store by a subscriber that fell behind; progress may be dropped.
 
-use gantry_core::JobId;
+use gantry_core::health::HealthEvent;
+use gantry_core::{JobId, Millis};
 use gantry_store::Event;
 use serde::Serialize;
 use std::sync::Arc;
@@ -12,15 +13,29 @@ use tokio::sync::broadcast;
 pub enum BusEvent {
     Persisted(Arc<Event>),
     Live(Arc<LiveEvent>),
+    /// A change in a backend's health (blocks, circuit, stuck), for the global stream.
+    Backend(Arc<BackendEvent>),
 }
 
 impl BusEvent {
-    pub fn job_id(&self) -> &JobId {
+    /// The job it is about, if any.
+    pub fn job_id(&self) -> Option<&JobId> {
         match self {
-            BusEvent::Persisted(e) => &e.job_id,
-            BusEvent::Live(e) => &e.job_id,
+            BusEvent::Persisted(e) => Some(&e.job_id),
+            BusEvent::Live(e) => Some(&e.job_id),
+            BusEvent::Backend(_) => None,
         }
     }
+}
+
+/// A backend health change; not persisted yet (the global event stream of the monitor
+/// will carry it with a sequence number).
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendEvent {
+    pub backend: String,
+    pub at: Millis,
+    #[serde(flatten)]
+    pub kind: HealthEvent,
 }
 
 /// Something seen on a backend while an attempt runs; not persisted.

@@ -1,10 +1,14 @@
 //! The server's configuration: command-line values layered over an optional TOML file.
 //! Durations are human (`30s`, `5m`) in the file and milliseconds inside.
 
+use gantry_core::health::HealthPolicy;
+use gantry_core::watchdog::ClassTimeouts;
 use gantry_core::Timeouts;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8700";
@@ -16,6 +20,8 @@ pub struct BackendConfig {
     pub tags: Vec<String>,
     /// Higher is preferred.
     pub priority: i32,
+    /// This backend's timeouts: between a node class's and the global defaults.
+    pub timeouts: Timeouts,
 }
 
 impl BackendConfig {
@@ -53,6 +59,7 @@ impl BackendConfig {
             url: url.to_owned(),
             tags: Vec::new(),
             priority: 0,
+            timeouts: Timeouts::default(),
         })
     }
 }
@@ -64,6 +71,10 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     /// Global timeout defaults; a job's own values come first.
     pub timeouts: Timeouts,
+    /// Per node class limits (`[timeouts.node_class]`), between the job's and the backend's.
+    pub node_class: Arc<BTreeMap<String, ClassTimeouts>>,
+    /// Blocks after a backend fault, and the circuit breaker.
+    pub health: HealthPolicy,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// How long a cancelled running job waits for its backend to confirm.
@@ -89,6 +100,8 @@ impl Config {
                 deadline_ms: Some(0),
                 queue_ms: Some(0),
             },
+            node_class: Arc::default(),
+            health: HealthPolicy::default(),
             max_body_bytes: 32 * 1024 * 1024,
             cancel_grace: Duration::from_secs(10),
             liveness: Duration::from_secs(10),
@@ -135,16 +148,42 @@ impl Config {
             self.liveness = v;
         }
         let ms = |v: Option<Duration>| v.map(|d| d.as_millis() as u64);
-        let t = &file.timeouts;
-        let given = Timeouts {
-            submit_ms: ms(d("timeouts.submit", &t.submit)?),
-            start_ms: ms(d("timeouts.start", &t.start)?),
-            first_progress_ms: ms(d("timeouts.first_progress", &t.first_progress)?),
-            node_stall_ms: ms(d("timeouts.node_stall", &t.node_stall)?),
-            deadline_ms: ms(d("timeouts.deadline", &t.deadline)?),
-            queue_ms: ms(d("timeouts.queue", &t.queue)?),
-        };
+        if let Some(v) = d("block_cooldown", &file.block_cooldown)? {
+            self.health.block_ms = v.as_millis() as u64;
+        }
+        if let Some(v) = d("circuit_cooldown", &file.circuit_cooldown)? {
+            self.health.circuit_ms = v.as_millis() as u64;
+            self.health.circuit_max_ms = self.health.circuit_max_ms.max(self.health.circuit_ms);
+        }
+        if let Some(n) = file.circuit_threshold {
+            self.health.circuit_threshold = n;
+        }
+        let given = file.timeouts.parse("timeouts")?;
         self.timeouts = given.or(&self.timeouts);
+        if !file.timeouts.node_class.is_empty() {
+            let mut classes = (*self.node_class).clone();
+            for (class, v) in &file.timeouts.node_class {
+                let key = format!("timeouts.node_class.{class}");
+                let limits = match v {
+                    FileClassTimeout::Both(s) => {
+                        let v = ms(Some(parse_duration(&key, s)?));
+                        ClassTimeouts {
+                            first_progress_ms: v,
+                            node_stall_ms: v,
+                        }
+                    }
+                    FileClassTimeout::Each {
+                        first_progress,
+                        node_stall,
+                    } => ClassTimeouts {
+                        first_progress_ms: ms(d(&format!("{key}.first_progress"), first_progress)?),
+                        node_stall_ms: ms(d(&format!("{key}.node_stall"), node_stall)?),
+                    },
+                };
+                classes.insert(class.clone(), limits);
+            }
+            self.node_class = Arc::new(classes);
+        }
         for b in file.backends {
             let mut parsed = match (&b.url, self.backends.iter().position(|c| c.name == b.name)) {
                 (_, Some(idx)) => self.backends.remove(idx),
@@ -161,6 +200,15 @@ impl Config {
             }
             parsed.tags = b.tags;
             parsed.priority = b.priority;
+            if let Some(t) = &b.timeouts {
+                if !t.node_class.is_empty() {
+                    return Err(Error::Toml(format!(
+                        "backend {}: node_class limits are global ([timeouts.node_class])",
+                        b.name
+                    )));
+                }
+                parsed.timeouts = t.parse(&format!("backends.{}.timeouts", b.name))?;
+            }
             self.backends.push(parsed);
         }
         Ok(())
@@ -217,6 +265,9 @@ struct FileConfig {
     max_attempts: Option<u32>,
     cancel_grace: Option<String>,
     liveness: Option<String>,
+    block_cooldown: Option<String>,
+    circuit_cooldown: Option<String>,
+    circuit_threshold: Option<u32>,
     #[serde(default)]
     timeouts: FileTimeouts,
     #[serde(default)]
@@ -232,6 +283,39 @@ struct FileTimeouts {
     node_stall: Option<String>,
     deadline: Option<String>,
     queue: Option<String>,
+    #[serde(default)]
+    node_class: BTreeMap<String, FileClassTimeout>,
+}
+
+impl FileTimeouts {
+    fn parse(&self, prefix: &str) -> Result<Timeouts, Error> {
+        let ms = |key: &str, v: &Option<String>| -> Result<Option<u64>, Error> {
+            v.as_deref()
+                .map(|s| {
+                    parse_duration(&format!("{prefix}.{key}"), s).map(|d| d.as_millis() as u64)
+                })
+                .transpose()
+        };
+        Ok(Timeouts {
+            submit_ms: ms("submit", &self.submit)?,
+            start_ms: ms("start", &self.start)?,
+            first_progress_ms: ms("first_progress", &self.first_progress)?,
+            node_stall_ms: ms("node_stall", &self.node_stall)?,
+            deadline_ms: ms("deadline", &self.deadline)?,
+            queue_ms: ms("queue", &self.queue)?,
+        })
+    }
+}
+
+/// `KSampler = "2m"` (both limits) or `KSampler = { first_progress = "20m", node_stall = "2m" }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileClassTimeout {
+    Both(String),
+    Each {
+        first_progress: Option<String>,
+        node_stall: Option<String>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -243,6 +327,7 @@ struct FileBackend {
     tags: Vec<String>,
     #[serde(default)]
     priority: i32,
+    timeouts: Option<FileTimeouts>,
 }
 
 #[cfg(test)]
@@ -292,5 +377,47 @@ mod tests {
             "{err}"
         );
         assert!(c.apply_toml("colour = 1").is_err());
+    }
+
+    #[test]
+    fn node_class_and_backend_timeouts() {
+        let mut c = Config::new(DEFAULT_LISTEN.parse().unwrap(), "d".into());
+        c.apply_toml(
+            r#"
+            block_cooldown = "5s"
+            circuit_threshold = 4
+            [timeouts.node_class]
+            CheckpointLoaderSimple = "15m"
+            KSampler = { first_progress = "20m", node_stall = "2m" }
+            [[backends]]
+            name = "slow"
+            url = "http://s:1"
+            [backends.timeouts]
+            start = "2m"
+            "#,
+        )
+        .unwrap();
+        let loader = &c.node_class["CheckpointLoaderSimple"];
+        assert_eq!(
+            (loader.first_progress_ms, loader.node_stall_ms),
+            (Some(900_000), Some(900_000))
+        );
+        let ks = &c.node_class["KSampler"];
+        assert_eq!(
+            (ks.first_progress_ms, ks.node_stall_ms),
+            (Some(1_200_000), Some(120_000))
+        );
+        assert_eq!(c.backends[0].timeouts.start_ms, Some(120_000));
+        assert_eq!(c.backends[0].timeouts.node_stall_ms, None);
+        assert_eq!(c.health.block_ms, 5_000);
+        assert_eq!(c.health.circuit_threshold, 4);
+        let err = c
+            .apply_toml("[timeouts.node_class]\nKSampler = \"often\"")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("timeouts.node_class.KSampler = \"often\""),
+            "{err}"
+        );
     }
 }

@@ -2,14 +2,17 @@
 //! connection, PROTOCOL.md pitfall 8), runs at most one attempt at a time on it, follows
 //! that attempt by its prompt id, and reconciles with `/queue` and `/history` after the
 //! submit, after every reconnect and whenever the backend has been quiet too long, so a
-//! completion is never missed (DESIGN.md invariant 5).
+//! completion is never missed (DESIGN.md invariant 5). Its watchdog times every phase;
+//! an attempt gantry gave up on is drained (interrupted or dequeued, then watched until
+//! `/queue` shows it gone) before the backend takes anything new.
 
 use gantry_comfy::client::{Client, Session, SessionEvent, Submitted};
-use gantry_comfy::rest::{FileRef, HistoryEntry, Outcome, PromptRequest};
+use gantry_comfy::rest::{FileRef, HistoryEntry, Outcome, PromptRequest, Queue};
 use gantry_comfy::ws::ServerMessage;
+use gantry_core::watchdog::{Expired, Limits, Phase, Timer, Watch};
 use gantry_core::{
-    Attempt, AttemptStatus, Exclusion, Failure, Input, Job, JobError, JobId, Output, Timeouts,
-    Workflow,
+    Attempt, AttemptStatus, Exclusion, Failure, FailureKind, Input, Job, JobError, JobId, Millis,
+    Output, Workflow,
 };
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -46,14 +49,16 @@ pub struct Assignment {
     pub prompt_id: String,
     pub workflow: Workflow,
     pub models: Vec<String>,
-    pub timeouts: Timeouts,
+    pub limits: Limits,
+    /// The job's deadline on the wall clock, and its length.
+    pub deadline: Option<(Millis, u64)>,
     pub excluded: Vec<Exclusion>,
     pub adopt: bool,
     pub status: AttemptStatus,
 }
 
 impl Assignment {
-    pub fn new(job: &Job, attempt: &Attempt, timeouts: Timeouts, adopt: bool) -> Assignment {
+    pub fn new(job: &Job, attempt: &Attempt, limits: Limits, adopt: bool) -> Assignment {
         Assignment {
             job_id: job.id.clone(),
             attempt: attempt.number,
@@ -66,7 +71,10 @@ impl Assignment {
                 .into_iter()
                 .map(|m| m.file)
                 .collect(),
-            timeouts,
+            deadline: limits
+                .deadline()
+                .map(|ms| (job.created_at + ms as Millis, ms)),
+            limits,
             excluded: job.excluded.clone(),
             adopt,
             status: attempt.status,
@@ -74,33 +82,36 @@ impl Assignment {
     }
 }
 
+/// Where the attempt is on the backend, as far as the driver knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
+enum Stage {
     Submitting,
     Pending,
     Executing,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum TimerKind {
-    Start,
-    Stall,
+/// A cancel waiting for the backend's confirmation.
+struct Stopping {
+    until: Instant,
 }
 
-struct Stopping {
-    confirm: bool,
-    until: Instant,
+/// The attempt is over for gantry, but its prompt may still be on the backend: it is
+/// interrupted or dequeued, and the backend takes nothing new until `/queue` shows the
+/// prompt gone. A success that arrives meanwhile is still offered to the job (first
+/// success wins).
+struct Draining {
+    since: Instant,
+    next_poll: Instant,
+    stuck: bool,
 }
 
 /// The attempt in flight on this backend.
 struct Current {
     a: Box<Assignment>,
-    phase: Phase,
-    node: Option<String>,
-    /// The running node's last progress value, and its max.
-    progress: Option<(f64, f64)>,
-    timer: Option<(Instant, TimerKind, u64)>,
+    stage: Stage,
+    watch: Watch,
     stopping: Option<Stopping>,
+    draining: Option<Draining>,
     success_seen: bool,
     /// Files named by `executed` messages, in case history is gone when we ask.
     executed_files: Vec<(String, FileRef)>,
@@ -114,10 +125,12 @@ struct Driver {
     current: Option<Current>,
     reconnect_at: Instant,
     backoff: Duration,
-    last_heard: Instant,
-    /// Since when the socket has been down; an attempt in flight is failed when this
-    /// lasts longer than the liveness limit.
-    offline_since: Option<Instant>,
+    /// The last sign of life from the backend: a frame, or an answer to a request.
+    last_contact: Instant,
+    /// The last time the driver asked `/queue` and `/history` because things were quiet.
+    last_poll: Instant,
+    /// The watchdog's clock: milliseconds since this instant.
+    epoch: Instant,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -137,16 +150,18 @@ pub async fn run(engine: Engine, name: String, mut commands: mpsc::UnboundedRece
         }
     };
     let shutdown = engine.shutdown_token().clone();
+    let now = Instant::now();
     let mut d = Driver {
         engine,
         name,
         client,
         session: None,
         current: None,
-        reconnect_at: Instant::now(),
+        reconnect_at: now,
         backoff: BACKOFF_MIN,
-        last_heard: Instant::now(),
-        offline_since: Some(Instant::now()),
+        last_contact: now,
+        last_poll: now,
+        epoch: now,
     };
     loop {
         let wake = d.next_wake();
@@ -172,6 +187,28 @@ async fn next_event(session: &mut Option<Session>) -> Option<SessionEvent> {
         Some(s) => s.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// The prompts that run before `pid` on a backend: the running one (if not ours), then
+/// pending ones with a lower number (`/queue` lists the pending heap unordered).
+fn ahead_of(queue: &Queue, pid: &str) -> Option<Vec<String>> {
+    let ours = queue.queue_pending.iter().find(|i| i.prompt_id == pid)?;
+    let n = ours.number.as_f64().unwrap_or_default();
+    let mut ahead: Vec<(f64, String)> = queue
+        .queue_pending
+        .iter()
+        .filter(|i| i.prompt_id != pid && i.number.as_f64().unwrap_or_default() < n)
+        .map(|i| (i.number.as_f64().unwrap_or_default(), i.prompt_id.clone()))
+        .collect();
+    ahead.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Some(
+        queue
+            .queue_running
+            .iter()
+            .map(|i| i.prompt_id.clone())
+            .chain(ahead.into_iter().map(|(_, p)| p))
+            .collect(),
+    )
 }
 
 fn f64_of(n: &serde_json::Number) -> f64 {
@@ -203,27 +240,63 @@ impl Driver {
         self.engine.config().liveness
     }
 
+    /// How often a draining prompt is looked for in `/queue`.
+    fn drain_poll(&self) -> Duration {
+        (self.liveness() / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// The watchdog's clock.
+    fn mono(&self) -> Millis {
+        self.epoch.elapsed().as_millis() as Millis
+    }
+
+    fn instant_of(&self, mono: Millis) -> Instant {
+        self.epoch + Duration::from_millis(mono.max(0) as u64)
+    }
+
+    /// The instant at which a wall-clock moment comes.
+    fn instant_of_wall(wall: Millis) -> Instant {
+        Instant::now() + Duration::from_millis((wall - now_ms()).max(0) as u64)
+    }
+
+    /// The wall-clock moment a watchdog timer started, for error details.
+    fn wall_of(&self, mono: Millis) -> Millis {
+        now_ms() - (self.mono() - mono)
+    }
+
+    fn probe_at(&self) -> Option<Millis> {
+        self.engine
+            .backends()
+            .get(&self.name)
+            .and_then(|b| b.health.probe_at())
+    }
+
     fn next_wake(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(3600);
-        let mut wake = far;
+        let mut wake = Instant::now() + Duration::from_secs(3600);
         if self.session.is_none() && self.client.is_some() {
             wake = wake.min(self.reconnect_at);
         }
-        if let Some(cur) = &self.current {
-            if let Some((at, ..)) = cur.timer {
-                wake = wake.min(at);
-            }
-            if let Some(s) = &cur.stopping {
-                wake = wake.min(s.until);
-            }
-            if self.session.is_some() {
-                wake = wake.min(self.last_heard + self.liveness());
-            }
-            if let Some(since) = self.offline_since {
-                wake = wake.min(since + self.liveness());
-            }
+        if let Some(at) = self.probe_at() {
+            wake = wake.min(Self::instant_of_wall(at));
         }
-        wake
+        let Some(cur) = &self.current else {
+            return wake;
+        };
+        if let Some(d) = &cur.draining {
+            return wake.min(d.next_poll);
+        }
+        if let Some(at) = cur.watch.due() {
+            wake = wake.min(self.instant_of(at));
+        }
+        if let Some(s) = &cur.stopping {
+            wake = wake.min(s.until);
+        }
+        if let Some((at, _)) = cur.a.deadline {
+            wake = wake.min(Self::instant_of_wall(at));
+        }
+        let quiet = self.last_contact.max(self.last_poll);
+        wake.min(quiet + self.liveness())
+            .min(self.last_contact + 2 * self.liveness())
     }
 
     fn set_connection(&self, connection: Connection, error: Option<String>) {
@@ -239,8 +312,9 @@ impl Driver {
         }
     }
 
-    fn heard(&mut self) {
-        self.last_heard = Instant::now();
+    /// The backend answered or sent something.
+    fn contact(&mut self) {
+        self.last_contact = Instant::now();
         if let Some(b) = self.engine.backends().get_mut(&self.name) {
             b.last_seen = Some(now_ms());
         }
@@ -258,34 +332,72 @@ impl Driver {
         if self.session.is_none() && self.client.is_some() && now >= self.reconnect_at {
             self.connect().await;
         }
-        let Some(cur) = &self.current else { return };
+        if self
+            .probe_at()
+            .is_some_and(|at| Self::instant_of_wall(at) <= now)
+        {
+            self.probe().await;
+        }
+        let Some(cur) = &mut self.current else { return };
+        if let Some(d) = &cur.draining {
+            if now >= d.next_poll {
+                self.drain_check().await;
+            }
+            return;
+        }
         if cur.stopping.as_ref().is_some_and(|s| now >= s.until) {
             self.stop_grace_passed().await;
             return;
         }
-        if let Some(since) = self.offline_since.filter(|s| now >= *s + self.liveness()) {
+        if let Some((_, limit_ms)) = cur.a.deadline.filter(|(at, _)| *at <= now_ms()) {
+            cur.a.deadline = None;
+            let job_id = cur.a.job_id.clone();
+            // The engine answers with a Stop for this attempt, which drains it.
+            self.apply(&job_id, Input::DeadlinePassed { limit_ms })
+                .await;
+            return;
+        }
+        let mono = self.mono();
+        if let Some(expired) = self.current.as_ref().and_then(|c| c.watch.expired(mono)) {
+            self.timed_out(expired).await;
+            return;
+        }
+        if now >= self.last_contact + 2 * self.liveness() {
             let failure = Failure::backend(JobError::new(
                 "backend_unreachable",
                 format!(
                     "lost contact with {} for {} ms while the prompt was in flight",
                     self.name,
-                    now.duration_since(since).as_millis()
+                    now.duration_since(self.last_contact).as_millis()
                 ),
             ));
-            self.fail(failure).await;
+            self.fail(failure, true).await;
             return;
         }
-        if let Some((at, kind, limit)) = cur.timer {
-            if now >= at {
-                self.timed_out(kind, limit).await;
-                return;
-            }
-        }
-        if self.session.is_some() && now >= self.last_heard + self.liveness() {
+        if now >= self.last_contact.max(self.last_poll) + self.liveness() {
             // Quiet for too long: ask, rather than trust the socket (pitfalls 7 and 8).
-            self.last_heard = now;
+            self.last_poll = now;
             self.reconcile().await;
         }
+    }
+
+    /// The circuit is open and its cooldown is over: is the backend healthy again?
+    async fn probe(&mut self) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let healthy = match tokio::time::timeout(self.liveness(), client.system_stats()).await {
+            Ok(Ok(_)) => {
+                self.contact();
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(backend = %self.name, error = %e, "circuit probe failed");
+                false
+            }
+            Err(_) => false,
+        };
+        self.engine.probe_result(&self.name, healthy);
     }
 
     async fn connect(&mut self) {
@@ -303,14 +415,15 @@ impl Driver {
             Ok((info, session)) => {
                 let classes: HashSet<String> = info.keys().cloned().collect();
                 if let Some(b) = self.engine.backends().get_mut(&self.name) {
-                    b.classes = Some(Arc::new(classes));
+                    if !b.learn_classes(classes) {
+                        tracing::warn!(backend = %self.name, "object_info listed no node classes; keeping what was known");
+                    }
                     b.last_error = None;
                 }
                 tracing::info!(backend = %self.name, client_id = session.client_id(), "connected");
                 self.session = Some(session);
-                self.offline_since = None;
                 self.backoff = BACKOFF_MIN;
-                self.heard();
+                self.contact();
                 self.set_connection(Connection::Connected, None);
                 if self.current.is_some() {
                     self.reconcile().await;
@@ -329,10 +442,10 @@ impl Driver {
     async fn on_event(&mut self, event: Option<SessionEvent>) {
         match event {
             Some(SessionEvent::Message(m)) => {
-                self.heard();
+                self.contact();
                 self.on_message(m).await;
             }
-            Some(SessionEvent::Binary(_)) | Some(SessionEvent::Malformed { .. }) => self.heard(),
+            Some(SessionEvent::Binary(_)) | Some(SessionEvent::Malformed { .. }) => self.contact(),
             Some(SessionEvent::Closed { code, error }) => {
                 let why = match (code, error) {
                     (_, Some(e)) => e,
@@ -348,17 +461,25 @@ impl Driver {
     fn disconnected(&mut self, why: String) {
         tracing::info!(backend = %self.name, reason = %why, "websocket lost");
         self.session = None;
-        self.offline_since = Some(Instant::now());
         self.set_connection(Connection::Offline, Some(format!("websocket lost: {why}")));
         self.reconnect_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
     async fn on_message(&mut self, m: ServerMessage) {
+        let mono = self.mono();
         let Some(cur) = &mut self.current else { return };
+        if let ServerMessage::Status(_) = m {
+            // The queue moved: where is our prompt now?
+            if cur.stage == Stage::Pending && cur.draining.is_none() {
+                self.reconcile().await;
+            }
+            return;
+        }
         if m.prompt_id() != Some(cur.a.prompt_id.as_str()) {
             return;
         }
+        let draining = cur.draining.is_some();
         match m {
             ServerMessage::ExecutionStart(_) => self.started().await,
             ServerMessage::Executing(e) => match e.node {
@@ -371,10 +492,10 @@ impl Driver {
                         .class_of(&node)
                         .unwrap_or_default()
                         .to_owned();
-                    cur.node = Some(node.clone());
-                    cur.progress = None;
+                    if !draining {
+                        cur.watch.node_started(&node, &class_type, mono);
+                    }
                     let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
-                    self.arm(TimerKind::Stall);
                     self.engine.publish_live(LiveEvent {
                         job_id,
                         attempt,
@@ -386,17 +507,12 @@ impl Driver {
             },
             ServerMessage::Progress(p) => {
                 let (value, max) = (f64_of(&p.value), f64_of(&p.max));
-                let advanced = cur.node.as_deref() != Some(p.node.as_str())
-                    || cur.progress.is_none_or(|(last, _)| value > last);
-                cur.node = Some(p.node.clone());
-                if advanced {
-                    cur.progress = Some((value, max));
+                let class_type = cur.a.workflow.class_of(&p.node).unwrap_or_default();
+                // Only a changed value is progress (DESIGN.md invariant 4, seed 001).
+                if !draining {
+                    cur.watch.progress(&p.node, class_type, value, max, mono);
                 }
                 let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
-                // A repeated value is not progress (DESIGN.md invariant 4).
-                if advanced {
-                    self.arm(TimerKind::Stall);
-                }
                 self.engine.publish_live(LiveEvent {
                     job_id,
                     attempt,
@@ -413,6 +529,10 @@ impl Driver {
             }
             ServerMessage::ExecutionSuccess(_) => cur.success_seen = true,
             ServerMessage::ExecutionError(e) => {
+                if draining {
+                    self.end_attempt();
+                    return;
+                }
                 let details = json!({
                     "backend": self.name,
                     "node_id": e.node_id,
@@ -458,26 +578,30 @@ impl Driver {
                     .await;
                     return;
                 }
-                let phase = match a.status {
-                    AttemptStatus::Pending => Phase::Pending,
-                    AttemptStatus::Executing => Phase::Executing,
-                    _ => Phase::Submitting,
+                let stage = match a.status {
+                    AttemptStatus::Pending => Stage::Pending,
+                    AttemptStatus::Executing => Stage::Executing,
+                    _ => Stage::Submitting,
                 };
                 let adopt = a.adopt;
+                let watch = Watch::new(a.limits.clone());
                 self.current = Some(Current {
                     a,
-                    phase,
-                    node: None,
-                    progress: None,
-                    timer: None,
+                    stage,
+                    watch,
                     stopping: None,
+                    draining: None,
                     success_seen: false,
                     executed_files: Vec::new(),
                 });
                 if adopt {
-                    match phase {
-                        Phase::Executing => self.arm(TimerKind::Stall),
-                        Phase::Pending | Phase::Submitting => self.arm(TimerKind::Start),
+                    let mono = self.mono();
+                    if let Some(cur) = &mut self.current {
+                        match stage {
+                            Stage::Executing => cur.watch.executing(mono),
+                            // Where it stands in the queue is learnt by the reconcile.
+                            Stage::Pending | Stage::Submitting => cur.watch.pending(vec![], mono),
+                        }
                     }
                     if self.session.is_some() {
                         self.reconcile().await;
@@ -502,22 +626,25 @@ impl Driver {
                 }
                 let grace = self.engine.config().cancel_grace;
                 let Some(cur) = &mut self.current else { return };
-                cur.stopping = Some(Stopping {
-                    confirm,
-                    until: Instant::now() + grace,
-                });
-                let phase = cur.phase;
-                if !confirm {
-                    // The attempt is already over for gantry.
-                    self.stop_on_backend(&prompt_id, Some(phase)).await;
-                    self.end_attempt();
+                if cur.draining.is_some() {
                     return;
                 }
+                let stage = cur.stage;
+                if !confirm {
+                    // The attempt is already over for gantry (superseded, or past its
+                    // deadline): take it off the backend.
+                    self.stop_on_backend(&prompt_id, Some(stage)).await;
+                    self.drain(Instant::now());
+                    return;
+                }
+                cur.stopping = Some(Stopping {
+                    until: Instant::now() + grace,
+                });
                 if self.session.is_some() {
-                    match phase {
-                        Phase::Submitting => {}
-                        Phase::Pending => self.dequeue_for_cancel().await,
-                        Phase::Executing => {
+                    match stage {
+                        Stage::Submitting => {}
+                        Stage::Pending => self.dequeue_for_cancel().await,
+                        Stage::Executing => {
                             if let Some(client) = &self.client {
                                 let _ = client.interrupt(Some(&prompt_id)).await;
                             }
@@ -559,51 +686,55 @@ impl Driver {
                 "backend_offline",
                 format!("{} is not connected", self.name),
             ));
-            self.fail(failure).await;
+            self.fail(failure, false).await;
             return;
         };
-        let Some(cur) = &self.current else { return };
+        let client_id = session.client_id().to_owned();
+        let mono = self.mono();
+        let Some(cur) = &mut self.current else { return };
         let request = PromptRequest {
             prompt: cur.a.workflow.graph().clone(),
-            client_id: Some(session.client_id().to_owned()),
+            client_id: Some(client_id),
             prompt_id: Some(cur.a.prompt_id.clone()),
             ..Default::default()
         };
-        let limit = cur.a.timeouts.submit_ms.unwrap_or(0);
-        let answer = if limit > 0 {
-            tokio::time::timeout(Duration::from_millis(limit), client.submit(&request))
-                .await
-                .map_err(|_| {
-                    format!(
-                        "{} did not answer POST /prompt within {limit} ms",
-                        self.name
-                    )
-                })
-        } else {
-            Ok(client.submit(&request).await)
+        cur.watch.submitting(mono);
+        let answer = match cur.watch.timer() {
+            Some(Timer { limit_ms, .. }) => {
+                tokio::time::timeout(Duration::from_millis(limit_ms), client.submit(&request))
+                    .await
+                    .ok()
+            }
+            None => Some(client.submit(&request).await),
         };
         let pid = cur.a.prompt_id.clone();
         match answer {
-            Ok(Ok(Submitted::Accepted(accepted))) if accepted.node_errors.is_empty() => {
+            Some(Ok(Submitted::Accepted(accepted))) if accepted.node_errors.is_empty() => {
+                self.contact();
                 let Some(cur) = &mut self.current else { return };
                 let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
-                if cur.phase == Phase::Submitting {
-                    cur.phase = Phase::Pending;
-                    self.arm(TimerKind::Start);
+                if cur.stage == Stage::Submitting {
+                    cur.stage = Stage::Pending;
+                    // Until the queue is seen, count as if at its head.
+                    cur.watch.pending(vec![], mono);
                 }
                 self.apply(&job_id, Input::Submitted { attempt }).await;
-                // A cached prompt can finish before its answer is read (pitfall 3).
+                // A cached prompt can finish before its answer is read (pitfall 3); and
+                // the start timer counts from the head of the queue.
                 self.reconcile().await;
             }
-            Ok(Ok(answer)) => {
-                let (error, node_errors) = match &answer {
-                    Submitted::Accepted(partial) => {
-                        // A partial run is a rejection: take what was queued back off.
-                        self.stop_on_backend(&pid, None).await;
-                        (None, &partial.node_errors)
+            Some(Ok(answer)) => {
+                self.contact();
+                let (error, node_errors, queued) = match &answer {
+                    Submitted::Accepted(partial) => (None, &partial.node_errors, true),
+                    Submitted::Rejected(rejected) => {
+                        (Some(&rejected.error), &rejected.node_errors, false)
                     }
-                    Submitted::Rejected(rejected) => (Some(&rejected.error), &rejected.node_errors),
                 };
+                if queued {
+                    // A partial run is a rejection: take what was queued back off.
+                    self.stop_on_backend(&pid, None).await;
+                }
                 let classes = self.classes();
                 let Some(cur) = &self.current else { return };
                 let failure = classify::rejection(
@@ -613,23 +744,34 @@ impl Driver {
                     error,
                     node_errors,
                 );
-                self.fail(failure).await;
+                self.fail(failure, queued).await;
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 // It may have landed anyway: make sure it does not run unwatched.
                 self.stop_on_backend(&pid, None).await;
-                self.fail(Failure::backend(JobError::new(
-                    "submit_failed",
-                    format!("submit to {} failed: {e}", self.name),
-                )))
+                self.fail(
+                    Failure::backend(JobError::new(
+                        "submit_failed",
+                        format!("submit to {} failed: {e}", self.name),
+                    )),
+                    true,
+                )
                 .await;
             }
-            Err(message) => {
-                self.stop_on_backend(&pid, None).await;
-                let failure = Failure::backend(JobError::new("timeout", message).with_details(
-                    json!({"phase": "submit", "limit_ms": limit, "backend": self.name}),
-                ));
-                self.fail(failure).await;
+            None => {
+                let mono = self.mono();
+                let expired = self.current.as_ref().and_then(|c| c.watch.expired(mono));
+                match expired {
+                    Some(expired) => self.timed_out(expired).await,
+                    None => {
+                        self.stop_on_backend(&pid, None).await;
+                        let failure = Failure::backend(JobError::new(
+                            "timeout",
+                            format!("Submit got no answer from {}", self.name),
+                        ));
+                        self.fail(failure, true).await;
+                    }
+                }
             }
         }
     }
@@ -641,9 +783,12 @@ impl Driver {
         let Some(client) = self.client.clone() else {
             return;
         };
-        let Some(pid) = self.current.as_ref().map(|c| c.a.prompt_id.clone()) else {
+        let Some(cur) = &self.current else { return };
+        if cur.draining.is_some() {
+            self.drain_check().await;
             return;
-        };
+        }
+        let pid = cur.a.prompt_id.clone();
         let queue = match client.queue().await {
             Ok(q) => q,
             Err(e) => {
@@ -651,16 +796,18 @@ impl Driver {
                 return;
             }
         };
+        self.contact();
         if queue.queue_running.iter().any(|i| i.prompt_id == pid) {
             self.started().await;
             return;
         }
-        if queue.queue_pending.iter().any(|i| i.prompt_id == pid) {
+        if let Some(ahead) = ahead_of(&queue, &pid) {
+            let mono = self.mono();
             let Some(cur) = &mut self.current else { return };
-            if cur.phase == Phase::Submitting {
-                cur.phase = Phase::Pending;
+            cur.watch.pending(ahead, mono);
+            if cur.stage == Stage::Submitting {
+                cur.stage = Stage::Pending;
                 let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
-                self.arm(TimerKind::Start);
                 self.apply(&job_id, Input::Submitted { attempt }).await;
             }
             return;
@@ -668,11 +815,7 @@ impl Driver {
         match client.history_of(&pid).await {
             Ok(Some(entry)) => self.finish_from_history(entry).await,
             Ok(None) => {
-                let stopping = self
-                    .current
-                    .as_ref()
-                    .and_then(|c| c.stopping.as_ref().map(|s| s.confirm));
-                if stopping == Some(true) {
+                if self.current.as_ref().is_some_and(|c| c.stopping.is_some()) {
                     self.cancel_confirmed().await;
                     return;
                 }
@@ -683,7 +826,7 @@ impl Driver {
                         self.name
                     ),
                 ));
-                self.fail(failure).await;
+                self.fail(failure, false).await;
             }
             Err(e) => {
                 tracing::debug!(backend = %self.name, error = %e, "reconcile: history unavailable")
@@ -692,13 +835,15 @@ impl Driver {
     }
 
     async fn started(&mut self) {
+        let mono = self.mono();
         let Some(cur) = &mut self.current else { return };
-        if cur.phase == Phase::Executing {
+        if cur.stage == Stage::Executing || cur.draining.is_some() {
+            cur.stage = Stage::Executing;
             return;
         }
-        cur.phase = Phase::Executing;
+        cur.stage = Stage::Executing;
+        cur.watch.executing(mono);
         let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
-        self.arm(TimerKind::Stall);
         self.apply(&job_id, Input::Started { attempt }).await;
     }
 
@@ -717,15 +862,17 @@ impl Driver {
                     let files = std::mem::take(&mut cur.executed_files);
                     self.succeed(files).await;
                 }
-                // Otherwise the next liveness poll reconciles.
+                // Otherwise the next liveness poll (or drain poll) looks again.
             }
         }
     }
 
     async fn finish_from_history(&mut self, entry: HistoryEntry) {
+        let draining = self.current.as_ref().is_some_and(|c| c.draining.is_some());
         match entry.outcome() {
             Outcome::Success => self.succeed(files_of(&entry)).await,
             Outcome::Interrupted => self.interrupted().await,
+            Outcome::Error if draining => self.end_attempt(),
             Outcome::Error => {
                 let data = entry
                     .status
@@ -753,6 +900,8 @@ impl Driver {
         }
     }
 
+    /// The prompt succeeded: keep its outputs and offer the success to the job. For an
+    /// attempt gantry had given up on, the job decides (first success wins).
     async fn succeed(&mut self, files: Vec<(String, FileRef)>) {
         let Some(client) = self.client.clone() else {
             return;
@@ -769,7 +918,7 @@ impl Driver {
                             file.filename, self.name
                         ),
                     ));
-                    self.fail(failure).await;
+                    self.fail(failure, false).await;
                     return;
                 }
             };
@@ -781,7 +930,7 @@ impl Driver {
                         "output_unstored",
                         format!("cannot store output {}: {e}", file.filename),
                     ));
-                    self.fail(failure).await;
+                    self.fail(failure, false).await;
                     return;
                 }
             };
@@ -803,6 +952,7 @@ impl Driver {
         let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
         self.apply(&job_id, Input::Succeeded { attempt, outputs })
             .await;
+        self.engine.backend_ok(&self.name);
         self.end_attempt();
     }
 
@@ -824,22 +974,24 @@ impl Driver {
             message,
             details,
         );
-        self.fail(failure).await;
+        self.fail(failure, false).await;
     }
 
     async fn interrupted(&mut self) {
         let Some(cur) = &self.current else { return };
-        match cur.stopping.as_ref().map(|s| s.confirm) {
-            Some(true) => self.cancel_confirmed().await,
-            Some(false) => self.end_attempt(),
-            None => {
-                let failure = Failure::backend(JobError::new(
-                    "interrupted",
-                    format!("the prompt was interrupted on {}, not by gantry", self.name),
-                ));
-                self.fail(failure).await;
-            }
+        if cur.draining.is_some() {
+            self.end_attempt();
+            return;
         }
+        if cur.stopping.is_some() {
+            self.cancel_confirmed().await;
+            return;
+        }
+        let failure = Failure::backend(JobError::new(
+            "interrupted",
+            format!("the prompt was interrupted on {}, not by gantry", self.name),
+        ));
+        self.fail(failure, false).await;
     }
 
     async fn cancel_confirmed(&mut self) {
@@ -850,83 +1002,137 @@ impl Driver {
         self.end_attempt();
     }
 
+    /// The backend did not confirm a cancel in time: the job is cancelled all the same,
+    /// and the prompt is drained (it may be a node that ignores interrupts).
     async fn stop_grace_passed(&mut self) {
         let Some(cur) = &self.current else { return };
         tracing::warn!(backend = %self.name, job_id = %cur.a.job_id, "the backend did not confirm the cancel in time");
-        self.cancel_confirmed().await;
+        let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
+        let since = cur
+            .stopping
+            .as_ref()
+            .map(|s| s.until - self.engine.config().cancel_grace);
+        self.apply(&job_id, Input::CancelConfirmed { attempt })
+            .await;
+        self.drain(since.unwrap_or_else(Instant::now));
     }
 
-    async fn timed_out(&mut self, kind: TimerKind, limit: u64) {
+    async fn timed_out(&mut self, expired: Expired) {
         let Some(cur) = &self.current else { return };
-        let (message, phase) = match kind {
-            TimerKind::Start => (
-                format!(
-                    "the prompt did not start within {limit} ms of being queued on {}",
-                    self.name
-                ),
-                "start",
-            ),
-            TimerKind::Stall => {
-                let node = cur.node.clone().unwrap_or_else(|| "?".into());
-                let class = cur
-                    .a
-                    .workflow
-                    .class_of(&node)
-                    .unwrap_or("unknown")
-                    .to_owned();
-                let at = match cur.progress {
-                    Some((v, m)) => format!(" at step {v}/{m}"),
-                    None => String::new(),
-                };
-                (
-                    format!(
-                        "node {node} ({class}) made no progress for {limit} ms{at} on {}",
-                        self.name
-                    ),
-                    "node_stall",
-                )
-            }
-        };
+        let error = expired.error(&self.name, self.wall_of(expired.timer.since));
         let pid = cur.a.prompt_id.clone();
-        let current_phase = cur.phase;
-        let node = cur.node.clone();
-        let failure = Failure::backend(JobError::new("timeout", message).with_details(
-            json!({"phase": phase, "limit_ms": limit, "backend": self.name, "node": node}),
-        ));
-        self.stop_on_backend(&pid, Some(current_phase)).await;
-        self.fail(failure).await;
+        let stage = match expired.timer.phase {
+            Phase::Submit => None,
+            Phase::Start | Phase::QueueAhead => Some(Stage::Pending),
+            Phase::FirstProgress | Phase::NodeStall => Some(Stage::Executing),
+        };
+        self.stop_on_backend(&pid, stage).await;
+        self.fail(Failure::backend(error), true).await;
     }
 
     /// Interrupt (running) or dequeue (pending) a prompt, without waiting for a result.
-    async fn stop_on_backend(&self, prompt_id: &str, phase: Option<Phase>) {
+    async fn stop_on_backend(&self, prompt_id: &str, stage: Option<Stage>) {
         let Some(client) = &self.client else { return };
-        if phase != Some(Phase::Executing) {
+        if stage != Some(Stage::Executing) {
             let _ = client.delete_pending(&[prompt_id.to_owned()]).await;
         }
-        if phase != Some(Phase::Pending) {
+        if stage != Some(Stage::Pending) {
             let _ = client.interrupt(Some(prompt_id)).await;
         }
     }
 
-    /// Start the phase timer of `kind` from now (none when its limit is 0 or unset).
-    fn arm(&mut self, kind: TimerKind) {
-        let Some(cur) = &mut self.current else { return };
-        let limit = match kind {
-            TimerKind::Start => cur.a.timeouts.start_ms,
-            TimerKind::Stall => cur.a.timeouts.node_stall_ms,
-        };
-        cur.timer = limit
-            .filter(|ms| *ms > 0)
-            .map(|ms| (Instant::now() + Duration::from_millis(ms), kind, ms));
-    }
-
-    async fn fail(&mut self, failure: Failure) {
+    /// Record the attempt's failure; a backend fault blocks the backend for this workflow
+    /// and counts towards its circuit breaker. With `on_backend`, the prompt may still be
+    /// there: drain it before the backend takes anything new.
+    async fn fail(&mut self, failure: Failure, on_backend: bool) {
         let Some(cur) = &self.current else { return };
+        if cur.draining.is_some() {
+            self.end_attempt();
+            return;
+        }
         let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
         tracing::info!(backend = %self.name, job_id = %job_id, attempt, code = %failure.error.code, "attempt failed: {}", failure.error.message);
-        self.apply(&job_id, Input::Failed { attempt, failure })
+        let fault = failure.kind == FailureKind::Backend;
+        // A node's exception may yet prove to be the workflow's (classify.rs): it keeps
+        // this job away from the backend but blocks no one else.
+        let block = failure.exclude.is_none();
+        let applied = self
+            .apply(&job_id, Input::Failed { attempt, failure })
             .await;
-        self.end_attempt();
+        if let (true, Some(Applied::Changed(job))) = (fault, &applied) {
+            self.engine.backend_fault(&self.name, job, block).await;
+        }
+        if on_backend {
+            self.drain(Instant::now());
+        } else {
+            self.end_attempt();
+        }
+    }
+
+    fn drain(&mut self, since: Instant) {
+        let Some(cur) = &mut self.current else { return };
+        cur.watch.disarm();
+        cur.stopping = None;
+        cur.draining = Some(Draining {
+            since,
+            next_poll: Instant::now(),
+            stuck: false,
+        });
+    }
+
+    /// Is the prompt we gave up on gone from the backend's queue yet?
+    async fn drain_check(&mut self) {
+        let Some(client) = self.client.clone() else {
+            self.end_attempt();
+            return;
+        };
+        let Some(pid) = self.current.as_ref().map(|c| c.a.prompt_id.clone()) else {
+            return;
+        };
+        let poll = self.drain_poll();
+        match client.queue().await {
+            Ok(q) => {
+                self.contact();
+                let running = q.queue_running.iter().any(|i| i.prompt_id == pid);
+                let pending = q.queue_pending.iter().any(|i| i.prompt_id == pid);
+                if !running && !pending {
+                    match client.history_of(&pid).await {
+                        Ok(Some(entry)) if entry.outcome() == Outcome::Success => {
+                            self.succeed(files_of(&entry)).await;
+                        }
+                        Ok(_) => self.end_attempt(),
+                        Err(_) => {
+                            if let Some(d) = self.current.as_mut().and_then(|c| c.draining.as_mut())
+                            {
+                                d.next_poll = Instant::now() + poll;
+                            }
+                        }
+                    }
+                    return;
+                }
+                // Say it again: an interrupt sent while the prompt was still pending, or
+                // lost on the way, does nothing.
+                let again = if running {
+                    Stage::Executing
+                } else {
+                    Stage::Pending
+                };
+                self.stop_on_backend(&pid, Some(again)).await;
+            }
+            Err(e) => {
+                tracing::debug!(backend = %self.name, error = %e, "drain: queue unavailable");
+            }
+        }
+        let grace = self.engine.config().cancel_grace;
+        let Some(d) = self.current.as_mut().and_then(|c| c.draining.as_mut()) else {
+            return;
+        };
+        d.next_poll = Instant::now() + poll;
+        if !d.stuck && Instant::now() >= d.since + grace {
+            d.stuck = true;
+            tracing::warn!(backend = %self.name, prompt_id = %pid, "the prompt gantry stopped is still on the backend: stuck");
+            self.engine.set_stuck(&self.name, Some(&pid));
+        }
     }
 
     async fn apply(&self, job_id: &JobId, input: Input) -> Option<Applied> {
@@ -944,6 +1150,9 @@ impl Driver {
         let Some(cur) = self.current.take() else {
             return;
         };
+        if cur.draining.as_ref().is_some_and(|d| d.stuck) {
+            self.engine.set_stuck(&self.name, None);
+        }
         if let Some(b) = self.engine.backends().get_mut(&self.name) {
             if b.current
                 .as_ref()

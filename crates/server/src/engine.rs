@@ -2,10 +2,12 @@
 //! backends, and `apply`, the one path by which anything (API, scheduler, drivers) changes
 //! a job: transition, conditional store update with its events, publish, carry out effects.
 
+use gantry_core::health::{Health, HealthEvent};
 use gantry_core::routing::{self, Candidate, Choice};
+use gantry_core::watchdog::Limits;
 use gantry_core::{
     transition, Effect, EventKind, Input, Job, JobId, JobSpec, JobState, Millis, Policy, Refused,
-    Timeouts, Workflow,
+    Workflow,
 };
 use gantry_store::{Created, Store};
 use indexmap::IndexMap;
@@ -15,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, BusEvent, LiveEvent};
+use crate::bus::{BackendEvent, Bus, BusEvent, LiveEvent};
 use crate::config::{BackendConfig, Config};
 use crate::driver::{self, Assignment, Command};
 use crate::outputs::OutputStore;
@@ -58,8 +60,24 @@ pub struct BackendState {
     pub current: Option<(JobId, u32)>,
     pub last_seen: Option<Millis>,
     pub last_error: Option<String>,
+    /// Blocks per workflow shape and the circuit breaker.
+    pub health: Health,
+    /// A prompt gantry stopped that still runs there after the grace: (prompt id, since).
+    pub stuck: Option<(String, Millis)>,
     /// Commands for this backend's driver.
     pub commands: mpsc::UnboundedSender<Command>,
+}
+
+impl BackendState {
+    /// Take the node classes a (re)connection reported, unless the answer was empty: a
+    /// known value is never replaced by an unknown one (DESIGN.md invariant 8, seed 002).
+    pub fn learn_classes(&mut self, classes: HashSet<String>) -> bool {
+        if classes.is_empty() {
+            return false;
+        }
+        self.classes = Some(Arc::new(classes));
+        true
+    }
 }
 
 /// Where the outcome of `apply` left things.
@@ -120,6 +138,8 @@ impl Engine {
                     current: None,
                     last_seen: None,
                     last_error: None,
+                    health: Health::default(),
+                    stuck: None,
                     commands: tx,
                 },
             );
@@ -203,9 +223,126 @@ impl Engine {
             .find(|(_, class)| !known.iter().any(|k| k.contains(*class)))
     }
 
-    /// Resolved timeouts for a job: its own, then the global defaults.
-    pub fn timeouts_for(&self, job: &Job) -> Timeouts {
-        job.spec.timeouts.or(&self.inner.config.timeouts)
+    /// Every source of a job's limits on `backend`: its own, the node classes', the
+    /// backend's and the global defaults.
+    pub fn limits_for(&self, job: &Job, backend: &str) -> Limits {
+        let config = &self.inner.config;
+        Limits {
+            job: job.spec.timeouts.clone(),
+            node_class: config.node_class.clone(),
+            backend: config
+                .backends
+                .iter()
+                .find(|b| b.name == backend)
+                .map(|b| b.timeouts.clone())
+                .unwrap_or_default(),
+            global: config.timeouts.clone(),
+        }
+    }
+
+    /// Publish health changes of `backend` on the global stream.
+    pub fn publish_health(&self, backend: &str, events: Vec<HealthEvent>) {
+        let at = now_ms();
+        for kind in events {
+            tracing::info!(backend, event = ?kind, "backend health");
+            self.inner
+                .bus
+                .publish(BusEvent::Backend(Arc::new(BackendEvent {
+                    backend: backend.to_owned(),
+                    at,
+                    kind,
+                })));
+        }
+    }
+
+    /// An attempt of `job` failed on `backend` by the backend's fault: count it towards
+    /// the circuit breaker and, with `block`, block the pair (backend, workflow shape) for
+    /// the cooldown, recording the block on the job's own stream.
+    pub async fn backend_fault(&self, backend: &str, job: &Job, block: bool) {
+        let hash = job.spec.workflow.shape_hash();
+        let now = now_ms();
+        let mut policy = self.inner.config.health;
+        if !block {
+            policy.block_ms = 0;
+        }
+        let events = match self.backends().get_mut(backend) {
+            Some(b) => b.health.on_fault(&hash, now, &policy),
+            None => return,
+        };
+        let on_job: Vec<EventKind> = events
+            .iter()
+            .filter_map(|e| match e {
+                HealthEvent::BackendBlocked {
+                    workflow_hash,
+                    until,
+                } => Some(EventKind::BackendBlocked {
+                    backend: backend.to_owned(),
+                    workflow_hash: workflow_hash.clone(),
+                    until: *until,
+                }),
+                _ => None,
+            })
+            .collect();
+        if !on_job.is_empty() {
+            match self.inner.store.append_events(job, now, &on_job).await {
+                Ok(persisted) => {
+                    for event in persisted {
+                        self.inner.bus.publish(BusEvent::Persisted(Arc::new(event)));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot record a block"),
+            }
+        }
+        self.publish_health(backend, events);
+    }
+
+    /// An attempt succeeded on `backend`: its fault streak ends.
+    pub fn backend_ok(&self, backend: &str) {
+        let events = match self.backends().get_mut(backend) {
+            Some(b) => b.health.on_success(),
+            None => return,
+        };
+        self.publish_health(backend, events);
+    }
+
+    /// A circuit probe of `backend` answered.
+    pub fn probe_result(&self, backend: &str, healthy: bool) {
+        let events = match self.backends().get_mut(backend) {
+            Some(b) => b
+                .health
+                .on_probe(healthy, now_ms(), &self.inner.config.health),
+            None => return,
+        };
+        if !events.is_empty() {
+            self.wake_scheduler();
+        }
+        self.publish_health(backend, events);
+    }
+
+    /// Mark `backend` stuck on `prompt_id` (Some) or free of it (None).
+    pub fn set_stuck(&self, backend: &str, stuck: Option<&str>) {
+        let event = {
+            let mut backends = self.backends();
+            let Some(b) = backends.get_mut(backend) else {
+                return;
+            };
+            match (stuck, b.stuck.take()) {
+                (Some(pid), None) => {
+                    let since = now_ms();
+                    b.stuck = Some((pid.to_owned(), since));
+                    HealthEvent::BackendStuck {
+                        prompt_id: pid.to_owned(),
+                        since,
+                    }
+                }
+                (None, Some((pid, _))) => HealthEvent::BackendRecovered { prompt_id: pid },
+                (_, was) => {
+                    b.stuck = was;
+                    return;
+                }
+            }
+        };
+        self.publish_health(backend, vec![event]);
     }
 
     /// Commit a new job. The caller answers 202 only after this returns `New`.
@@ -317,7 +454,8 @@ impl Engine {
             match backends.get_mut(&attempt.backend) {
                 Some(b) => {
                     b.current = Some((job.id.clone(), attempt.number));
-                    let assignment = Assignment::new(&job, &attempt, self.timeouts_for(&job), true);
+                    let limits = self.limits_for(&job, &attempt.backend);
+                    let assignment = Assignment::new(&job, &attempt, limits, true);
                     b.commands.send(Command::Run(Box::new(assignment))).is_ok()
                 }
                 None => false,
@@ -358,11 +496,47 @@ impl Engine {
         }
     }
 
+    /// Lift the blocks whose cooldown is over.
+    fn expire_blocks(&self, now: Millis) {
+        let lifted: Vec<(String, Vec<HealthEvent>)> = self
+            .backends()
+            .values_mut()
+            .filter(|b| b.health.next_change().is_some_and(|at| at <= now))
+            .map(|b| (b.config.name.clone(), b.health.expire(now)))
+            .collect();
+        for (backend, events) in lifted {
+            self.publish_health(&backend, events);
+        }
+    }
+
     async fn schedule_once(&self) -> Result<(), Error> {
         let queued = self.inner.store.queued_jobs(512).await?;
         let now = now_ms();
+        self.expire_blocks(now);
+        let any_blocks = self
+            .backends()
+            .values()
+            .any(|b| !b.health.blocks().is_empty() || !b.health.accepts_work());
         for job in queued {
-            if let Some(limit) = self.timeouts_for(&job).queue_ms.filter(|ms| *ms > 0) {
+            if let Some(limit) = job
+                .spec
+                .timeouts
+                .or(&self.inner.config.timeouts)
+                .deadline_ms
+            {
+                if limit > 0 && now - job.created_at >= limit as i64 {
+                    self.apply(&job.id, Input::DeadlinePassed { limit_ms: limit })
+                        .await?;
+                    continue;
+                }
+            }
+            if let Some(limit) = job
+                .spec
+                .timeouts
+                .or(&self.inner.config.timeouts)
+                .queue_ms
+                .filter(|ms| *ms > 0)
+            {
                 let since = job
                     .attempts
                     .last()
@@ -377,11 +551,14 @@ impl Engine {
             if job.not_before > now {
                 continue;
             }
+            let hash = any_blocks.then(|| job.spec.workflow.shape_hash());
             let choice = {
                 let backends = self.backends();
                 let candidates: Vec<Candidate<'_>> = backends
                     .values()
                     .map(|b| Candidate {
+                        blocked: !b.health.accepts_work()
+                            || hash.as_deref().is_some_and(|h| b.health.is_blocked(h, now)),
                         name: &b.config.name,
                         priority: b.config.priority,
                         tags: &b.config.tags,
@@ -432,7 +609,8 @@ impl Engine {
         match applied {
             Ok(Applied::Changed(job)) => {
                 if let Some(attempt) = job.live_attempt() {
-                    let assignment = Assignment::new(&job, attempt, self.timeouts_for(&job), false);
+                    let limits = self.limits_for(&job, backend);
+                    let assignment = Assignment::new(&job, attempt, limits, false);
                     b.current = Some((job.id.clone(), attempt.number));
                     let _ = b.commands.send(Command::Run(Box::new(assignment)));
                 }

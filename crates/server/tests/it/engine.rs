@@ -272,7 +272,7 @@ async fn a_workflow_the_backend_rejects_fails_at_once_with_its_node_errors() {
             names(&events),
             ["queued", "dispatched", "attempt_failed", "failed"]
         );
-        assert_eq!(events[2].data["retry"], false);
+        assert_eq!(events[2].data["will_retry"], false);
     }
     app.shutdown().await;
 }
