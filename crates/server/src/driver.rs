@@ -332,10 +332,7 @@ impl Driver {
         if self.session.is_none() && self.client.is_some() && now >= self.reconnect_at {
             self.connect().await;
         }
-        if self
-            .probe_at()
-            .is_some_and(|at| Self::instant_of_wall(at) <= now)
-        {
+        if self.probe_at().is_some_and(|at| at <= now_ms()) {
             self.probe().await;
         }
         let Some(cur) = &mut self.current else { return };
@@ -1019,7 +1016,12 @@ impl Driver {
 
     async fn timed_out(&mut self, expired: Expired) {
         let Some(cur) = &self.current else { return };
-        let error = expired.error(&self.name, self.wall_of(expired.timer.since));
+        let mut error = expired.error(&self.name, self.wall_of(expired.timer.since));
+        // Timestamps in JSON are RFC 3339; the last sign of progress is the one a reader
+        // compares with the attempt's `finished_at`.
+        if let Some(since) = error.details.get("since").and_then(Value::as_i64) {
+            error.details["since"] = Value::from(crate::api::rfc3339(since));
+        }
         let pid = cur.a.prompt_id.clone();
         let stage = match expired.timer.phase {
             Phase::Submit => None,

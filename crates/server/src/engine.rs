@@ -627,3 +627,32 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reconnection_never_forgets_known_classes() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut b = BackendState {
+            config: BackendConfig::parse("gpu-1=http://h:1").unwrap(),
+            connection: Connection::Connected,
+            classes: None,
+            warm_models: Vec::new(),
+            last_used: 0,
+            current: None,
+            last_seen: None,
+            last_error: None,
+            health: Health::default(),
+            stuck: None,
+            commands: tx,
+        };
+        assert!(b.learn_classes(["KSampler".to_owned()].into()));
+        // Seed 002: a re-registration with nothing in it must not blank the record.
+        assert!(!b.learn_classes(HashSet::new()));
+        let classes = b.classes.as_deref().unwrap();
+        assert!(classes.contains("KSampler"));
+        assert_eq!(b.config.name, "gpu-1");
+    }
+}

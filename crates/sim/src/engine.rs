@@ -417,6 +417,7 @@ impl Sim {
             kinds,
             progress_nodes_seen: 0,
             first_node_done: false,
+            stalled: false,
             crash,
         };
         run.add_message(
@@ -569,6 +570,8 @@ struct Run<'a> {
     kinds: Vec<Kind>,
     progress_nodes_seen: usize,
     first_node_done: bool,
+    /// The stall fault has struck (a resumed stall does not strike again).
+    stalled: bool,
     crash: Option<Option<Duration>>,
 }
 
@@ -693,21 +696,30 @@ impl Run<'_> {
         self.maybe_stall(id, value, max).await
     }
 
-    /// The `stall` fault: the first progress node stops at PCT% and the server goes silent.
+    /// The `stall` fault: the first progress node stops at PCT% and the server goes silent
+    /// (or, `chatty`, keeps repeating itself); with `resume_ms` the node goes on after that
+    /// long, and an interrupt it ignored lands at the next check, as in capture d3.
     async fn maybe_stall(&mut self, id: &str, value: u64, max: u64) -> Result<(), Stop> {
-        let Some((at, chatty, uninterruptible)) = self.kinds.iter().find_map(|k| match k {
-            Kind::Stall {
-                at_pct,
-                chatty,
-                uninterruptible,
-            } => Some((*at_pct, *chatty, *uninterruptible)),
-            _ => None,
-        }) else {
+        let Some((at, chatty, uninterruptible, resume_after)) =
+            self.kinds.iter().find_map(|k| match k {
+                Kind::Stall {
+                    at_pct,
+                    chatty,
+                    uninterruptible,
+                    resume_after,
+                } => Some((*at_pct, *chatty, *uninterruptible, *resume_after)),
+                _ => None,
+            })
+        else {
             return Ok(());
         };
-        if self.progress_nodes_seen > 1 || (value as f64) * 100.0 < at * (max as f64) {
+        if self.stalled
+            || self.progress_nodes_seen > 1
+            || (value as f64) * 100.0 < at * (max as f64)
+        {
             return Ok(());
         }
+        self.stalled = true;
         tracing::info!(
             node = id,
             value,
@@ -715,6 +727,7 @@ impl Run<'_> {
             "stall fault: the node stops making progress"
         );
         let tick = Duration::from_millis(100);
+        let resume_at = resume_after.map(|d| tokio::time::Instant::now() + self.sim.scaled(d, 1.0));
         loop {
             tokio::time::sleep(tick.min(self.sim.scaled(POLL, 1.0).max(Duration::from_millis(1))))
                 .await;
@@ -722,6 +735,10 @@ impl Run<'_> {
                 return Err(Stop::Interrupted {
                     node: id.to_string(),
                 });
+            }
+            if resume_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
+                tracing::info!(node = id, "stall fault: the node goes on");
+                return Ok(());
             }
             if chatty {
                 self.send_progress_state();

@@ -17,6 +17,9 @@ pub enum Kind {
         chatty: bool,
         /// POST /interrupt does not end the stall (a node blocked in one call).
         uninterruptible: bool,
+        /// The node goes on this long (simulated time) into the stall and the run
+        /// finishes normally: a completion that races the watchdog.
+        resume_after: Option<Duration>,
     },
     /// Nodes of this class raise an exception.
     Error { class: String },
@@ -123,6 +126,8 @@ impl Fault {
                     at_pct,
                     chatty: flag("chatty", take("chatty"))?,
                     uninterruptible: flag("uninterruptible", take("uninterruptible"))?,
+                    resume_after: num("resume_ms", take("resume_ms"))?
+                        .map(|ms| Duration::from_secs_f64(ms / 1000.0)),
                 }
             }
             "error" => match take("class") {
@@ -251,6 +256,16 @@ mod tests {
                     at_pct: 50.0,
                     chatty: true,
                     uninterruptible: true,
+                    resume_after: None,
+                },
+            ),
+            (
+                "stall:at=10,resume_ms=1500",
+                Kind::Stall {
+                    at_pct: 10.0,
+                    chatty: false,
+                    uninterruptible: false,
+                    resume_after: Some(Duration::from_millis(1500)),
                 },
             ),
             (

@@ -3,4 +3,6 @@
 
 mod api;
 mod engine;
+mod failover;
+mod seeds;
 mod support;

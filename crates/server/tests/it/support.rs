@@ -392,3 +392,54 @@ pub fn assert_rfc3339_ms(v: &Value) {
         && chrono::DateTime::parse_from_rfc3339(s).is_ok();
     assert!(ok, "not RFC 3339 with milliseconds: {s}");
 }
+
+/// Milliseconds since the epoch of an RFC 3339 timestamp in the API's JSON.
+pub fn ms_of(v: &Value) -> i64 {
+    let s = v.as_str().unwrap_or_else(|| panic!("not a timestamp: {v}"));
+    chrono::DateTime::parse_from_rfc3339(s)
+        .unwrap_or_else(|e| panic!("{s}: {e}"))
+        .timestamp_millis()
+}
+
+/// Collects what the engine publishes about backends (blocks, circuit, stuck) from now on.
+pub fn backend_events(app: &TestApp) -> BackendEvents {
+    BackendEvents {
+        rx: app.server.engine.bus().subscribe(),
+        seen: Vec::new(),
+    }
+}
+
+pub struct BackendEvents {
+    rx: tokio::sync::broadcast::Receiver<gantry_server::bus::BusEvent>,
+    /// (backend, event as JSON), in order.
+    pub seen: Vec<(String, Value)>,
+}
+
+impl BackendEvents {
+    /// Waits until an event of `kind` about `backend` has been published, and answers it.
+    pub async fn wait_for(&mut self, backend: &str, kind: &str, deadline: Duration) -> Value {
+        let give_up = tokio::time::Instant::now() + deadline;
+        loop {
+            if let Some((_, e)) = self
+                .seen
+                .iter()
+                .find(|(b, e)| b == backend && e["type"] == kind)
+            {
+                return e.clone();
+            }
+            match tokio::time::timeout_at(give_up, self.rx.recv()).await {
+                Ok(Ok(gantry_server::bus::BusEvent::Backend(e))) => {
+                    self.seen
+                        .push((e.backend.clone(), serde_json::to_value(&*e).unwrap()));
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(e)) => panic!("bus closed: {e}"),
+                Err(_) => panic!(
+                    "no {kind} event for {backend} within {deadline:?}; seen: {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+}
