@@ -1120,20 +1120,23 @@ impl Driver {
                     Stage::Pending
                 };
                 self.stop_on_backend(&pid, Some(again)).await;
+                // Still there after the grace: stuck (an unreachable backend is offline,
+                // not stuck, so only a queue that answered says so).
+                let grace = self.engine.config().cancel_grace;
+                if let Some(d) = self.current.as_mut().and_then(|c| c.draining.as_mut()) {
+                    if !d.stuck && Instant::now() >= d.since + grace {
+                        d.stuck = true;
+                        tracing::warn!(backend = %self.name, prompt_id = %pid, "the prompt gantry stopped is still on the backend: stuck");
+                        self.engine.set_stuck(&self.name, Some(&pid));
+                    }
+                }
             }
             Err(e) => {
                 tracing::debug!(backend = %self.name, error = %e, "drain: queue unavailable");
             }
         }
-        let grace = self.engine.config().cancel_grace;
-        let Some(d) = self.current.as_mut().and_then(|c| c.draining.as_mut()) else {
-            return;
-        };
-        d.next_poll = Instant::now() + poll;
-        if !d.stuck && Instant::now() >= d.since + grace {
-            d.stuck = true;
-            tracing::warn!(backend = %self.name, prompt_id = %pid, "the prompt gantry stopped is still on the backend: stuck");
-            self.engine.set_stuck(&self.name, Some(&pid));
+        if let Some(d) = self.current.as_mut().and_then(|c| c.draining.as_mut()) {
+            d.next_poll = Instant::now() + poll;
         }
     }
 
