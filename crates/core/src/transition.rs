@@ -394,6 +394,7 @@ pub fn transition(
                 }
             }
             let a = &mut next.attempts[idx];
+            let given_up = a.error.take();
             a.status = AttemptStatus::Succeeded;
             a.finished_at = Some(now);
             a.started_at.get_or_insert(now);
@@ -402,8 +403,18 @@ pub fn transition(
             next.state = JobState::Succeeded;
             next.outputs = outputs;
             next.error = None;
+            let mut notes = Vec::new();
+            if let Some(error) = given_up {
+                notes.push(format!(
+                    "attempt {attempt} succeeded after gantry had given up on it ({})",
+                    error.message
+                ));
+            }
             if job.cancel_requested {
-                next.note = Some("the job succeeded before the cancel reached it".to_owned());
+                notes.push("the job succeeded before the cancel reached it".to_owned());
+            }
+            if !notes.is_empty() {
+                next.note = Some(notes.join("; "));
             }
             events.push(EventKind::Succeeded {
                 attempt,
@@ -881,6 +892,14 @@ mod tests {
         .unwrap();
         assert_eq!(applied.job.state, JobState::Succeeded);
         assert_eq!(applied.job.attempts[0].status, AttemptStatus::Succeeded);
+        assert_eq!(
+            applied.job.attempts[0].error, None,
+            "a succeeded attempt has no error"
+        );
+        assert_eq!(
+            applied.job.note.as_deref(),
+            Some("attempt 1 succeeded after gantry had given up on it (boom)")
+        );
         assert_eq!(applied.job.attempts[1].status, AttemptStatus::Cancelled);
         assert_eq!(
             applied.effects,

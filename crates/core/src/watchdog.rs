@@ -285,6 +285,20 @@ impl Watch {
         );
     }
 
+    /// The driver can no longer see the prompt's progress (a reconnected socket has a new
+    /// clientId, and ComfyUI sends a prompt's progress only to the one it came with): the
+    /// running node is unknown, and the first-progress limit bounds it from now on.
+    pub fn blind(&mut self, now: Millis) {
+        self.node = None;
+        self.progress = None;
+        self.ahead = None;
+        self.arm(
+            Phase::FirstProgress,
+            self.limits.phase(Phase::FirstProgress),
+            now,
+        );
+    }
+
     /// A node started running: the first-progress limit of its class applies.
     pub fn node_started(&mut self, node: &str, class: &str, now: Millis) {
         if self.node.as_ref().is_some_and(|(n, _)| n == node) {

@@ -355,8 +355,24 @@ impl Driver {
             return;
         }
         let mono = self.mono();
-        if let Some(expired) = self.current.as_ref().and_then(|c| c.watch.expired(mono)) {
-            self.timed_out(expired).await;
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.watch.expired(mono).is_some())
+        {
+            // Ask before judging: the prompt may have ended where gantry could not see it
+            // (a silent socket, or a reconnected one that no longer gets its messages).
+            self.last_poll = now;
+            self.reconcile().await;
+            let mono = self.mono();
+            let expired = self
+                .current
+                .as_ref()
+                .filter(|c| c.draining.is_none())
+                .and_then(|c| c.watch.expired(mono));
+            if let Some(expired) = expired {
+                self.timed_out(expired).await;
+            }
             return;
         }
         if now >= self.last_contact + 2 * self.liveness() {
@@ -422,6 +438,14 @@ impl Driver {
                 self.backoff = BACKOFF_MIN;
                 self.contact();
                 self.set_connection(Connection::Connected, None);
+                let mono = self.mono();
+                if let Some(cur) = self
+                    .current
+                    .as_mut()
+                    .filter(|c| c.stage == Stage::Executing && c.draining.is_none())
+                {
+                    cur.watch.blind(mono);
+                }
                 if self.current.is_some() {
                     self.reconcile().await;
                 }

@@ -485,13 +485,22 @@ impl Engine {
     /// timeouts), give queued jobs to idle backends in priority order.
     async fn schedule(self) {
         loop {
-            if let Err(e) = self.schedule_once().await {
-                tracing::warn!(error = %e, "scheduling pass failed");
-            }
+            let next = match self.schedule_once().await {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduling pass failed");
+                    None
+                }
+            };
+            // Wake when a backoff ends or a block lifts, not only on the next tick.
+            let tick = Duration::from_millis(500);
+            let nap = next
+                .map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
+                .map_or(tick, |d| d.min(tick));
             tokio::select! {
                 _ = self.inner.shutdown.cancelled() => return,
                 _ = self.inner.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(nap) => {}
             }
         }
     }
@@ -509,10 +518,16 @@ impl Engine {
         }
     }
 
-    async fn schedule_once(&self) -> Result<(), Error> {
+    /// One pass over the queue; answers when the next backoff ends or block lifts.
+    async fn schedule_once(&self) -> Result<Option<Millis>, Error> {
         let queued = self.inner.store.queued_jobs(512).await?;
         let now = now_ms();
         self.expire_blocks(now);
+        let mut next: Option<Millis> = self
+            .backends()
+            .values()
+            .filter_map(|b| b.health.next_change())
+            .min();
         let any_blocks = self
             .backends()
             .values()
@@ -549,6 +564,7 @@ impl Engine {
                 }
             }
             if job.not_before > now {
+                next = Some(next.map_or(job.not_before, |n| n.min(job.not_before)));
                 continue;
             }
             let hash = any_blocks.then(|| job.spec.workflow.shape_hash());
@@ -588,7 +604,7 @@ impl Engine {
                 Err(Choice::Run(_) | Choice::Wait(_)) => {}
             }
         }
-        Ok(())
+        Ok(next)
     }
 
     async fn dispatch(&self, job: &Job, backend: &str) -> Result<(), Error> {

@@ -2,6 +2,7 @@
 //! backends on ephemeral ports.
 
 mod api;
+mod chaos;
 mod engine;
 mod failover;
 mod seeds;
