@@ -109,8 +109,10 @@ impl Limits {
         }
     }
 
+    /// The job's deadline: a property of the job, so the job's value or the global one,
+    /// never a backend's (the scheduler judges queued jobs by the same rule).
     pub fn deadline(&self) -> Option<u64> {
-        active(self.plain(|t| t.deadline_ms))
+        active(self.job.deadline_ms.or(self.global.deadline_ms))
     }
 }
 
@@ -389,6 +391,12 @@ mod tests {
         l.job.node_stall_ms = Some(0);
         assert_eq!(l.node("KSampler", false), None, "0 disables");
         assert_eq!(l.deadline(), None);
+        l.backend.deadline_ms = Some(5_000);
+        assert_eq!(
+            l.deadline(),
+            None,
+            "a deadline belongs to the job, not the backend"
+        );
         l.job.deadline_ms = Some(60_000);
         assert_eq!(l.deadline(), Some(60_000));
     }

@@ -207,6 +207,12 @@ impl Config {
                         b.name
                     )));
                 }
+                if t.deadline.is_some() || t.queue.is_some() {
+                    return Err(Error::Toml(format!(
+                        "backend {}: deadline and queue are limits of a job, not of a backend ([timeouts] or the job's own)",
+                        b.name
+                    )));
+                }
                 parsed.timeouts = t.parse(&format!("backends.{}.timeouts", b.name))?;
             }
             self.backends.push(parsed);
@@ -410,6 +416,14 @@ mod tests {
         assert_eq!(c.backends[0].timeouts.start_ms, Some(120_000));
         assert_eq!(c.backends[0].timeouts.node_stall_ms, None);
         assert_eq!(c.health.block_ms, 5_000);
+        let err = c
+            .apply_toml("[[backends]]\nname = \"x\"\nurl = \"http://x:1\"\n[backends.timeouts]\ndeadline = \"1m\"")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("deadline and queue are limits of a job"),
+            "{err}"
+        );
         assert_eq!(c.health.circuit_threshold, 4);
         let err = c
             .apply_toml("[timeouts.node_class]\nKSampler = \"often\"")

@@ -69,6 +69,23 @@ pub struct BackendState {
 }
 
 impl BackendState {
+    /// A configured backend before its driver has connected.
+    pub fn new(config: BackendConfig, commands: mpsc::UnboundedSender<Command>) -> BackendState {
+        BackendState {
+            config,
+            connection: Connection::Connecting,
+            classes: None,
+            warm_models: Vec::new(),
+            last_used: 0,
+            current: None,
+            last_seen: None,
+            last_error: None,
+            health: Health::default(),
+            stuck: None,
+            commands,
+        }
+    }
+
     /// Take the node classes a (re)connection reported, unless the answer was empty: a
     /// known value is never replaced by an unknown one (DESIGN.md invariant 8, seed 002).
     pub fn learn_classes(&mut self, classes: HashSet<String>) -> bool {
@@ -127,22 +144,7 @@ impl Engine {
         for b in &config.backends {
             let (tx, rx) = mpsc::unbounded_channel();
             receivers.push((b.name.clone(), rx));
-            backends.insert(
-                b.name.clone(),
-                BackendState {
-                    config: b.clone(),
-                    connection: Connection::Connecting,
-                    classes: None,
-                    warm_models: Vec::new(),
-                    last_used: 0,
-                    current: None,
-                    last_seen: None,
-                    last_error: None,
-                    health: Health::default(),
-                    stuck: None,
-                    commands: tx,
-                },
-            );
+            backends.insert(b.name.clone(), BackendState::new(b.clone(), tx));
         }
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -533,25 +535,15 @@ impl Engine {
             .values()
             .any(|b| !b.health.blocks().is_empty() || !b.health.accepts_work());
         for job in queued {
-            if let Some(limit) = job
-                .spec
-                .timeouts
-                .or(&self.inner.config.timeouts)
-                .deadline_ms
-            {
-                if limit > 0 && now - job.created_at >= limit as i64 {
+            let timeouts = job.spec.timeouts.or(&self.inner.config.timeouts);
+            if let Some(limit) = timeouts.deadline_ms.filter(|ms| *ms > 0) {
+                if now - job.created_at >= limit as i64 {
                     self.apply(&job.id, Input::DeadlinePassed { limit_ms: limit })
                         .await?;
                     continue;
                 }
             }
-            if let Some(limit) = job
-                .spec
-                .timeouts
-                .or(&self.inner.config.timeouts)
-                .queue_ms
-                .filter(|ms| *ms > 0)
-            {
+            if let Some(limit) = timeouts.queue_ms.filter(|ms| *ms > 0) {
                 let since = job
                     .attempts
                     .last()
@@ -651,19 +643,7 @@ mod tests {
     #[test]
     fn a_reconnection_never_forgets_known_classes() {
         let (tx, _rx) = mpsc::unbounded_channel();
-        let mut b = BackendState {
-            config: BackendConfig::parse("gpu-1=http://h:1").unwrap(),
-            connection: Connection::Connected,
-            classes: None,
-            warm_models: Vec::new(),
-            last_used: 0,
-            current: None,
-            last_seen: None,
-            last_error: None,
-            health: Health::default(),
-            stuck: None,
-            commands: tx,
-        };
+        let mut b = BackendState::new(BackendConfig::parse("gpu-1=http://h:1").unwrap(), tx);
         assert!(b.learn_classes(["KSampler".to_owned()].into()));
         // Seed 002: a re-registration with nothing in it must not blank the record.
         assert!(!b.learn_classes(HashSet::new()));
