@@ -1,5 +1,6 @@
 //! The `gantry` binary: a thin command-line layer over the library crates.
 
+mod bench;
 mod demo;
 
 use anyhow::Context;
@@ -26,6 +27,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a ComfyUI simulator that speaks the real protocol, with injectable faults.
     Sim(SimArgs),
+    /// Measure what gantry costs and how it scales (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -65,6 +68,10 @@ struct SimArgs {
     /// Folder for output, input and temp files (a temporary one by default).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Run this many simulators in this process, on consecutive ports from --listen's
+    /// (or each on a free port when that is 0); one line with its URL each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    count: u32,
 }
 
 #[tokio::main]
@@ -80,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Sim(args) => sim(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
 
@@ -110,25 +118,48 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn sim(args: SimArgs) -> anyhow::Result<()> {
-    let config = gantry_sim::SimConfig {
-        listen: args.listen,
-        speed: args.speed,
-        faults: args.faults,
-        seed: args.seed,
-        models: args.models.unwrap_or_else(gantry_sim::default_models),
-        data_dir: args.data_dir,
-    };
-    let handle = gantry_sim::spawn(config)
-        .await
-        .context("cannot start the simulator")?;
-    println!("gantry sim: a ComfyUI server on {}", handle.url());
-    println!(
-        "  try: curl {}/system_stats    (Ctrl+C stops it)",
-        handle.url()
-    );
+    let mut handles = Vec::new();
+    for i in 0..args.count {
+        let mut listen = args.listen;
+        if listen.port() != 0 {
+            let port = u16::try_from(u32::from(listen.port()) + i)
+                .context("--count runs past the last port")?;
+            listen.set_port(port);
+        }
+        let config = gantry_sim::SimConfig {
+            listen,
+            speed: args.speed,
+            faults: args.faults.clone(),
+            seed: args.seed.wrapping_add(u64::from(i)),
+            models: args
+                .models
+                .clone()
+                .unwrap_or_else(gantry_sim::default_models),
+            data_dir: args.data_dir.as_ref().map(|d| {
+                if args.count == 1 {
+                    d.clone()
+                } else {
+                    d.join(format!("sim-{i}"))
+                }
+            }),
+        };
+        let handle = gantry_sim::spawn(config)
+            .await
+            .with_context(|| format!("cannot start simulator {}", i + 1))?;
+        println!("gantry sim: a ComfyUI server on {}", handle.url());
+        handles.push(handle);
+    }
+    if let [handle] = handles.as_slice() {
+        println!(
+            "  try: curl {}/system_stats    (Ctrl+C stops it)",
+            handle.url()
+        );
+    }
     tokio::signal::ctrl_c()
         .await
         .context("waiting for Ctrl+C")?;
-    handle.shutdown().await;
+    for handle in handles {
+        handle.shutdown().await;
+    }
     Ok(())
 }

@@ -111,6 +111,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/outputs/{name}", get(get_output))
+        .route("/v1/events", get(all_events))
         .route("/v1/backends", get(list_backends))
         .route("/healthz", get(healthz))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -570,7 +571,12 @@ async fn job_events(
             return;
         }
         loop {
-            match live.recv().await {
+            let next = tokio::select! {
+                // A stream never outlives the server: shutdown waits for open connections.
+                _ = engine.shutdown_token().cancelled() => return,
+                next = live.recv() => next,
+            };
+            match next {
                 Ok(BusEvent::Persisted(e)) if e.job_id == job.id && e.seq > last => {
                     if !send_persisted(&tx, std::slice::from_ref(&*e), &mut last).await {
                         return;
@@ -611,6 +617,100 @@ async fn job_events(
             |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
         );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    since: Option<String>,
+}
+
+/// Every persisted event after `since` (or `Last-Event-ID`), once and in sequence order,
+/// then live ones as they commit. Publishers on different tasks may reach the bus out of
+/// sequence order, so a gap is filled from the store (where everything below a published
+/// sequence number has committed) rather than skipped.
+async fn all_events(
+    State(engine): State<Engine>,
+    Query(q): Query<EventsQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let from_header = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let since = match q.since.or(from_header) {
+        None => 0,
+        Some(s) => s.trim().parse::<i64>().map_err(|_| {
+            ApiError::bad(
+                "invalid_since",
+                format!("since must be an event sequence number, not {s:?}"),
+                json!({ "since": s }),
+            )
+        })?,
+    };
+    let mut live = engine.bus().subscribe();
+    let (tx, rx) = mpsc::channel::<SseEvent>(1024);
+    tokio::spawn(async move {
+        let mut last = since;
+        // The backlog, page by page; then the live tail.
+        if !catch_up(&engine, &tx, &mut last).await {
+            return;
+        }
+        loop {
+            let next = tokio::select! {
+                // A stream never outlives the server: shutdown waits for open connections.
+                _ = engine.shutdown_token().cancelled() => return,
+                next = live.recv() => next,
+            };
+            match next {
+                Ok(BusEvent::Persisted(e)) if e.seq == last + 1 => {
+                    last = e.seq;
+                    if tx.send(sse_of_event(&e)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(BusEvent::Persisted(e)) if e.seq > last => {
+                    if !catch_up(&engine, &tx, &mut last).await {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    if !catch_up(&engine, &tx, &mut last).await {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    let stream =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+        );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Send every stored event after `last`; false once the client has left.
+async fn catch_up(engine: &Engine, tx: &mpsc::Sender<SseEvent>, last: &mut i64) -> bool {
+    loop {
+        let page = match engine.store().events_since(*last, 1000).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(error = %e, "event stream: cannot read the store");
+                return false;
+            }
+        };
+        for e in &page {
+            *last = e.seq;
+            if tx.send(sse_of_event(e)).await.is_err() {
+                return false;
+            }
+        }
+        if page.len() < 1000 {
+            return true;
+        }
+    }
 }
 
 async fn get_output(

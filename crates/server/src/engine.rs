@@ -11,7 +11,8 @@ use gantry_core::{
 };
 use gantry_store::{Created, Store};
 use indexmap::IndexMap;
-use std::collections::HashSet;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -97,6 +98,45 @@ impl BackendState {
     }
 }
 
+/// Where a queued job stands in dispatch order: priority (higher first), then age.
+type QueueKey = (Reverse<i32>, Millis, JobId);
+
+/// The queued jobs in dispatch order, kept beside the store (which stays the truth) so
+/// that a scheduling pass reads no rows and costs the same with 100 or 100 000 jobs
+/// waiting. Kept by `submit` and `apply`; a version check keeps a slow writer from
+/// putting back an older state, and a dispatch refused for a stale entry reloads it.
+#[derive(Default)]
+struct QueueIndex {
+    order: BTreeMap<QueueKey, Arc<Job>>,
+    keys: HashMap<JobId, QueueKey>,
+}
+
+impl QueueIndex {
+    fn key(job: &Job) -> QueueKey {
+        (Reverse(job.spec.priority), job.created_at, job.id.clone())
+    }
+
+    /// Take the job's new state: in the queue when queued, out of it otherwise.
+    fn note(&mut self, job: &Job) {
+        if let Some(k) = self.keys.get(&job.id) {
+            if self.order.get(k).is_some_and(|j| j.version > job.version) {
+                return;
+            }
+        }
+        if job.state == JobState::Queued {
+            let key = Self::key(job);
+            self.keys.insert(job.id.clone(), key.clone());
+            self.order.insert(key, Arc::new(job.clone()));
+        } else if let Some(k) = self.keys.remove(&job.id) {
+            self.order.remove(&k);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+}
+
 /// Where the outcome of `apply` left things.
 #[derive(Debug)]
 pub enum Applied {
@@ -117,6 +157,9 @@ struct Inner {
     outputs: OutputStore,
     http: reqwest::Client,
     backends: Mutex<IndexMap<String, BackendState>>,
+    queue: Mutex<QueueIndex>,
+    /// When the scheduler last looked at every queued job (timeouts, unroutable jobs).
+    last_sweep: Mutex<Millis>,
     /// Wakes the scheduler: a job was queued, a backend freed, a capability learned.
     wake: Notify,
     shutdown: CancellationToken,
@@ -155,6 +198,8 @@ impl Engine {
                 config,
                 http,
                 backends: Mutex::new(backends),
+                queue: Mutex::new(QueueIndex::default()),
+                last_sweep: Mutex::new(0),
                 wake: Notify::new(),
                 shutdown,
             }),
@@ -163,6 +208,13 @@ impl Engine {
         // which reconciles them with the backend before anything new is dispatched there.
         for job in engine.inner.store.running_jobs().await? {
             engine.recover(job).await?;
+        }
+        {
+            let queued = engine.inner.store.queued_jobs(u32::MAX).await?;
+            let mut queue = engine.queue();
+            for job in &queued {
+                queue.note(job);
+            }
         }
         for (name, rx) in receivers {
             let e = engine.clone();
@@ -203,6 +255,18 @@ impl Engine {
             .backends
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn queue(&self) -> MutexGuard<'_, QueueIndex> {
+        self.inner
+            .queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How many jobs wait in the queue.
+    pub fn queue_len(&self) -> usize {
+        self.queue().len()
     }
 
     pub fn wake_scheduler(&self) {
@@ -352,6 +416,7 @@ impl Engine {
         let job = Job::new(JobId::random(), spec, now_ms());
         let created = self.inner.store.create_job(&job, request_hash).await?;
         if let Created::New(event) = &created {
+            self.queue().note(&job);
             self.inner
                 .bus
                 .publish(BusEvent::Persisted(Arc::new(event.clone())));
@@ -379,6 +444,7 @@ impl Engine {
                         .await
                     {
                         Ok(events) => {
+                            self.queue().note(&applied.job);
                             for event in events {
                                 self.inner.bus.publish(BusEvent::Persisted(Arc::new(event)));
                             }
@@ -393,6 +459,8 @@ impl Engine {
                     }
                 }
                 Err(refused) => {
+                    // The stored job is the truth: an index entry it contradicts goes.
+                    self.queue().note(&job);
                     if let Refused::Late { attempt, .. } = &refused {
                         tracing::info!(job_id = %id, attempt, input = input.name(), "late input recorded");
                         let events = self
@@ -521,8 +589,13 @@ impl Engine {
     }
 
     /// One pass over the queue; answers when the next backoff ends or block lifts.
+    ///
+    /// Every job is checked for its deadline, queue timeout and routability at most every
+    /// `SWEEP_MS`; in between, a pass looks at queued jobs only while some backend is idle,
+    /// and stops as soon as none is, so its cost does not grow with the queue.
     async fn schedule_once(&self) -> Result<Option<Millis>, Error> {
-        let queued = self.inner.store.queued_jobs(512).await?;
+        const SWEEP_MS: Millis = 200;
+        const SCAN: usize = 4096;
         let now = now_ms();
         self.expire_blocks(now);
         let mut next: Option<Millis> = self
@@ -530,38 +603,48 @@ impl Engine {
             .values()
             .filter_map(|b| b.health.next_change())
             .min();
+        let idle = |backends: &IndexMap<String, BackendState>| {
+            backends.values().any(|b| {
+                b.connection == Connection::Connected
+                    && b.current.is_none()
+                    && b.health.accepts_work()
+            })
+        };
+        let sweep = {
+            let mut last = self
+                .inner
+                .last_sweep
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let due = now - *last >= SWEEP_MS;
+            if due {
+                *last = now;
+            }
+            due
+        };
+        if sweep {
+            self.sweep(now).await?;
+        }
+        if !idle(&self.backends()) && !sweep {
+            return Ok(next.map(|n| n.min(now + SWEEP_MS)).or(Some(now + SWEEP_MS)));
+        }
+        let queued: Vec<Arc<Job>> = self.queue().order.values().take(SCAN).cloned().collect();
         let any_blocks = self
             .backends()
             .values()
             .any(|b| !b.health.blocks().is_empty() || !b.health.accepts_work());
+        let mut dispatches = Vec::new();
         for job in queued {
-            let timeouts = job.spec.timeouts.or(&self.inner.config.timeouts);
-            if let Some(limit) = timeouts.deadline_ms.filter(|ms| *ms > 0) {
-                if now - job.created_at >= limit as i64 {
-                    self.apply(&job.id, Input::DeadlinePassed { limit_ms: limit })
-                        .await?;
-                    continue;
-                }
-            }
-            if let Some(limit) = timeouts.queue_ms.filter(|ms| *ms > 0) {
-                let since = job
-                    .attempts
-                    .last()
-                    .and_then(|a| a.finished_at)
-                    .unwrap_or(job.created_at);
-                if now - since > limit as i64 {
-                    self.apply(&job.id, Input::QueueTimeout { limit_ms: limit })
-                        .await?;
-                    continue;
-                }
-            }
             if job.not_before > now {
                 next = Some(next.map_or(job.not_before, |n| n.min(job.not_before)));
                 continue;
             }
             let hash = any_blocks.then(|| job.spec.workflow.shape_hash());
             let choice = {
-                let backends = self.backends();
+                let mut backends = self.backends();
+                if !idle(&backends) && !sweep {
+                    break;
+                }
                 let candidates: Vec<Candidate<'_>> = backends
                     .values()
                     .map(|b| Candidate {
@@ -576,27 +659,72 @@ impl Engine {
                         last_used: b.last_used,
                     })
                     .collect();
-                match routing::choose(&job, &candidates) {
+                let choice = match routing::choose(&job, &candidates) {
                     Choice::Run(idx) => Ok(candidates[idx].name.to_owned()),
                     other => Err(other),
-                }
-            };
-            match choice {
-                Ok(backend) => {
-                    if let Some(b) = self.backends().get_mut(&backend) {
+                };
+                if let Ok(backend) = &choice {
+                    if let Some(b) = backends.get_mut(backend) {
                         // Reserve before the dispatch commits, so no other job takes it.
                         b.current = Some((job.id.clone(), job.attempts.len() as u32 + 1));
                         b.last_used = now;
                     }
-                    self.dispatch(&job, &backend).await?;
                 }
+                choice
+            };
+            match choice {
+                Ok(backend) => dispatches.push((job, backend)),
                 Err(Choice::Never(error)) => {
                     self.apply(&job.id, Input::Unroutable { error }).await?;
                 }
                 Err(Choice::Run(_) | Choice::Wait(_)) => {}
             }
         }
+        // The dispatches commit together (the store groups concurrent writes).
+        let results = futures_util::future::join_all(
+            dispatches
+                .iter()
+                .map(|(job, backend)| self.dispatch(job, backend)),
+        )
+        .await;
+        for r in results {
+            r?;
+        }
         Ok(next)
+    }
+
+    /// Fail the queued jobs whose deadline or queue timeout has passed.
+    async fn sweep(&self, now: Millis) -> Result<(), Error> {
+        let expired: Vec<(JobId, Input)> = {
+            let queue = self.queue();
+            queue
+                .order
+                .values()
+                .filter_map(|job| {
+                    let timeouts = job.spec.timeouts.or(&self.inner.config.timeouts);
+                    if let Some(limit) = timeouts.deadline_ms.filter(|ms| *ms > 0) {
+                        if now - job.created_at >= limit as i64 {
+                            return Some((
+                                job.id.clone(),
+                                Input::DeadlinePassed { limit_ms: limit },
+                            ));
+                        }
+                    }
+                    let limit = timeouts.queue_ms.filter(|ms| *ms > 0)?;
+                    let since = job
+                        .attempts
+                        .last()
+                        .and_then(|a| a.finished_at)
+                        .unwrap_or(job.created_at);
+                    (now - since > limit as i64)
+                        .then(|| (job.id.clone(), Input::QueueTimeout { limit_ms: limit }))
+                })
+                .collect()
+        };
+        for (id, input) in expired {
+            self.apply(&id, input).await?;
+        }
+        Ok(())
     }
 
     async fn dispatch(&self, job: &Job, backend: &str) -> Result<(), Error> {

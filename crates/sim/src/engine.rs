@@ -110,6 +110,18 @@ pub struct State {
     ready: Option<Item>,
     /// The running prompt's messages are not sent (`ws-silent`).
     silent: bool,
+    /// When each prompt ran, for `/sim/runs` (benchmarks measure the idle gap with it).
+    pub runs_log: std::collections::VecDeque<RunRecord>,
+}
+
+/// When one prompt ran, in microseconds of the wall clock (ComfyUI's own timestamps are
+/// milliseconds, too coarse for the gap between two prompts).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRecord {
+    pub prompt_id: String,
+    pub started_us: i64,
+    pub finished_us: i64,
+    pub status: String,
 }
 
 impl State {
@@ -399,6 +411,7 @@ impl Sim {
 
         let prompt_id = item.prompt_id.clone();
         let client_id = item.client_id();
+        let started_us = now_us();
         let mut messages: Vec<(String, Value)> = Vec::new();
         // execute_async: the flag is cleared when a prompt starts.
         self.interrupt.store(false, Ordering::SeqCst);
@@ -544,6 +557,15 @@ impl Sim {
             });
             st.history.insert(prompt_id.clone(), entry);
         }
+        if st.runs_log.len() >= MAX_HISTORY {
+            st.runs_log.pop_front();
+        }
+        st.runs_log.push_back(RunRecord {
+            prompt_id: prompt_id.clone(),
+            started_us,
+            finished_us: now_us(),
+            status: status_str.to_owned(),
+        });
         st.queue_updated();
         if let Some(cid) = &client_id {
             if !st.silent {
@@ -1218,6 +1240,13 @@ fn execution_order(
         visit(prompt, outputs, o, sigs, cache, &mut seen, &mut order);
     }
     order
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 fn now_ms() -> i64 {

@@ -40,7 +40,8 @@ pub fn router(app: App) -> Router {
         .route("/features", get(get_features))
         .route("/view", get(get_view))
         .route("/ws", get(get_ws))
-        .route("/sim/faults", get(get_faults).post(post_faults));
+        .route("/sim/faults", get(get_faults).post(post_faults))
+        .route("/sim/runs", get(get_runs));
     Router::new()
         .merge(routes.clone())
         .nest("/api", routes)
@@ -381,6 +382,12 @@ async fn get_view(State(app): State<App>, Query(q): Query<HashMap<String, String
     put(header::ETAG, format!("\"{mtime_ns:x}-{:x}\"", bytes.len()));
     put(header::LAST_MODIFIED, httpdate::fmt_http_date(modified));
     (StatusCode::OK, headers, bytes).into_response()
+}
+
+/// Not ComfyUI's: when each prompt of this life ran, oldest first (for benchmarks).
+async fn get_runs(State(app): State<App>) -> Response {
+    let runs: Vec<_> = app.sim.state().runs_log.iter().cloned().collect();
+    ok_json(&json!({ "runs": runs }))
 }
 
 async fn get_faults(State(app): State<App>) -> Response {

@@ -165,3 +165,61 @@ fn demo_exits_zero_when_every_job_succeeded() {
         "{stdout}"
     );
 }
+
+/// Run `gantry bench ARGS --json FILE` and answer the results document. Benchmarks are
+/// smoke-tested small: they must run end to end and report every job; their numbers are
+/// for BENCHMARKS.md, never asserted against the clock.
+fn bench(args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bench.json");
+    let status = Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "gantry bench {args:?} failed");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(doc["scenario"], args[0]);
+    assert!(doc["machine"]["cores"].as_u64().unwrap() >= 1);
+    doc["results"].clone()
+}
+
+#[test]
+fn bench_overhead_compares_the_direct_client_with_gantry() {
+    let r = bench(&[
+        "overhead",
+        "--jobs",
+        "8",
+        "--backends",
+        "2",
+        "--job-ms",
+        "50",
+    ]);
+    for mode in ["direct", "gantry_closed", "gantry_backlog"] {
+        assert_eq!(r[mode]["jobs"], 8, "{mode}");
+        assert_eq!(r[mode]["failed"], 0, "{mode}");
+        assert_eq!(r[mode]["success_to_done_ms"]["n"], 8, "{mode}");
+    }
+    assert!(r["wall_ratio_backlog"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_throughput_runs_cached_jobs_through_the_real_protocol() {
+    let r = bench(&[
+        "throughput",
+        "--jobs",
+        "40",
+        "--backends",
+        "4",
+        "--submitters",
+        "4",
+        "--profile",
+        "false",
+    ]);
+    assert_eq!(r["latency_ms"]["n"], 40);
+    assert!(r["jobs_per_s_overall"].as_f64().unwrap() > 0.0);
+}
