@@ -158,6 +158,12 @@ impl Config {
         if let Some(n) = file.circuit_threshold {
             self.health.circuit_threshold = n;
         }
+        if let Some(v) = d("backoff_base", &file.backoff_base)? {
+            self.backoff_base = v;
+        }
+        if let Some(v) = d("backoff_max", &file.backoff_max)? {
+            self.backoff_max = v;
+        }
         let given = file.timeouts.parse("timeouts")?;
         self.timeouts = given.or(&self.timeouts);
         if !file.timeouts.node_class.is_empty() {
@@ -234,6 +240,13 @@ impl Config {
         if self.max_attempts == 0 {
             return Err(Error::Toml("max_attempts must be at least 1".into()));
         }
+        if self.backoff_max < self.backoff_base {
+            return Err(Error::Toml(format!(
+                "backoff_max ({}) is shorter than backoff_base ({})",
+                humantime::format_duration(self.backoff_max),
+                humantime::format_duration(self.backoff_base)
+            )));
+        }
         Ok(())
     }
 }
@@ -274,6 +287,8 @@ struct FileConfig {
     block_cooldown: Option<String>,
     circuit_cooldown: Option<String>,
     circuit_threshold: Option<u32>,
+    backoff_base: Option<String>,
+    backoff_max: Option<String>,
     #[serde(default)]
     timeouts: FileTimeouts,
     #[serde(default)]
@@ -351,6 +366,20 @@ mod tests {
         assert_eq!(b.name, "gpu-1");
         assert!(BackendConfig::parse("gpu=ftp://h").is_err());
         assert!(BackendConfig::parse("=http://h").is_err());
+    }
+
+    #[test]
+    fn backoff_is_set_from_the_file_and_checked() {
+        let mut c = Config::new("127.0.0.1:0".parse().unwrap(), "d".into());
+        c.apply_toml("backoff_base = \"50ms\"\nbackoff_max = \"2s\"")
+            .unwrap();
+        assert_eq!(c.backoff_base, Duration::from_millis(50));
+        assert_eq!(c.backoff_max, Duration::from_secs(2));
+        c.validate().unwrap();
+        c.apply_toml("backoff_max = \"10ms\"").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("backoff_max"), "{err}");
+        assert!(c.apply_toml("backoff_base = \"soon\"").is_err());
     }
 
     #[test]

@@ -113,6 +113,10 @@ struct Current {
     stopping: Option<Stopping>,
     draining: Option<Draining>,
     success_seen: bool,
+    /// The prompt was sent under another socket's clientId (adopted after a restart, or
+    /// the socket reconnected), so its own messages do not reach us: every `status`
+    /// frame (the queue moved) is then the cue to ask where it is.
+    deaf: bool,
     /// Files named by `executed` messages, in case history is gone when we ask.
     executed_files: Vec<(String, FileRef)>,
 }
@@ -439,12 +443,11 @@ impl Driver {
                 self.contact();
                 self.set_connection(Connection::Connected, None);
                 let mono = self.mono();
-                if let Some(cur) = self
-                    .current
-                    .as_mut()
-                    .filter(|c| c.stage == Stage::Executing && c.draining.is_none())
-                {
-                    cur.watch.blind(mono);
+                if let Some(cur) = self.current.as_mut() {
+                    cur.deaf = true;
+                    if cur.stage == Stage::Executing && cur.draining.is_none() {
+                        cur.watch.blind(mono);
+                    }
                 }
                 if self.current.is_some() {
                     self.reconcile().await;
@@ -492,7 +495,7 @@ impl Driver {
         let Some(cur) = &mut self.current else { return };
         if let ServerMessage::Status(_) = m {
             // The queue moved: where is our prompt now?
-            if cur.stage == Stage::Pending && cur.draining.is_none() {
+            if (cur.stage == Stage::Pending || cur.deaf) && cur.draining.is_none() {
                 self.reconcile().await;
             }
             return;
@@ -613,6 +616,7 @@ impl Driver {
                     stopping: None,
                     draining: None,
                     success_seen: false,
+                    deaf: adopt,
                     executed_files: Vec::new(),
                 });
                 if adopt {

@@ -102,13 +102,18 @@ impl BackendState {
 type QueueKey = (Reverse<i32>, Millis, JobId);
 
 /// The queued jobs in dispatch order, kept beside the store (which stays the truth) so
-/// that a scheduling pass reads no rows and costs the same with 100 or 100 000 jobs
-/// waiting. Kept by `submit` and `apply`; a version check keeps a slow writer from
-/// putting back an older state, and a dispatch refused for a stale entry reloads it.
+/// that a scheduling pass reads no rows. Jobs are grouped by everything routing looks at
+/// (tags, workflow shape, models, backends to avoid): the jobs of a group are routed
+/// alike, so a pass asks once per group, not once per job, and a runnable job is never
+/// stuck behind any number of jobs that must wait. Kept by `submit` and `apply`; a
+/// version check keeps a slow writer from putting back an older state, and a dispatch
+/// refused for a stale entry fixes it.
 #[derive(Default)]
 struct QueueIndex {
-    order: BTreeMap<QueueKey, Arc<Job>>,
-    keys: HashMap<JobId, QueueKey>,
+    groups: HashMap<u64, BTreeMap<QueueKey, Arc<Job>>>,
+    keys: HashMap<JobId, (u64, QueueKey, Option<Millis>)>,
+    /// Jobs with a deadline or queue timeout, by when the first of them ends.
+    expiries: std::collections::BTreeSet<(Millis, JobId)>,
 }
 
 impl QueueIndex {
@@ -116,24 +121,118 @@ impl QueueIndex {
         (Reverse(job.spec.priority), job.created_at, job.id.clone())
     }
 
-    /// Take the job's new state: in the queue when queued, out of it otherwise.
-    fn note(&mut self, job: &Job) {
-        if let Some(k) = self.keys.get(&job.id) {
-            if self.order.get(k).is_some_and(|j| j.version > job.version) {
-                return;
-            }
+    /// What routing decides a job by.
+    fn group(job: &Job) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut tags = job.spec.tags.clone();
+        tags.sort();
+        tags.hash(&mut h);
+        job.spec.workflow.shape_hash().hash(&mut h);
+        for m in job.spec.workflow.models() {
+            m.file.hash(&mut h);
         }
-        if job.state == JobState::Queued {
-            let key = Self::key(job);
-            self.keys.insert(job.id.clone(), key.clone());
-            self.order.insert(key, Arc::new(job.clone()));
-        } else if let Some(k) = self.keys.remove(&job.id) {
-            self.order.remove(&k);
+        let mut avoid: Vec<&str> = job
+            .excluded
+            .iter()
+            .map(|e| e.backend.as_str())
+            .chain(
+                job.attempts
+                    .iter()
+                    .filter(|a| a.error.is_some())
+                    .map(|a| a.backend.as_str()),
+            )
+            .collect();
+        avoid.sort_unstable();
+        avoid.dedup();
+        avoid.hash(&mut h);
+        h.finish()
+    }
+
+    /// When the job's deadline or queue timeout ends, if it has one.
+    fn expiry(job: &Job, global: &gantry_core::Timeouts) -> Option<Millis> {
+        let timeouts = job.spec.timeouts.or(global);
+        let deadline = timeouts
+            .deadline_ms
+            .filter(|ms| *ms > 0)
+            .map(|ms| job.created_at + ms as Millis);
+        let queue = timeouts.queue_ms.filter(|ms| *ms > 0).map(|ms| {
+            let since = job
+                .attempts
+                .last()
+                .and_then(|a| a.finished_at)
+                .unwrap_or(job.created_at);
+            since + ms as Millis + 1
+        });
+        match (deadline, queue) {
+            (Some(d), Some(q)) => Some(d.min(q)),
+            (d, q) => d.or(q),
         }
     }
 
+    /// Take the job's new state: in the queue when queued, out of it otherwise.
+    fn note(&mut self, job: &Job, global: &gantry_core::Timeouts) {
+        if let Some((g, k, _)) = self.keys.get(&job.id) {
+            let newer = self
+                .groups
+                .get(g)
+                .and_then(|m| m.get(k))
+                .is_some_and(|j| j.version > job.version);
+            if newer {
+                return;
+            }
+        }
+        if let Some((g, k, expiry)) = self.keys.remove(&job.id) {
+            if let Some(m) = self.groups.get_mut(&g) {
+                m.remove(&k);
+                if m.is_empty() {
+                    self.groups.remove(&g);
+                }
+            }
+            if let Some(at) = expiry {
+                self.expiries.remove(&(at, job.id.clone()));
+            }
+        }
+        if job.state == JobState::Queued {
+            let (g, k) = (Self::group(job), Self::key(job));
+            let expiry = Self::expiry(job, global);
+            if let Some(at) = expiry {
+                self.expiries.insert((at, job.id.clone()));
+            }
+            self.keys.insert(job.id.clone(), (g, k.clone(), expiry));
+            self.groups
+                .entry(g)
+                .or_default()
+                .insert(k, Arc::new(job.clone()));
+        }
+    }
+
+    /// The first job of group `g` after `after` that may run at `now`; the end of the
+    /// earliest backoff passed over goes into `next`.
+    fn eligible(
+        &self,
+        g: u64,
+        after: Option<&QueueKey>,
+        now: Millis,
+        next: &mut Option<Millis>,
+    ) -> Option<Arc<Job>> {
+        use std::ops::Bound;
+        let m = self.groups.get(&g)?;
+        let from = match after {
+            Some(k) => Bound::Excluded(k.clone()),
+            None => Bound::Unbounded,
+        };
+        for job in m.range((from, Bound::Unbounded)).map(|(_, j)| j) {
+            if job.not_before <= now {
+                return Some(job.clone());
+            }
+            *next = Some(next.map_or(job.not_before, |n| n.min(job.not_before)));
+        }
+        None
+    }
+
     fn len(&self) -> usize {
-        self.order.len()
+        self.keys.len()
     }
 }
 
@@ -211,9 +310,10 @@ impl Engine {
         }
         {
             let queued = engine.inner.store.queued_jobs(u32::MAX).await?;
+            let global = engine.inner.config.timeouts.clone();
             let mut queue = engine.queue();
             for job in &queued {
-                queue.note(job);
+                queue.note(job, &global);
             }
         }
         for (name, rx) in receivers {
@@ -416,7 +516,7 @@ impl Engine {
         let job = Job::new(JobId::random(), spec, now_ms());
         let created = self.inner.store.create_job(&job, request_hash).await?;
         if let Created::New(event) = &created {
-            self.queue().note(&job);
+            self.queue().note(&job, &self.inner.config.timeouts);
             self.inner
                 .bus
                 .publish(BusEvent::Persisted(Arc::new(event.clone())));
@@ -444,7 +544,7 @@ impl Engine {
                         .await
                     {
                         Ok(events) => {
-                            self.queue().note(&applied.job);
+                            self.queue().note(&applied.job, &self.inner.config.timeouts);
                             for event in events {
                                 self.inner.bus.publish(BusEvent::Persisted(Arc::new(event)));
                             }
@@ -460,7 +560,7 @@ impl Engine {
                 }
                 Err(refused) => {
                     // The stored job is the truth: an index entry it contradicts goes.
-                    self.queue().note(&job);
+                    self.queue().note(&job, &self.inner.config.timeouts);
                     if let Refused::Late { attempt, .. } = &refused {
                         tracing::info!(job_id = %id, attempt, input = input.name(), "late input recorded");
                         let events = self
@@ -588,14 +688,15 @@ impl Engine {
         }
     }
 
-    /// One pass over the queue; answers when the next backoff ends or block lifts.
+    /// One pass over the queue; answers when the next backoff, block or timeout ends.
     ///
-    /// Every job is checked for its deadline, queue timeout and routability at most every
-    /// `SWEEP_MS`; in between, a pass looks at queued jobs only while some backend is idle,
-    /// and stops as soon as none is, so its cost does not grow with the queue.
+    /// Timeouts come from the index of expiries, so only the jobs whose time is up are
+    /// looked at. Dispatching asks each group of alike jobs (see `QueueIndex`) in
+    /// priority order while some backend is idle, so a pass costs the same with 100 or
+    /// 100 000 jobs waiting. Every `SWEEP_MS` every group is asked even with no backend
+    /// idle, so a job that can never run fails promptly.
     async fn schedule_once(&self) -> Result<Option<Millis>, Error> {
         const SWEEP_MS: Millis = 200;
-        const SCAN: usize = 4096;
         let now = now_ms();
         self.expire_blocks(now);
         let mut next: Option<Millis> = self
@@ -603,13 +704,7 @@ impl Engine {
             .values()
             .filter_map(|b| b.health.next_change())
             .min();
-        let idle = |backends: &IndexMap<String, BackendState>| {
-            backends.values().any(|b| {
-                b.connection == Connection::Connected
-                    && b.current.is_none()
-                    && b.health.accepts_work()
-            })
-        };
+        self.expire_queued(now).await?;
         let sweep = {
             let mut last = self
                 .inner
@@ -622,27 +717,53 @@ impl Engine {
             }
             due
         };
-        if sweep {
-            self.sweep(now).await?;
+        let idle = |backends: &IndexMap<String, BackendState>| {
+            backends.values().any(|b| {
+                b.connection == Connection::Connected
+                    && b.current.is_none()
+                    && b.health.accepts_work()
+            })
+        };
+        let earliest = |next: Option<Millis>, q: &QueueIndex| {
+            // One whose expiry was refused stays behind: it must not make the loop spin.
+            let expiry = q.expiries.iter().map(|(at, _)| *at).find(|at| *at > now);
+            [next, expiry, Some(now + SWEEP_MS)]
+                .into_iter()
+                .flatten()
+                .min()
+        };
+        if !sweep && !idle(&self.backends()) {
+            return Ok(earliest(next, &self.queue()));
         }
-        if !idle(&self.backends()) && !sweep {
-            return Ok(next.map(|n| n.min(now + SWEEP_MS)).or(Some(now + SWEEP_MS)));
+        // The head of each group, best first.
+        let mut heads = std::collections::BinaryHeap::new();
+        {
+            let q = self.queue();
+            for g in q.groups.keys() {
+                if let Some(job) = q.eligible(*g, None, now, &mut next) {
+                    heads.push(Reverse((QueueIndex::key(&job), *g)));
+                }
+            }
         }
-        let queued: Vec<Arc<Job>> = self.queue().order.values().take(SCAN).cloned().collect();
         let any_blocks = self
             .backends()
             .values()
             .any(|b| !b.health.blocks().is_empty() || !b.health.accepts_work());
         let mut dispatches = Vec::new();
-        for job in queued {
-            if job.not_before > now {
-                next = Some(next.map_or(job.not_before, |n| n.min(job.not_before)));
+        while let Some(Reverse((key, g))) = heads.pop() {
+            let Some(job) = self
+                .queue()
+                .groups
+                .get(&g)
+                .and_then(|m| m.get(&key))
+                .cloned()
+            else {
                 continue;
-            }
+            };
             let hash = any_blocks.then(|| job.spec.workflow.shape_hash());
             let choice = {
                 let mut backends = self.backends();
-                if !idle(&backends) && !sweep {
+                if !sweep && !idle(&backends) {
                     break;
                 }
                 let candidates: Vec<Candidate<'_>> = backends
@@ -672,12 +793,22 @@ impl Engine {
                 }
                 choice
             };
-            match choice {
-                Ok(backend) => dispatches.push((job, backend)),
+            let go_on = match choice {
+                Ok(backend) => {
+                    dispatches.push((job, backend));
+                    true
+                }
                 Err(Choice::Never(error)) => {
                     self.apply(&job.id, Input::Unroutable { error }).await?;
+                    true
                 }
-                Err(Choice::Run(_) | Choice::Wait(_)) => {}
+                // The rest of the group would wait alike.
+                Err(Choice::Run(_) | Choice::Wait(_)) => false,
+            };
+            if go_on {
+                if let Some(job) = self.queue().eligible(g, Some(&key), now, &mut next) {
+                    heads.push(Reverse((QueueIndex::key(&job), g)));
+                }
             }
         }
         // The dispatches commit together (the store groups concurrent writes).
@@ -690,39 +821,35 @@ impl Engine {
         for r in results {
             r?;
         }
-        Ok(next)
+        Ok(earliest(next, &self.queue()))
     }
 
     /// Fail the queued jobs whose deadline or queue timeout has passed.
-    async fn sweep(&self, now: Millis) -> Result<(), Error> {
-        let expired: Vec<(JobId, Input)> = {
-            let queue = self.queue();
-            queue
-                .order
-                .values()
-                .filter_map(|job| {
-                    let timeouts = job.spec.timeouts.or(&self.inner.config.timeouts);
-                    if let Some(limit) = timeouts.deadline_ms.filter(|ms| *ms > 0) {
-                        if now - job.created_at >= limit as i64 {
-                            return Some((
-                                job.id.clone(),
-                                Input::DeadlinePassed { limit_ms: limit },
-                            ));
-                        }
-                    }
-                    let limit = timeouts.queue_ms.filter(|ms| *ms > 0)?;
-                    let since = job
-                        .attempts
-                        .last()
-                        .and_then(|a| a.finished_at)
-                        .unwrap_or(job.created_at);
-                    (now - since > limit as i64)
-                        .then(|| (job.id.clone(), Input::QueueTimeout { limit_ms: limit }))
+    async fn expire_queued(&self, now: Millis) -> Result<(), Error> {
+        let due: Vec<Arc<Job>> = {
+            let q = self.queue();
+            q.expiries
+                .iter()
+                .take_while(|(at, _)| *at <= now)
+                .filter_map(|(_, id)| {
+                    let (g, k, _) = q.keys.get(id)?;
+                    q.groups.get(g)?.get(k).cloned()
                 })
                 .collect()
         };
-        for (id, input) in expired {
-            self.apply(&id, input).await?;
+        for job in due {
+            let timeouts = job.spec.timeouts.or(&self.inner.config.timeouts);
+            if let Some(limit) = timeouts.deadline_ms.filter(|ms| *ms > 0) {
+                if now - job.created_at >= limit as i64 {
+                    self.apply(&job.id, Input::DeadlinePassed { limit_ms: limit })
+                        .await?;
+                    continue;
+                }
+            }
+            if let Some(limit) = timeouts.queue_ms.filter(|ms| *ms > 0) {
+                self.apply(&job.id, Input::QueueTimeout { limit_ms: limit })
+                    .await?;
+            }
         }
         Ok(())
     }

@@ -473,3 +473,58 @@ async fn a_partly_valid_workflow_is_a_rejection_not_a_partial_run() {
     assert!(direct["node_errors"]["12"].is_object(), "{direct:#}");
     app.shutdown().await;
 }
+
+/// More jobs waiting ahead than any scan would reach (they need a backend that is down)
+/// must not keep a runnable job of the same priority from an idle backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runnable_job_is_not_starved_by_thousands_waiting_ahead_of_it() {
+    use gantry_core::{JobSpec, Workflow};
+    use gantry_server::{BackendConfig, Config, Server};
+    let sim = gantry_sim::spawn(sim_config()).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), data.path().join("d"));
+    config.backends = vec![
+        BackendConfig::parse(&format!("a={}", sim.url())).unwrap(),
+        // Nothing listens there: jobs for it wait (their classes are not known to fail).
+        BackendConfig::parse("parked=http://127.0.0.1:9").unwrap(),
+    ];
+    config.backends[1].tags = vec!["parked".into()];
+    let server = Server::start(config).await.unwrap();
+    let engine = server.engine.clone();
+    let workflow = Workflow::parse(&tiny_workflow("parked")).unwrap();
+    let spec = |tags: Vec<String>| JobSpec {
+        workflow: workflow.clone(),
+        priority: 0,
+        max_attempts: 3,
+        tags,
+        timeouts: Timeouts::default(),
+        idempotency_key: None,
+        metadata: Default::default(),
+    };
+    let parked = 6000;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..parked {
+        let (engine, spec) = (engine.clone(), spec(vec!["parked".into()]));
+        tasks.spawn(async move { engine.submit(spec, "h").await.unwrap() });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(engine.queue_len(), parked);
+    let runnable = match engine.submit(spec(vec![]), "h").await.unwrap() {
+        gantry_store::Created::New(e) => e.job_id,
+        other => panic!("{other:?}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job = engine.store().job(&runnable).await.unwrap().unwrap();
+        if job.state.is_terminal() {
+            assert_eq!(job.state, gantry_core::JobState::Succeeded, "{job:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "starved: {job:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(engine.queue_len(), parked, "the parked jobs still wait");
+    server.shutdown().await;
+}
