@@ -108,10 +108,11 @@ pub struct ModelRef {
     pub file: String,
 }
 
-/// A checked API-format workflow.
+/// A checked API-format workflow. Immutable once checked, and shared: a job, its
+/// attempts and the engine's caches hold the same graph.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "Value", into = "Value")]
-pub struct Workflow(Map<String, Value>);
+pub struct Workflow(std::sync::Arc<Map<String, Value>>);
 
 impl TryFrom<Value> for Workflow {
     type Error = Error;
@@ -122,7 +123,7 @@ impl TryFrom<Value> for Workflow {
 
 impl From<Workflow> for Value {
     fn from(w: Workflow) -> Value {
-        Value::Object(w.0)
+        Value::Object(std::sync::Arc::unwrap_or_clone(w.0))
     }
 }
 
@@ -195,7 +196,7 @@ impl Workflow {
                 }
             }
         }
-        Ok(Workflow(graph.clone()))
+        Ok(Workflow(std::sync::Arc::new(graph.clone())))
     }
 
     pub fn graph(&self) -> &Map<String, Value> {
@@ -224,7 +225,7 @@ impl Workflow {
     /// Model files named by loader inputs, for warm affinity and missing-model messages.
     pub fn models(&self) -> Vec<ModelRef> {
         let mut out = Vec::new();
-        for (id, node) in &self.0 {
+        for (id, node) in self.0.iter() {
             let Some(inputs) = node.get("inputs").and_then(Value::as_object) else {
                 continue;
             };

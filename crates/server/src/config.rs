@@ -22,6 +22,9 @@ pub struct BackendConfig {
     pub priority: i32,
     /// This backend's timeouts: between a node class's and the global defaults.
     pub timeouts: Timeouts,
+    /// An in-process backend with these node classes that finishes every prompt at once
+    /// (`instant.rs`, for `gantry bench engine`); never set from a file.
+    pub instant: Option<Vec<String>>,
 }
 
 impl BackendConfig {
@@ -60,7 +63,20 @@ impl BackendConfig {
             tags: Vec::new(),
             priority: 0,
             timeouts: Timeouts::default(),
+            instant: None,
         })
+    }
+
+    /// An in-process backend that finishes every prompt at once, knowing `classes`.
+    pub fn instant(name: &str, classes: Vec<String>) -> BackendConfig {
+        BackendConfig {
+            name: name.to_owned(),
+            url: format!("instant://{name}"),
+            tags: Vec::new(),
+            priority: 0,
+            timeouts: Timeouts::default(),
+            instant: Some(classes),
+        }
     }
 }
 

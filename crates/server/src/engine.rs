@@ -257,6 +257,10 @@ struct Inner {
     http: reqwest::Client,
     backends: Mutex<IndexMap<String, BackendState>>,
     queue: Mutex<QueueIndex>,
+    /// Jobs that are not over, as last written by this process: `apply` starts from here
+    /// instead of reading and decoding the row. Safe because every write is conditional
+    /// on the version: a stale entry meets a conflict, is dropped and reread.
+    live: Mutex<HashMap<JobId, Arc<Job>>>,
     /// When the scheduler last looked at every queued job (timeouts, unroutable jobs).
     last_sweep: Mutex<Millis>,
     /// Wakes the scheduler: a job was queued, a backend freed, a capability learned.
@@ -298,6 +302,7 @@ impl Engine {
                 http,
                 backends: Mutex::new(backends),
                 queue: Mutex::new(QueueIndex::default()),
+                live: Mutex::new(HashMap::new()),
                 last_sweep: Mutex::new(0),
                 wake: Notify::new(),
                 shutdown,
@@ -318,7 +323,15 @@ impl Engine {
         }
         for (name, rx) in receivers {
             let e = engine.clone();
-            tasks.spawn(async move { driver::run(e, name, rx).await });
+            let instant = e
+                .backends()
+                .get(&name)
+                .is_some_and(|b| b.config.instant.is_some());
+            if instant {
+                tasks.spawn(async move { crate::instant::run(e, name, rx).await });
+            } else {
+                tasks.spawn(async move { driver::run(e, name, rx).await });
+            }
         }
         let e = engine.clone();
         tasks.spawn(async move { e.schedule().await });
@@ -362,6 +375,23 @@ impl Engine {
             .queue
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn live(&self) -> MutexGuard<'_, HashMap<JobId, Arc<Job>>> {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Keep `job` as the newest known state, or forget it once it is over.
+    fn remember(&self, job: &Job) {
+        let mut live = self.live();
+        if job.state.is_terminal() {
+            live.remove(&job.id);
+        } else if live.get(&job.id).is_none_or(|j| j.version <= job.version) {
+            live.insert(job.id.clone(), Arc::new(job.clone()));
+        }
     }
 
     /// How many jobs wait in the queue.
@@ -517,6 +547,7 @@ impl Engine {
         let created = self.inner.store.create_job(&job, request_hash).await?;
         if let Created::New(event) = &created {
             self.queue().note(&job, &self.inner.config.timeouts);
+            self.remember(&job);
             self.inner
                 .bus
                 .publish(BusEvent::Persisted(Arc::new(event.clone())));
@@ -527,13 +558,19 @@ impl Engine {
 
     /// Apply `input` to job `id`: recompute on a concurrent change, record late inputs.
     pub async fn apply(&self, id: &JobId, input: Input) -> Result<Applied, Error> {
+        let mut cached = self.live().get(id).cloned();
         loop {
-            let job = self
-                .inner
-                .store
-                .job(id)
-                .await?
-                .ok_or_else(|| Error::NotFound(id.clone()))?;
+            let from_cache = cached.is_some();
+            let job = match cached.take() {
+                Some(job) => job,
+                None => Arc::new(
+                    self.inner
+                        .store
+                        .job(id)
+                        .await?
+                        .ok_or_else(|| Error::NotFound(id.clone()))?,
+                ),
+            };
             let now = now_ms();
             match transition(&job, input.clone(), now, &self.inner.policy) {
                 Ok(applied) => {
@@ -554,9 +591,18 @@ impl Engine {
                             }
                             return Ok(Applied::Changed(applied.job));
                         }
-                        Err(gantry_store::Error::Conflict { .. }) => continue,
+                        Err(gantry_store::Error::Conflict { .. }) => {
+                            // Someone wrote first: forget what we had, reread.
+                            self.live().remove(id);
+                            continue;
+                        }
                         Err(e) => return Err(e.into()),
                     }
+                }
+                Err(_) if from_cache => {
+                    // Refuse only on the stored truth, never on a copy a concurrent
+                    // writer may not have refreshed yet.
+                    continue;
                 }
                 Err(refused) => {
                     // The stored job is the truth: an index entry it contradicts goes.
@@ -579,7 +625,7 @@ impl Engine {
                             self.inner.bus.publish(BusEvent::Persisted(Arc::new(event)));
                         }
                     }
-                    return Ok(Applied::Refused(refused, job));
+                    return Ok(Applied::Refused(refused, Arc::unwrap_or_clone(job)));
                 }
             }
         }

@@ -8,6 +8,7 @@ mod classify;
 pub mod config;
 mod driver;
 pub mod engine;
+mod instant;
 pub mod outputs;
 
 use gantry_store::SqliteStore;

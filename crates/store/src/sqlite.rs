@@ -203,23 +203,156 @@ async fn write_loop(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Write>) {
 
 /// One transaction for a group of writes; each write's own refusal (a conflict, a
 /// duplicate key) is its outcome and leaves the others alone.
+///
+/// Updates and event inserts go in multi-row statements: a statement's fixed cost (a
+/// hop to the connection's thread) then counts once per group, not once per write. A
+/// job written twice in one group is written in two rounds, in order.
 async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done>>> {
+    const UPDATE_ROWS: usize = 100;
+    const EVENT_ROWS: usize = 200;
     let mut tx = pool.begin().await?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for w in batch {
-        let outcome = match &w.op {
-            Op::Create {
-                row,
-                request_hash,
-                events,
-            } => create(&mut tx, row, request_hash, events).await,
-            Op::Update { row, events } => update(&mut tx, row, events).await,
-            Op::Append { events } => insert_events(&mut tx, events).await.map(Done::Events),
-        };
-        outcomes.push(outcome);
+    let mut outcomes: Vec<Option<Result<Done>>> = (0..batch.len()).map(|_| None).collect();
+    let mut seen: std::collections::HashMap<&JobId, usize> = std::collections::HashMap::new();
+    let rounds: Vec<usize> = batch
+        .iter()
+        .map(|w| {
+            let id = match &w.op {
+                Op::Create { row, .. } | Op::Update { row, .. } => &row.id,
+                Op::Append { events } => &events.job_id,
+            };
+            let n = seen.entry(id).or_insert(0);
+            *n += 1;
+            *n - 1
+        })
+        .collect();
+    let last_round = rounds.iter().copied().max().unwrap_or(0);
+    for round in 0..=last_round {
+        let items: Vec<usize> = (0..batch.len()).filter(|i| rounds[*i] == round).collect();
+        let mut with_events: Vec<usize> = Vec::new();
+        for &i in &items {
+            match &batch[i].op {
+                Op::Create {
+                    row,
+                    request_hash,
+                    events,
+                } => outcomes[i] = Some(create(&mut tx, row, request_hash, events).await),
+                Op::Append { .. } => with_events.push(i),
+                Op::Update { .. } => {}
+            }
+        }
+        let updates: Vec<usize> = items
+            .iter()
+            .copied()
+            .filter(|i| matches!(batch[*i].op, Op::Update { .. }))
+            .collect();
+        for chunk in updates.chunks(UPDATE_ROWS) {
+            let rows: Vec<&JobRow> = chunk
+                .iter()
+                .filter_map(|i| match &batch[*i].op {
+                    Op::Update { row, .. } => Some(row),
+                    _ => None,
+                })
+                .collect();
+            let mut sql =
+                String::from("WITH v(id, state, not_before, version, updated_at, doc) AS (VALUES ");
+            for n in 0..rows.len() {
+                sql.push_str(if n == 0 {
+                    "(?, ?, ?, ?, ?, ?)"
+                } else {
+                    ", (?, ?, ?, ?, ?, ?)"
+                });
+            }
+            sql.push_str(
+                ") UPDATE jobs SET state = v.state, not_before = v.not_before, \
+                 version = v.version, updated_at = v.updated_at, doc = v.doc \
+                 FROM v WHERE jobs.id = v.id AND jobs.version = v.version - 1 RETURNING jobs.id",
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql);
+            for row in &rows {
+                q = q
+                    .bind(row.id.as_str())
+                    .bind(row.state.as_str())
+                    .bind(row.not_before)
+                    .bind(row.version)
+                    .bind(row.updated_at)
+                    .bind(&row.doc);
+            }
+            let updated: std::collections::HashSet<String> =
+                q.fetch_all(&mut *tx).await?.into_iter().collect();
+            for (&i, row) in chunk.iter().zip(&rows) {
+                if updated.contains(row.id.as_str()) {
+                    with_events.push(i);
+                } else {
+                    outcomes[i] = Some(Err(Error::Conflict {
+                        id: row.id.clone(),
+                        expected: row.version.saturating_sub(1) as u64,
+                    }));
+                }
+            }
+        }
+        // Events in the order their writes came.
+        with_events.sort_unstable();
+        let rows: Vec<(usize, &EventRows, &EventKind, &String)> = with_events
+            .iter()
+            .flat_map(|&i| {
+                let events = match &batch[i].op {
+                    Op::Update { events, .. } | Op::Append { events } => Some(events),
+                    Op::Create { .. } => None,
+                };
+                events
+                    .into_iter()
+                    .flat_map(move |e| e.kinds.iter().map(move |(k, d)| (i, e, k, d)))
+            })
+            .collect();
+        let mut done: std::collections::HashMap<usize, Vec<Event>> =
+            with_events.iter().map(|i| (*i, Vec::new())).collect();
+        for chunk in rows.chunks(EVENT_ROWS) {
+            let mut sql = String::from("INSERT INTO events (job_id, at, state, data) VALUES ");
+            for n in 0..chunk.len() {
+                sql.push_str(if n == 0 {
+                    "(?, ?, ?, ?)"
+                } else {
+                    ", (?, ?, ?, ?)"
+                });
+            }
+            let mut q = sqlx::query(&sql);
+            for (_, e, _, data) in chunk {
+                q = q
+                    .bind(e.job_id.as_str())
+                    .bind(e.at)
+                    .bind(e.state.as_str())
+                    .bind(data.as_str());
+            }
+            let result = q.execute(&mut *tx).await?;
+            // One statement, one writer: AUTOINCREMENT numbers its rows consecutively.
+            let first = result.last_insert_rowid() - chunk.len() as i64 + 1;
+            for (n, (i, e, kind, _)) in chunk.iter().enumerate() {
+                if let Some(list) = done.get_mut(i) {
+                    list.push(Event {
+                        seq: first + n as i64,
+                        job_id: e.job_id.clone(),
+                        at: e.at,
+                        state: e.state,
+                        kind: (*kind).clone(),
+                    });
+                }
+            }
+        }
+        for (i, events) in done {
+            outcomes[i] = Some(Ok(Done::Events(events)));
+        }
     }
     tx.commit().await?;
-    Ok(outcomes)
+    Ok(outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Err(Error::Database(sqlx::Error::Protocol(
+                    "a write of the group was not carried out".into(),
+                )))
+            })
+        })
+        .collect())
 }
 
 async fn create(
@@ -268,30 +401,6 @@ async fn create(
     Ok(Done::Created(Created::New(events.remove(0))))
 }
 
-async fn update(tx: &mut sqlx::SqliteConnection, row: &JobRow, events: &EventRows) -> Result<Done> {
-    let expected = row.version.saturating_sub(1);
-    let updated = sqlx::query(
-        "UPDATE jobs SET state = ?, not_before = ?, version = ?, updated_at = ?, doc = ? \
-         WHERE id = ? AND version = ?",
-    )
-    .bind(row.state.as_str())
-    .bind(row.not_before)
-    .bind(row.version)
-    .bind(row.updated_at)
-    .bind(&row.doc)
-    .bind(row.id.as_str())
-    .bind(expected)
-    .execute(&mut *tx)
-    .await?;
-    if updated.rows_affected() != 1 {
-        return Err(Error::Conflict {
-            id: row.id.clone(),
-            expected: expected as u64,
-        });
-    }
-    insert_events(tx, events).await.map(Done::Events)
-}
-
 async fn migrate(pool: &SqlitePool) -> Result<()> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = sqlx::query_scalar("PRAGMA user_version")
@@ -311,13 +420,54 @@ async fn migrate(pool: &SqlitePool) -> Result<()> {
     Ok(())
 }
 
-/// The changing part of a job: everything but its spec.
+/// The changing part of a job: everything but its spec, serialised without touching the
+/// spec (which is written once, and may be large).
 fn doc_of(job: &Job) -> Result<String> {
-    let mut value = serde_json::to_value(job)?;
-    if let Value::Object(map) = &mut value {
-        map.remove("spec");
+    #[derive(serde::Serialize)]
+    struct Doc<'a> {
+        id: &'a JobId,
+        state: JobState,
+        version: u64,
+        created_at: Millis,
+        updated_at: Millis,
+        not_before: Millis,
+        cancel_requested: bool,
+        attempts: &'a [gantry_core::Attempt],
+        excluded: &'a [gantry_core::Exclusion],
+        error: &'a Option<gantry_core::JobError>,
+        outputs: &'a [gantry_core::Output],
+        note: &'a Option<String>,
     }
-    Ok(serde_json::to_string(&value)?)
+    // Every field but the spec: a field added to Job must be added here too.
+    let Job {
+        id,
+        spec: _,
+        state,
+        version,
+        created_at,
+        updated_at,
+        not_before,
+        cancel_requested,
+        attempts,
+        excluded,
+        error,
+        outputs,
+        note,
+    } = job;
+    Ok(serde_json::to_string(&Doc {
+        id,
+        state: *state,
+        version: *version,
+        created_at: *created_at,
+        updated_at: *updated_at,
+        not_before: *not_before,
+        cancel_requested: *cancel_requested,
+        attempts,
+        excluded,
+        error,
+        outputs,
+        note,
+    })?)
 }
 
 fn job_of(row: &sqlx::sqlite::SqliteRow) -> Result<Job> {

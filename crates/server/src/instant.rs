@@ -1,0 +1,80 @@
+//! An in-process backend that finishes every prompt the moment it gets it: no HTTP, no
+//! WebSocket, no outputs. It exists so `gantry bench engine` can measure the engine alone
+//! (store, scheduler, event bus) with the same dispatch and transition path as a real
+//! backend; it is never configured from a file or the command line.
+
+use gantry_core::Input;
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+use crate::driver::Command;
+use crate::engine::{now_ms, Connection, Engine};
+
+pub async fn run(engine: Engine, name: String, mut commands: mpsc::UnboundedReceiver<Command>) {
+    {
+        let mut backends = engine.backends();
+        let Some(b) = backends.get_mut(&name) else {
+            return;
+        };
+        let classes: HashSet<String> = b.config.instant.iter().flatten().cloned().collect();
+        b.classes = Some(Arc::new(classes));
+        b.connection = Connection::Connected;
+        b.last_seen = Some(now_ms());
+    }
+    engine.wake_scheduler();
+    let shutdown = engine.shutdown_token().clone();
+    loop {
+        let cmd = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            cmd = commands.recv() => match cmd {
+                Some(cmd) => cmd,
+                None => return,
+            },
+        };
+        match cmd {
+            Command::Run(a) => {
+                let (job, attempt) = (a.job_id, a.attempt);
+                for input in [
+                    Input::Submitted { attempt },
+                    Input::Started { attempt },
+                    Input::Succeeded {
+                        attempt,
+                        outputs: Vec::new(),
+                    },
+                ] {
+                    if let Err(e) = engine.apply(&job, input).await {
+                        tracing::error!(backend = %name, job_id = %job, error = %e, "instant backend cannot record a change");
+                        break;
+                    }
+                }
+                free(&engine, &name, &job, attempt);
+            }
+            Command::Stop {
+                job_id,
+                attempt,
+                confirm,
+                ..
+            } => {
+                if confirm {
+                    let _ = engine
+                        .apply(&job_id, Input::CancelConfirmed { attempt })
+                        .await;
+                }
+                free(&engine, &name, &job_id, attempt);
+            }
+        }
+    }
+}
+
+fn free(engine: &Engine, name: &str, job: &gantry_core::JobId, attempt: u32) {
+    if let Some(b) = engine.backends().get_mut(name) {
+        if b.current
+            .as_ref()
+            .is_some_and(|(j, n)| j == job && *n == attempt)
+        {
+            b.current = None;
+        }
+    }
+    engine.wake_scheduler();
+}
