@@ -332,9 +332,15 @@ impl Client {
             url: url.to_string(),
             source: Box::new(source),
         };
-        let (mut stream, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .map_err(ws_err)?;
+        // A coordinator holds one socket per backend, mostly idle: a small read buffer
+        // (tungstenite's default is 128 KiB, kept resident per socket) and no Nagle delay
+        // on the few frames it sends.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(8 * 1024);
+        let (mut stream, _) =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true)
+                .await
+                .map_err(ws_err)?;
         if preview_metadata {
             stream
                 .send(Message::text(feature_flags_request()))

@@ -520,7 +520,8 @@ async fn cancel_job(
     }
 }
 
-fn sse_of_event(e: &Event) -> SseEvent {
+/// An event's JSON as the streams send it.
+fn event_data(e: &Event) -> String {
     let mut data = serde_json::to_value(&e.kind).unwrap_or_default();
     if let Value::Object(m) = &mut data {
         m.insert("seq".into(), json!(e.seq));
@@ -528,10 +529,23 @@ fn sse_of_event(e: &Event) -> SseEvent {
         m.insert("at".into(), json!(rfc3339(e.at)));
         m.insert("state".into(), json!(e.state));
     }
+    data.to_string()
+}
+
+fn sse_with(e: &Event, data: &str) -> SseEvent {
     SseEvent::default()
         .id(e.seq.to_string())
         .event(e.kind.name())
-        .data(data.to_string())
+        .data(data)
+}
+
+fn sse_of_event(e: &Event) -> SseEvent {
+    sse_with(e, &event_data(e))
+}
+
+/// A live event, serialised once for every stream.
+fn sse_of_published(p: &crate::bus::Published) -> SseEvent {
+    sse_with(p, p.wire(event_data))
 }
 
 /// The terminal event itself, not another event of the same transition (an
@@ -578,7 +592,8 @@ async fn job_events(
             };
             match next {
                 Ok(BusEvent::Persisted(e)) if e.job_id == job.id && e.seq > last => {
-                    if !send_persisted(&tx, std::slice::from_ref(&*e), &mut last).await {
+                    last = e.seq;
+                    if tx.send(sse_of_published(&e)).await.is_err() || ends_stream(&e) {
                         return;
                     }
                 }
@@ -664,7 +679,7 @@ async fn all_events(
             match next {
                 Ok(BusEvent::Persisted(e)) if e.seq == last + 1 => {
                     last = e.seq;
-                    if tx.send(sse_of_event(&e)).await.is_err() {
+                    if tx.send(sse_of_published(&e)).await.is_err() {
                         return;
                     }
                 }

@@ -11,13 +11,46 @@ use tokio::sync::broadcast;
 
 #[derive(Clone, Debug)]
 pub enum BusEvent {
-    Persisted(Arc<Event>),
+    Persisted(Arc<Published>),
     Live(Arc<LiveEvent>),
     /// A change in a backend's health (blocks, circuit, stuck), for the global stream.
     Backend(Arc<BackendEvent>),
 }
 
+/// A committed event as it goes out: its wire form is made once, by the first stream
+/// that sends it, and shared by all the others (200 subscribers, one serialisation).
+#[derive(Debug)]
+pub struct Published {
+    pub event: Event,
+    wire: std::sync::OnceLock<String>,
+}
+
+impl Published {
+    pub fn new(event: Event) -> Published {
+        Published {
+            event,
+            wire: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The event's JSON as streams send it, made by `make` the first time.
+    pub fn wire(&self, make: impl FnOnce(&Event) -> String) -> &str {
+        self.wire.get_or_init(|| make(&self.event))
+    }
+}
+
+impl std::ops::Deref for Published {
+    type Target = Event;
+    fn deref(&self) -> &Event {
+        &self.event
+    }
+}
+
 impl BusEvent {
+    pub fn persisted(event: Event) -> BusEvent {
+        BusEvent::Persisted(Arc::new(Published::new(event)))
+    }
+
     /// The job it is about, if any.
     pub fn job_id(&self) -> Option<&JobId> {
         match self {

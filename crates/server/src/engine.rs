@@ -483,7 +483,7 @@ impl Engine {
             match self.inner.store.append_events(job, now, &on_job).await {
                 Ok(persisted) => {
                     for event in persisted {
-                        self.inner.bus.publish(BusEvent::Persisted(Arc::new(event)));
+                        self.inner.bus.publish(BusEvent::persisted(event));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot record a block"),
@@ -548,9 +548,7 @@ impl Engine {
         if let Created::New(event) = &created {
             self.queue().note(&job, &self.inner.config.timeouts);
             self.remember(&job);
-            self.inner
-                .bus
-                .publish(BusEvent::Persisted(Arc::new(event.clone())));
+            self.inner.bus.publish(BusEvent::persisted(event.clone()));
             self.wake_scheduler();
         }
         Ok(created)
@@ -583,7 +581,7 @@ impl Engine {
                         Ok(events) => {
                             self.queue().note(&applied.job, &self.inner.config.timeouts);
                             for event in events {
-                                self.inner.bus.publish(BusEvent::Persisted(Arc::new(event)));
+                                self.inner.bus.publish(BusEvent::persisted(event));
                             }
                             self.carry_out(&applied.job, applied.effects);
                             if applied.job.state != JobState::Running {
@@ -622,7 +620,7 @@ impl Engine {
                             )
                             .await?;
                         for event in events {
-                            self.inner.bus.publish(BusEvent::Persisted(Arc::new(event)));
+                            self.inner.bus.publish(BusEvent::persisted(event));
                         }
                     }
                     return Ok(Applied::Refused(refused, Arc::unwrap_or_clone(job)));

@@ -223,3 +223,66 @@ fn bench_throughput_runs_cached_jobs_through_the_real_protocol() {
     assert_eq!(r["latency_ms"]["n"], 40);
     assert!(r["jobs_per_s_overall"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn bench_engine_runs_every_job_through_the_store() {
+    let r = bench(&["engine", "--jobs", "500", "--backends", "8"]);
+    assert_eq!(r["events"], 2500, "five committed events a job");
+    assert_eq!(r["submit_ack_ms"]["n"], 500);
+}
+
+#[test]
+fn bench_failover_detects_every_fault_and_every_job_succeeds() {
+    let r = bench(&["failover", "--backends", "4", "--jobs", "12"]);
+    assert_eq!(r["succeeded"], 12, "{r:#}");
+    // One backend of four hangs and one stalls: the first jobs there must fault.
+    assert!(r["all"]["faults"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(
+        r["all"]["faults"], r["all"]["detection_lag_ms"]["n"],
+        "every fault measured: {r:#}"
+    );
+}
+
+#[test]
+fn bench_restart_loses_no_job_and_runs_none_twice() {
+    let r = bench(&[
+        "restart",
+        "--queued",
+        "30",
+        "--running",
+        "6",
+        "--job-ms",
+        "500",
+    ]);
+    assert_eq!(r["end_state"]["clean"], true, "{r:#}");
+    assert_eq!(r["end_state"]["succeeded_once"], 36, "{r:#}");
+}
+
+#[test]
+fn bench_scale_keeps_queued_jobs_parked_and_streams_every_event_in_order() {
+    let r = bench(&[
+        "scale",
+        "--backends",
+        "1,3",
+        "--queued",
+        "50,200",
+        "--subscribers",
+        "1,4",
+        "--probes",
+        "3",
+        "--equal-probes",
+        "2",
+        "--fanout-jobs",
+        "20",
+    ]);
+    for run in r["backends"]["runs"].as_array().unwrap() {
+        assert_eq!(run["all_connected"], true, "{run:#}");
+    }
+    for run in r["queue"]["runs"].as_array().unwrap() {
+        assert_eq!(run["all_parked"], true, "{run:#}");
+        assert_eq!(run["probes"]["equal"]["starved"], false, "{run:#}");
+    }
+    for run in r["fanout"]["runs"].as_array().unwrap() {
+        assert_eq!(run["complete_in_order"], run["subscribers"], "{run:#}");
+    }
+}
