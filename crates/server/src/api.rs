@@ -785,6 +785,7 @@ async fn list_backends(State(engine): State<Engine>) -> Json<Value> {
                 "status": status,
                 "current_job": b.current.as_ref().map(|(j, _)| j),
                 "current_attempt": b.current.as_ref().map(|(_, n)| n),
+                "next_job": b.next.as_ref().map(|(j, _)| j),
                 "last_seen": b.last_seen.map(rfc3339),
                 "last_used": (b.last_used > 0).then(|| rfc3339(b.last_used)),
                 "last_error": b.last_error,

@@ -100,6 +100,9 @@ pub struct Config {
     pub max_attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Queue the next job on a backend while its current one runs, so the GPU never waits
+    /// for the orchestrator between two prompts.
+    pub pipeline: bool,
 }
 
 impl Config {
@@ -124,6 +127,7 @@ impl Config {
             max_attempts: 3,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
+            pipeline: true,
         }
     }
 
@@ -173,6 +177,9 @@ impl Config {
         }
         if let Some(n) = file.circuit_threshold {
             self.health.circuit_threshold = n;
+        }
+        if let Some(v) = file.pipeline {
+            self.pipeline = v;
         }
         if let Some(v) = d("backoff_base", &file.backoff_base)? {
             self.backoff_base = v;
@@ -305,6 +312,7 @@ struct FileConfig {
     circuit_threshold: Option<u32>,
     backoff_base: Option<String>,
     backoff_max: Option<String>,
+    pipeline: Option<bool>,
     #[serde(default)]
     timeouts: FileTimeouts,
     #[serde(default)]

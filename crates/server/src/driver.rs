@@ -127,6 +127,16 @@ struct Driver {
     client: Option<Client>,
     session: Option<Session>,
     current: Option<Current>,
+    /// The next attempt, already queued on the backend behind `current` so the GPU
+    /// starts it the moment `current` ends (pipelining). Watched once promoted.
+    next: Option<Current>,
+    /// `current` and `next` are swapped so that code written for `current` acts on
+    /// `next`; ending it then empties the slot without promoting anything.
+    swapped: bool,
+    /// `next` became `current`: find out where it stands.
+    promoted: bool,
+    /// `current` was given up on: take `next` back off the backend.
+    evict_next: bool,
     reconnect_at: Instant,
     backoff: Duration,
     /// The last sign of life from the backend: a frame, or an answer to a request.
@@ -161,6 +171,10 @@ pub async fn run(engine: Engine, name: String, mut commands: mpsc::UnboundedRece
         client,
         session: None,
         current: None,
+        next: None,
+        swapped: false,
+        promoted: false,
+        evict_next: false,
         reconnect_at: now,
         backoff: BACKOFF_MIN,
         last_contact: now,
@@ -182,6 +196,12 @@ pub async fn run(engine: Engine, name: String, mut commands: mpsc::UnboundedRece
             },
             ev = next_event(&mut d.session) => d.on_event(ev).await,
             _ = tokio::time::sleep_until(wake) => d.on_wake().await,
+        }
+        if std::mem::take(&mut d.evict_next) {
+            d.evict().await;
+        }
+        if std::mem::take(&mut d.promoted) {
+            d.after_promotion().await;
         }
     }
 }
@@ -587,7 +607,24 @@ impl Driver {
         match cmd {
             Command::Run(a) => {
                 if let Some(cur) = &self.current {
-                    tracing::error!(backend = %self.name, running = %cur.a.job_id, job_id = %a.job_id, "asked to run a second attempt");
+                    // Behind a running prompt (or adopted after a restart): queue it on
+                    // the backend now, so no GPU time is lost between the two.
+                    let pipelined = self.next.is_none()
+                        && (a.adopt
+                            || (cur.stage == Stage::Executing
+                                && cur.draining.is_none()
+                                && cur.stopping.is_none()));
+                    if pipelined {
+                        let adopt = a.adopt;
+                        self.next = Some(self.new_current(a));
+                        if !adopt {
+                            self.swap();
+                            self.submit().await;
+                            self.swap();
+                        }
+                        return;
+                    }
+                    tracing::error!(backend = %self.name, running = %cur.a.job_id, job_id = %a.job_id, "asked to run a third attempt");
                     let failure = Failure::backend(JobError::new(
                         "busy",
                         format!("{} was already running an attempt", self.name),
@@ -602,32 +639,9 @@ impl Driver {
                     .await;
                     return;
                 }
-                let stage = match a.status {
-                    AttemptStatus::Pending => Stage::Pending,
-                    AttemptStatus::Executing => Stage::Executing,
-                    _ => Stage::Submitting,
-                };
                 let adopt = a.adopt;
-                let watch = Watch::new(a.limits.clone());
-                self.current = Some(Current {
-                    a,
-                    stage,
-                    watch,
-                    stopping: None,
-                    draining: None,
-                    success_seen: false,
-                    deaf: adopt,
-                    executed_files: Vec::new(),
-                });
+                self.current = Some(self.new_current(a));
                 if adopt {
-                    let mono = self.mono();
-                    if let Some(cur) = &mut self.current {
-                        match stage {
-                            Stage::Executing => cur.watch.executing(mono),
-                            // Where it stands in the queue is learnt by the reconcile.
-                            Stage::Pending | Stage::Submitting => cur.watch.pending(vec![], mono),
-                        }
-                    }
                     if self.session.is_some() {
                         self.reconcile().await;
                     }
@@ -641,43 +655,142 @@ impl Driver {
                 prompt_id,
                 confirm,
             } => {
-                let ours = self
-                    .current
-                    .as_ref()
-                    .is_some_and(|c| c.a.job_id == job_id && c.a.attempt == attempt);
-                if !ours {
+                let is = |c: &Option<Current>| {
+                    c.as_ref()
+                        .is_some_and(|c| c.a.job_id == job_id && c.a.attempt == attempt)
+                };
+                if is(&self.next) {
+                    self.swap();
+                    self.on_stop(prompt_id, confirm).await;
+                    self.swap();
+                } else if is(&self.current) {
+                    self.on_stop(prompt_id, confirm).await;
+                } else {
                     self.stop_on_backend(&prompt_id, None).await;
-                    return;
                 }
-                let grace = self.engine.config().cancel_grace;
-                let Some(cur) = &mut self.current else { return };
-                if cur.draining.is_some() {
-                    return;
-                }
-                let stage = cur.stage;
-                if !confirm {
-                    // The attempt is already over for gantry (superseded, or past its
-                    // deadline): take it off the backend.
-                    self.stop_on_backend(&prompt_id, Some(stage)).await;
-                    self.drain(Instant::now());
-                    return;
-                }
-                cur.stopping = Some(Stopping {
-                    until: Instant::now() + grace,
-                });
-                if self.session.is_some() {
-                    match stage {
-                        Stage::Submitting => {}
-                        Stage::Pending => self.dequeue_for_cancel().await,
-                        Stage::Executing => {
-                            if let Some(client) = &self.client {
-                                let _ = client.interrupt(Some(&prompt_id)).await;
-                            }
-                        }
+            }
+        }
+    }
+
+    /// Stop `current` (`confirm`: a cancel waiting for the backend's word).
+    async fn on_stop(&mut self, prompt_id: String, confirm: bool) {
+        let grace = self.engine.config().cancel_grace;
+        let Some(cur) = &mut self.current else { return };
+        if cur.draining.is_some() {
+            return;
+        }
+        let stage = cur.stage;
+        if !self.swapped {
+            // A prompt being stopped takes nothing behind it.
+            self.set_accepts_next(false);
+        }
+        let Some(cur) = &mut self.current else { return };
+        if !confirm {
+            // The attempt is already over for gantry (superseded, or past its
+            // deadline): take it off the backend.
+            self.stop_on_backend(&prompt_id, Some(stage)).await;
+            self.drain(Instant::now());
+            return;
+        }
+        cur.stopping = Some(Stopping {
+            until: Instant::now() + grace,
+        });
+        if self.session.is_some() {
+            match stage {
+                Stage::Submitting => {}
+                Stage::Pending => self.dequeue_for_cancel().await,
+                Stage::Executing => {
+                    if let Some(client) = &self.client {
+                        let _ = client.interrupt(Some(&prompt_id)).await;
                     }
                 }
             }
         }
+    }
+
+    /// The attempt as the driver starts following it.
+    fn new_current(&self, a: Box<Assignment>) -> Current {
+        let stage = match a.status {
+            AttemptStatus::Pending => Stage::Pending,
+            AttemptStatus::Executing => Stage::Executing,
+            _ => Stage::Submitting,
+        };
+        let adopt = a.adopt;
+        let mut watch = Watch::new(a.limits.clone());
+        if adopt {
+            let mono = self.mono();
+            match stage {
+                Stage::Executing => watch.executing(mono),
+                // Where it stands in the queue is learnt by the reconcile.
+                Stage::Pending | Stage::Submitting => watch.pending(vec![], mono),
+            }
+        }
+        Current {
+            a,
+            stage,
+            watch,
+            stopping: None,
+            draining: None,
+            success_seen: false,
+            deaf: adopt,
+            executed_files: Vec::new(),
+        }
+    }
+
+    fn swap(&mut self) {
+        std::mem::swap(&mut self.current, &mut self.next);
+        self.swapped = !self.swapped;
+    }
+
+    /// Tell the scheduler whether this backend takes a next prompt behind its current one.
+    fn set_accepts_next(&self, yes: bool) {
+        let changed = match self.engine.backends().get_mut(&self.name) {
+            Some(b) if b.accepts_next != yes => {
+                b.accepts_next = yes;
+                true
+            }
+            _ => false,
+        };
+        if changed && yes {
+            self.engine.wake_scheduler();
+        }
+    }
+
+    /// The promoted attempt is at the head of the backend's queue, or already running.
+    async fn after_promotion(&mut self) {
+        let mono = self.mono();
+        let Some(cur) = &mut self.current else { return };
+        if cur.draining.is_none() && cur.stage == Stage::Pending {
+            cur.watch.pending(vec![], mono);
+        }
+        if self.session.is_some() {
+            self.reconcile().await;
+        }
+    }
+
+    /// `current` was given up on and the backend may be stuck behind it: take `next` off
+    /// the backend and give its job back to the queue.
+    async fn evict(&mut self) {
+        let Some(next) = &self.next else { return };
+        let (job_id, attempt, pid, stage) = (
+            next.a.job_id.clone(),
+            next.a.attempt,
+            next.a.prompt_id.clone(),
+            next.stage,
+        );
+        self.swap();
+        self.stop_on_backend(&pid, Some(stage)).await;
+        let failure = Failure::backend(JobError::new(
+            "backend_gave_up",
+            format!(
+                "taken back from {}: the prompt ahead of it there was stopped",
+                self.name
+            ),
+        ));
+        self.apply(&job_id, Input::Failed { attempt, failure })
+            .await;
+        self.end_attempt();
+        self.swap();
     }
 
     /// Delete our pending prompt, then confirm it is gone (it may have started or finished
@@ -869,7 +982,11 @@ impl Driver {
         cur.stage = Stage::Executing;
         cur.watch.executing(mono);
         let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
+        let ready = cur.stopping.is_none() && !self.swapped;
         self.apply(&job_id, Input::Started { attempt }).await;
+        if ready && self.engine.config().pipeline {
+            self.set_accepts_next(true);
+        }
     }
 
     async fn end_marker(&mut self) {
@@ -1100,6 +1217,12 @@ impl Driver {
     }
 
     fn drain(&mut self, since: Instant) {
+        if !self.swapped {
+            self.evict_next = self.next.is_some();
+            if let Some(b) = self.engine.backends().get_mut(&self.name) {
+                b.accepts_next = false;
+            }
+        }
         let Some(cur) = &mut self.current else { return };
         cur.watch.disarm();
         cur.stopping = None;
@@ -1187,11 +1310,21 @@ impl Driver {
             self.engine.set_stuck(&self.name, None);
         }
         if let Some(b) = self.engine.backends().get_mut(&self.name) {
-            if b.current
-                .as_ref()
-                .is_some_and(|(j, n)| *j == cur.a.job_id && *n == cur.a.attempt)
-            {
+            let this = |slot: &Option<(JobId, u32)>| {
+                slot.as_ref()
+                    .is_some_and(|(j, n)| *j == cur.a.job_id && *n == cur.a.attempt)
+            };
+            if this(&b.current) {
                 b.current = None;
+            }
+            if this(&b.next) {
+                b.next = None;
+            }
+            if !self.swapped {
+                b.accepts_next = false;
+                if b.current.is_none() {
+                    b.current = b.next.take();
+                }
             }
             b.last_used = now_ms();
             for model in cur.a.models.iter().rev() {
@@ -1199,6 +1332,12 @@ impl Driver {
                 b.warm_models.insert(0, model.clone());
             }
             b.warm_models.truncate(16);
+        }
+        if !self.swapped {
+            if let Some(next) = self.next.take() {
+                self.current = Some(next);
+                self.promoted = true;
+            }
         }
         self.engine.wake_scheduler();
     }

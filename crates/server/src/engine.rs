@@ -59,6 +59,10 @@ pub struct BackendState {
     pub last_used: Millis,
     /// The attempt it is running (reserved by the scheduler before the dispatch commits).
     pub current: Option<(JobId, u32)>,
+    /// The attempt queued on it behind `current` (pipelining), promoted when it ends.
+    pub next: Option<(JobId, u32)>,
+    /// Its driver takes a next attempt: `current` is executing and not being stopped.
+    pub accepts_next: bool,
     pub last_seen: Option<Millis>,
     pub last_error: Option<String>,
     /// Blocks per workflow shape and the circuit breaker.
@@ -79,6 +83,8 @@ impl BackendState {
             warm_models: Vec::new(),
             last_used: 0,
             current: None,
+            next: None,
+            accepts_next: false,
             last_seen: None,
             last_error: None,
             health: Health::default(),
@@ -310,7 +316,13 @@ impl Engine {
         };
         // Jobs left running by a previous process go back to their backend's driver,
         // which reconciles them with the backend before anything new is dispatched there.
-        for job in engine.inner.store.running_jobs().await? {
+        // The attempt already executing on a backend is adopted first, as its `current`.
+        let mut running = engine.inner.store.running_jobs().await?;
+        running.sort_by_key(|j| {
+            j.live_attempt()
+                .is_none_or(|a| a.status != gantry_core::AttemptStatus::Executing)
+        });
+        for job in running {
             engine.recover(job).await?;
         }
         {
@@ -667,7 +679,13 @@ impl Engine {
             let mut backends = self.backends();
             match backends.get_mut(&attempt.backend) {
                 Some(b) => {
-                    b.current = Some((job.id.clone(), attempt.number));
+                    // Two attempts on one backend: the second was pipelined behind the first.
+                    let slot = (job.id.clone(), attempt.number);
+                    if b.current.is_none() {
+                        b.current = Some(slot);
+                    } else {
+                        b.next = Some(slot);
+                    }
                     let limits = self.limits_for(&job, &attempt.backend);
                     let assignment = Assignment::new(&job, &attempt, limits, true);
                     b.commands.send(Command::Run(Box::new(assignment))).is_ok()
@@ -761,11 +779,12 @@ impl Engine {
             }
             due
         };
+        let pipeline = self.inner.config.pipeline;
         let idle = |backends: &IndexMap<String, BackendState>| {
             backends.values().any(|b| {
                 b.connection == Connection::Connected
-                    && b.current.is_none()
                     && b.health.accepts_work()
+                    && (b.current.is_none() || (pipeline && b.accepts_next && b.next.is_none()))
             })
         };
         let earliest = |next: Option<Millis>, q: &QueueIndex| {
@@ -810,28 +829,49 @@ impl Engine {
                 if !sweep && !idle(&backends) {
                     break;
                 }
-                let candidates: Vec<Candidate<'_>> = backends
-                    .values()
-                    .map(|b| Candidate {
-                        blocked: !b.health.accepts_work()
-                            || hash.as_deref().is_some_and(|h| b.health.is_blocked(h, now)),
-                        name: &b.config.name,
-                        priority: b.config.priority,
-                        tags: &b.config.tags,
-                        classes: b.classes.as_deref(),
-                        idle: b.connection == Connection::Connected && b.current.is_none(),
-                        warm_models: &b.warm_models,
-                        last_used: b.last_used,
-                    })
-                    .collect();
-                let choice = match routing::choose(&job, &candidates) {
-                    Choice::Run(idx) => Ok(candidates[idx].name.to_owned()),
-                    other => Err(other),
-                };
+                // An idle backend first; else one whose running prompt can have this
+                // one queued behind it.
+                let mut choice = Err(Choice::Wait(routing::Waiting::Busy));
+                let mut behind = false;
+                for second in [false, true] {
+                    if second && !(pipeline && matches!(choice, Err(Choice::Wait(_)))) {
+                        break;
+                    }
+                    let candidates: Vec<Candidate<'_>> = backends
+                        .values()
+                        .map(|b| Candidate {
+                            blocked: !b.health.accepts_work()
+                                || hash.as_deref().is_some_and(|h| b.health.is_blocked(h, now)),
+                            name: &b.config.name,
+                            priority: b.config.priority,
+                            tags: &b.config.tags,
+                            classes: b.classes.as_deref(),
+                            idle: b.connection == Connection::Connected
+                                && if second {
+                                    b.current.is_some() && b.accepts_next && b.next.is_none()
+                                } else {
+                                    b.current.is_none()
+                                },
+                            warm_models: &b.warm_models,
+                            last_used: b.last_used,
+                        })
+                        .collect();
+                    choice = match routing::choose(&job, &candidates) {
+                        Choice::Run(idx) => Ok(candidates[idx].name.to_owned()),
+                        other => Err(other),
+                    };
+                    behind = second;
+                }
                 if let Ok(backend) = &choice {
                     if let Some(b) = backends.get_mut(backend) {
                         // Reserve before the dispatch commits, so no other job takes it.
-                        b.current = Some((job.id.clone(), job.attempts.len() as u32 + 1));
+                        let slot = Some((job.id.clone(), job.attempts.len() as u32 + 1));
+                        if behind {
+                            b.next = slot;
+                            b.accepts_next = false;
+                        } else {
+                            b.current = slot;
+                        }
                         b.last_used = now;
                     }
                 }
@@ -900,6 +940,7 @@ impl Engine {
 
     async fn dispatch(&self, job: &Job, backend: &str) -> Result<(), Error> {
         let prompt_id = uuid::Uuid::new_v4().to_string();
+        let reserved = (job.id.clone(), job.attempts.len() as u32 + 1);
         let applied = self
             .apply(
                 &job.id,
@@ -913,22 +954,32 @@ impl Engine {
         let Some(b) = backends.get_mut(backend) else {
             return Ok(());
         };
+        // The reservation may have moved from `next` to `current` meanwhile (the prompt
+        // ahead ended): clear it wherever it is.
+        let release = |b: &mut BackendState| {
+            if b.current.as_ref() == Some(&reserved) {
+                b.current = b.next.take();
+            } else if b.next.as_ref() == Some(&reserved) {
+                b.next = None;
+            }
+        };
         match applied {
             Ok(Applied::Changed(job)) => {
                 if let Some(attempt) = job.live_attempt() {
                     let limits = self.limits_for(&job, backend);
                     let assignment = Assignment::new(&job, attempt, limits, false);
-                    b.current = Some((job.id.clone(), attempt.number));
                     let _ = b.commands.send(Command::Run(Box::new(assignment)));
+                } else {
+                    release(b);
                 }
                 Ok(())
             }
             Ok(Applied::Refused(..)) => {
-                b.current = None;
+                release(b);
                 Ok(())
             }
             Err(e) => {
-                b.current = None;
+                release(b);
                 Err(e)
             }
         }

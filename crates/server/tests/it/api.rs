@@ -122,8 +122,13 @@ async fn an_idempotency_key_answers_the_same_job_or_a_conflict() {
 #[tokio::test]
 async fn cancel_a_queued_job_at_once_and_a_running_one_on_the_backend() {
     // A cancel that the backend never confirmed would take this long: far past the test's
-    // bound, so only a confirmed interrupt passes.
-    let app = spawn_app(1, |c| c.cancel_grace = Duration::from_secs(20)).await;
+    // bound, so only a confirmed interrupt passes. No pipelining, so the second job waits
+    // in gantry's own queue (a pipelined one is cancelled in pipeline.rs).
+    let app = spawn_app(1, |c| {
+        c.cancel_grace = Duration::from_secs(20);
+        c.pipeline = false;
+    })
+    .await;
 
     // 600 simulated seconds: 30 s of real time, far longer than the test.
     let running = app

@@ -5,5 +5,6 @@ mod api;
 mod chaos;
 mod engine;
 mod failover;
+mod pipeline;
 mod seeds;
 mod support;
