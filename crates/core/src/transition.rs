@@ -397,9 +397,23 @@ pub fn transition(
             let given_up = a.error.take();
             a.status = AttemptStatus::Succeeded;
             a.finished_at = Some(now);
+            let backend = a.backend.clone();
+            // A prompt can end before gantry saw it accepted or started (a cached one, or
+            // an end found by a reconcile): the stream still tells every step, in order.
+            if is_current && a.submitted_at.is_none() {
+                events.push(EventKind::Submitted {
+                    attempt,
+                    backend: backend.clone(),
+                });
+            }
+            if is_current && a.started_at.is_none() {
+                events.push(EventKind::Started {
+                    attempt,
+                    backend: backend.clone(),
+                });
+            }
             a.started_at.get_or_insert(now);
             a.submitted_at.get_or_insert(now);
-            let backend = a.backend.clone();
             next.state = JobState::Succeeded;
             next.outputs = outputs;
             next.error = None;
@@ -688,6 +702,25 @@ mod tests {
                 "succeeded #1 Succeeded v5"
             ]
         );
+    }
+
+    #[test]
+    fn a_success_seen_before_the_start_still_tells_every_step() {
+        let j = apply(&dispatch(&job(1), "a"), Input::Submitted { attempt: 1 });
+        let applied = transition(
+            &j,
+            Input::Succeeded {
+                attempt: 1,
+                outputs: vec![],
+            },
+            10,
+            &Policy::default(),
+        )
+        .unwrap();
+        let names: Vec<&str> = applied.events.iter().map(EventKind::name).collect();
+        assert_eq!(names, ["started", "succeeded"]);
+        let a = applied.job.current_attempt().unwrap();
+        assert_eq!((a.submitted_at, a.started_at), (Some(10), Some(10)));
     }
 
     #[test]
