@@ -66,6 +66,9 @@ pub enum FailureKind {
     /// The backend lacks something another backend may have: exclude it for this job and
     /// route elsewhere, without using up an attempt.
     Missing,
+    /// Taken back before it ran because of another prompt (one gantry gave up on, ahead
+    /// of it in the backend's queue): retry at once, without using up an attempt.
+    Displaced,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -446,7 +449,7 @@ pub fn transition(
             a.status = AttemptStatus::Failed;
             a.finished_at = Some(now);
             a.error = Some(failure.error.clone());
-            a.counted = failure.kind != FailureKind::Missing;
+            a.counted = matches!(failure.kind, FailureKind::Backend | FailureKind::Workflow);
             let backend = a.backend.clone();
             if let Some(reason) = failure.exclude {
                 let exclusion = Exclusion {
@@ -462,7 +465,7 @@ pub fn transition(
                 && match failure.kind {
                     FailureKind::Workflow => false,
                     FailureKind::Backend => used < max_attempts,
-                    FailureKind::Missing => true,
+                    FailureKind::Missing | FailureKind::Displaced => true,
                 };
             events.push(EventKind::AttemptFailed {
                 attempt,
@@ -477,7 +480,7 @@ pub fn transition(
                 });
             } else if retry {
                 let delay_ms = match failure.kind {
-                    FailureKind::Missing => 0,
+                    FailureKind::Missing | FailureKind::Displaced => 0,
                     FailureKind::Backend | FailureKind::Workflow => {
                         policy.retry_delay_ms(&job.id, used)
                     }
@@ -721,6 +724,22 @@ mod tests {
         assert_eq!(names, ["started", "succeeded"]);
         let a = applied.job.current_attempt().unwrap();
         assert_eq!((a.submitted_at, a.started_at), (Some(10), Some(10)));
+    }
+
+    #[test]
+    fn a_displaced_attempt_is_retried_at_once_and_not_counted() {
+        let j = apply(&dispatch(&job(1), "a"), Input::Submitted { attempt: 1 });
+        let j = apply(
+            &j,
+            Input::Failed {
+                attempt: 1,
+                failure: fail(FailureKind::Displaced),
+            },
+        );
+        assert_eq!(j.state, JobState::Queued, "one attempt allowed, none used");
+        assert_eq!(j.not_before, 10, "no backoff");
+        assert!(!j.attempts[0].counted);
+        assert!(j.excluded.is_empty(), "the backend is not excluded");
     }
 
     #[test]

@@ -780,13 +780,17 @@ impl Driver {
         );
         self.swap();
         self.stop_on_backend(&pid, Some(stage)).await;
-        let failure = Failure::backend(JobError::new(
-            "backend_gave_up",
-            format!(
-                "taken back from {}: the prompt ahead of it there was stopped",
-                self.name
+        let failure = Failure {
+            kind: FailureKind::Displaced,
+            error: JobError::new(
+                "displaced",
+                format!(
+                    "taken back from {} before it ran: the prompt ahead of it there was stopped",
+                    self.name
+                ),
             ),
-        ));
+            exclude: None,
+        };
         self.apply(&job_id, Input::Failed { attempt, failure })
             .await;
         self.end_attempt();

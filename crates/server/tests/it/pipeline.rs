@@ -156,7 +156,7 @@ async fn a_job_behind_a_stalled_prompt_is_taken_back_and_retried() {
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let attempts = job["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{job:#}");
-    assert_eq!(attempts[0]["error"]["code"], "backend_gave_up", "{job:#}");
+    assert_eq!(attempts[0]["error"]["code"], "displaced", "{job:#}");
     let job = app.wait_terminal(&stalled).await;
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert_eq!(job["attempts"][0]["error"]["code"], "timeout", "{job:#}");
