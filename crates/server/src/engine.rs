@@ -114,15 +114,30 @@ type QueueKey = (Reverse<i32>, Millis, JobId);
 /// stuck behind any number of jobs that must wait. Kept by `submit` and `apply`; a
 /// version check keeps a slow writer from putting back an older state, and a dispatch
 /// refused for a stale entry fixes it.
+///
+/// The whole job is kept only while the queue is short (`HOT`): beyond that an entry is
+/// its key and a few numbers, and the scheduler reads the job from the store when it
+/// reaches the head of its group, so a deep queue costs little memory per job.
 #[derive(Default)]
 struct QueueIndex {
-    groups: HashMap<u64, BTreeMap<QueueKey, Arc<Job>>>,
+    groups: HashMap<u64, BTreeMap<QueueKey, Entry>>,
     keys: HashMap<JobId, (u64, QueueKey, Option<Millis>)>,
     /// Jobs with a deadline or queue timeout, by when the first of them ends.
     expiries: std::collections::BTreeSet<(Millis, JobId)>,
 }
 
+/// One queued job in the index.
+struct Entry {
+    version: u64,
+    not_before: Millis,
+    /// The job itself, while the queue is short.
+    job: Option<Arc<Job>>,
+}
+
 impl QueueIndex {
+    /// Up to this many queued jobs are kept whole.
+    const HOT: usize = 4096;
+
     fn key(job: &Job) -> QueueKey {
         (Reverse(job.spec.priority), job.created_at, job.id.clone())
     }
@@ -183,7 +198,7 @@ impl QueueIndex {
                 .groups
                 .get(g)
                 .and_then(|m| m.get(k))
-                .is_some_and(|j| j.version > job.version);
+                .is_some_and(|e| e.version > job.version);
             if newer {
                 return;
             }
@@ -205,11 +220,16 @@ impl QueueIndex {
             if let Some(at) = expiry {
                 self.expiries.insert((at, job.id.clone()));
             }
+            let hot = self.keys.len() < Self::HOT;
             self.keys.insert(job.id.clone(), (g, k.clone(), expiry));
-            self.groups
-                .entry(g)
-                .or_default()
-                .insert(k, Arc::new(job.clone()));
+            self.groups.entry(g).or_default().insert(
+                k,
+                Entry {
+                    version: job.version,
+                    not_before: job.not_before,
+                    job: hot.then(|| Arc::new(job.clone())),
+                },
+            );
         }
     }
 
@@ -221,20 +241,26 @@ impl QueueIndex {
         after: Option<&QueueKey>,
         now: Millis,
         next: &mut Option<Millis>,
-    ) -> Option<Arc<Job>> {
+    ) -> Option<QueueKey> {
         use std::ops::Bound;
         let m = self.groups.get(&g)?;
         let from = match after {
             Some(k) => Bound::Excluded(k.clone()),
             None => Bound::Unbounded,
         };
-        for job in m.range((from, Bound::Unbounded)).map(|(_, j)| j) {
-            if job.not_before <= now {
-                return Some(job.clone());
+        for (key, e) in m.range((from, Bound::Unbounded)) {
+            if e.not_before <= now {
+                return Some(key.clone());
             }
-            *next = Some(next.map_or(job.not_before, |n| n.min(job.not_before)));
+            *next = Some(next.map_or(e.not_before, |n| n.min(e.not_before)));
         }
         None
+    }
+
+    /// The whole job, when the index keeps it.
+    fn hot(&self, id: &JobId) -> Option<Arc<Job>> {
+        let (g, k, _) = self.keys.get(id)?;
+        self.groups.get(g)?.get(k)?.job.clone()
     }
 
     fn len(&self) -> usize {
@@ -399,7 +425,8 @@ impl Engine {
     /// Keep `job` as the newest known state, or forget it once it is over.
     fn remember(&self, job: &Job) {
         let mut live = self.live();
-        if job.state.is_terminal() {
+        // Queued jobs are the queue index's to keep (whole only while the queue is short).
+        if job.state.is_terminal() || job.state == JobState::Queued {
             live.remove(&job.id);
         } else if live.get(&job.id).is_none_or(|j| j.version <= job.version) {
             live.insert(job.id.clone(), Arc::new(job.clone()));
@@ -568,7 +595,8 @@ impl Engine {
 
     /// Apply `input` to job `id`: recompute on a concurrent change, record late inputs.
     pub async fn apply(&self, id: &JobId, input: Input) -> Result<Applied, Error> {
-        let mut cached = self.live().get(id).cloned();
+        let live = self.live().get(id).cloned();
+        let mut cached = live.or_else(|| self.queue().hot(id));
         loop {
             let from_cache = cached.is_some();
             let job = match cached.take() {
@@ -803,8 +831,8 @@ impl Engine {
         {
             let q = self.queue();
             for g in q.groups.keys() {
-                if let Some(job) = q.eligible(*g, None, now, &mut next) {
-                    heads.push(Reverse((QueueIndex::key(&job), *g)));
+                if let Some(key) = q.eligible(*g, None, now, &mut next) {
+                    heads.push(Reverse((key, *g)));
                 }
             }
         }
@@ -814,14 +842,22 @@ impl Engine {
             .any(|b| !b.health.blocks().is_empty() || !b.health.accepts_work());
         let mut dispatches = Vec::new();
         while let Some(Reverse((key, g))) = heads.pop() {
-            let Some(job) = self
-                .queue()
-                .groups
-                .get(&g)
-                .and_then(|m| m.get(&key))
-                .cloned()
-            else {
-                continue;
+            let hot = self.queue().hot(&key.2);
+            let job = match hot {
+                Some(job) => job,
+                None => match self.inner.store.job(&key.2).await? {
+                    Some(job) if job.state == JobState::Queued => Arc::new(job),
+                    other => {
+                        // The index was behind the store: take the stored state.
+                        if let Some(job) = other {
+                            self.queue().note(&job, &self.inner.config.timeouts);
+                        }
+                        if let Some(key) = self.queue().eligible(g, Some(&key), now, &mut next) {
+                            heads.push(Reverse((key, g)));
+                        }
+                        continue;
+                    }
+                },
             };
             let hash = any_blocks.then(|| job.spec.workflow.shape_hash());
             let choice = {
@@ -890,8 +926,8 @@ impl Engine {
                 Err(Choice::Run(_) | Choice::Wait(_)) => false,
             };
             if go_on {
-                if let Some(job) = self.queue().eligible(g, Some(&key), now, &mut next) {
-                    heads.push(Reverse((QueueIndex::key(&job), g)));
+                if let Some(key) = self.queue().eligible(g, Some(&key), now, &mut next) {
+                    heads.push(Reverse((key, g)));
                 }
             }
         }
@@ -910,18 +946,22 @@ impl Engine {
 
     /// Fail the queued jobs whose deadline or queue timeout has passed.
     async fn expire_queued(&self, now: Millis) -> Result<(), Error> {
-        let due: Vec<Arc<Job>> = {
-            let q = self.queue();
-            q.expiries
-                .iter()
-                .take_while(|(at, _)| *at <= now)
-                .filter_map(|(_, id)| {
-                    let (g, k, _) = q.keys.get(id)?;
-                    q.groups.get(g)?.get(k).cloned()
-                })
-                .collect()
-        };
-        for job in due {
+        let due: Vec<JobId> = self
+            .queue()
+            .expiries
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, id)| id.clone())
+            .collect();
+        for id in due {
+            let hot = self.queue().hot(&id);
+            let job = match hot {
+                Some(job) => job,
+                None => match self.inner.store.job(&id).await? {
+                    Some(job) => Arc::new(job),
+                    None => continue,
+                },
+            };
             let timeouts = job.spec.timeouts.or(&self.inner.config.timeouts);
             if let Some(limit) = timeouts.deadline_ms.filter(|ms| *ms > 0) {
                 if now - job.created_at >= limit as i64 {
