@@ -1068,7 +1068,7 @@ impl Driver {
                     return;
                 }
             };
-            let sha256 = match self.engine.outputs().put(&bytes).await {
+            let sha256 = match self.engine.outputs().put(bytes.clone()).await {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot store an output file");

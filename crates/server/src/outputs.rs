@@ -26,9 +26,11 @@ impl OutputStore {
     }
 
     /// Store `bytes` and answer their hash. Writing the same bytes twice is harmless:
-    /// the file is written beside its final name and renamed into place.
-    pub async fn put(&self, bytes: &[u8]) -> std::io::Result<String> {
-        let sha256 = hex::encode(Sha256::digest(bytes));
+    /// the file is written beside its final name and renamed into place. It is on disk
+    /// (file and directory entry synced) before this returns, because the job's success
+    /// that names it is committed next and must never point at a file a power cut lost.
+    pub async fn put(&self, bytes: bytes::Bytes) -> std::io::Result<String> {
+        let sha256 = hex::encode(Sha256::digest(&bytes));
         let dir = self.dir.join(&sha256[..2]);
         let path = dir.join(&sha256);
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
@@ -36,8 +38,16 @@ impl OutputStore {
         }
         tokio::fs::create_dir_all(&dir).await?;
         let tmp = dir.join(format!("{sha256}.{}.tmp", uuid::Uuid::new_v4()));
-        tokio::fs::write(&tmp, bytes).await?;
-        tokio::fs::rename(&tmp, &path).await?;
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         Ok(sha256)
     }
 }
