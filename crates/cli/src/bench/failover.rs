@@ -24,13 +24,13 @@
 //! The target: detection lag p99 under 250 ms past the configured limit.
 
 use super::{
-    backends_toml, follow_events, http, ms, sleep_workflow, submit, Results, ServerProc, Sims,
-    Stats, StreamEvent,
+    backends_toml, follow_events, follow_until_terminal, http, ms, sleep_workflow, submit, Results,
+    ServerProc, Sims, Stats, UntilTerminal,
 };
 use anyhow::{bail, Context};
 use gantry_sim::faults::{Fault, Kind};
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// The target for the detection lag's p99, past the limit.
@@ -224,28 +224,8 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         let body = json!({ "workflow": workflow });
         ids.push(submit(&http, &server.url, &body).await?);
     }
-    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let mut done: HashSet<String> = HashSet::new();
-    let mut log: Vec<StreamEvent> = Vec::new();
-    let deadline = tokio::time::Instant::now() + a.timeout;
-    let mut timed_out = false;
-    while done.len() < wanted.len() {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(e)) => {
-                if matches!(e.kind.as_str(), "succeeded" | "failed" | "cancelled") {
-                    if let Some(job) = e.data["job_id"].as_str().filter(|j| wanted.contains(j)) {
-                        done.insert(job.to_owned());
-                    }
-                }
-                log.push(e);
-            }
-            Ok(None) => bail!("the server's event stream ended"),
-            Err(_) => {
-                timed_out = true;
-                break;
-            }
-        }
-    }
+    let UntilTerminal { log, timed_out, .. } =
+        follow_until_terminal(&mut events, &ids, a.timeout).await?;
     let wall_s = t0.elapsed().as_secs_f64();
     let runs = sims.runs(&http).await?;
     drop(server);

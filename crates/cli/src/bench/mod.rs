@@ -11,6 +11,7 @@ mod throughput;
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -218,7 +219,7 @@ impl Sims {
         })
     }
 
-    /// Every prompt each simulator ran: `(sim index, prompt id, started µs, finished µs)`.
+    /// Every prompt each simulator ran, one list per simulator in `urls` order.
     pub async fn runs(&self, http: &reqwest::Client) -> anyhow::Result<Vec<Vec<Run>>> {
         let mut all = Vec::new();
         for url in &self.urls {
@@ -237,6 +238,7 @@ impl Sims {
                             prompt_id: r["prompt_id"].as_str().unwrap_or_default().to_owned(),
                             started_us: r["started_us"].as_i64().unwrap_or(0),
                             finished_us: r["finished_us"].as_i64().unwrap_or(0),
+                            status: r["status"].as_str().unwrap_or_default().to_owned(),
                         })
                         .collect()
                 })
@@ -252,6 +254,8 @@ pub struct Run {
     pub prompt_id: String,
     pub started_us: i64,
     pub finished_us: i64,
+    /// How it ended: `success`, `error` (an interrupt included).
+    pub status: String,
 }
 
 /// Idle gaps in ms on each backend: from the end of one prompt to the start of the next.
@@ -474,6 +478,54 @@ pub async fn follow_events(
         }
     });
     Ok(rx)
+}
+
+/// A job's terminal event kinds.
+pub fn is_terminal(kind: &str) -> bool {
+    matches!(kind, "succeeded" | "failed" | "cancelled")
+}
+
+/// What an event stream said until every job of `ids` was terminal.
+pub struct UntilTerminal {
+    /// Every event, in arrival order.
+    pub log: Vec<StreamEvent>,
+    /// The jobs of `ids` that reached a terminal state.
+    pub done: HashSet<String>,
+    /// `timeout` passed before they all did.
+    pub timed_out: bool,
+}
+
+/// Read `events` until every job of `ids` is terminal or `timeout` has passed.
+pub async fn follow_until_terminal(
+    events: &mut mpsc::UnboundedReceiver<StreamEvent>,
+    ids: &[String],
+    timeout: Duration,
+) -> anyhow::Result<UntilTerminal> {
+    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let mut followed = UntilTerminal {
+        log: Vec::new(),
+        done: HashSet::new(),
+        timed_out: false,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    while followed.done.len() < wanted.len() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(e)) => {
+                if is_terminal(&e.kind) {
+                    if let Some(job) = e.data["job_id"].as_str().filter(|j| wanted.contains(j)) {
+                        followed.done.insert(job.to_owned());
+                    }
+                }
+                followed.log.push(e);
+            }
+            Ok(None) => bail!("the server's event stream ended"),
+            Err(_) => {
+                followed.timed_out = true;
+                break;
+            }
+        }
+    }
+    Ok(followed)
 }
 
 /// A small image workflow whose middle node runs for `ms` (GantrySleep) with `steps`

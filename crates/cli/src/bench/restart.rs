@@ -22,8 +22,8 @@
 
 use super::failover::{duration, rfc3339_ms};
 use super::{
-    backends_toml, follow_events, http, ms, now_us, sleep_workflow, submit, Results, ServerProc,
-    Sims, Stats, StreamEvent,
+    backends_toml, follow_events, follow_until_terminal, http, is_terminal, ms, now_us,
+    sleep_workflow, submit, Results, ServerProc, Sims, Stats, StreamEvent, UntilTerminal,
 };
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -48,10 +48,6 @@ pub struct Args {
     /// this long.
     #[arg(long, default_value = "10m", value_parser = duration)]
     timeout: Duration,
-}
-
-fn is_terminal(kind: &str) -> bool {
-    matches!(kind, "succeeded" | "failed" | "cancelled")
 }
 
 /// An attempt the old process left in flight.
@@ -167,30 +163,13 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
     let mut events = follow_events(&http, &server.url, 0).await?;
 
     // The whole history, old process's and new one's, until every job is terminal.
-    let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let mut done: HashSet<String> = HashSet::new();
-    let mut log: Vec<StreamEvent> = Vec::new();
-    let deadline = tokio::time::Instant::now() + a.timeout;
-    let mut timed_out = false;
-    while done.len() < wanted.len() {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(e)) => {
-                if is_terminal(&e.kind) {
-                    if let Some(job) = e.data["job_id"].as_str().filter(|j| wanted.contains(j)) {
-                        done.insert(job.to_owned());
-                    }
-                }
-                log.push(e);
-            }
-            Ok(None) => bail!("the new server's event stream ended"),
-            Err(_) => {
-                timed_out = true;
-                break;
-            }
-        }
-    }
+    let UntilTerminal {
+        log,
+        done,
+        timed_out,
+    } = follow_until_terminal(&mut events, &ids, a.timeout).await?;
     let wall_s = t0.elapsed().as_secs_f64();
-    let runs = runs_with_status(&http, &sims.urls).await?;
+    let runs = sims.runs(&http).await?;
     drop(server);
 
     // Old process's events: stamped no later than the kill.
@@ -526,42 +505,4 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
             },
         }),
     })
-}
-
-/// One prompt a simulator ran, with how it ended.
-struct StatusRun {
-    prompt_id: String,
-    finished_us: i64,
-    status: String,
-}
-
-/// Every prompt each simulator ran (`/sim/runs`), with its status.
-async fn runs_with_status(
-    http: &reqwest::Client,
-    urls: &[String],
-) -> anyhow::Result<Vec<Vec<StatusRun>>> {
-    let mut all = Vec::new();
-    for url in urls {
-        let v: Value = http
-            .get(format!("{url}/sim/runs"))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let runs = v["runs"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|r| StatusRun {
-                        prompt_id: r["prompt_id"].as_str().unwrap_or_default().to_owned(),
-                        finished_us: r["finished_us"].as_i64().unwrap_or(0),
-                        status: r["status"].as_str().unwrap_or_default().to_owned(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        all.push(runs);
-    }
-    Ok(all)
 }
