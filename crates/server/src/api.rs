@@ -626,12 +626,7 @@ async fn job_events(
             }
         }
     });
-    let stream =
-        futures_util::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
-        );
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Ok(sse_of(rx))
 }
 
 #[derive(Deserialize)]
@@ -698,12 +693,19 @@ async fn all_events(
             }
         }
     });
+    Ok(sse_of(rx))
+}
+
+/// The SSE response that sends what a stream's task puts on `rx`, until it ends.
+fn sse_of(
+    rx: mpsc::Receiver<SseEvent>,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let stream =
         futures_util::stream::unfold(
             rx,
             |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
         );
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 /// Send every stored event after `last`; false once the client has left.

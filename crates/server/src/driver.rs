@@ -674,17 +674,18 @@ impl Driver {
 
     /// Stop `current` (`confirm`: a cancel waiting for the backend's word).
     async fn on_stop(&mut self, prompt_id: String, confirm: bool) {
-        let grace = self.engine.config().cancel_grace;
-        let Some(cur) = &mut self.current else { return };
-        if cur.draining.is_some() {
+        let Some(stage) = self
+            .current
+            .as_ref()
+            .filter(|c| c.draining.is_none())
+            .map(|c| c.stage)
+        else {
             return;
-        }
-        let stage = cur.stage;
+        };
         if !self.swapped {
             // A prompt being stopped takes nothing behind it.
             self.set_accepts_next(false);
         }
-        let Some(cur) = &mut self.current else { return };
         if !confirm {
             // The attempt is already over for gantry (superseded, or past its
             // deadline): take it off the backend.
@@ -692,9 +693,12 @@ impl Driver {
             self.drain(Instant::now());
             return;
         }
-        cur.stopping = Some(Stopping {
-            until: Instant::now() + grace,
-        });
+        let grace = self.engine.config().cancel_grace;
+        if let Some(cur) = &mut self.current {
+            cur.stopping = Some(Stopping {
+                until: Instant::now() + grace,
+            });
+        }
         if self.session.is_some() {
             match stage {
                 Stage::Submitting => {}
