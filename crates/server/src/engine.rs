@@ -289,10 +289,6 @@ struct Inner {
     http: reqwest::Client,
     backends: Mutex<IndexMap<String, BackendState>>,
     queue: Mutex<QueueIndex>,
-    /// Jobs that are not over, as last written by this process: `apply` starts from here
-    /// instead of reading and decoding the row. Safe because every write is conditional
-    /// on the version: a stale entry meets a conflict, is dropped and reread.
-    live: Mutex<HashMap<JobId, Arc<Job>>>,
     /// When the scheduler last looked at every queued job (timeouts, unroutable jobs).
     last_sweep: Mutex<Millis>,
     /// Wakes the scheduler: a job was queued, a backend freed, a capability learned.
@@ -334,7 +330,6 @@ impl Engine {
                 http,
                 backends: Mutex::new(backends),
                 queue: Mutex::new(QueueIndex::default()),
-                live: Mutex::new(HashMap::new()),
                 last_sweep: Mutex::new(0),
                 wake: Notify::new(),
                 shutdown,
@@ -413,24 +408,6 @@ impl Engine {
             .queue
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn live(&self) -> MutexGuard<'_, HashMap<JobId, Arc<Job>>> {
-        self.inner
-            .live
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Keep `job` as the newest known state, or forget it once it is over.
-    fn remember(&self, job: &Job) {
-        let mut live = self.live();
-        // Queued jobs are the queue index's to keep (whole only while the queue is short).
-        if job.state.is_terminal() || job.state == JobState::Queued {
-            live.remove(&job.id);
-        } else if live.get(&job.id).is_none_or(|j| j.version <= job.version) {
-            live.insert(job.id.clone(), Arc::new(job.clone()));
-        }
     }
 
     /// How many jobs wait in the queue.
@@ -586,7 +563,6 @@ impl Engine {
         let created = self.inner.store.create_job(&job, request_hash).await?;
         if let Created::New(event) = &created {
             self.queue().note(&job, &self.inner.config.timeouts);
-            self.remember(&job);
             self.inner.bus.publish(BusEvent::persisted(event.clone()));
             self.wake_scheduler();
         }
@@ -594,9 +570,11 @@ impl Engine {
     }
 
     /// Apply `input` to job `id`: recompute on a concurrent change, record late inputs.
+    /// A queued job starts from the queue index's copy instead of reading its row; that
+    /// is safe because the write is conditional on the version, and a refusal is decided
+    /// on the stored row only.
     pub async fn apply(&self, id: &JobId, input: Input) -> Result<Applied, Error> {
-        let live = self.live().get(id).cloned();
-        let mut cached = live.or_else(|| self.queue().hot(id));
+        let mut cached = self.queue().hot(id);
         loop {
             let from_cache = cached.is_some();
             let job = match cached.take() {
@@ -629,11 +607,8 @@ impl Engine {
                             }
                             return Ok(Applied::Changed(applied.job));
                         }
-                        Err(gantry_store::Error::Conflict { .. }) => {
-                            // Someone wrote first: forget what we had, reread.
-                            self.live().remove(id);
-                            continue;
-                        }
+                        // Someone wrote first: reread.
+                        Err(gantry_store::Error::Conflict { .. }) => continue,
                         Err(e) => return Err(e.into()),
                     }
                 }
