@@ -1,16 +1,20 @@
-//! gantry's durable store: the `Store` trait the engine writes through, and its embedded
-//! SQLite implementation.
+//! gantry's durable store: the `Store` trait the engine writes through, its embedded
+//! SQLite implementation, and PostgreSQL for farms with several coordinators.
 //!
 //! Every change to a job is one conditional update (it applies only if the stored version
 //! is the one the change was computed from) with its event rows in the same transaction,
 //! so a job's row and its history never disagree and two writers never both win.
 
+mod group;
+mod postgres;
 mod sqlite;
+pub mod testing;
 
 use async_trait::async_trait;
 use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use serde::Serialize;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +93,10 @@ pub trait Store: Send + Sync + 'static {
         at: Millis,
         events: &[EventKind],
     ) -> Result<Vec<Event>>;
+
+    /// Delete up to `limit` finished jobs last changed before `before`, with their
+    /// events; answers how many were deleted. Queued and running jobs are never touched.
+    async fn purge_finished(&self, before: Millis, limit: u32) -> Result<u64>;
 
     /// Queued jobs in dispatch order: priority (higher first), then submission order.
     async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>>;

@@ -9,19 +9,21 @@
 //! immutable spec is written once; its changing part is one JSON document.
 
 use async_trait::async_trait;
-use gantry_core::{EventKind, Job, JobId, JobState, Millis};
-use serde_json::Value;
+use gantry_core::{EventKind, Job, JobId, Millis};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
 
+use crate::group::{
+    event_from, finish, job_from, rounds, Committer, Done, EventRows, JobRow, Op, Write, Writer,
+};
 use crate::{Created, Error, Event, JobFilter, JobPage, Result, Store};
 
 /// Each entry moves the schema one version up; `PRAGMA user_version` holds the version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE jobs (
     ord INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -45,97 +47,16 @@ CREATE TABLE events (
     data TEXT NOT NULL
 );
 CREATE INDEX events_by_job ON events (job_id, seq);
-"#];
+"#,
+    r#"
+CREATE INDEX jobs_finished ON jobs (updated_at) WHERE state IN ('succeeded', 'failed', 'cancelled');
+"#,
+];
 
 pub struct SqliteStore {
-    writes: mpsc::UnboundedSender<Write>,
+    writer: Writer,
     reader: SqlitePool,
 }
-
-/// A job row as it is written, serialised by the caller (off the writer's task).
-struct JobRow {
-    id: JobId,
-    state: JobState,
-    priority: i32,
-    not_before: Millis,
-    version: i64,
-    idempotency_key: Option<String>,
-    created_at: Millis,
-    updated_at: Millis,
-    spec: Option<String>,
-    doc: String,
-}
-
-impl JobRow {
-    fn of(job: &Job, with_spec: bool) -> Result<JobRow> {
-        Ok(JobRow {
-            id: job.id.clone(),
-            state: job.state,
-            priority: job.spec.priority,
-            not_before: job.not_before,
-            version: job.version as i64,
-            idempotency_key: job.spec.idempotency_key.clone(),
-            created_at: job.created_at,
-            updated_at: job.updated_at,
-            spec: if with_spec {
-                Some(serde_json::to_string(&job.spec)?)
-            } else {
-                None
-            },
-            doc: doc_of(job)?,
-        })
-    }
-}
-
-/// Events to insert for one job, with their JSON.
-struct EventRows {
-    job_id: JobId,
-    state: JobState,
-    at: Millis,
-    kinds: Vec<(EventKind, String)>,
-}
-
-impl EventRows {
-    fn of(job: &Job, at: Millis, kinds: &[EventKind]) -> Result<EventRows> {
-        Ok(EventRows {
-            job_id: job.id.clone(),
-            state: job.state,
-            at,
-            kinds: kinds
-                .iter()
-                .map(|k| Ok((k.clone(), serde_json::to_string(k)?)))
-                .collect::<Result<_>>()?,
-        })
-    }
-}
-
-enum Op {
-    Create {
-        row: JobRow,
-        request_hash: String,
-        events: EventRows,
-    },
-    Update {
-        row: JobRow,
-        events: EventRows,
-    },
-    Append {
-        events: EventRows,
-    },
-}
-
-enum Done {
-    Created(Created),
-    Events(Vec<Event>),
-}
-
-struct Write {
-    op: Op,
-    reply: oneshot::Sender<Result<Done>>,
-}
-
-/// The most writes one transaction takes.
-const MAX_GROUP: usize = 1024;
 
 impl SqliteStore {
     /// Open (creating if needed) `gantry.db` in `dir` and bring its schema up to date.
@@ -157,47 +78,20 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        let (writes, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(writer, rx));
-        Ok(SqliteStore { writes, reader })
-    }
-
-    async fn write(&self, op: Op) -> Result<Done> {
-        let (reply, rx) = oneshot::channel();
-        self.writes
-            .send(Write { op, reply })
-            .map_err(|_| Error::Database(sqlx::Error::PoolClosed))?;
-        rx.await
-            .map_err(|_| Error::Database(sqlx::Error::PoolClosed))?
+        Ok(SqliteStore {
+            writer: Writer::spawn(Sqlite(writer)),
+            reader,
+        })
     }
 }
 
-/// The writer task: take every write that is waiting, run them in one transaction, commit,
-/// answer each. Ends when the store is dropped.
-async fn write_loop(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Write>) {
-    let mut batch: Vec<Write> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(w) => batch.push(w),
-                Err(_) => break,
-            }
-        }
-        let outcomes = match run_group(&pool, &batch).await {
-            Ok(outcomes) => outcomes,
-            Err(e) => {
-                // Nothing of the group committed: every write in it fails alike.
-                let message = e.to_string();
-                batch
-                    .iter()
-                    .map(|_| Err(Error::Database(sqlx::Error::Protocol(message.clone()))))
-                    .collect()
-            }
-        };
-        for (w, outcome) in batch.drain(..).zip(outcomes) {
-            let _ = w.reply.send(outcome);
-        }
+/// The writer connection, committing groups.
+struct Sqlite(SqlitePool);
+
+#[async_trait]
+impl Committer for Sqlite {
+    async fn commit(&mut self, batch: &[Write]) -> Result<Vec<Result<Done>>> {
+        run_group(&self.0, batch).await
     }
 }
 
@@ -212,19 +106,7 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
     const EVENT_ROWS: usize = 200;
     let mut tx = pool.begin().await?;
     let mut outcomes: Vec<Option<Result<Done>>> = (0..batch.len()).map(|_| None).collect();
-    let mut seen: std::collections::HashMap<&JobId, usize> = std::collections::HashMap::new();
-    let rounds: Vec<usize> = batch
-        .iter()
-        .map(|w| {
-            let id = match &w.op {
-                Op::Create { row, .. } | Op::Update { row, .. } => &row.id,
-                Op::Append { events } => &events.job_id,
-            };
-            let n = seen.entry(id).or_insert(0);
-            *n += 1;
-            *n - 1
-        })
-        .collect();
+    let rounds = rounds(batch);
     let last_round = rounds.iter().copied().max().unwrap_or(0);
     for round in 0..=last_round {
         let items: Vec<usize> = (0..batch.len()).filter(|i| rounds[*i] == round).collect();
@@ -237,6 +119,9 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
                     events,
                 } => outcomes[i] = Some(create(&mut tx, row, request_hash, events).await),
                 Op::Append { .. } => with_events.push(i),
+                Op::Purge { before, limit } => {
+                    outcomes[i] = Some(purge(&mut tx, *before, *limit).await)
+                }
                 Op::Update { .. } => {}
             }
         }
@@ -297,7 +182,7 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
             .flat_map(|&i| {
                 let events = match &batch[i].op {
                     Op::Update { events, .. } | Op::Append { events } => Some(events),
-                    Op::Create { .. } => None,
+                    Op::Create { .. } | Op::Purge { .. } => None,
                 };
                 events
                     .into_iter()
@@ -343,16 +228,31 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
         }
     }
     tx.commit().await?;
-    Ok(outcomes
-        .into_iter()
-        .map(|o| {
-            o.unwrap_or_else(|| {
-                Err(Error::Database(sqlx::Error::Protocol(
-                    "a write of the group was not carried out".into(),
-                )))
-            })
-        })
-        .collect())
+    Ok(finish(outcomes))
+}
+
+/// Delete up to `limit` terminal jobs last changed before `before`, with their events.
+async fn purge(tx: &mut sqlx::SqliteConnection, before: Millis, limit: u32) -> Result<Done> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') \
+         AND updated_at < ? ORDER BY updated_at LIMIT ?",
+    )
+    .bind(before)
+    .bind(limit as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    for chunk in ids.chunks(500) {
+        let marks = vec!["?"; chunk.len()].join(", ");
+        for table in ["events WHERE job_id", "jobs WHERE id"] {
+            let sql = format!("DELETE FROM {table} IN ({marks})");
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            q.execute(&mut *tx).await?;
+        }
+    }
+    Ok(Done::Purged(ids.len() as u64))
 }
 
 async fn create(
@@ -420,81 +320,23 @@ async fn migrate(pool: &SqlitePool) -> Result<()> {
     Ok(())
 }
 
-/// The changing part of a job: everything but its spec, serialised without touching the
-/// spec (which is written once, and may be large).
-fn doc_of(job: &Job) -> Result<String> {
-    #[derive(serde::Serialize)]
-    struct Doc<'a> {
-        id: &'a JobId,
-        state: JobState,
-        version: u64,
-        created_at: Millis,
-        updated_at: Millis,
-        not_before: Millis,
-        cancel_requested: bool,
-        attempts: &'a [gantry_core::Attempt],
-        excluded: &'a [gantry_core::Exclusion],
-        error: &'a Option<gantry_core::JobError>,
-        outputs: &'a [gantry_core::Output],
-        note: &'a Option<String>,
-    }
-    // Every field but the spec: a field added to Job must be added here too.
-    let Job {
-        id,
-        spec: _,
-        state,
-        version,
-        created_at,
-        updated_at,
-        not_before,
-        cancel_requested,
-        attempts,
-        excluded,
-        error,
-        outputs,
-        note,
-    } = job;
-    Ok(serde_json::to_string(&Doc {
-        id,
-        state: *state,
-        version: *version,
-        created_at: *created_at,
-        updated_at: *updated_at,
-        not_before: *not_before,
-        cancel_requested: *cancel_requested,
-        attempts,
-        excluded,
-        error,
-        outputs,
-        note,
-    })?)
-}
-
 fn job_of(row: &sqlx::sqlite::SqliteRow) -> Result<Job> {
     let spec: String = row.try_get("spec")?;
     let doc: String = row.try_get("doc")?;
-    let mut value: Value = serde_json::from_str(&doc)?;
-    if let Value::Object(map) = &mut value {
-        map.insert("spec".to_owned(), serde_json::from_str(&spec)?);
-    }
-    Ok(serde_json::from_value(value)?)
+    job_from(&spec, &doc)
 }
 
 fn event_of(row: &sqlx::sqlite::SqliteRow) -> Result<Event> {
     let job_id: String = row.try_get("job_id")?;
     let state: String = row.try_get("state")?;
     let data: String = row.try_get("data")?;
-    Ok(Event {
-        seq: row.try_get("seq")?,
-        job_id: JobId::parse(&job_id).ok_or_else(|| {
-            Error::Corrupt(serde::de::Error::custom(format!("bad job id {job_id}")))
-        })?,
-        at: row.try_get("at")?,
-        state: JobState::parse(&state).ok_or_else(|| {
-            Error::Corrupt(serde::de::Error::custom(format!("bad state {state}")))
-        })?,
-        kind: serde_json::from_str(&data)?,
-    })
+    event_from(
+        row.try_get("seq")?,
+        &job_id,
+        row.try_get("at")?,
+        &state,
+        &data,
+    )
 }
 
 async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &EventRows) -> Result<Vec<Event>> {
@@ -520,35 +362,10 @@ async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &EventRows) -> Res
     Ok(out)
 }
 
-fn events_of(done: Done) -> Result<Vec<Event>> {
-    match done {
-        Done::Events(events) => Ok(events),
-        Done::Created(_) => Err(Error::Database(sqlx::Error::Protocol(
-            "a write answered with a job".into(),
-        ))),
-    }
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_job(&self, job: &Job, request_hash: &str) -> Result<Created> {
-        let op = Op::Create {
-            row: JobRow::of(job, true)?,
-            request_hash: request_hash.to_owned(),
-            events: EventRows::of(
-                job,
-                job.created_at,
-                &[EventKind::Queued {
-                    priority: job.spec.priority,
-                }],
-            )?,
-        };
-        match self.write(op).await? {
-            Done::Created(c) => Ok(c),
-            Done::Events(_) => Err(Error::Database(sqlx::Error::Protocol(
-                "create answered with events".into(),
-            ))),
-        }
+        self.writer.create(job, request_hash).await
     }
 
     async fn job(&self, id: &JobId) -> Result<Option<Job>> {
@@ -596,11 +413,7 @@ impl Store for SqliteStore {
     }
 
     async fn update_job(&self, job: &Job, events: &[EventKind]) -> Result<Vec<Event>> {
-        let op = Op::Update {
-            row: JobRow::of(job, false)?,
-            events: EventRows::of(job, job.updated_at, events)?,
-        };
-        events_of(self.write(op).await?)
+        self.writer.update(job, events).await
     }
 
     async fn append_events(
@@ -609,10 +422,11 @@ impl Store for SqliteStore {
         at: Millis,
         events: &[EventKind],
     ) -> Result<Vec<Event>> {
-        let op = Op::Append {
-            events: EventRows::of(job, at, events)?,
-        };
-        events_of(self.write(op).await?)
+        self.writer.append(job, at, events).await
+    }
+
+    async fn purge_finished(&self, before: Millis, limit: u32) -> Result<u64> {
+        self.writer.purge(before, limit).await
     }
 
     async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {
@@ -708,7 +522,7 @@ mod tests {
                 err,
                 Error::SchemaTooNew {
                     found: 99,
-                    known: 1
+                    known: 2
                 }
             ),
             "{err}"
