@@ -45,6 +45,13 @@ struct ServeArgs {
     /// A TOML file with backends (tags, priority), timeouts and limits.
     #[arg(long, env = "GANTRY_CONFIG")]
     config: Option<PathBuf>,
+    /// Where jobs are kept: `embedded` (SQLite in the data dir) or
+    /// postgres://USER@HOST/DB, shared by several coordinators.
+    #[arg(long, env = "GANTRY_STORE", value_name = "URL")]
+    store: Option<String>,
+    /// A folder for output files that every coordinator shares (needed with postgres).
+    #[arg(long, env = "GANTRY_ARTIFACTS", value_name = "DIR")]
+    artifacts: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -100,6 +107,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.config {
         config.apply_file(path)?;
+    }
+    // Flags and environment win over the file.
+    if let Some(store) = &args.store {
+        config.store = gantry_server::StoreConfig::parse(store)?;
+    }
+    if let Some(dir) = args.artifacts {
+        config.artifacts = Some(dir);
     }
     if config.backends.is_empty() {
         anyhow::bail!(

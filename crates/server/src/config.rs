@@ -80,10 +80,47 @@ impl BackendConfig {
     }
 }
 
+/// Where jobs are kept.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreConfig {
+    /// The embedded SQLite file in the data dir.
+    Embedded,
+    /// A PostgreSQL database, shared by every coordinator of a farm.
+    Postgres(String),
+}
+
+impl StoreConfig {
+    /// `postgres://USER@HOST/DB` (or `postgresql://`), or `embedded`.
+    pub fn parse(s: &str) -> Result<StoreConfig, Error> {
+        let s = s.trim();
+        if s == "embedded" || s.is_empty() {
+            return Ok(StoreConfig::Embedded);
+        }
+        match url::Url::parse(s) {
+            Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") => {
+                Ok(StoreConfig::Postgres(s.to_owned()))
+            }
+            Ok(u) => Err(Error::Store(format!(
+                "{s}: a {} store is not supported (give postgres://USER@HOST/DB, or embedded)",
+                u.scheme()
+            ))),
+            Err(e) => Err(Error::Store(format!(
+                "{s}: {e} (give postgres://USER@HOST/DB, or embedded)"
+            ))),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub store: StoreConfig,
+    /// Where output files are kept; every coordinator of a Postgres farm must name the
+    /// same shared folder. The data dir when unset (embedded store only).
+    pub artifacts: Option<PathBuf>,
+    /// Finished jobs are deleted this long after they finished; zero keeps them for ever.
+    pub retention: Duration,
     pub backends: Vec<BackendConfig>,
     /// Global timeout defaults; a job's own values come first.
     pub timeouts: Timeouts,
@@ -110,6 +147,9 @@ impl Config {
         Config {
             listen,
             data_dir,
+            store: StoreConfig::Embedded,
+            artifacts: None,
+            retention: Duration::from_secs(30 * 24 * 3600),
             backends: Vec::new(),
             timeouts: Timeouts {
                 submit_ms: Some(10_000),
@@ -152,6 +192,12 @@ impl Config {
         if let Some(dir) = file.data_dir {
             self.data_dir = dir;
         }
+        if let Some(store) = &file.store {
+            self.store = StoreConfig::parse(store)?;
+        }
+        if let Some(dir) = file.artifacts {
+            self.artifacts = Some(dir);
+        }
         if let Some(size) = file.max_body_bytes {
             self.max_body_bytes = size;
         }
@@ -166,6 +212,9 @@ impl Config {
         }
         if let Some(v) = d("liveness", &file.liveness)? {
             self.liveness = v;
+        }
+        if let Some(v) = d("retention", &file.retention)? {
+            self.retention = v;
         }
         let ms = |v: Option<Duration>| v.map(|d| d.as_millis() as u64);
         if let Some(v) = d("block_cooldown", &file.block_cooldown)? {
@@ -260,6 +309,13 @@ impl Config {
                 )));
             }
         }
+        if matches!(self.store, StoreConfig::Postgres(_)) && self.artifacts.is_none() {
+            return Err(Error::Store(
+                "a postgres store needs --artifacts DIR: a folder every coordinator shares, \
+                 so outputs are reachable from all of them"
+                    .into(),
+            ));
+        }
         if self.max_attempts == 0 {
             return Err(Error::Toml("max_attempts must be at least 1".into()));
         }
@@ -290,6 +346,8 @@ pub enum Error {
     File { path: PathBuf, reason: String },
     #[error("{0}")]
     Toml(String),
+    #[error("store {0}")]
+    Store(String),
     #[error("{key} = {value:?}: {reason} (write durations like 30s, 5m or 1h30m)")]
     Duration {
         key: String,
@@ -303,6 +361,9 @@ pub enum Error {
 struct FileConfig {
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    store: Option<String>,
+    artifacts: Option<PathBuf>,
+    retention: Option<String>,
     max_body_bytes: Option<usize>,
     max_attempts: Option<u32>,
     cancel_grace: Option<String>,
@@ -390,6 +451,31 @@ mod tests {
         assert_eq!(b.name, "gpu-1");
         assert!(BackendConfig::parse("gpu=ftp://h").is_err());
         assert!(BackendConfig::parse("=http://h").is_err());
+    }
+
+    #[test]
+    fn store_urls_are_checked_and_postgres_needs_shared_artifacts() {
+        assert_eq!(
+            StoreConfig::parse("embedded").unwrap(),
+            StoreConfig::Embedded
+        );
+        assert_eq!(
+            StoreConfig::parse("postgres://u@h/db").unwrap(),
+            StoreConfig::Postgres("postgres://u@h/db".into())
+        );
+        let err = StoreConfig::parse("mysql://u@h/db")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a mysql store is not supported"), "{err}");
+        assert!(StoreConfig::parse("nonsense").is_err());
+        let mut c = Config::new("127.0.0.1:0".parse().unwrap(), "d".into());
+        c.apply_toml("store = \"postgres://u@h/db\"\nretention = \"2d\"")
+            .unwrap();
+        assert_eq!(c.retention, Duration::from_secs(2 * 24 * 3600));
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("--artifacts"), "{err}");
+        c.apply_toml("artifacts = \"/shared/gantry\"").unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

@@ -325,7 +325,7 @@ impl Engine {
                 store,
                 bus: Bus::new(4096),
                 policy,
-                outputs: OutputStore::new(&config.data_dir),
+                outputs: OutputStore::new(config.artifacts.as_deref().unwrap_or(&config.data_dir)),
                 config,
                 http,
                 backends: Mutex::new(backends),
@@ -368,6 +368,10 @@ impl Engine {
         }
         let e = engine.clone();
         tasks.spawn(async move { e.schedule().await });
+        if !engine.inner.config.retention.is_zero() {
+            let e = engine.clone();
+            tasks.spawn(async move { e.purge_loop().await });
+        }
         Ok(engine)
     }
 
@@ -736,6 +740,34 @@ impl Engine {
                 _ = self.inner.shutdown.cancelled() => return,
                 _ = self.inner.wake.notified() => {}
                 _ = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    /// Delete jobs that finished longer than `retention` ago, once a minute.
+    async fn purge_loop(self) {
+        const PASS: u32 = 1000;
+        let retention = self.inner.config.retention.as_millis() as Millis;
+        loop {
+            let before = now_ms() - retention;
+            loop {
+                match self.inner.store.purge_finished(before, PASS).await {
+                    Ok(n) if n == u64::from(PASS) => continue,
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::info!(jobs = n, "purged finished jobs past retention");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot purge finished jobs");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
             }
         }
     }

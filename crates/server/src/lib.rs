@@ -11,14 +11,14 @@ pub mod engine;
 mod instant;
 pub mod outputs;
 
-use gantry_store::SqliteStore;
+use gantry_store::{PgStore, SqliteStore, Store};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{BackendConfig, Config};
+pub use config::{BackendConfig, Config, StoreConfig};
 pub use engine::Engine;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +58,10 @@ impl Server {
             path: config.data_dir.clone(),
             source,
         })?;
-        let store = Arc::new(SqliteStore::open(&config.data_dir).await?);
+        let store: Arc<dyn Store> = match &config.store {
+            config::StoreConfig::Embedded => Arc::new(SqliteStore::open(&config.data_dir).await?),
+            config::StoreConfig::Postgres(url) => Arc::new(PgStore::open(url).await?),
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Listen {

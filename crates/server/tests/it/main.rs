@@ -6,5 +6,6 @@ mod chaos;
 mod engine;
 mod failover;
 mod pipeline;
+mod postgres;
 mod seeds;
 mod support;

@@ -2,8 +2,9 @@
 //! fresh data dir; and typed helpers that talk to it the way a client does. Every wait
 //! polls a real signal with a deadline; nothing sleeps as synchronisation.
 
-use gantry_server::{BackendConfig, Config, Server};
+use gantry_server::{BackendConfig, Config, Server, StoreConfig};
 use gantry_sim::{SimConfig, SimHandle};
+use gantry_store::testing::FreshSchema;
 use serde_json::{json, Value};
 use std::future::Future;
 use std::path::PathBuf;
@@ -22,6 +23,8 @@ pub struct TestApp {
     /// The server's base URL, `http://127.0.0.1:PORT`.
     pub url: String,
     _data: tempfile::TempDir,
+    /// The Postgres schema the server's store lives in, when it is not the embedded one.
+    _schema: Option<FreshSchema>,
 }
 
 /// A simulator configuration as the tests use it: fast, on an ephemeral port.
@@ -37,6 +40,22 @@ pub fn sim_config() -> SimConfig {
 /// `tweak` may change the config (timeouts, priorities...) before the server starts.
 pub async fn spawn_app(n_backends: usize, tweak: impl FnOnce(&mut Config)) -> TestApp {
     spawn_app_with((0..n_backends).map(|_| sim_config()).collect(), tweak).await
+}
+
+/// As `spawn_app`, on a fresh Postgres schema with the artifacts in the temp dir; `None`
+/// (and a line on stderr) when `GANTRY_TEST_POSTGRES_URL` is not set.
+pub async fn spawn_app_pg(n_backends: usize, tweak: impl FnOnce(&mut Config)) -> Option<TestApp> {
+    let schema = FreshSchema::create().await?;
+    let url = schema.url.clone();
+    let sims = (0..n_backends).map(|_| sim_config()).collect();
+    let mut app = spawn_app_with(sims, |c| {
+        c.store = StoreConfig::Postgres(url);
+        c.artifacts = Some(c.data_dir.join("../artifacts"));
+        tweak(c)
+    })
+    .await;
+    app._schema = Some(schema);
+    Some(app)
 }
 
 /// As `spawn_app`, with one simulator per given configuration.
@@ -66,6 +85,7 @@ pub async fn spawn_app_with(sims: Vec<SimConfig>, tweak: impl FnOnce(&mut Config
             .build()
             .unwrap(),
         _data: data,
+        _schema: None,
     };
     app.wait_backends_idle().await;
     app
