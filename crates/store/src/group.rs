@@ -11,7 +11,7 @@ use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Created, Error, Event, Result};
+use crate::{Created, Error, Event, Fence, Result};
 
 /// A job row as it is written, serialised by the caller (off the writer's task).
 pub(crate) struct JobRow {
@@ -94,6 +94,7 @@ pub(crate) enum Op {
     Update {
         row: JobRow,
         events: EventRows,
+        fence: Option<Fence>,
     },
     Append {
         events: EventRows,
@@ -195,10 +196,16 @@ impl Writer {
         }
     }
 
-    pub async fn update(&self, job: &Job, events: &[EventKind]) -> Result<Vec<Event>> {
+    pub async fn update(
+        &self,
+        job: &Job,
+        events: &[EventKind],
+        fence: Option<&Fence>,
+    ) -> Result<Vec<Event>> {
         let op = Op::Update {
             row: JobRow::of(job, false)?,
             events: EventRows::of(job, job.updated_at, events)?,
+            fence: fence.cloned(),
         };
         events_of(self.write(op).await?)
     }

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use serde::Serialize;
 
-pub use postgres::PgStore;
+pub use postgres::{DispatchRecord, Lease, PgStore};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,19 @@ pub enum Error {
     Conflict { id: JobId, expected: u64 },
     #[error("no job {0}")]
     NotFound(JobId),
+    /// The write's lease on its backend is gone (expired, or taken over): this
+    /// coordinator no longer drives that backend and must change nothing about it.
+    #[error(
+        "job {id}: the lease on backend {backend} (token {token}) is no longer this coordinator's"
+    )]
+    Fenced {
+        id: JobId,
+        backend: String,
+        token: i64,
+    },
+    /// The embedded store has one coordinator and no leases.
+    #[error("the embedded store has no leases: a fenced write belongs to a postgres farm")]
+    NoLeases,
     #[error("the store's schema is version {found}, newer than this gantry knows ({known}): upgrade gantry")]
     SchemaTooNew { found: i64, known: i64 },
     #[error("store: {0}")]
@@ -44,6 +57,19 @@ pub struct Event {
     /// The job's state after this event.
     pub state: JobState,
     pub kind: EventKind,
+}
+
+/// A write's proof that its coordinator drives the backend the write is about: the
+/// lease's owner and fencing token, checked in the same statement as the write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub backend: String,
+    pub owner: String,
+    pub token: i64,
+    /// The write claims a queued job for the backend: a job another coordinator is
+    /// writing at that moment is skipped (`SKIP LOCKED`, answered as a conflict), not
+    /// waited for, and the claim is recorded in the dispatch log.
+    pub claim: bool,
 }
 
 /// The answer to `create_job`.
@@ -85,6 +111,15 @@ pub trait Store: Send + Sync + 'static {
     /// Store `job` if the stored version is `job.version - 1`, with `events` in the same
     /// transaction; `Error::Conflict` otherwise.
     async fn update_job(&self, job: &Job, events: &[EventKind]) -> Result<Vec<Event>>;
+
+    /// As `update_job`, and only while `fence` holds: its lease is current and
+    /// unexpired when the row is written (`Error::Fenced` otherwise).
+    async fn update_job_fenced(
+        &self,
+        job: &Job,
+        events: &[EventKind],
+        fence: &Fence,
+    ) -> Result<Vec<Event>>;
 
     /// Record events that change no job (late inputs).
     async fn append_events(

@@ -20,10 +20,11 @@ use std::time::Duration;
 use crate::group::{
     event_from, finish, job_from, rounds, Committer, Done, EventRows, JobRow, Op, Write, Writer,
 };
-use crate::{Created, Error, Event, JobFilter, JobPage, Result, Store};
+use crate::{Created, Error, Event, Fence, JobFilter, JobPage, Result, Store};
 
 /// Each entry moves the schema one version up; `gantry_schema.version` holds the version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE jobs (
     ord BIGSERIAL PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -53,7 +54,28 @@ CREATE TABLE event_counter (
     last BIGINT NOT NULL
 );
 INSERT INTO event_counter VALUES (TRUE, 0);
-"#];
+"#,
+    r#"
+CREATE TABLE coordinators (
+    id TEXT PRIMARY KEY,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE backend_leases (
+    backend TEXT PRIMARY KEY,
+    owner TEXT,
+    token BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE dispatch_log (
+    n BIGSERIAL PRIMARY KEY,
+    backend TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    token BIGINT NOT NULL,
+    job_id TEXT NOT NULL,
+    at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+"#,
+];
 
 pub struct PgStore {
     writer: Writer,
@@ -86,6 +108,162 @@ impl PgStore {
     /// The pool, for the parts of a coordinator that talk to the database directly.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+}
+
+/// Who drives a backend, as the database has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub backend: String,
+    /// None once released.
+    pub owner: Option<String>,
+    pub token: i64,
+    /// Milliseconds left before it expires (negative once expired), on the database's clock.
+    pub remaining_ms: i64,
+}
+
+/// One claim of a job for a backend, as committed with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DispatchRecord {
+    pub n: i64,
+    pub backend: String,
+    pub owner: String,
+    pub token: i64,
+    pub job_id: String,
+    /// Microseconds since the Unix epoch, on the database's clock.
+    pub at_us: i64,
+}
+
+/// Leases: one coordinator drives a backend at a time. Every time is the database's
+/// clock (`clock_timestamp()`), so coordinators' clocks never have to agree.
+impl PgStore {
+    /// Say this coordinator is alive for `ttl`; answers the live coordinators, sorted.
+    pub async fn heartbeat(&self, coordinator: &str, ttl: Duration) -> Result<Vec<String>> {
+        sqlx::query(
+            "INSERT INTO coordinators (id, expires_at) \
+             VALUES ($1, clock_timestamp() + $2 * interval '1 millisecond') \
+             ON CONFLICT (id) DO UPDATE SET expires_at = EXCLUDED.expires_at",
+        )
+        .bind(coordinator)
+        .bind(ttl.as_millis() as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM coordinators WHERE expires_at > clock_timestamp() ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Say this coordinator is gone (a clean shutdown), so others rebalance at once.
+    pub async fn leave(&self, coordinator: &str) -> Result<()> {
+        sqlx::query("DELETE FROM coordinators WHERE id = $1")
+            .bind(coordinator)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Take `backend` if nobody holds it (never leased, released, or expired): answers
+    /// the new fencing token, one more than any before it.
+    pub async fn acquire_lease(
+        &self,
+        backend: &str,
+        coordinator: &str,
+        ttl: Duration,
+    ) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO backend_leases (backend, owner, token, expires_at) \
+             VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 millisecond') \
+             ON CONFLICT (backend) DO UPDATE SET owner = EXCLUDED.owner, \
+                 token = backend_leases.token + 1, expires_at = EXCLUDED.expires_at \
+             WHERE backend_leases.owner IS NULL OR backend_leases.expires_at <= clock_timestamp() \
+             RETURNING token",
+        )
+        .bind(backend)
+        .bind(coordinator)
+        .bind(ttl.as_millis() as i64)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Extend a lease this coordinator still holds; false when it lapsed or was taken
+    /// (a lapsed lease is never revived: it is acquired anew, with a new token).
+    pub async fn renew_lease(
+        &self,
+        backend: &str,
+        coordinator: &str,
+        token: i64,
+        ttl: Duration,
+    ) -> Result<bool> {
+        let renewed = sqlx::query(
+            "UPDATE backend_leases SET expires_at = clock_timestamp() + $4 * interval '1 millisecond' \
+             WHERE backend = $1 AND owner = $2 AND token = $3 AND expires_at > clock_timestamp()",
+        )
+        .bind(backend)
+        .bind(coordinator)
+        .bind(token)
+        .bind(ttl.as_millis() as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    /// Give a lease up, so another coordinator may take it at once.
+    pub async fn release_lease(&self, backend: &str, coordinator: &str, token: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE backend_leases SET owner = NULL, expires_at = clock_timestamp() \
+             WHERE backend = $1 AND owner = $2 AND token = $3",
+        )
+        .bind(backend)
+        .bind(coordinator)
+        .bind(token)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn leases(&self) -> Result<Vec<Lease>> {
+        let rows = sqlx::query(
+            "SELECT backend, owner, token, \
+             (EXTRACT(EPOCH FROM (expires_at - clock_timestamp())) * 1000)::int8 AS remaining_ms \
+             FROM backend_leases ORDER BY backend",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Lease {
+                    backend: r.try_get("backend")?,
+                    owner: r.try_get("owner")?,
+                    token: r.try_get("token")?,
+                    remaining_ms: r.try_get("remaining_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every claim committed, in commit order per backend (by `n` within one backend's
+    /// lease, since claims are fenced by it).
+    pub async fn dispatch_log(&self) -> Result<Vec<DispatchRecord>> {
+        let rows = sqlx::query(
+            "SELECT n, backend, owner, token, job_id, \
+             (EXTRACT(EPOCH FROM at) * 1000000)::int8 AS at_us FROM dispatch_log ORDER BY n",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DispatchRecord {
+                    n: r.try_get("n")?,
+                    backend: r.try_get("backend")?,
+                    owner: r.try_get("owner")?,
+                    token: r.try_get("token")?,
+                    job_id: r.try_get("job_id")?,
+                    at_us: r.try_get("at_us")?,
+                })
+            })
+            .collect()
     }
 }
 
@@ -156,22 +334,40 @@ enum Pending {
 async fn run_group(pool: &PgPool, batch: &[Write]) -> Result<Vec<Result<Done>>> {
     let rounds = rounds(batch);
     let mut tx = pool.begin().await?;
-    let mut lock: Vec<&str> = batch
-        .iter()
-        .filter_map(|w| match &w.op {
-            Op::Update { row, .. } => Some(row.id.as_str()),
-            _ => None,
-        })
-        .collect();
+    let mut outcomes: Vec<Option<Result<Done>>> = (0..batch.len()).map(|_| None).collect();
+    // Rows to update are locked first, in id order; a claim skips a row another
+    // coordinator holds instead of waiting for it.
+    let (mut lock, mut claim): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    for w in batch {
+        if let Op::Update { row, fence, .. } = &w.op {
+            match fence {
+                Some(f) if f.claim => claim.push(row.id.as_str()),
+                _ => lock.push(row.id.as_str()),
+            }
+        }
+    }
     lock.sort_unstable();
     lock.dedup();
+    claim.sort_unstable();
+    claim.dedup();
     if !lock.is_empty() {
         sqlx::query("SELECT 1 FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
             .bind(&lock)
             .fetch_all(&mut *tx)
             .await?;
     }
-    let mut outcomes: Vec<Option<Result<Done>>> = (0..batch.len()).map(|_| None).collect();
+    let mut skipped: HashSet<String> = claim.iter().map(|id| (*id).to_owned()).collect();
+    if !claim.is_empty() {
+        let claimed: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED",
+        )
+        .bind(&claim)
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in claimed {
+            skipped.remove(&id);
+        }
+    }
     // Writes whose events are to be inserted, in the order they get their numbers.
     let mut pending: Vec<(usize, &EventRows, Pending)> = Vec::new();
     let last_round = rounds.iter().copied().max().unwrap_or(0);
@@ -191,43 +387,18 @@ async fn run_group(pool: &PgPool, batch: &[Write]) -> Result<Vec<Result<Done>>> 
         if !creates.is_empty() {
             create(&mut tx, &creates, &mut outcomes, &mut pending).await?;
         }
-        let updates: Vec<(usize, &JobRow, &EventRows)> = items
-            .iter()
-            .filter_map(|&i| match &batch[i].op {
-                Op::Update { row, events } => Some((i, row, events)),
-                _ => None,
-            })
-            .collect();
-        if !updates.is_empty() {
-            let col = |f: fn(&JobRow) -> String| updates.iter().map(|u| f(u.1)).collect::<Vec<_>>();
-            let num = |f: fn(&JobRow) -> i64| updates.iter().map(|u| f(u.1)).collect::<Vec<_>>();
-            let updated: HashSet<String> = sqlx::query_scalar(
-                "UPDATE jobs SET state = v.state, not_before = v.not_before, \
-                 version = v.version, updated_at = v.updated_at, doc = v.doc \
-                 FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[]) \
-                 AS v(id, state, not_before, version, updated_at, doc) \
-                 WHERE jobs.id = v.id AND jobs.version = v.version - 1 RETURNING jobs.id",
-            )
-            .bind(col(|r| r.id.as_str().to_owned()))
-            .bind(col(|r| r.state.as_str().to_owned()))
-            .bind(num(|r| r.not_before))
-            .bind(num(|r| r.version))
-            .bind(num(|r| r.updated_at))
-            .bind(col(|r| r.doc.clone()))
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-            for (i, row, events) in updates {
-                if updated.contains(row.id.as_str()) {
-                    pending.push((i, events, Pending::Events));
+        let mut updates: Vec<(usize, &JobRow, &EventRows, Option<&Fence>)> = Vec::new();
+        for &i in &items {
+            if let Op::Update { row, events, fence } = &batch[i].op {
+                if fence.as_ref().is_some_and(|f| f.claim) && skipped.contains(row.id.as_str()) {
+                    outcomes[i] = Some(Err(conflict(row)));
                 } else {
-                    outcomes[i] = Some(Err(Error::Conflict {
-                        id: row.id.clone(),
-                        expected: row.version.saturating_sub(1) as u64,
-                    }));
+                    updates.push((i, row, events, fence.as_ref()));
                 }
             }
+        }
+        if !updates.is_empty() {
+            update(&mut tx, &updates, &mut outcomes, &mut pending).await?;
         }
         for &i in &items {
             match &batch[i].op {
@@ -242,6 +413,112 @@ async fn run_group(pool: &PgPool, batch: &[Write]) -> Result<Vec<Result<Done>>> 
     insert_events(&mut tx, pending, &mut outcomes).await?;
     tx.commit().await?;
     Ok(finish(outcomes))
+}
+
+fn conflict(row: &JobRow) -> Error {
+    Error::Conflict {
+        id: row.id.clone(),
+        expected: row.version.saturating_sub(1) as u64,
+    }
+}
+
+/// Conditional updates, each fenced by its lease when it has one: the lease must be
+/// current and unexpired in the same statement, and is locked (`FOR SHARE`) so that a
+/// takeover waits for this commit. Claims that succeed go into the dispatch log.
+async fn update<'b>(
+    tx: &mut sqlx::PgConnection,
+    updates: &[(usize, &'b JobRow, &'b EventRows, Option<&'b Fence>)],
+    outcomes: &mut [Option<Result<Done>>],
+    pending: &mut Vec<(usize, &'b EventRows, Pending)>,
+) -> Result<()> {
+    let col = |f: fn(&JobRow) -> String| updates.iter().map(|u| f(u.1)).collect::<Vec<_>>();
+    let num = |f: fn(&JobRow) -> i64| updates.iter().map(|u| f(u.1)).collect::<Vec<_>>();
+    let fence = |f: fn(&Fence) -> String| {
+        updates
+            .iter()
+            .map(|u| u.3.map(f))
+            .collect::<Vec<Option<String>>>()
+    };
+    let updated: HashSet<String> = sqlx::query_scalar(
+        "UPDATE jobs SET state = v.state, not_before = v.not_before, \
+         version = v.version, updated_at = v.updated_at, doc = v.doc \
+         FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], \
+         $7::text[], $8::text[], $9::int8[]) \
+         AS v(id, state, not_before, version, updated_at, doc, fence_backend, fence_owner, fence_token) \
+         WHERE jobs.id = v.id AND jobs.version = v.version - 1 \
+         AND (v.fence_backend IS NULL OR EXISTS (SELECT 1 FROM backend_leases l \
+              WHERE l.backend = v.fence_backend AND l.owner = v.fence_owner \
+              AND l.token = v.fence_token AND l.expires_at > clock_timestamp() FOR SHARE)) \
+         RETURNING jobs.id",
+    )
+    .bind(col(|r| r.id.as_str().to_owned()))
+    .bind(col(|r| r.state.as_str().to_owned()))
+    .bind(num(|r| r.not_before))
+    .bind(num(|r| r.version))
+    .bind(num(|r| r.updated_at))
+    .bind(col(|r| r.doc.clone()))
+    .bind(fence(|f| f.backend.clone()))
+    .bind(fence(|f| f.owner.clone()))
+    .bind(updates.iter().map(|u| u.3.map(|f| f.token)).collect::<Vec<Option<i64>>>())
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    // A refused fenced write whose version still matches was refused by its fence.
+    let refused: Vec<&str> = updates
+        .iter()
+        .filter(|u| u.3.is_some() && !updated.contains(u.1.id.as_str()))
+        .map(|u| u.1.id.as_str())
+        .collect();
+    let mut versions: HashMap<String, i64> = HashMap::new();
+    if !refused.is_empty() {
+        let rows = sqlx::query("SELECT id, version FROM jobs WHERE id = ANY($1)")
+            .bind(&refused)
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in rows {
+            versions.insert(row.try_get("id")?, row.try_get("version")?);
+        }
+    }
+    let mut log: Vec<(&Fence, &str)> = Vec::new();
+    for &(i, row, events, fence) in updates {
+        if updated.contains(row.id.as_str()) {
+            pending.push((i, events, Pending::Events));
+            if let Some(f) = fence.filter(|f| f.claim) {
+                log.push((f, row.id.as_str()));
+            }
+            continue;
+        }
+        outcomes[i] = Some(Err(match fence {
+            Some(f) if versions.get(row.id.as_str()) == Some(&(row.version - 1)) => Error::Fenced {
+                id: row.id.clone(),
+                backend: f.backend.clone(),
+                token: f.token,
+            },
+            _ => conflict(row),
+        }));
+    }
+    if !log.is_empty() {
+        sqlx::query(
+            "INSERT INTO dispatch_log (backend, owner, token, job_id) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[])",
+        )
+        .bind(
+            log.iter()
+                .map(|(f, _)| f.backend.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            log.iter()
+                .map(|(f, _)| f.owner.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(log.iter().map(|(f, _)| f.token).collect::<Vec<_>>())
+        .bind(log.iter().map(|(_, id)| *id).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Insert new jobs; one whose idempotency key is taken answers the job that has it.
@@ -465,7 +742,16 @@ impl Store for PgStore {
     }
 
     async fn update_job(&self, job: &Job, events: &[EventKind]) -> Result<Vec<Event>> {
-        self.writer.update(job, events).await
+        self.writer.update(job, events, None).await
+    }
+
+    async fn update_job_fenced(
+        &self,
+        job: &Job,
+        events: &[EventKind],
+        fence: &Fence,
+    ) -> Result<Vec<Event>> {
+        self.writer.update(job, events, Some(fence)).await
     }
 
     async fn append_events(

@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::group::{
     event_from, finish, job_from, rounds, Committer, Done, EventRows, JobRow, Op, Write, Writer,
 };
-use crate::{Created, Error, Event, JobFilter, JobPage, Result, Store};
+use crate::{Created, Error, Event, Fence, JobFilter, JobPage, Result, Store};
 
 /// Each entry moves the schema one version up; `PRAGMA user_version` holds the version.
 const MIGRATIONS: &[&str] = &[
@@ -413,7 +413,16 @@ impl Store for SqliteStore {
     }
 
     async fn update_job(&self, job: &Job, events: &[EventKind]) -> Result<Vec<Event>> {
-        self.writer.update(job, events).await
+        self.writer.update(job, events, None).await
+    }
+
+    async fn update_job_fenced(
+        &self,
+        _job: &Job,
+        _events: &[EventKind],
+        _fence: &Fence,
+    ) -> Result<Vec<Event>> {
+        Err(Error::NoLeases)
     }
 
     async fn append_events(
