@@ -52,6 +52,12 @@ struct ServeArgs {
     /// A folder for output files that every coordinator shares (needed with postgres).
     #[arg(long, env = "GANTRY_ARTIFACTS", value_name = "DIR")]
     artifacts: Option<PathBuf>,
+    /// This coordinator's id among those sharing a postgres store (random by default).
+    #[arg(long, env = "GANTRY_COORDINATOR", value_name = "ID")]
+    coordinator: Option<String>,
+    /// How long a backend lease lasts without renewal (postgres store), e.g. 10s.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    lease: Option<std::time::Duration>,
 }
 
 #[derive(clap::Args)]
@@ -114,6 +120,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = args.artifacts {
         config.artifacts = Some(dir);
+    }
+    if let Some(id) = args.coordinator {
+        config.coordinator = Some(id);
+    }
+    if let Some(lease) = args.lease {
+        config.lease = lease;
     }
     if config.backends.is_empty() {
         anyhow::bail!(

@@ -121,6 +121,10 @@ pub struct Config {
     pub artifacts: Option<PathBuf>,
     /// Finished jobs are deleted this long after they finished; zero keeps them for ever.
     pub retention: Duration,
+    /// With a postgres store: this coordinator's id among those sharing the database
+    /// (random when unset), and how long a backend lease lasts without renewal.
+    pub coordinator: Option<String>,
+    pub lease: Duration,
     pub backends: Vec<BackendConfig>,
     /// Global timeout defaults; a job's own values come first.
     pub timeouts: Timeouts,
@@ -150,6 +154,8 @@ impl Config {
             store: StoreConfig::Embedded,
             artifacts: None,
             retention: Duration::from_secs(30 * 24 * 3600),
+            coordinator: None,
+            lease: Duration::from_secs(10),
             backends: Vec::new(),
             timeouts: Timeouts {
                 submit_ms: Some(10_000),
@@ -215,6 +221,12 @@ impl Config {
         }
         if let Some(v) = d("retention", &file.retention)? {
             self.retention = v;
+        }
+        if let Some(v) = d("lease", &file.lease)? {
+            self.lease = v;
+        }
+        if let Some(id) = file.coordinator {
+            self.coordinator = Some(id);
         }
         let ms = |v: Option<Duration>| v.map(|d| d.as_millis() as u64);
         if let Some(v) = d("block_cooldown", &file.block_cooldown)? {
@@ -316,6 +328,12 @@ impl Config {
                     .into(),
             ));
         }
+        if self.lease < Duration::from_millis(300) {
+            return Err(Error::Toml(format!(
+                "lease ({}) is too short: coordinators renew every third of it (at least 300ms)",
+                humantime::format_duration(self.lease)
+            )));
+        }
         if self.max_attempts == 0 {
             return Err(Error::Toml("max_attempts must be at least 1".into()));
         }
@@ -364,6 +382,8 @@ struct FileConfig {
     store: Option<String>,
     artifacts: Option<PathBuf>,
     retention: Option<String>,
+    coordinator: Option<String>,
+    lease: Option<String>,
     max_body_bytes: Option<usize>,
     max_attempts: Option<u32>,
     cancel_grace: Option<String>,

@@ -150,7 +150,14 @@ struct Driver {
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-pub async fn run(engine: Engine, name: String, mut commands: mpsc::UnboundedReceiver<Command>) {
+/// Drive backend `name` until `stop` (shutdown, or the end of this coordinator's lease
+/// on it); stopping leaves whatever runs on the backend for the next driver to adopt.
+pub async fn run(
+    engine: Engine,
+    name: String,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let url = engine
         .backends()
         .get(&name)
@@ -163,7 +170,7 @@ pub async fn run(engine: Engine, name: String, mut commands: mpsc::UnboundedRece
             None
         }
     };
-    let shutdown = engine.shutdown_token().clone();
+    let shutdown = stop;
     let now = Instant::now();
     let mut d = Driver {
         engine,

@@ -9,7 +9,7 @@ use gantry_core::{
     transition, Effect, EventKind, Input, Job, JobId, JobSpec, JobState, Millis, Policy, Refused,
     Workflow,
 };
-use gantry_store::{Created, Store};
+use gantry_store::{Created, Event, Fence, Store};
 use indexmap::IndexMap;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{BackendEvent, Bus, BusEvent, LiveEvent};
+use crate::cluster::Cluster;
 use crate::config::{BackendConfig, Config};
 use crate::driver::{self, Assignment, Command};
 use crate::outputs::OutputStore;
@@ -37,6 +38,13 @@ pub enum Error {
     Store(#[from] gantry_store::Error),
     #[error("no job {0}")]
     NotFound(JobId),
+}
+
+impl Error {
+    /// The write was refused because this coordinator's lease on the backend is gone.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Error::Store(gantry_store::Error::Fenced { .. }))
+    }
 }
 
 /// How a backend's connection is, as its driver last saw it.
@@ -71,6 +79,9 @@ pub struct BackendState {
     pub stuck: Option<(String, Millis)>,
     /// Commands for this backend's driver.
     pub commands: mpsc::UnboundedSender<Command>,
+    /// The fencing token of this coordinator's lease on it, while it drives it (always
+    /// `Some(0)` with the embedded store, where one coordinator drives every backend).
+    pub lease: Option<i64>,
 }
 
 impl BackendState {
@@ -90,6 +101,7 @@ impl BackendState {
             health: Health::default(),
             stuck: None,
             commands,
+            lease: Some(0),
         }
     }
 
@@ -294,6 +306,8 @@ struct Inner {
     /// Wakes the scheduler: a job was queued, a backend freed, a capability learned.
     wake: Notify,
     shutdown: CancellationToken,
+    /// With several coordinators on Postgres: leases and the event tail.
+    cluster: Option<Cluster>,
 }
 
 impl Engine {
@@ -302,6 +316,18 @@ impl Engine {
     pub async fn start(
         config: Config,
         store: Arc<dyn Store>,
+        shutdown: CancellationToken,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> Result<Engine, Error> {
+        Engine::start_with(config, store, None, shutdown, tasks).await
+    }
+
+    /// As `start`; with a `cluster`, backends are driven only while this coordinator
+    /// holds their lease (`cluster.rs`), and the event tail publishes every event.
+    pub async fn start_with(
+        config: Config,
+        store: Arc<dyn Store>,
+        cluster: Option<Cluster>,
         shutdown: CancellationToken,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<Engine, Error> {
@@ -317,8 +343,15 @@ impl Engine {
         let mut backends = IndexMap::new();
         for b in &config.backends {
             let (tx, rx) = mpsc::unbounded_channel();
-            receivers.push((b.name.clone(), rx));
-            backends.insert(b.name.clone(), BackendState::new(b.clone(), tx));
+            let mut state = BackendState::new(b.clone(), tx);
+            if cluster.is_some() {
+                // Driven once its lease is taken.
+                state.lease = None;
+                state.connection = Connection::Offline;
+            } else {
+                receivers.push((b.name.clone(), rx));
+            }
+            backends.insert(b.name.clone(), state);
         }
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -333,18 +366,16 @@ impl Engine {
                 last_sweep: Mutex::new(0),
                 wake: Notify::new(),
                 shutdown,
+                cluster,
             }),
         };
         // Jobs left running by a previous process go back to their backend's driver,
         // which reconciles them with the backend before anything new is dispatched there.
         // The attempt already executing on a backend is adopted first, as its `current`.
-        let mut running = engine.inner.store.running_jobs().await?;
-        running.sort_by_key(|j| {
-            j.live_attempt()
-                .is_none_or(|a| a.status != gantry_core::AttemptStatus::Executing)
-        });
-        for job in running {
-            engine.recover(job).await?;
+        // With leases, each backend's jobs are recovered when its lease is taken.
+        if engine.inner.cluster.is_none() {
+            let running = engine.inner.store.running_jobs().await?;
+            engine.recover_all(running).await?;
         }
         {
             let queued = engine.inner.store.queued_jobs(u32::MAX).await?;
@@ -363,8 +394,15 @@ impl Engine {
             if instant {
                 tasks.spawn(async move { crate::instant::run(e, name, rx).await });
             } else {
-                tasks.spawn(async move { driver::run(e, name, rx).await });
+                let stop = e.inner.shutdown.clone();
+                tasks.spawn(async move { driver::run(e, name, rx, stop).await });
             }
+        }
+        if engine.inner.cluster.is_some() {
+            let e = engine.clone();
+            tasks.spawn(async move { crate::cluster::lease_loop(e).await });
+            let e = engine.clone();
+            tasks.spawn(async move { crate::cluster::tail_loop(e).await });
         }
         let e = engine.clone();
         tasks.spawn(async move { e.schedule().await });
@@ -501,11 +539,7 @@ impl Engine {
             .collect();
         if !on_job.is_empty() {
             match self.inner.store.append_events(job, now, &on_job).await {
-                Ok(persisted) => {
-                    for event in persisted {
-                        self.inner.bus.publish(BusEvent::persisted(event));
-                    }
-                }
+                Ok(persisted) => self.publish_persisted(persisted),
                 Err(e) => tracing::warn!(error = %e, "cannot record a block"),
             }
         }
@@ -561,13 +595,197 @@ impl Engine {
         self.publish_health(backend, vec![event]);
     }
 
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.inner.cluster.as_ref()
+    }
+
+    /// Put committed events on the bus; with several coordinators the event tail does,
+    /// in sequence order for every coordinator alike.
+    fn publish_persisted(&self, events: Vec<Event>) {
+        match &self.inner.cluster {
+            Some(cluster) => cluster.wrote(&events),
+            None => {
+                for event in events {
+                    self.inner.bus.publish(BusEvent::persisted(event));
+                }
+            }
+        }
+    }
+
+    /// The proof of lease a write of `input` on `job` must carry, if any: dispatches
+    /// and every input about an attempt are about that attempt's backend.
+    fn fence(&self, job: &Job, input: &Input) -> Option<Fence> {
+        let cluster = self.inner.cluster.as_ref()?;
+        let attempt_backend = |n: u32| {
+            job.attempts
+                .get((n as usize).checked_sub(1)?)
+                .map(|a| a.backend.clone())
+        };
+        let (backend, claim) = match input {
+            Input::Dispatch { backend, .. } => (backend.clone(), true),
+            Input::Submitted { attempt }
+            | Input::Started { attempt }
+            | Input::Succeeded { attempt, .. }
+            | Input::Failed { attempt, .. }
+            | Input::CancelConfirmed { attempt } => (attempt_backend(*attempt)?, false),
+            Input::DeadlinePassed { .. } if job.state == JobState::Running => {
+                (job.live_attempt()?.backend.clone(), false)
+            }
+            Input::DeadlinePassed { .. }
+            | Input::Cancel
+            | Input::QueueTimeout { .. }
+            | Input::Unroutable { .. } => return None,
+        };
+        // A backend not leased here gets a token no lease has: the write is refused.
+        let token = self
+            .backends()
+            .get(&backend)
+            .and_then(|b| b.lease)
+            .unwrap_or(-1);
+        Some(Fence {
+            backend,
+            owner: cluster.id.clone(),
+            token,
+            claim,
+        })
+    }
+
+    /// The backends leased here, with their tokens.
+    pub fn owned_leases(&self) -> Vec<(String, i64)> {
+        if self.inner.cluster.is_none() {
+            return Vec::new();
+        }
+        self.backends()
+            .values()
+            .filter_map(|b| b.lease.map(|t| (b.config.name.clone(), t)))
+            .collect()
+    }
+
+    pub fn leases_backend(&self, name: &str) -> bool {
+        self.backends().get(name).is_some_and(|b| b.lease.is_some())
+    }
+
+    /// A lease to give back when this coordinator has more than its share: an idle
+    /// backend's if there is one.
+    pub fn lease_to_give_back(&self) -> Option<(String, i64)> {
+        let backends = self.backends();
+        let owned = || backends.values().filter(|b| b.lease.is_some());
+        owned()
+            .find(|b| b.current.is_none())
+            .or_else(|| owned().next())
+            .and_then(|b| b.lease.map(|t| (b.config.name.clone(), t)))
+    }
+
+    /// Start driving `name` under `token`: a fresh record and command channel for the
+    /// driver about to start.
+    pub fn take_backend(&self, name: &str, token: i64) -> mpsc::UnboundedReceiver<Command> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Some(b) = self.backends().get_mut(name) {
+            let config = b.config.clone();
+            let health = std::mem::take(&mut b.health);
+            let warm = std::mem::take(&mut b.warm_models);
+            let classes = b.classes.take();
+            *b = BackendState::new(config, tx);
+            b.health = health;
+            b.warm_models = warm;
+            b.classes = classes;
+            b.lease = Some(token);
+        }
+        rx
+    }
+
+    /// Stop driving `name`: its attempts are forgotten here (the next owner adopts them).
+    pub fn drop_backend(&self, name: &str) {
+        if let Some(b) = self.backends().get_mut(name) {
+            let (tx, _) = mpsc::unbounded_channel();
+            b.lease = None;
+            b.connection = Connection::Offline;
+            b.current = None;
+            b.next = None;
+            b.accepts_next = false;
+            b.stuck = None;
+            b.commands = tx;
+        }
+    }
+
+    /// Hand the attempts running on `backend` to its (new) driver.
+    pub async fn recover_on(&self, backend: &str, running: Vec<Job>) {
+        let here: Vec<Job> = running
+            .into_iter()
+            .filter(|j| j.live_attempt().is_some_and(|a| a.backend == backend))
+            .collect();
+        if let Err(e) = self.recover_all(here).await {
+            tracing::warn!(backend, error = %e, "cannot recover the attempts of a leased backend");
+        }
+    }
+
+    /// Recover jobs left running, the attempt already executing on a backend first (it
+    /// becomes its `current`; one behind it was pipelined).
+    async fn recover_all(&self, mut running: Vec<Job>) -> Result<(), Error> {
+        running.sort_by_key(|j| {
+            j.live_attempt()
+                .is_none_or(|a| a.status != gantry_core::AttemptStatus::Executing)
+        });
+        for job in running {
+            self.recover(job).await?;
+        }
+        Ok(())
+    }
+
+    pub fn is_queued_here(&self, id: &JobId) -> bool {
+        self.queue().keys.contains_key(id)
+    }
+
+    /// An attempt of the job runs (or waits) on a backend driven here.
+    pub fn runs_here(&self, id: &JobId) -> bool {
+        self.backends().values().any(|b| {
+            [&b.current, &b.next]
+                .iter()
+                .any(|s| s.as_ref().is_some_and(|(j, _)| j == id))
+        })
+    }
+
+    /// Take a job's stored state into the queue index (a job queued or taken elsewhere).
+    pub fn note_queued(&self, job: &Job) {
+        self.queue().note(job, &self.inner.config.timeouts);
+        if job.state == JobState::Queued {
+            self.wake_scheduler();
+        }
+    }
+
+    /// Another coordinator finished the job or asked to cancel it: stop its attempt on
+    /// the backend driven here.
+    pub fn stop_here(&self, job: &Job) {
+        let confirm = job.state == JobState::Running && job.cancel_requested;
+        let backends = self.backends();
+        for b in backends.values() {
+            for slot in [&b.current, &b.next] {
+                let Some((id, n)) = slot else { continue };
+                if *id != job.id {
+                    continue;
+                }
+                let Some(a) = job.attempts.get((*n as usize).saturating_sub(1)) else {
+                    continue;
+                };
+                if job.state.is_terminal() || confirm {
+                    let _ = b.commands.send(Command::Stop {
+                        job_id: job.id.clone(),
+                        attempt: *n,
+                        prompt_id: a.prompt_id.clone(),
+                        confirm,
+                    });
+                }
+            }
+        }
+    }
+
     /// Commit a new job. The caller answers 202 only after this returns `New`.
     pub async fn submit(&self, spec: JobSpec, request_hash: &str) -> Result<Created, Error> {
         let job = Job::new(JobId::random(), spec, now_ms());
         let created = self.inner.store.create_job(&job, request_hash).await?;
         if let Created::New(event) = &created {
             self.queue().note(&job, &self.inner.config.timeouts);
-            self.inner.bus.publish(BusEvent::persisted(event.clone()));
+            self.publish_persisted(vec![event.clone()]);
             self.wake_scheduler();
         }
         Ok(created)
@@ -594,17 +812,24 @@ impl Engine {
             let now = now_ms();
             match transition(&job, input.clone(), now, &self.inner.policy) {
                 Ok(applied) => {
-                    match self
-                        .inner
-                        .store
-                        .update_job(&applied.job, &applied.events)
-                        .await
-                    {
+                    let stored = match self.fence(&job, &input) {
+                        Some(fence) => {
+                            self.inner
+                                .store
+                                .update_job_fenced(&applied.job, &applied.events, &fence)
+                                .await
+                        }
+                        None => {
+                            self.inner
+                                .store
+                                .update_job(&applied.job, &applied.events)
+                                .await
+                        }
+                    };
+                    match stored {
                         Ok(events) => {
                             self.queue().note(&applied.job, &self.inner.config.timeouts);
-                            for event in events {
-                                self.inner.bus.publish(BusEvent::persisted(event));
-                            }
+                            self.publish_persisted(events);
                             self.carry_out(&applied.job, applied.effects);
                             if applied.job.state != JobState::Running {
                                 self.wake_scheduler();
@@ -613,6 +838,13 @@ impl Engine {
                         }
                         // Someone wrote first: reread.
                         Err(gantry_store::Error::Conflict { .. }) => continue,
+                        Err(e @ gantry_store::Error::Fenced { .. }) => {
+                            tracing::warn!(job_id = %id, error = %e, "write refused by its fence");
+                            if let Some(cluster) = &self.inner.cluster {
+                                cluster.check.notify_one();
+                            }
+                            return Err(e.into());
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -638,9 +870,7 @@ impl Engine {
                                 }],
                             )
                             .await?;
-                        for event in events {
-                            self.inner.bus.publish(BusEvent::persisted(event));
-                        }
+                        self.publish_persisted(events);
                     }
                     return Ok(Applied::Refused(refused, Arc::unwrap_or_clone(job)));
                 }

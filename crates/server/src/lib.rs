@@ -5,6 +5,7 @@
 pub mod api;
 pub mod bus;
 mod classify;
+pub mod cluster;
 pub mod config;
 mod driver;
 pub mod engine;
@@ -58,9 +59,21 @@ impl Server {
             path: config.data_dir.clone(),
             source,
         })?;
-        let store: Arc<dyn Store> = match &config.store {
-            config::StoreConfig::Embedded => Arc::new(SqliteStore::open(&config.data_dir).await?),
-            config::StoreConfig::Postgres(url) => Arc::new(PgStore::open(url).await?),
+        let (store, cluster): (Arc<dyn Store>, _) = match &config.store {
+            config::StoreConfig::Embedded => {
+                (Arc::new(SqliteStore::open(&config.data_dir).await?), None)
+            }
+            config::StoreConfig::Postgres(url) => {
+                let pg = Arc::new(PgStore::open(url).await?);
+                let id = config.coordinator.clone().unwrap_or_else(|| {
+                    format!(
+                        "gantry-{}",
+                        &uuid::Uuid::new_v4().simple().to_string()[..12]
+                    )
+                });
+                let cluster = cluster::Cluster::new(pg.clone(), id, config.lease);
+                (pg as Arc<dyn Store>, Some(cluster))
+            }
         };
         let listener = TcpListener::bind(config.listen)
             .await
@@ -74,7 +87,8 @@ impl Server {
         })?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let engine = Engine::start(config, store, shutdown.clone(), &mut tasks).await?;
+        let engine =
+            Engine::start_with(config, store, cluster, shutdown.clone(), &mut tasks).await?;
         let app = api::router(engine.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use serde::Serialize;
 
-pub use postgres::{DispatchRecord, Lease, PgStore};
+pub use postgres::{DispatchRecord, Lease, PgStore, EVENTS_CHANNEL};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

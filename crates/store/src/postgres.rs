@@ -80,7 +80,11 @@ CREATE TABLE dispatch_log (
 pub struct PgStore {
     writer: Writer,
     pool: PgPool,
+    schema: String,
 }
+
+/// The channel every commit with events notifies, with its schema as the payload.
+pub const EVENTS_CHANNEL: &str = "gantry_events";
 
 impl PgStore {
     /// Connect to `url` (`postgres://USER@HOST/DB`; a `search_path` given in its
@@ -99,15 +103,39 @@ impl PgStore {
             pool.close().await;
             return Err(e);
         }
+        let schema: String = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(&pool)
+            .await?;
         Ok(PgStore {
             writer: Writer::spawn(Postgres(pool.clone())),
             pool,
+            schema,
         })
     }
 
     /// The pool, for the parts of a coordinator that talk to the database directly.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The schema the store lives in: the payload of its `EVENTS_CHANNEL` notifications.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// A listener woken by every commit that adds events (a wake-up only: the event
+    /// rows are the truth, read with `events_since`).
+    pub async fn listen(&self) -> Result<sqlx::postgres::PgListener> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(EVENTS_CHANNEL).await?;
+        Ok(listener)
+    }
+
+    /// The highest event number committed.
+    pub async fn last_seq(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT last FROM event_counter")
+            .fetch_one(&self.pool)
+            .await?)
     }
 }
 
@@ -642,6 +670,11 @@ async fn insert_events(
         .bind(&data)
         .execute(&mut *tx)
         .await?;
+        // Delivered at commit, to every coordinator's listener.
+        sqlx::query("SELECT pg_notify($1, current_schema())")
+            .bind(EVENTS_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
     }
     for (i, events, kind) in pending {
         let numbered = events.numbered(next);

@@ -1,8 +1,13 @@
 //! The whole server on the PostgreSQL store: jobs run, fail over, cancel and stream as on
 //! the embedded one, and outputs land in the shared artifacts folder.
 
-use crate::support::{names, sleep_workflow, spawn_app_pg, tiny_workflow};
-use serde_json::json;
+use crate::support::{
+    backend_name, names, poll_until, sim_config, sleep_workflow, spawn_app_pg, tiny_workflow, Sse,
+    TestApp,
+};
+use gantry_server::{BackendConfig, Config, Server, StoreConfig};
+use serde_json::{json, Value};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_cancel_and_stream_on_postgres() {
@@ -66,4 +71,232 @@ async fn jobs_run_cancel_and_stream_on_postgres() {
         .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     app.shutdown().await;
+}
+
+/// Coordinators sharing one database and one set of simulators.
+struct Farm {
+    sims: Vec<gantry_sim::SimHandle>,
+    schema: gantry_store::testing::FreshSchema,
+    shared: tempfile::TempDir,
+    inspect: gantry_store::PgStore,
+}
+
+impl Farm {
+    async fn new(n_sims: usize) -> Option<Farm> {
+        let schema = gantry_store::testing::FreshSchema::create().await?;
+        let mut sims = Vec::new();
+        for _ in 0..n_sims {
+            sims.push(gantry_sim::spawn(sim_config()).await.unwrap());
+        }
+        let inspect = gantry_store::PgStore::open(&schema.url).await.unwrap();
+        Some(Farm {
+            sims,
+            schema,
+            shared: tempfile::tempdir().unwrap(),
+            inspect,
+        })
+    }
+
+    /// Start coordinator `id` on the farm, with a short lease.
+    async fn coordinator(&self, id: &str) -> TestApp {
+        let mut config = Config::new("127.0.0.1:0".parse().unwrap(), self.shared.path().join(id));
+        config.store = StoreConfig::Postgres(self.schema.url.clone());
+        config.artifacts = Some(self.shared.path().join("artifacts"));
+        config.coordinator = Some(id.to_owned());
+        config.lease = Duration::from_millis(1500);
+        config.backends = self
+            .sims
+            .iter()
+            .enumerate()
+            .map(|(i, sim)| {
+                BackendConfig::parse(&format!("{}={}", backend_name(i), sim.url())).unwrap()
+            })
+            .collect();
+        TestApp::attach(Server::start(config).await.expect("coordinator starts"))
+    }
+
+    /// Waits until every backend is leased, `owners` each holding its share.
+    async fn wait_spread(&self, owners: &[&str]) -> Vec<gantry_store::Lease> {
+        let share = self.sims.len().div_ceil(owners.len());
+        poll_until(
+            "leases spread over the coordinators",
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            || async {
+                let leases = self.inspect.leases().await.unwrap();
+                let live: Vec<_> = leases
+                    .iter()
+                    .filter(|l| l.remaining_ms > 0 && l.owner.is_some())
+                    .collect();
+                let spread = live.len() == self.sims.len()
+                    && owners.iter().all(|o| {
+                        let n = live
+                            .iter()
+                            .filter(|l| l.owner.as_deref() == Some(*o))
+                            .count();
+                        n >= 1 && n <= share
+                    });
+                if spread {
+                    Ok(leases)
+                } else {
+                    Err(leases)
+                }
+            },
+        )
+        .await
+    }
+
+    /// Every claim was made under a lease, one owner per (backend, token), tokens never
+    /// going back: no two coordinators drove one backend at once.
+    async fn check_dispatch_log(&self) -> usize {
+        let log = self.inspect.dispatch_log().await.unwrap();
+        let mut owner_of: std::collections::HashMap<(String, i64), String> = Default::default();
+        let mut last_token: std::collections::HashMap<String, i64> = Default::default();
+        for r in &log {
+            let owner = owner_of
+                .entry((r.backend.clone(), r.token))
+                .or_insert_with(|| r.owner.clone());
+            assert_eq!(
+                *owner, r.owner,
+                "two owners of {} under token {}",
+                r.backend, r.token
+            );
+            let last = last_token.entry(r.backend.clone()).or_insert(r.token);
+            assert!(
+                r.token >= *last,
+                "backend {} went back to token {} after {}",
+                r.backend,
+                r.token,
+                last
+            );
+            *last = r.token;
+        }
+        log.len()
+    }
+}
+
+/// Reads `/v1/events` of `app` until `enough` holds for what it has, or panics.
+async fn read_global(app: &TestApp, since: i64, enough: impl Fn(&[Sse]) -> bool) -> Vec<Sse> {
+    let mut response = app
+        .http
+        .get(format!("{}/v1/events?since={since}", app.url))
+        .send()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + crate::support::TERMINAL_DEADLINE;
+    let (mut buf, mut events) = (String::new(), Vec::new());
+    while !enough(&events) {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("the global stream stalled at {} events", events.len()))
+            .unwrap()
+            .expect("the global stream ended");
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        crate::support::parse_sse_blocks(&mut buf, &mut events);
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_share_one_farm() {
+    let Some(farm) = Farm::new(4).await else {
+        return;
+    };
+    let c1 = farm.coordinator("c1").await;
+    let c2 = farm.coordinator("c2").await;
+    farm.wait_spread(&["c1", "c2"]).await;
+
+    // Jobs submitted to either run on the whole farm, and each stream shows them all.
+    let bodies: Vec<Value> = (0..12)
+        .map(|i| json!({"workflow": tiny_workflow(&format!("farm{i}"))}))
+        .collect();
+    let mut ids = Vec::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let app = if i % 2 == 0 { &c1 } else { &c2 };
+        ids.push(app.submit_ok(body).await);
+    }
+    for id in &ids {
+        let job = c1.wait_terminal(id).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        // The output is reachable from the coordinator that did not fetch it too.
+        let url = job["outputs"][0]["url"].as_str().unwrap();
+        for app in [&c1, &c2] {
+            let r = app
+                .http
+                .get(format!("{}{url}", app.url))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    let succeeded =
+        |events: &[Sse]| events.iter().filter(|e| e.event == "succeeded").count() >= ids.len();
+    for app in [&c1, &c2] {
+        let events = read_global(app, 0, succeeded).await;
+        let seqs: Vec<i64> = events
+            .iter()
+            .filter_map(|e| e.id.as_deref()?.parse().ok())
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        for id in &ids {
+            assert!(
+                events.iter().any(|e| e.data["job_id"] == *id),
+                "{id} missing"
+            );
+        }
+    }
+
+    // A cancel through the coordinator that does not drive the job's backend reaches it.
+    let slow = c1
+        .submit_ok(&json!({"workflow": sleep_workflow(400.0, 200, 7)}))
+        .await;
+    let running = c1
+        .wait_job(
+            &slow,
+            "slow job executing",
+            crate::support::TERMINAL_DEADLINE,
+            |j| j["attempts"][0]["status"] == "executing",
+        )
+        .await;
+    let backend = running["attempts"][0]["backend"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let leases = farm.inspect.leases().await.unwrap();
+    let driver = leases
+        .iter()
+        .find(|l| l.backend == backend)
+        .and_then(|l| l.owner.clone())
+        .unwrap();
+    let other = if driver == "c1" { &c2 } else { &c1 };
+    let (status, _) = other.cancel(&slow).await;
+    assert_eq!(status, 202);
+    let job = other.wait_terminal(&slow).await;
+    assert_eq!(job["state"], "cancelled", "{job:#}");
+    let sim = &farm.sims[(backend.as_bytes()[0] - b'a') as usize];
+    let queue: Value = reqwest::get(format!("{}/queue", sim.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(queue["queue_running"], json!([]), "{queue:#}");
+
+    // One leaves: the other takes every backend and the farm goes on.
+    c2.server.shutdown().await;
+    let leases = farm.wait_spread(&["c1"]).await;
+    assert!(leases.iter().all(|l| l.owner.as_deref() == Some("c1")));
+    let more: Vec<Value> = (0..4)
+        .map(|i| json!({"workflow": tiny_workflow(&format!("after{i}"))}))
+        .collect();
+    for body in &more {
+        let id = c1.submit_ok(body).await;
+        assert_eq!(c1.wait_terminal(&id).await["state"], "succeeded");
+    }
+    assert!(farm.check_dispatch_log().await >= ids.len() + 5);
+    c1.server.shutdown().await;
+    for sim in farm.sims {
+        sim.shutdown().await;
+    }
 }

@@ -91,6 +91,24 @@ pub async fn spawn_app_with(sims: Vec<SimConfig>, tweak: impl FnOnce(&mut Config
     app
 }
 
+impl TestApp {
+    /// A client of `server` alone: its backends' simulators belong to someone else (a
+    /// farm of several coordinators).
+    pub fn attach(server: Server) -> TestApp {
+        TestApp {
+            url: server.url(),
+            server,
+            sims: Vec::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            _data: tempfile::tempdir().expect("temp dir"),
+            _schema: None,
+        }
+    }
+}
+
 /// a, b, c, ...
 pub fn backend_name(i: usize) -> String {
     char::from(b'a' + u8::try_from(i).unwrap()).to_string()
@@ -163,7 +181,7 @@ pub fn names<'a>(events: impl IntoIterator<Item = &'a Sse>) -> Vec<&'a str> {
 }
 
 /// Splits complete SSE blocks off the front of `buf`.
-fn parse_sse_blocks(buf: &mut String, out: &mut Vec<Sse>) {
+pub fn parse_sse_blocks(buf: &mut String, out: &mut Vec<Sse>) {
     while let Some(end) = buf.find("\n\n") {
         let block: String = buf.drain(..end + 2).collect();
         let (mut event, mut id, mut data) = (None, None, Vec::new());

@@ -1,0 +1,318 @@
+//! Several coordinators on one PostgreSQL database: who drives which backend, and how
+//! every coordinator hears what the others commit.
+//!
+//! Each backend is driven by the one coordinator holding its lease (`lease_loop`): it
+//! renews its leases every third of the lease, takes free or expired ones up to its fair
+//! share of the backends among the live coordinators, and gives extras back when a
+//! coordinator joins. Every write about a backend carries the lease's fencing token,
+//! checked by the store in the writing statement, so a coordinator that lost a lease
+//! (paused, partitioned) changes nothing about that backend. A lease gained starts a
+//! driver that first adopts the attempts the database says are running there.
+//!
+//! The event tail (`tail_loop`) is the one publisher of persisted events in this mode:
+//! woken by LISTEN/NOTIFY (and every second, in case a notification is lost), it reads
+//! the event rows in sequence and puts them on the local bus, so every coordinator's
+//! streams show the whole farm in one order. It also carries out what another
+//! coordinator's change asks of this one: a job queued elsewhere joins the local queue
+//! index, a cancel requested elsewhere stops the attempt on a backend driven here.
+
+use gantry_core::{EventKind, JobState};
+use gantry_store::{Event, PgStore, Store};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::BusEvent;
+use crate::engine::Engine;
+
+/// This coordinator's place in a farm of several.
+pub struct Cluster {
+    pub store: Arc<PgStore>,
+    /// This coordinator's id, unique among the live ones.
+    pub id: String,
+    /// How long a lease lasts without renewal.
+    pub lease: Duration,
+    /// Wakes the lease loop at once (a write was refused by its fence).
+    pub check: Notify,
+    /// Sequence numbers this coordinator wrote and the tail has not passed yet: the tail
+    /// publishes them but does not act on them again.
+    local: Mutex<HashSet<i64>>,
+    /// The running driver of each backend leased here, with what stops it.
+    drivers: Mutex<HashMap<String, (CancellationToken, JoinHandle<()>)>>,
+}
+
+impl Cluster {
+    pub fn new(store: Arc<PgStore>, id: String, lease: Duration) -> Cluster {
+        Cluster {
+            store,
+            id,
+            lease,
+            check: Notify::new(),
+            local: Mutex::new(HashSet::new()),
+            drivers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remember events this coordinator committed (the tail will publish them).
+    pub fn wrote(&self, events: &[Event]) {
+        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        local.extend(events.iter().map(|e| e.seq));
+    }
+
+    fn was_local(&self, seq: i64) -> bool {
+        self.local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&seq)
+    }
+}
+
+/// The backends this coordinator should drive: its share, rounded up.
+fn fair_share(n_backends: usize, n_live: usize) -> usize {
+    n_backends.div_ceil(n_live.max(1))
+}
+
+/// Keep this coordinator's leases: renew, take its share, give back extras.
+pub async fn lease_loop(engine: Engine) {
+    let Some(cluster) = engine.cluster() else {
+        return;
+    };
+    let every = cluster.lease / 3;
+    let names: Vec<String> = engine
+        .config()
+        .backends
+        .iter()
+        .map(|b| b.name.clone())
+        .collect();
+    loop {
+        let wake = match lease_pass(&engine, cluster, &names).await {
+            Ok(wake) => wake,
+            Err(e) => {
+                tracing::warn!(error = %e, "lease pass failed: the store is unreachable");
+                every
+            }
+        };
+        tokio::select! {
+            _ = engine.shutdown_token().cancelled() => break,
+            _ = cluster.check.notified() => {}
+            _ = tokio::time::sleep(wake.min(every)) => {}
+        }
+    }
+    // Leaving: stop every driver and hand the backends over at once.
+    let owned: Vec<(String, i64)> = engine.owned_leases();
+    for (name, token) in owned {
+        lose(&engine, &name).await;
+        let _ = cluster.store.release_lease(&name, &cluster.id, token).await;
+    }
+    let _ = cluster.store.leave(&cluster.id).await;
+}
+
+/// One pass; answers how soon the next is worth making (a lease this coordinator wants
+/// expires then).
+async fn lease_pass(
+    engine: &Engine,
+    cluster: &Cluster,
+    names: &[String],
+) -> gantry_store::Result<Duration> {
+    let live = cluster.store.heartbeat(&cluster.id, cluster.lease).await?;
+    let share = fair_share(names.len(), live.len());
+    for (name, token) in engine.owned_leases() {
+        if !cluster
+            .store
+            .renew_lease(&name, &cluster.id, token, cluster.lease)
+            .await?
+        {
+            tracing::warn!(backend = %name, token, "lease lost: this coordinator stops driving it");
+            lose(engine, &name).await;
+        }
+    }
+    let mut owned = engine.owned_leases().len();
+    // Extras go back, idle backends first, so a newcomer gets its share.
+    while owned > share {
+        let Some((name, token)) = engine.lease_to_give_back() else {
+            break;
+        };
+        tracing::info!(backend = %name, share, "giving a lease back to rebalance");
+        lose(engine, &name).await;
+        cluster
+            .store
+            .release_lease(&name, &cluster.id, token)
+            .await?;
+        owned -= 1;
+    }
+    let mut wake = cluster.lease / 3;
+    if owned < share {
+        // Start from a place that differs per coordinator, so several starting together
+        // do not all race for the same backends.
+        let me = live.iter().position(|c| *c == cluster.id).unwrap_or(0);
+        let start = (me * names.len()) / live.len().max(1);
+        for i in 0..names.len() {
+            if owned >= share {
+                break;
+            }
+            let name = &names[(start + i) % names.len()];
+            if engine.leases_backend(name) {
+                continue;
+            }
+            if let Some(token) = cluster
+                .store
+                .acquire_lease(name, &cluster.id, cluster.lease)
+                .await?
+            {
+                tracing::info!(backend = %name, token, "lease taken: driving this backend");
+                gain(engine, name, token).await?;
+                owned += 1;
+            }
+        }
+        if owned < share {
+            // Try again the moment the first lease held elsewhere expires.
+            let soonest = cluster
+                .store
+                .leases()
+                .await?
+                .iter()
+                .filter(|l| l.owner.as_deref() != Some(cluster.id.as_str()))
+                .map(|l| l.remaining_ms.max(0) as u64)
+                .min();
+            if let Some(ms) = soonest {
+                wake = wake.min(Duration::from_millis(ms + 1));
+            }
+        }
+    }
+    Ok(wake)
+}
+
+/// Start driving `name` under lease `token`: the attempts the store says run there are
+/// handed to a new driver before it connects.
+async fn gain(engine: &Engine, name: &str, token: i64) -> gantry_store::Result<()> {
+    let Some(cluster) = engine.cluster() else {
+        return Ok(());
+    };
+    let rx = engine.take_backend(name, token);
+    let running = engine.store().running_jobs().await?;
+    engine.recover_on(name, running).await;
+    let stop = engine.shutdown_token().child_token();
+    let e = engine.clone();
+    let (n, s) = (name.to_owned(), stop.clone());
+    let handle = tokio::spawn(async move { crate::driver::run(e, n, rx, s).await });
+    cluster
+        .drivers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name.to_owned(), (stop, handle));
+    engine.wake_scheduler();
+    Ok(())
+}
+
+/// Stop driving `name`: its driver ends without touching the backend, whose prompts the
+/// next owner adopts.
+async fn lose(engine: &Engine, name: &str) {
+    let Some(cluster) = engine.cluster() else {
+        return;
+    };
+    engine.drop_backend(name);
+    let driver = cluster
+        .drivers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(name);
+    if let Some((stop, handle)) = driver {
+        stop.cancel();
+        let _ = handle.await;
+    }
+}
+
+/// Publish every committed event in sequence, and act on those of other coordinators.
+pub async fn tail_loop(engine: Engine) {
+    let Some(cluster) = engine.cluster() else {
+        return;
+    };
+    let mut last = loop {
+        match cluster.store.last_seq().await {
+            Ok(seq) => break seq,
+            Err(e) => {
+                tracing::warn!(error = %e, "event tail: cannot read the store");
+                tokio::select! {
+                    _ = engine.shutdown_token().cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    let mut listener = None;
+    loop {
+        if listener.is_none() {
+            listener = cluster.store.listen().await.ok();
+        }
+        loop {
+            let page = match cluster.store.events_since(last, 1000).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event tail: cannot read the store");
+                    break;
+                }
+            };
+            for event in &page {
+                last = event.seq;
+                engine.bus().publish(BusEvent::persisted(event.clone()));
+                if !cluster.was_local(event.seq) {
+                    remote(&engine, event).await;
+                }
+            }
+            if page.len() < 1000 {
+                break;
+            }
+        }
+        let woken = async {
+            match listener.as_mut() {
+                Some(l) => l.recv().await.map(|_| ()),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = engine.shutdown_token().cancelled() => return,
+            r = woken => if r.is_err() { listener = None },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// What another coordinator's event asks of this one.
+async fn remote(engine: &Engine, event: &Event) {
+    let affects_queue = event.state == JobState::Queued || engine.is_queued_here(&event.job_id);
+    let stops =
+        event.state.is_terminal() || matches!(event.kind, EventKind::CancelRequested { .. });
+    let stops_here = stops && engine.runs_here(&event.job_id);
+    if !affects_queue && !stops_here {
+        return;
+    }
+    let job = match engine.store().job(&event.job_id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(job_id = %event.job_id, error = %e, "event tail: cannot read a job");
+            return;
+        }
+    };
+    engine.note_queued(&job);
+    if stops {
+        engine.stop_here(&job);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fair_share;
+
+    #[test]
+    fn shares_round_up_so_every_backend_has_a_taker() {
+        assert_eq!(fair_share(8, 3), 3);
+        assert_eq!(fair_share(8, 1), 8);
+        assert_eq!(fair_share(8, 0), 8);
+        assert_eq!(fair_share(2, 3), 1);
+        assert_eq!(fair_share(0, 3), 0);
+    }
+}
