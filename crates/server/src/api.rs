@@ -113,6 +113,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/v1/jobs/{id}/outputs/{name}", get(get_output))
         .route("/v1/events", get(all_events))
         .route("/v1/backends", get(list_backends))
+        .route("/v1/cluster", get(cluster))
         .route("/healthz", get(healthz))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
@@ -800,6 +801,36 @@ async fn list_backends(State(engine): State<Engine>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "backends": list }))
+}
+
+/// This coordinator's place in the farm: its id, the leases it holds, the writes its
+/// fences refused, and every lease as the database has it.
+async fn cluster(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
+    let Some(cluster) = engine.cluster() else {
+        return Ok(Json(json!({"store": "embedded"})));
+    };
+    let held: Vec<Value> = engine
+        .owned_leases()
+        .into_iter()
+        .map(|(backend, token)| json!({"backend": backend, "token": token}))
+        .collect();
+    let all: Vec<Value> = cluster
+        .store
+        .leases()
+        .await?
+        .into_iter()
+        .map(|l| {
+            json!({"backend": l.backend, "owner": l.owner, "token": l.token, "remaining_ms": l.remaining_ms})
+        })
+        .collect();
+    Ok(Json(json!({
+        "store": "postgres",
+        "coordinator": cluster.id,
+        "lease_ms": cluster.lease.as_millis() as u64,
+        "held": held,
+        "fenced_writes": cluster.fenced_writes.load(std::sync::atomic::Ordering::Relaxed),
+        "leases": all,
+    })))
 }
 
 async fn healthz(State(engine): State<Engine>) -> Response {

@@ -42,6 +42,8 @@ pub struct Cluster {
     local: Mutex<HashSet<i64>>,
     /// The running driver of each backend leased here, with what stops it.
     drivers: Mutex<HashMap<String, (CancellationToken, JoinHandle<()>)>>,
+    /// Writes the store refused because their lease was gone.
+    pub fenced_writes: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
@@ -53,6 +55,7 @@ impl Cluster {
             check: Notify::new(),
             local: Mutex::new(HashSet::new()),
             drivers: Mutex::new(HashMap::new()),
+            fenced_writes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

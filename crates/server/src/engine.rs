@@ -841,6 +841,9 @@ impl Engine {
                         Err(e @ gantry_store::Error::Fenced { .. }) => {
                             tracing::warn!(job_id = %id, error = %e, "write refused by its fence");
                             if let Some(cluster) = &self.inner.cluster {
+                                cluster
+                                    .fenced_writes
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 cluster.check.notify_one();
                             }
                             return Err(e.into());

@@ -1,5 +1,7 @@
 //! Tests of the `gantry` binary as a user runs it: a real process, killed for real.
 
+mod farm;
+
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
