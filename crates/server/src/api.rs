@@ -41,6 +41,8 @@ pub enum ApiError {
     TooLarge {
         limit: usize,
     },
+    /// The store cannot be reached: nothing was accepted or changed.
+    Unavailable(String),
     Internal(String),
 }
 
@@ -58,14 +60,18 @@ impl From<engine::Error> for ApiError {
     fn from(e: engine::Error) -> ApiError {
         match e {
             engine::Error::NotFound(id) => ApiError::NotFound(format!("no job {id}")),
-            engine::Error::Store(e) => ApiError::Internal(e.to_string()),
+            engine::Error::Store(e) => e.into(),
         }
     }
 }
 
 impl From<gantry_store::Error> for ApiError {
     fn from(e: gantry_store::Error) -> ApiError {
-        ApiError::Internal(e.to_string())
+        if e.is_unavailable() {
+            ApiError::Unavailable(e.to_string())
+        } else {
+            ApiError::Internal(e.to_string())
+        }
     }
 }
 
@@ -88,6 +94,12 @@ impl IntoResponse for ApiError {
                 "body_too_large",
                 format!("the request body is larger than the limit of {limit} bytes"),
                 json!({ "limit_bytes": limit }),
+            ),
+            ApiError::Unavailable(message) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!("{message}; nothing was accepted or changed, try again shortly"),
+                json!({}),
             ),
             ApiError::Internal(message) => {
                 tracing::error!(%message, "internal error");

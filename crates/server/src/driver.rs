@@ -145,6 +145,9 @@ struct Driver {
     last_poll: Instant,
     /// The watchdog's clock: milliseconds since this instant.
     epoch: Instant,
+    /// A write was refused by this coordinator's lease: it no longer drives the backend
+    /// and must not touch it again; the driver ends.
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -187,10 +190,15 @@ pub async fn run(
         last_contact: now,
         last_poll: now,
         epoch: now,
+        fenced: std::sync::atomic::AtomicBool::new(false),
     };
     loop {
         let wake = d.next_wake();
         tokio::select! {
+            // A timer that ran out is judged before a stop that came at the same time:
+            // a driver resuming after a pause tries its write, which the fence refuses.
+            biased;
+            _ = tokio::time::sleep_until(wake) => d.on_wake().await,
             _ = shutdown.cancelled() => {
                 if let Some(s) = d.session.take() {
                     s.close().await;
@@ -202,7 +210,13 @@ pub async fn run(
                 None => return,
             },
             ev = next_event(&mut d.session) => d.on_event(ev).await,
-            _ = tokio::time::sleep_until(wake) => d.on_wake().await,
+        }
+        if d.fenced.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(backend = %d.name, "lease gone: the driver stops and leaves the backend to its new owner");
+            if let Some(s) = d.session.take() {
+                s.close().await;
+            }
+            return;
         }
         if std::mem::take(&mut d.evict_next) {
             d.evict().await;
@@ -1188,8 +1202,13 @@ impl Driver {
             Phase::Start | Phase::QueueAhead => Some(Stage::Pending),
             Phase::FirstProgress | Phase::NodeStall => Some(Stage::Executing),
         };
-        self.stop_on_backend(&pid, stage).await;
+        // Record first, then act: the committed (fenced) failure is the permission to
+        // touch the backend, so a coordinator whose lease lapsed never interrupts a
+        // prompt another coordinator now follows.
         self.fail(Failure::backend(error), true).await;
+        if !self.fenced.load(std::sync::atomic::Ordering::Relaxed) {
+            self.stop_on_backend(&pid, stage).await;
+        }
     }
 
     /// Interrupt (running) or dequeue (pending) a prompt, without waiting for a result.
@@ -1221,6 +1240,9 @@ impl Driver {
         let applied = self
             .apply(&job_id, Input::Failed { attempt, failure })
             .await;
+        if self.fenced.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if let (true, Some(Applied::Changed(job))) = (fault, &applied) {
             self.engine.backend_fault(&self.name, job, block).await;
         }
@@ -1307,8 +1329,13 @@ impl Driver {
     }
 
     async fn apply(&self, job_id: &JobId, input: Input) -> Option<Applied> {
-        match self.engine.apply(job_id, input).await {
+        match self.engine.apply_held(job_id, input).await {
             Ok(applied) => Some(applied),
+            Err(e) if e.is_fenced() => {
+                self.fenced
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                None
+            }
             Err(e) => {
                 tracing::error!(backend = %self.name, job_id = %job_id, error = %e, "cannot record a job change");
                 None

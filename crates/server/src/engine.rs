@@ -791,6 +791,27 @@ impl Engine {
         Ok(created)
     }
 
+    /// As `apply`, holding `input` in memory while the store is unreachable and trying
+    /// again with backoff until it is back (or the server stops): what a backend said
+    /// about a running prompt is never dropped for want of a database. The scheduler
+    /// and the API do not hold: they stop dispatching, and refuse with 503.
+    pub async fn apply_held(&self, id: &JobId, input: Input) -> Result<Applied, Error> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.apply(id, input.clone()).await {
+                Err(Error::Store(e)) if e.is_unavailable() => {
+                    tracing::warn!(job_id = %id, input = input.name(), error = %e, "store unreachable: holding the change");
+                    tokio::select! {
+                        _ = self.inner.shutdown.cancelled() => return Err(Error::Store(e)),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Apply `input` to job `id`: recompute on a concurrent change, record late inputs.
     /// A queued job starts from the queue index's copy instead of reading its row; that
     /// is safe because the write is conditional on the version, and a refusal is decided

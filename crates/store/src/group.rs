@@ -253,10 +253,17 @@ async fn write_loop(mut committer: impl Committer, mut rx: mpsc::UnboundedReceiv
             Ok(outcomes) => outcomes,
             Err(e) => {
                 // Nothing of the group committed: every write in it fails alike.
+                let unavailable = e.is_unavailable();
                 let message = e.to_string();
                 batch
                     .iter()
-                    .map(|_| Err(Error::Database(sqlx::Error::Protocol(message.clone()))))
+                    .map(|_| {
+                        Err(if unavailable {
+                            Error::Unavailable(message.clone())
+                        } else {
+                            Error::Database(sqlx::Error::Protocol(message.clone()))
+                        })
+                    })
                     .collect()
             }
         };

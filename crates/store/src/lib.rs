@@ -39,10 +39,41 @@ pub enum Error {
     NoLeases,
     #[error("the store's schema is version {found}, newer than this gantry knows ({known}): upgrade gantry")]
     SchemaTooNew { found: i64, known: i64 },
+    /// The database cannot be reached (or its group of writes was cut off): nothing
+    /// of the write is known to have committed; try again once it is back.
+    #[error("the store is unreachable: {0}")]
+    Unavailable(String),
     #[error("store: {0}")]
     Database(#[from] sqlx::Error),
     #[error("store: a stored record does not decode: {0}")]
     Corrupt(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// The database is unreachable, not refusing: worth holding the write and trying
+    /// again.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Unavailable(_) => true,
+            Error::Database(e) => unreachable_db(e),
+            _ => false,
+        }
+    }
+}
+
+fn unreachable_db(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // Connection exceptions, and a server shutting down or starting up.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -96,7 +96,8 @@ impl PgStore {
     pub async fn connect(options: PgConnectOptions) -> Result<PgStore> {
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .acquire_timeout(Duration::from_secs(10))
+            // Short, so an outage is seen (and reported) quickly rather than queued behind.
+            .acquire_timeout(Duration::from_secs(3))
             .connect_with(options)
             .await?;
         if let Err(e) = migrate(&pool).await {

@@ -85,7 +85,10 @@ impl Farm {
             .arg(id)
             .arg("--config")
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("FARM_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -392,7 +395,9 @@ async fn coordinators_killed_at_random_lose_no_job_and_run_none_twice() {
 /// fence, and it holds no lease after. The job goes on under the new owner alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_paused_past_its_lease_changes_nothing_when_it_resumes() {
-    let Some(farm) = Farm::new(1, 20.0, &["stall:at=50,every=1"]).await else {
+    // Stalled before its first step: c1 hears nothing more of it once paused, so its
+    // first-progress timer has run out when it wakes (buffered progress would re-arm it).
+    let Some(farm) = Farm::new(1, 20.0, &["stall:at=0,every=1"]).await else {
         return;
     };
     let config =
@@ -453,8 +458,10 @@ async fn a_coordinator_paused_past_its_lease_changes_nothing_when_it_resumes() {
     )
     .await;
     assert_eq!(takeover, 2);
-    // Past c1's own stall limit too, so its watchdog has a write to attempt on waking.
-    let past = Duration::from_millis(2600).saturating_sub(paused.elapsed());
+    // Past c1's own first-progress limit too (2 s from the node's start, just before the
+    // pause), so its watchdog has a write to attempt on waking; c2's own limit, counted
+    // from its takeover, runs out later.
+    let past = Duration::from_millis(2300).saturating_sub(paused.elapsed());
     tokio::time::sleep(past).await;
     c1.signal("-CONT");
 

@@ -300,3 +300,99 @@ async fn two_coordinators_share_one_farm() {
         sim.shutdown().await;
     }
 }
+
+/// PostgreSQL unreachable for a while: new jobs are refused with 503 (and never
+/// created), /healthz says store_unavailable, the running prompt's success is held in
+/// memory and written once the database is back; nothing is lost or run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_refuses_new_work_and_keeps_what_runs() {
+    let Some(schema) = gantry_store::testing::FreshSchema::create().await else {
+        return;
+    };
+    let base = url::Url::parse(&schema.url).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        base.host_str().unwrap(),
+        base.port().unwrap_or(5432)
+    );
+    let upstream = tokio::net::lookup_host(upstream)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = crate::support::PgProxy::start(upstream).await;
+    let url = proxy.url(&schema.url);
+    let sims = vec![sim_config()];
+    let app = crate::support::spawn_app_with(sims, |c| {
+        c.store = StoreConfig::Postgres(url);
+        c.artifacts = Some(c.data_dir.join("../artifacts"));
+    })
+    .await;
+    let id = app
+        .submit_ok(&json!({"workflow": sleep_workflow(20.0, 10, 3)}))
+        .await;
+    let running = app
+        .wait_job(&id, "executing", crate::support::TERMINAL_DEADLINE, |j| {
+            j["attempts"][0]["status"] == "executing"
+        })
+        .await;
+    let prompt = running["attempts"][0]["prompt_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    proxy.cut();
+    poll_until(
+        "healthz reports the store unavailable",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            let (status, body) = app.get("/healthz").await;
+            if status == 503 && body["status"] == "store_unavailable" {
+                Ok(())
+            } else {
+                Err((status, body))
+            }
+        },
+    )
+    .await;
+    let refused = app
+        .submit(&json!({"workflow": tiny_workflow("outage"), "idempotency_key": "during"}))
+        .await;
+    crate::support::assert_error(&refused, 503, "store_unavailable", &["unreachable"]);
+    // The prompt finishes on the backend while the database is away.
+    poll_until(
+        "the prompt finishes on the backend",
+        crate::support::TERMINAL_DEADLINE,
+        Duration::from_millis(50),
+        || async {
+            let h = app.sim_json(0, &format!("/history/{prompt}")).await;
+            if h[&prompt]["status"]["status_str"] == "success" {
+                Ok(())
+            } else {
+                Err(h)
+            }
+        },
+    )
+    .await;
+
+    proxy.restore();
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "{job:#}");
+    assert_eq!(app.get("/healthz").await.0, 200);
+    // The refused submit created nothing: its key is free.
+    let again = app
+        .submit(&json!({"workflow": tiny_workflow("outage"), "idempotency_key": "during"}))
+        .await;
+    assert_eq!(again.0, 202, "{:#}", again.1);
+    let history = app.sim_json(0, "/history").await;
+    let runs = history
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|e| e["prompt"][1] == json!(prompt))
+        .count();
+    assert_eq!(runs, 1, "the prompt ran {runs} times");
+    app.shutdown().await;
+}

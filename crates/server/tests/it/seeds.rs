@@ -4,7 +4,7 @@
 //! heartbeats keep coming).
 
 use crate::support::{
-    backend_events, ms_of, names, sleep_workflow, spawn_app, tiny_workflow, TestApp,
+    backend_events, ms_of, names, poll_until, sleep_workflow, spawn_app, tiny_workflow, TestApp,
 };
 use gantry_server::bus::{BusEvent, LiveKind};
 use serde_json::{json, Value};
@@ -70,9 +70,22 @@ async fn seed_000_a_server_that_accepts_a_prompt_and_never_starts_it() {
     assert_eq!(events[blocked].data["workflow_hash"], job["workflow_hash"]);
     assert!(events[retrying].data["delay_ms"].as_u64().is_some());
 
-    // Nothing of ours is left queued on the hung server.
-    let queue = app.sim_json(0, "/queue").await;
-    assert_eq!(queue["queue_pending"], json!([]), "{queue:#}");
+    // Nothing of ours is left queued on the hung server: the failure is committed
+    // first (the permission to act), then the prompt is dequeued.
+    poll_until(
+        "the hung server's queue emptied",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let queue = app.sim_json(0, "/queue").await;
+            if queue["queue_pending"] == json!([]) {
+                Ok(())
+            } else {
+                Err(queue)
+            }
+        },
+    )
+    .await;
 
     // While blocked, the same workflow goes straight to the healthy server, even though
     // the hung one is preferred.
