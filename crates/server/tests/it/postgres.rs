@@ -203,6 +203,8 @@ async fn two_coordinators_share_one_farm() {
         return;
     };
     let c1 = farm.coordinator("c1").await;
+    // Alone, c1 drives every backend; a second coordinator joining takes its share.
+    farm.wait_spread(&["c1"]).await;
     let c2 = farm.coordinator("c2").await;
     farm.wait_spread(&["c1", "c2"]).await;
 
@@ -283,6 +285,18 @@ async fn two_coordinators_share_one_farm() {
         .unwrap();
     assert_eq!(queue["queue_running"], json!([]), "{queue:#}");
 
+    // A client following c2's global stream: c2 goes away, the client resumes on c1
+    // with Last-Event-ID and misses nothing.
+    let before = read_global(&c2, 0, |e| e.len() >= 10).await;
+    let last_id: i64 = before
+        .last()
+        .unwrap()
+        .id
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+
     // One leaves: the other takes every backend and the farm goes on.
     c2.server.shutdown().await;
     let leases = farm.wait_spread(&["c1"]).await;
@@ -295,6 +309,38 @@ async fn two_coordinators_share_one_farm() {
         assert_eq!(c1.wait_terminal(&id).await["state"], "succeeded");
     }
     assert!(farm.check_dispatch_log().await >= ids.len() + 5);
+    let total = farm.inspect.last_seq().await.unwrap();
+    let mut resumed = c1
+        .http
+        .get(format!("{}/v1/events", c1.url))
+        .header("last-event-id", last_id.to_string())
+        .send()
+        .await
+        .unwrap();
+    let (mut buf, mut after) = (String::new(), Vec::new());
+    while after
+        .last()
+        .and_then(|e: &Sse| e.id.as_deref()?.parse::<i64>().ok())
+        != Some(total)
+    {
+        let chunk = tokio::time::timeout(crate::support::TERMINAL_DEADLINE, resumed.chunk())
+            .await
+            .expect("the resumed stream stalled")
+            .unwrap()
+            .expect("the resumed stream ended");
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        crate::support::parse_sse_blocks(&mut buf, &mut after);
+    }
+    let seqs: Vec<i64> = before
+        .iter()
+        .chain(&after)
+        .filter_map(|e| e.id.as_deref()?.parse().ok())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=total).collect::<Vec<i64>>(),
+        "a gap or a repeat across the hand-over"
+    );
     c1.server.shutdown().await;
     for sim in farm.sims {
         sim.shutdown().await;
