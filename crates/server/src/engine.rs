@@ -205,6 +205,12 @@ impl QueueIndex {
 
     /// Take the job's new state: in the queue when queued, out of it otherwise.
     fn note(&mut self, job: &Job, global: &gantry_core::Timeouts) {
+        self.note_from(job, global, job.not_before);
+    }
+
+    /// As `note`, not dispatching the job before `not_before` (which may be later than
+    /// the job's own: a job another coordinator queued is left to it for a moment).
+    fn note_from(&mut self, job: &Job, global: &gantry_core::Timeouts, not_before: Millis) {
         if let Some((g, k, _)) = self.keys.get(&job.id) {
             let newer = self
                 .groups
@@ -238,7 +244,7 @@ impl QueueIndex {
                 k,
                 Entry {
                     version: job.version,
-                    not_before: job.not_before,
+                    not_before: not_before.max(job.not_before),
                     job: hot.then(|| Arc::new(job.clone())),
                 },
             );
@@ -745,9 +751,14 @@ impl Engine {
         })
     }
 
-    /// Take a job's stored state into the queue index (a job queued or taken elsewhere).
+    /// Take the stored state of a job another coordinator queued or took into the queue
+    /// index. A queued one is left to that coordinator for `STEAL_MS` first: every
+    /// coordinator racing to claim every job wastes writes, and the one that queued it
+    /// dispatches it at once if it can.
     pub fn note_queued(&self, job: &Job) {
-        self.queue().note(job, &self.inner.config.timeouts);
+        const STEAL_MS: Millis = 50;
+        self.queue()
+            .note_from(job, &self.inner.config.timeouts, now_ms() + STEAL_MS);
         if job.state == JobState::Queued {
             self.wake_scheduler();
         }

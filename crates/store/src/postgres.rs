@@ -95,7 +95,7 @@ impl PgStore {
 
     pub async fn connect(options: PgConnectOptions) -> Result<PgStore> {
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(16)
             // Short, so an outage is seen (and reported) quickly rather than queued behind.
             .acquire_timeout(Duration::from_secs(3))
             .connect_with(options)
@@ -638,13 +638,6 @@ async fn insert_events(
     let total: usize = pending.iter().map(|(_, e, _)| e.kinds.len()).sum();
     let mut next = 0;
     if total > 0 {
-        let last: i64 =
-            sqlx::query_scalar("UPDATE event_counter SET last = last + $1 RETURNING last")
-                .bind(total as i64)
-                .fetch_one(&mut *tx)
-                .await?;
-        next = last - total as i64 + 1;
-        let mut seq = Vec::with_capacity(total);
         let (mut job_id, mut at, mut state, mut data) = (
             Vec::with_capacity(total),
             Vec::with_capacity(total),
@@ -653,29 +646,31 @@ async fn insert_events(
         );
         for (_, events, _) in &pending {
             for (_, json) in &events.kinds {
-                seq.push(next + seq.len() as i64);
                 job_id.push(events.job_id.as_str());
                 at.push(events.at);
                 state.push(events.state.as_str());
                 data.push(json.as_str());
             }
         }
-        sqlx::query(
-            "INSERT INTO events (seq, job_id, at, state, data) \
-             SELECT * FROM UNNEST($1::int8[], $2::text[], $3::int8[], $4::text[], $5::text[])",
+        // One round trip: take the numbers, insert the rows in order, and notify
+        // (delivered at commit, to every coordinator's listener).
+        let last: i64 = sqlx::query_scalar(
+            "WITH c AS (UPDATE event_counter SET last = last + $1 RETURNING last), \
+             ins AS (INSERT INTO events (seq, job_id, at, state, data) \
+                 SELECT c.last - $1 + e.n, e.job_id, e.at, e.state, e.data \
+                 FROM c, UNNEST($2::text[], $3::int8[], $4::text[], $5::text[]) \
+                 WITH ORDINALITY AS e(job_id, at, state, data, n)) \
+             SELECT c.last FROM c, (SELECT pg_notify($6, current_schema())) AS notified",
         )
-        .bind(&seq)
+        .bind(total as i64)
         .bind(&job_id)
         .bind(&at)
         .bind(&state)
         .bind(&data)
-        .execute(&mut *tx)
+        .bind(EVENTS_CHANNEL)
+        .fetch_one(&mut *tx)
         .await?;
-        // Delivered at commit, to every coordinator's listener.
-        sqlx::query("SELECT pg_notify($1, current_schema())")
-            .bind(EVENTS_CHANNEL)
-            .execute(&mut *tx)
-            .await?;
+        next = last - total as i64 + 1;
     }
     for (i, events, kind) in pending {
         let numbered = events.numbered(next);

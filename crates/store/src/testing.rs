@@ -1,5 +1,5 @@
-//! For tests of gantry's crates: a fresh PostgreSQL schema per test, on the database that
-//! `GANTRY_TEST_POSTGRES_URL` names, dropped when the test ends.
+//! For tests and benchmarks of gantry's crates: a fresh PostgreSQL schema per test, on
+//! the database that `GANTRY_TEST_POSTGRES_URL` names, dropped when the test ends.
 
 use sqlx::Connection;
 
@@ -20,6 +20,12 @@ impl FreshSchema {
             eprintln!("{POSTGRES_URL_VAR} is not set: this Postgres test is skipped");
             return None;
         };
+        Some(FreshSchema::create_on(&base).await)
+    }
+
+    /// A new, empty schema on the database `base` names (benchmarks name their own).
+    pub async fn create_on(base: &str) -> FreshSchema {
+        let base = base.to_owned();
         let schema = format!(
             "gantry_test_{}",
             gantry_core::JobId::random().as_str().replace('-', "")
@@ -34,7 +40,7 @@ impl FreshSchema {
         let _ = conn.close().await;
         let sep = if base.contains('?') { '&' } else { '?' };
         let url = format!("{base}{sep}options[search_path]={schema}");
-        Some(FreshSchema { base, schema, url })
+        FreshSchema { base, schema, url }
     }
 }
 

@@ -2,6 +2,7 @@
 //! process, so the server's cost is measured alone), drive them, and print a result table
 //! and JSON. BENCHMARKS.md reports their numbers.
 
+mod cluster;
 mod engine;
 mod failover;
 mod overhead;
@@ -42,6 +43,8 @@ enum Scenario {
     Scale(scale::Args),
     /// SIGKILL the server under load and time the recovery.
     Restart(restart::Args),
+    /// One and several coordinators on one PostgreSQL database: throughput, dispatch latency.
+    Cluster(cluster::Args),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -52,6 +55,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Failover(a) => ("failover", failover::run(a).await?),
         Scenario::Scale(a) => ("scale", scale::run(a).await?),
         Scenario::Restart(a) => ("restart", restart::run(a).await?),
+        Scenario::Cluster(a) => ("cluster", cluster::run(a).await?),
     };
     let report = json!({
         "scenario": name,

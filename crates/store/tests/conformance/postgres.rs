@@ -101,7 +101,7 @@ async fn a_paused_commit_holds_back_every_later_event_number() {
     loop {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE event_counter%'",
+             WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE event_counter SET last = last + $1 RETURNING last%'",
         )
         .fetch_one(&mut probe)
         .await

@@ -1,0 +1,241 @@
+//! `gantry bench cluster`: the same fully cached jobs through one and then several
+//! `gantry serve` coordinators on one PostgreSQL database, each in its own process,
+//! sharing the simulated backends by lease. Reports jobs per second and dispatch latency
+//! (submit answered -> `dispatched` seen on the farm's event stream) for each count.
+
+use super::{
+    backends_toml, follow_events, http, sleep_workflow, submit, Results, ServerProc, Sims, Stats,
+};
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The PostgreSQL database to run on (a fresh schema is made in it and dropped).
+    #[arg(long, env = "GANTRY_TEST_POSTGRES_URL")]
+    store: String,
+    /// Jobs per run.
+    #[arg(long, default_value_t = 5_000)]
+    jobs: usize,
+    /// Simulated backends, shared by the coordinators.
+    #[arg(long, default_value_t = 24)]
+    backends: usize,
+    /// Client connections submitting at once, spread over the coordinators.
+    #[arg(long, default_value_t = 48)]
+    submitters: usize,
+    /// Coordinator counts to measure, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    coordinators: Vec<usize>,
+}
+
+pub async fn run(a: Args) -> anyhow::Result<Results> {
+    if a.jobs == 0 || a.backends == 0 || a.submitters == 0 || a.coordinators.contains(&0) {
+        bail!("--jobs, --backends, --submitters and each --coordinators must be at least 1");
+    }
+    let sims = Sims::spawn(a.backends, 1.0, &[]).await?;
+    let mut table = vec![format!(
+        "{} fully cached jobs per run, {} simulated backends (separate process), {} submitters, postgres store",
+        a.jobs, a.backends, a.submitters
+    )];
+    let mut runs = Vec::new();
+    for &n in &a.coordinators {
+        let r = one(&a, &sims, n).await?;
+        table.push(format!(
+            "{n} coordinator(s): {:.0} jobs/s sustained, {:.0} overall; dispatch latency {}; job latency {}",
+            r["jobs_per_s_sustained"].as_f64().unwrap_or(f64::NAN),
+            r["jobs_per_s_overall"].as_f64().unwrap_or(f64::NAN),
+            stats_line(&r["dispatch_ms"]),
+            stats_line(&r["job_ms"]),
+        ));
+        runs.push(r);
+    }
+    Ok(Results {
+        table,
+        json: json!({"jobs": a.jobs, "backends": a.backends, "submitters": a.submitters, "runs": runs}),
+    })
+}
+
+fn stats_line(v: &Value) -> String {
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    format!("p50 {:.2} / p99 {:.2} ms", f("p50"), f("p99"))
+}
+
+/// When each job was dispatched and ended, as the farm's event stream told it.
+#[derive(Default)]
+struct Seen {
+    dispatched_us: HashMap<String, i64>,
+    done: HashMap<String, (bool, i64)>,
+    waiting: HashMap<String, oneshot::Sender<(bool, i64)>>,
+}
+
+async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
+    let schema = gantry_store::testing::FreshSchema::create_on(&a.store).await;
+    let dir = tempfile::tempdir()?;
+    let http = http();
+    let mut coordinators = Vec::new();
+    for i in 0..n {
+        let extra = format!(
+            "store = {:?}\nartifacts = {:?}\ncoordinator = \"c{i}\"\nlease = \"5s\"",
+            schema.url,
+            dir.path().join("artifacts").display().to_string(),
+        );
+        let data = dir.path().join(format!("c{i}"));
+        coordinators.push(ServerProc::spawn(&data, &backends_toml(&sims.urls, &extra)).await?);
+    }
+    // Every backend leased and connected somewhere.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut up = 0;
+        for c in &coordinators {
+            let v: Value = http
+                .get(format!("{}/v1/backends", c.url))
+                .send()
+                .await?
+                .json()
+                .await?;
+            up += v["backends"]
+                .as_array()
+                .map(|l| {
+                    l.iter()
+                        .filter(|b| matches!(b["status"].as_str(), Some("idle" | "busy")))
+                        .count()
+                })
+                .unwrap_or(0);
+        }
+        if up >= a.backends {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {up} of {} backends connected after 120 s", a.backends);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    {
+        let mut events = follow_events(&http, &coordinators[0].url, 0).await?;
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                let Some(job) = e.data["job_id"].as_str().map(str::to_owned) else {
+                    continue;
+                };
+                let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+                match e.kind.as_str() {
+                    "dispatched" => {
+                        s.dispatched_us.entry(job).or_insert(e.at_us);
+                    }
+                    "succeeded" | "failed" | "cancelled" => {
+                        let outcome = (e.kind == "succeeded", e.at_us);
+                        match s.waiting.remove(&job) {
+                            Some(tx) => {
+                                let _ = tx.send(outcome);
+                            }
+                            None => {
+                                s.done.insert(job, outcome);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    let wait = |seen: Arc<Mutex<Seen>>, job: String| async move {
+        let rx = {
+            let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(done) = s.done.remove(&job) {
+                return Ok(done);
+            }
+            let (tx, rx) = oneshot::channel();
+            s.waiting.insert(job.clone(), tx);
+            rx
+        };
+        tokio::time::timeout(Duration::from_secs(120), rx)
+            .await
+            .with_context(|| format!("job {job} did not end within 120 s"))?
+            .context("the event stream ended")
+    };
+    let workflow = sleep_workflow(0, 1, 0);
+    // Warm every backend's cache, as `bench throughput` does.
+    let mut warm = Vec::new();
+    for i in 0..a.backends * 2 {
+        let url = &coordinators[i % n].url;
+        warm.push(submit(&http, url, &json!({ "workflow": workflow })).await?);
+    }
+    for id in warm {
+        wait(seen.clone(), id).await?;
+    }
+    let urls: Vec<String> = coordinators.iter().map(|c| c.url.clone()).collect();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut set = JoinSet::new();
+    for s in 0..a.submitters {
+        let (next, http, url, seen, workflow) = (
+            next.clone(),
+            http.clone(),
+            urls[s % n].clone(),
+            seen.clone(),
+            workflow.clone(),
+        );
+        let jobs = a.jobs;
+        set.spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= jobs {
+                    return Ok::<_, anyhow::Error>(out);
+                }
+                let id = submit(&http, &url, &json!({ "workflow": workflow })).await?;
+                let accepted_us = super::now_us();
+                let (ok, done_us) = wait(seen.clone(), id.clone()).await?;
+                if !ok {
+                    bail!("job {id} did not succeed");
+                }
+                out.push((id, accepted_us, done_us, t0.elapsed().as_secs_f64()));
+            }
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(r) = set.join_next().await {
+        results.extend(r??);
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let (dispatch, job): (Vec<f64>, Vec<f64>) = {
+        let s = seen.lock().unwrap_or_else(|p| p.into_inner());
+        results
+            .iter()
+            .filter_map(|(id, accepted, done, _)| {
+                let d = *s.dispatched_us.get(id)?;
+                Some((
+                    ((d - accepted).max(0)) as f64 / 1000.0,
+                    (done - accepted) as f64 / 1000.0,
+                ))
+            })
+            .unzip()
+    };
+    let mut finished: Vec<f64> = results.iter().map(|r| r.3).collect();
+    finished.sort_by(f64::total_cmp);
+    let k = finished.len();
+    let (lo, hi) = (finished[k / 10], finished[(k * 9 / 10).min(k - 1)]);
+    let sustained = if hi > lo {
+        (k * 8 / 10) as f64 / (hi - lo)
+    } else {
+        f64::NAN
+    };
+    for c in coordinators {
+        c.interrupt().await?;
+    }
+    Ok(json!({
+        "coordinators": n,
+        "jobs_per_s_sustained": sustained,
+        "jobs_per_s_overall": a.jobs as f64 / wall,
+        "wall_s": wall,
+        "dispatch_ms": Stats::of(&dispatch),
+        "job_ms": Stats::of(&job),
+    }))
+}
