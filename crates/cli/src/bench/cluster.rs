@@ -1,7 +1,9 @@
 //! `gantry bench cluster`: the same fully cached jobs through one and then several
 //! `gantry serve` coordinators on one PostgreSQL database, each in its own process,
-//! sharing the simulated backends by lease. Reports jobs per second and dispatch latency
-//! (submit answered -> `dispatched` seen on the farm's event stream) for each count.
+//! sharing the simulated backends by lease. For each count: dispatch and job latency one
+//! job at a time on an idle farm (what orchestration adds), then jobs per second and the
+//! same latencies under a closed-loop load (where they include waiting for a backend).
+//! Dispatch latency is submit answered -> `dispatched` seen on the farm's event stream.
 
 use super::{
     backends_toml, follow_events, http, sleep_workflow, submit, Results, ServerProc, Sims, Stats,
@@ -13,6 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
+
+/// Jobs run one at a time on the idle farm before the load.
+const IDLE_JOBS: usize = 200;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,7 +51,12 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
     for &n in &a.coordinators {
         let r = one(&a, &sims, n).await?;
         table.push(format!(
-            "{n} coordinator(s): {:.0} jobs/s sustained, {:.0} overall; dispatch latency {}; job latency {}",
+            "{n} coordinator(s), idle farm, one job at a time: dispatch {}; job {}",
+            stats_line(&r["idle_dispatch_ms"]),
+            stats_line(&r["idle_job_ms"]),
+        ));
+        table.push(format!(
+            "{n} coordinator(s), loaded: {:.0} jobs/s sustained, {:.0} overall; dispatch {}; job {}",
             r["jobs_per_s_sustained"].as_f64().unwrap_or(f64::NAN),
             r["jobs_per_s_overall"].as_f64().unwrap_or(f64::NAN),
             stats_line(&r["dispatch_ms"]),
@@ -170,6 +180,27 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
     for id in warm {
         wait(seen.clone(), id).await?;
     }
+    // One job at a time on an idle farm: what orchestration alone adds to a job.
+    let (mut idle_dispatch, mut idle_job) = (Vec::new(), Vec::new());
+    for i in 0..IDLE_JOBS {
+        let url = &coordinators[i % n].url;
+        let id = submit(&http, url, &json!({ "workflow": workflow })).await?;
+        let accepted_us = super::now_us();
+        let (ok, done_us) = wait(seen.clone(), id.clone()).await?;
+        if !ok {
+            bail!("job {id} did not succeed");
+        }
+        let dispatched = seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .dispatched_us
+            .get(&id)
+            .copied();
+        if let Some(d) = dispatched {
+            idle_dispatch.push((d - accepted_us).max(0) as f64 / 1000.0);
+        }
+        idle_job.push((done_us - accepted_us) as f64 / 1000.0);
+    }
     let urls: Vec<String> = coordinators.iter().map(|c| c.url.clone()).collect();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t0 = Instant::now();
@@ -237,5 +268,7 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
         "wall_s": wall,
         "dispatch_ms": Stats::of(&dispatch),
         "job_ms": Stats::of(&job),
+        "idle_dispatch_ms": Stats::of(&idle_dispatch),
+        "idle_job_ms": Stats::of(&idle_job),
     }))
 }

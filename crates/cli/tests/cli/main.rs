@@ -298,3 +298,30 @@ fn bench_scale_keeps_queued_jobs_parked_and_streams_every_event_in_order() {
         assert_eq!(run["complete_in_order"], run["subscribers"], "{run:#}");
     }
 }
+
+#[test]
+fn bench_cluster_runs_one_and_several_coordinators_on_postgres() {
+    if std::env::var(gantry_store::testing::POSTGRES_URL_VAR).is_err() {
+        eprintln!("GANTRY_TEST_POSTGRES_URL is not set: this Postgres test is skipped");
+        return;
+    }
+    let r = bench(&[
+        "cluster",
+        "--jobs",
+        "60",
+        "--backends",
+        "4",
+        "--submitters",
+        "4",
+        "--coordinators",
+        "1,2",
+    ]);
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (run, n) in runs.iter().zip([1, 2]) {
+        assert_eq!(run["coordinators"], n);
+        assert_eq!(run["job_ms"]["n"], 60, "{run:#}");
+        assert_eq!(run["dispatch_ms"]["n"], 60, "{run:#}");
+        assert_eq!(run["idle_job_ms"]["n"], 200, "{run:#}");
+    }
+}
