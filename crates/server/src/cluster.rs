@@ -216,7 +216,8 @@ async fn lose(engine: &Engine, name: &str) {
     let Some(cluster) = engine.cluster() else {
         return;
     };
-    engine.drop_backend(name);
+    // The driver first: a write it has in flight still carries the lease's token (and
+    // lands if the lease still holds), then the backend is forgotten here.
     let driver = cluster
         .drivers
         .lock()
@@ -226,6 +227,7 @@ async fn lose(engine: &Engine, name: &str) {
         stop.cancel();
         let _ = handle.await;
     }
+    engine.drop_backend(name);
 }
 
 /// Publish every committed event in sequence, and act on those of other coordinators.

@@ -257,6 +257,57 @@ async fn coordinators_killed_at_random_lose_no_job_and_run_none_twice() {
         .map(|id| farm.start(id, &config, lease))
         .collect();
 
+    // A client following the farm's events through whichever coordinator is up: when
+    // the one it reads dies, it resumes on another with Last-Event-ID.
+    let live_urls = std::sync::Arc::new(std::sync::Mutex::new(
+        coords.iter().map(|c| c.url.clone()).collect::<Vec<_>>(),
+    ));
+    // Told the last sequence number once the run is over; it stops on reaching it.
+    let (stop_following, mut stopped) = tokio::sync::watch::channel(None::<i64>);
+    let follower = {
+        let urls = live_urls.clone();
+        let http = reqwest::Client::new();
+        tokio::spawn(async move {
+            let mut seen: Vec<i64> = Vec::new();
+            let mut resumes = 0;
+            let mut turn = 0;
+            let done = |seen: &[i64], target: Option<i64>| {
+                target.is_some_and(|t| seen.last().copied().unwrap_or(0) >= t)
+            };
+            while !done(&seen, *stopped.borrow()) {
+                let url = {
+                    let urls = urls.lock().unwrap();
+                    turn += 1;
+                    urls[turn % urls.len()].clone()
+                };
+                let mut req = http.get(format!("{url}/v1/events"));
+                if let Some(last) = seen.last() {
+                    req = req.header("last-event-id", last.to_string());
+                    resumes += 1;
+                }
+                let Ok(mut resp) = req.send().await else {
+                    continue;
+                };
+                let mut buf = String::new();
+                while !done(&seen, *stopped.borrow()) {
+                    let chunk = tokio::select! {
+                        c = resp.chunk() => c,
+                        _ = stopped.changed() => continue,
+                    };
+                    let Ok(Some(chunk)) = chunk else { break };
+                    buf.push_str(&String::from_utf8_lossy(&chunk));
+                    while let Some(end) = buf.find("\n\n") {
+                        let block: String = buf.drain(..end + 2).collect();
+                        if let Some(id) = block.lines().find_map(|l| l.strip_prefix("id:")) {
+                            seen.push(id.trim().parse().unwrap());
+                        }
+                    }
+                }
+            }
+            (seen, resumes)
+        })
+    };
+
     let mut ids: Vec<String> = Vec::new();
     let mut kills = 0;
     let mut next_kill = Instant::now() + Duration::from_millis(rng.random_range(200..600));
@@ -299,11 +350,17 @@ async fn coordinators_killed_at_random_lose_no_job_and_run_none_twice() {
             let id = coords[i].id.clone();
             coords[i] = farm.start(&id, &config, lease);
         }
+        *live_urls.lock().unwrap() = coords
+            .iter()
+            .filter(|c| c.alive())
+            .map(|c| c.url.clone())
+            .collect();
     }
     for i in dead_since.into_keys() {
         let id = coords[i].id.clone();
         coords[i] = farm.start(&id, &config, lease);
     }
+    *live_urls.lock().unwrap() = coords.iter().map(|c| c.url.clone()).collect();
     eprintln!("farm chaos: {n_jobs} submitted with {kills} kills; waiting for the rest");
     assert!(kills >= 3, "too few kills to mean anything: {kills}");
 
@@ -379,6 +436,20 @@ async fn coordinators_killed_at_random_lose_no_job_and_run_none_twice() {
     assert!(
         twice.is_empty(),
         "jobs that ran twice on a backend: {twice:?}"
+    );
+    // The follower, resumed across every kill of the coordinator it read, sees every
+    // event up to the last committed one, once and in order.
+    let last = farm.inspect.last_seq().await.unwrap();
+    stop_following.send(Some(last)).unwrap();
+    let (followed, resumes) = tokio::time::timeout(Duration::from_secs(60), follower)
+        .await
+        .expect("the follower never caught up with the last event")
+        .unwrap();
+    eprintln!("farm chaos: the follower resumed {resumes} times");
+    assert_eq!(
+        followed,
+        (1..=last).collect::<Vec<i64>>(),
+        "the follower skipped or repeated an event"
     );
     let claims = farm.check_dispatch_log().await;
     assert!(claims >= n_jobs, "{claims} claims for {n_jobs} jobs");
