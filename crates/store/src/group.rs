@@ -11,7 +11,7 @@ use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Created, Error, Event, Fence, Result};
+use crate::{Created, Error, Event, Fence, JobPage, Result};
 
 /// A job row as it is written, serialised by the caller (off the writer's task).
 pub(crate) struct JobRow {
@@ -365,4 +365,26 @@ pub(crate) fn event_from(
         })?,
         kind: serde_json::from_str(data)?,
     })
+}
+
+/// A page of `list_jobs` from rows newest first (`limit` asked for): the next page starts
+/// below the last row's `ord` when the page is full.
+pub(crate) fn page_of<R: sqlx::Row>(
+    rows: &[R],
+    limit: i64,
+    job_of: impl Fn(&R) -> Result<Job>,
+) -> Result<JobPage>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> &'r str: sqlx::ColumnIndex<R>,
+{
+    let next = if rows.len() as i64 == limit {
+        rows.last()
+            .map(|r| r.try_get::<i64, _>("ord"))
+            .transpose()?
+    } else {
+        None
+    };
+    let jobs = rows.iter().map(job_of).collect::<Result<Vec<_>>>()?;
+    Ok(JobPage { jobs, next })
 }

@@ -17,7 +17,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::group::{
-    event_from, finish, job_from, rounds, Committer, Done, EventRows, JobRow, Op, Write, Writer,
+    event_from, finish, job_from, page_of, rounds, Committer, Done, EventRows, JobRow, Op, Write,
+    Writer,
 };
 use crate::{Created, Error, Event, Fence, JobFilter, JobPage, Result, Store};
 
@@ -401,15 +402,7 @@ impl Store for SqliteStore {
                 .await?
             }
         };
-        let next = if rows.len() as i64 == limit {
-            rows.last()
-                .map(|r| r.try_get::<i64, _>("ord"))
-                .transpose()?
-        } else {
-            None
-        };
-        let jobs = rows.iter().map(job_of).collect::<Result<Vec<_>>>()?;
-        Ok(JobPage { jobs, next })
+        page_of(&rows, limit, job_of)
     }
 
     async fn update_job(&self, job: &Job, events: &[EventKind]) -> Result<Vec<Event>> {

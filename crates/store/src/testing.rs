@@ -71,3 +71,66 @@ impl Drop for FreshSchema {
         let _ = done.join();
     }
 }
+
+/// Every claim was made under a lease with one owner per (backend, token), and each
+/// backend's tokens never go back in commit order: no two coordinators drove one backend
+/// at once. Answers how many claims there were, or what broke the rule.
+pub fn check_dispatch_log(log: &[crate::DispatchRecord]) -> Result<usize, String> {
+    let mut owner_of: std::collections::HashMap<(&str, i64), &str> = Default::default();
+    let mut last: std::collections::HashMap<&str, i64> = Default::default();
+    for r in log {
+        let owner = *owner_of
+            .entry((r.backend.as_str(), r.token))
+            .or_insert(r.owner.as_str());
+        if owner != r.owner {
+            return Err(format!(
+                "{} was claimed for by {owner} and {} under token {}",
+                r.backend, r.owner, r.token
+            ));
+        }
+        let before = last.entry(r.backend.as_str()).or_insert(r.token);
+        if r.token < *before {
+            return Err(format!(
+                "{}: a claim under token {} after one under {before}",
+                r.backend, r.token
+            ));
+        }
+        *before = r.token;
+    }
+    Ok(log.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_dispatch_log;
+    use crate::DispatchRecord;
+
+    fn claim(n: i64, backend: &str, owner: &str, token: i64) -> DispatchRecord {
+        DispatchRecord {
+            n,
+            backend: backend.into(),
+            owner: owner.into(),
+            token,
+            job_id: format!("j{n}"),
+            at_us: n,
+        }
+    }
+
+    #[test]
+    fn a_dispatch_log_with_two_drivers_at_once_is_refused() {
+        let good = [
+            claim(1, "a", "c1", 1),
+            claim(2, "b", "c2", 1),
+            claim(3, "a", "c2", 2),
+        ];
+        assert_eq!(check_dispatch_log(&good), Ok(3));
+        let shared = [claim(1, "a", "c1", 1), claim(2, "a", "c2", 1)];
+        assert!(check_dispatch_log(&shared)
+            .unwrap_err()
+            .contains("c1 and c2"));
+        let back = [claim(1, "a", "c2", 2), claim(2, "a", "c1", 1)];
+        assert!(check_dispatch_log(&back)
+            .unwrap_err()
+            .contains("after one under 2"));
+    }
+}

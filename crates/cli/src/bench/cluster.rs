@@ -5,15 +5,14 @@
 //! same latencies under a closed-loop load (where they include waiting for a backend).
 //! Dispatch latency is submit answered -> `dispatched` seen on the farm's event stream.
 
+use super::overhead::Tracker;
 use super::{
     backends_toml, follow_events, http, sleep_workflow, submit, Results, ServerProc, Sims, Stats,
 };
-use anyhow::{bail, Context};
+use anyhow::bail;
 use serde_json::{json, Value};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 /// Jobs run one at a time on the idle farm before the load.
@@ -75,14 +74,6 @@ fn stats_line(v: &Value) -> String {
     format!("p50 {:.2} / p99 {:.2} ms", f("p50"), f("p99"))
 }
 
-/// When each job was dispatched and ended, as the farm's event stream told it.
-#[derive(Default)]
-struct Seen {
-    dispatched_us: HashMap<String, i64>,
-    done: HashMap<String, (bool, i64)>,
-    waiting: HashMap<String, oneshot::Sender<(bool, i64)>>,
-}
-
 async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
     let schema = gantry_store::testing::FreshSchema::create_on(&a.store).await;
     let dir = tempfile::tempdir()?;
@@ -125,51 +116,7 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    {
-        let mut events = follow_events(&http, &coordinators[0].url, 0).await?;
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            while let Some(e) = events.recv().await {
-                let Some(job) = e.data["job_id"].as_str().map(str::to_owned) else {
-                    continue;
-                };
-                let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
-                match e.kind.as_str() {
-                    "dispatched" => {
-                        s.dispatched_us.entry(job).or_insert(e.at_us);
-                    }
-                    "succeeded" | "failed" | "cancelled" => {
-                        let outcome = (e.kind == "succeeded", e.at_us);
-                        match s.waiting.remove(&job) {
-                            Some(tx) => {
-                                let _ = tx.send(outcome);
-                            }
-                            None => {
-                                s.done.insert(job, outcome);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        });
-    }
-    let wait = |seen: Arc<Mutex<Seen>>, job: String| async move {
-        let rx = {
-            let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(done) = s.done.remove(&job) {
-                return Ok(done);
-            }
-            let (tx, rx) = oneshot::channel();
-            s.waiting.insert(job.clone(), tx);
-            rx
-        };
-        tokio::time::timeout(Duration::from_secs(120), rx)
-            .await
-            .with_context(|| format!("job {job} did not end within 120 s"))?
-            .context("the event stream ended")
-    };
+    let tracker = Tracker::spawn(follow_events(&http, &coordinators[0].url, 0).await?);
     let workflow = sleep_workflow(0, 1, 0);
     // Warm every backend's cache, as `bench throughput` does.
     let mut warm = Vec::new();
@@ -178,7 +125,7 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
         warm.push(submit(&http, url, &json!({ "workflow": workflow })).await?);
     }
     for id in warm {
-        wait(seen.clone(), id).await?;
+        Tracker::wait(&tracker, &id).await?;
     }
     // One job at a time on an idle farm: what orchestration alone adds to a job.
     let (mut idle_dispatch, mut idle_job) = (Vec::new(), Vec::new());
@@ -186,11 +133,11 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
         let url = &coordinators[i % n].url;
         let id = submit(&http, url, &json!({ "workflow": workflow })).await?;
         let accepted_us = super::now_us();
-        let (ok, done_us) = wait(seen.clone(), id.clone()).await?;
+        let (ok, done_us) = Tracker::wait(&tracker, &id).await?;
         if !ok {
             bail!("job {id} did not succeed");
         }
-        let dispatched = seen
+        let dispatched = tracker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .dispatched_us
@@ -206,11 +153,11 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
     let t0 = Instant::now();
     let mut set = JoinSet::new();
     for s in 0..a.submitters {
-        let (next, http, url, seen, workflow) = (
+        let (next, http, url, tracker, workflow) = (
             next.clone(),
             http.clone(),
             urls[s % n].clone(),
-            seen.clone(),
+            tracker.clone(),
             workflow.clone(),
         );
         let jobs = a.jobs;
@@ -223,7 +170,7 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
                 }
                 let id = submit(&http, &url, &json!({ "workflow": workflow })).await?;
                 let accepted_us = super::now_us();
-                let (ok, done_us) = wait(seen.clone(), id.clone()).await?;
+                let (ok, done_us) = Tracker::wait(&tracker, &id).await?;
                 if !ok {
                     bail!("job {id} did not succeed");
                 }
@@ -237,7 +184,7 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
     }
     let wall = t0.elapsed().as_secs_f64();
     let (dispatch, job): (Vec<f64>, Vec<f64>) = {
-        let s = seen.lock().unwrap_or_else(|p| p.into_inner());
+        let s = tracker.lock().unwrap_or_else(|p| p.into_inner());
         results
             .iter()
             .filter_map(|(id, accepted, done, _)| {

@@ -250,6 +250,8 @@ pub(super) struct Tracker {
     waiting: HashMap<String, oneshot::Sender<(bool, i64)>>,
     done: HashMap<String, (bool, i64)>,
     pub prompt_of: HashMap<String, String>,
+    /// When each job's `dispatched` event arrived (wall µs).
+    pub dispatched_us: HashMap<String, i64>,
 }
 
 impl Tracker {
@@ -265,6 +267,7 @@ impl Tracker {
                 let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
                 match e.kind.as_str() {
                     "dispatched" => {
+                        t.dispatched_us.entry(job.clone()).or_insert(e.at_us);
                         if let Some(pid) = e.data["prompt_id"].as_str() {
                             t.prompt_of.insert(job, pid.to_owned());
                         }

@@ -6,7 +6,6 @@ use gantry_store::{PgStore, Store};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,12 +92,7 @@ impl Farm {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next().unwrap().unwrap();
-        let url = line
-            .strip_prefix("gantry: serving on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-            .to_owned();
+        let url = super::serving_url(&mut child);
         Coordinator {
             id: id.to_owned(),
             child: Some(child),
@@ -148,31 +142,10 @@ impl Farm {
         }
     }
 
-    /// Each backend's claims: one owner per (backend, token), tokens never going back.
+    /// No two coordinators ever drove one backend at once (see `check_dispatch_log`).
     async fn check_dispatch_log(&self) -> usize {
         let log = self.inspect.dispatch_log().await.unwrap();
-        let mut owner_of: HashMap<(String, i64), String> = HashMap::new();
-        let mut last: HashMap<String, i64> = HashMap::new();
-        for r in &log {
-            let owner = owner_of
-                .entry((r.backend.clone(), r.token))
-                .or_insert_with(|| r.owner.clone());
-            assert_eq!(
-                *owner, r.owner,
-                "{} was claimed for by two coordinators under token {}",
-                r.backend, r.token
-            );
-            let before = last.entry(r.backend.clone()).or_insert(r.token);
-            assert!(
-                r.token >= *before,
-                "{}: a claim under token {} after one under {}",
-                r.backend,
-                r.token,
-                before
-            );
-            *before = r.token;
-        }
-        log.len()
+        gantry_store::testing::check_dispatch_log(&log).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 

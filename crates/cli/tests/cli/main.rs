@@ -32,13 +32,17 @@ fn serve(data_dir: &std::path::Path, backend: &str) -> (Child, String) {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    let url = serving_url(&mut child);
+    (child, url)
+}
+
+/// The URL a `gantry serve` child prints on its first line, once it listens.
+fn serving_url(child: &mut Child) -> String {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let line = lines.next().unwrap().unwrap();
-    let url = line
-        .strip_prefix("gantry: serving on ")
+    line.strip_prefix("gantry: serving on ")
         .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_owned();
-    (child, url)
+        .to_owned()
 }
 
 async fn get(http: &reqwest::Client, url: &str) -> Value {

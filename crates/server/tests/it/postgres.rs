@@ -146,32 +146,10 @@ impl Farm {
         .await
     }
 
-    /// Every claim was made under a lease, one owner per (backend, token), tokens never
-    /// going back: no two coordinators drove one backend at once.
+    /// No two coordinators ever drove one backend at once (see `check_dispatch_log`).
     async fn check_dispatch_log(&self) -> usize {
         let log = self.inspect.dispatch_log().await.unwrap();
-        let mut owner_of: std::collections::HashMap<(String, i64), String> = Default::default();
-        let mut last_token: std::collections::HashMap<String, i64> = Default::default();
-        for r in &log {
-            let owner = owner_of
-                .entry((r.backend.clone(), r.token))
-                .or_insert_with(|| r.owner.clone());
-            assert_eq!(
-                *owner, r.owner,
-                "two owners of {} under token {}",
-                r.backend, r.token
-            );
-            let last = last_token.entry(r.backend.clone()).or_insert(r.token);
-            assert!(
-                r.token >= *last,
-                "backend {} went back to token {} after {}",
-                r.backend,
-                r.token,
-                last
-            );
-            *last = r.token;
-        }
-        log.len()
+        gantry_store::testing::check_dispatch_log(&log).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
