@@ -1,6 +1,7 @@
 //! The `gantry` binary: a thin command-line layer over the library crates.
 
 mod bench;
+mod client;
 mod demo;
 
 use anyhow::Context;
@@ -29,6 +30,18 @@ enum Command {
     Sim(SimArgs),
     /// Measure what gantry costs and how it scales (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Submit a workflow; with --watch, follow it live (Ctrl+C cancels it on the server).
+    Submit(client::SubmitArgs),
+    /// Follow a job until it ends (Ctrl+C cancels it on the server).
+    Watch(client::WatchArgs),
+    /// Cancel jobs, down to the backend.
+    Cancel(client::CancelArgs),
+    /// Show one job: state, attempts, outputs, error.
+    Show(client::JobArgs),
+    /// List jobs, newest first.
+    Jobs(client::JobsArgs),
+    /// Download a finished job's outputs.
+    Outputs(client::OutputsArgs),
 }
 
 #[derive(clap::Args)]
@@ -88,7 +101,7 @@ struct SimArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -96,11 +109,25 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let done = match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Sim(args) => sim(args).await,
         Command::Bench(args) => bench::run(args).await,
+        // The client commands answer their own exit codes (see client.rs).
+        Command::Submit(args) => return client::submit(args).await,
+        Command::Watch(args) => return client::watch(args).await,
+        Command::Cancel(args) => return client::cancel(args).await,
+        Command::Show(args) => return client::show(args).await,
+        Command::Jobs(args) => return client::jobs(args).await,
+        Command::Outputs(args) => return client::outputs(args).await,
+    };
+    match done {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

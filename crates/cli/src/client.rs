@@ -1,0 +1,716 @@
+//! The client commands (`submit`, `watch`, `cancel`, `show`, `jobs`, `outputs`): the farm
+//! from a terminal or a script, through `gantry-client`. Exit codes: 0 succeeded, 1
+//! failed, 130 cancelled (Ctrl+C), 2 usage or connection errors.
+
+use gantry_client::{Client, Error, Event, Job, Timeouts};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::{json, Map, Value};
+use std::collections::HashSet;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+const CANCELLED: u8 = 130;
+const USAGE: u8 = 2;
+
+/// Where the server is and how long each kind of operation may take.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServerOpts {
+    /// The gantry to talk to.
+    #[arg(long, env = "GANTRY_SERVER", default_value = "http://127.0.0.1:8700")]
+    server: String,
+    /// Bearer token for a server that asks for one.
+    #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Longest wait for a connection.
+    #[arg(long, env = "GANTRY_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Longest wait for one request's answer.
+    #[arg(long, env = "GANTRY_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// Stop watching after this long (the job goes on); none by default, since the
+    /// server owns the job's timeouts.
+    #[arg(long, env = "GANTRY_WATCH_TIMEOUT", value_parser = humantime::parse_duration)]
+    watch_timeout: Option<Duration>,
+    /// Print JSON instead of tables and messages.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ServerOpts {
+    fn client(&self) -> Result<Client, Error> {
+        Client::new(
+            &self.server,
+            Timeouts {
+                connect: self.connect_timeout,
+                request: self.request_timeout,
+            },
+            self.token.clone(),
+        )
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SubmitArgs {
+    /// An API-format workflow (ComfyUI: Workflow > Export (API)), or - for stdin.
+    workflow: String,
+    #[command(flatten)]
+    opts: ServerOpts,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    priority: i64,
+    /// A tag the backend must have; repeatable.
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// The job's own limit for a phase (submit, start, first_progress, node_stall,
+    /// deadline, queue), e.g. node_stall=2m; 0 disables it. Repeatable.
+    #[arg(long = "timeout", value_name = "PHASE=DURATION")]
+    timeouts: Vec<String>,
+    /// Change an input before submitting, e.g. 3.seed=42 or 6.text="a red fox"; the
+    /// value is JSON, or a string when it is not JSON. Repeatable.
+    #[arg(long = "set", value_name = "NODE.INPUT=VALUE")]
+    sets: Vec<String>,
+    /// How many attempts the job may take.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Wait for the job to end, quietly.
+    #[arg(long, conflicts_with = "watch")]
+    wait: bool,
+    /// Follow the job with live progress until it ends.
+    #[arg(long)]
+    watch: bool,
+    /// On success, download the outputs into this folder (implies --wait).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// On Ctrl+C, stop watching and leave the job running instead of cancelling it.
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WatchArgs {
+    job: String,
+    #[command(flatten)]
+    opts: ServerOpts,
+    /// On success, download the outputs into this folder.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// On Ctrl+C, stop watching and leave the job running instead of cancelling it.
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    job: String,
+    #[command(flatten)]
+    opts: ServerOpts,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CancelArgs {
+    #[arg(required = true)]
+    jobs: Vec<String>,
+    #[command(flatten)]
+    opts: ServerOpts,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    opts: ServerOpts,
+    /// Only jobs in this state (queued, running, succeeded, failed, cancelled).
+    #[arg(long)]
+    state: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    limit: u32,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct OutputsArgs {
+    job: String,
+    #[command(flatten)]
+    opts: ServerOpts,
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    out: PathBuf,
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("gantry: {message}");
+    ExitCode::from(code)
+}
+
+/// Exit code 2, for a client error: unreachable, timed out, refused, bad usage.
+fn error_exit(e: &Error) -> ExitCode {
+    fail(USAGE, e)
+}
+
+pub async fn submit(a: SubmitArgs) -> ExitCode {
+    let body = match request_body(&a) {
+        Ok(body) => body,
+        Err(message) => return fail(USAGE, message),
+    };
+    let client = match a.opts.client() {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e),
+    };
+    let accepted = match client.submit(&body).await {
+        Ok(accepted) => accepted,
+        Err(Error::Api(r)) if r.status == 400 || r.status == 413 => {
+            return fail(USAGE, format!("the server refused the job: {}", r.message))
+        }
+        Err(e) => return error_exit(&e),
+    };
+    if a.opts.json {
+        println!("{}", json!({"id": accepted.id, "state": accepted.state}));
+    } else {
+        println!("{}", accepted.id);
+    }
+    if !(a.wait || a.watch || a.out.is_some()) {
+        return ExitCode::SUCCESS;
+    }
+    let nodes = body["workflow"].as_object().map_or(0, Map::len);
+    follow(
+        &client,
+        &accepted.id,
+        &a.opts,
+        a.watch,
+        nodes,
+        a.out.as_deref(),
+        a.detach,
+    )
+    .await
+}
+
+pub async fn watch(a: WatchArgs) -> ExitCode {
+    let client = match a.opts.client() {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e),
+    };
+    follow(
+        &client,
+        &a.job,
+        &a.opts,
+        true,
+        0,
+        a.out.as_deref(),
+        a.detach,
+    )
+    .await
+}
+
+/// The body of `POST /v1/jobs` from the arguments, or what is wrong with them.
+fn request_body(a: &SubmitArgs) -> Result<Value, String> {
+    let (what, text) = if a.workflow == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot read the workflow from stdin: {e}"))?;
+        ("stdin".to_owned(), text)
+    } else {
+        let text = std::fs::read_to_string(&a.workflow)
+            .map_err(|e| format!("cannot read {}: {e}", a.workflow))?;
+        (a.workflow.clone(), text)
+    };
+    let mut workflow: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{what} is not JSON: {e}"))?;
+    if workflow.get("nodes").is_some_and(Value::is_array) && workflow.get("links").is_some() {
+        return Err(format!(
+            "{what} is in ComfyUI's UI save format, not the API format gantry runs: \
+             in ComfyUI, use Workflow > Export (API) (enable the dev mode options in the \
+             settings if it is not shown) and submit that file"
+        ));
+    }
+    let Some(graph) = workflow.as_object_mut() else {
+        return Err(format!("{what}: a workflow is a JSON object of nodes"));
+    };
+    for set in &a.sets {
+        apply_set(graph, set)?;
+    }
+    let mut timeouts = Map::new();
+    for t in &a.timeouts {
+        let (phase, duration) = t
+            .split_once('=')
+            .ok_or_else(|| format!("--timeout {t}: write PHASE=DURATION, e.g. node_stall=2m"))?;
+        const PHASES: [&str; 6] = [
+            "submit",
+            "start",
+            "first_progress",
+            "node_stall",
+            "deadline",
+            "queue",
+        ];
+        if !PHASES.contains(&phase) {
+            return Err(format!(
+                "--timeout {t}: no phase {phase:?} (phases: {})",
+                PHASES.join(", ")
+            ));
+        }
+        let ms = if duration.trim() == "0" {
+            0
+        } else {
+            humantime::parse_duration(duration)
+                .map_err(|e| format!("--timeout {t}: {e} (write durations like 30s, 5m)"))?
+                .as_millis() as u64
+        };
+        timeouts.insert(format!("{phase}_ms"), json!(ms));
+    }
+    let mut body = json!({ "workflow": workflow, "priority": a.priority });
+    if !a.tags.is_empty() {
+        body["tags"] = json!(a.tags);
+    }
+    if !timeouts.is_empty() {
+        body["timeouts"] = Value::Object(timeouts);
+    }
+    if let Some(n) = a.max_attempts {
+        body["max_attempts"] = json!(n);
+    }
+    Ok(body)
+}
+
+/// `NODE.INPUT=VALUE` on the graph: the value is JSON, or a string when it is not.
+fn apply_set(graph: &mut Map<String, Value>, set: &str) -> Result<(), String> {
+    let (target, raw) = set
+        .split_once('=')
+        .ok_or_else(|| format!("--set {set}: write NODE.INPUT=VALUE, e.g. 3.seed=42"))?;
+    let (node, input) = target
+        .split_once('.')
+        .ok_or_else(|| format!("--set {set}: write NODE.INPUT=VALUE, e.g. 3.seed=42"))?;
+    let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
+    let Some(entry) = graph.get_mut(node) else {
+        let mut ids: Vec<&String> = graph.keys().collect();
+        ids.sort();
+        return Err(format!(
+            "--set {set}: the workflow has no node {node} (its nodes: {})",
+            ids.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
+    let Some(inputs) = entry.get_mut("inputs").and_then(Value::as_object_mut) else {
+        return Err(format!("--set {set}: node {node} has no inputs object"));
+    };
+    inputs.insert(input.to_owned(), value);
+    Ok(())
+}
+
+/// Follow job `id` until it ends, then answer its exit code. Ctrl+C cancels it on the
+/// server (or, with `detach`, leaves it running); a second Ctrl+C exits at once.
+async fn follow(
+    client: &Client,
+    id: &str,
+    opts: &ServerOpts,
+    show: bool,
+    nodes: usize,
+    out: Option<&Path>,
+    detach: bool,
+) -> ExitCode {
+    let mut ui = Ui::new(show && !opts.json, nodes);
+    let deadline = opts.watch_timeout.map(|d| tokio::time::Instant::now() + d);
+    let mut seen: HashSet<i64> = HashSet::new();
+    let mut cancelling = false;
+    let mut events = match client.events(id).await {
+        Ok(events) => events,
+        Err(e) => return error_exit(&e),
+    };
+    loop {
+        let until = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            next = events.next() => match next {
+                Ok(Some(e)) => {
+                    if e.id.is_some_and(|n| !seen.insert(n)) {
+                        continue;
+                    }
+                    ui.on(&e);
+                    if e.is_terminal() {
+                        break;
+                    }
+                }
+                // The stream ended or broke before the job did (a server restarting):
+                // read it again from the start; what was shown is skipped.
+                Ok(None) | Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    match client.events(id).await {
+                        Ok(again) => events = again,
+                        Err(e) => {
+                            ui.finish();
+                            return error_exit(&e);
+                        }
+                    }
+                }
+            },
+            _ = tokio::signal::ctrl_c() => {
+                if cancelling {
+                    ui.finish();
+                    return fail(CANCELLED, format!("stopped waiting; job {id} may still be cancelling"));
+                }
+                if detach {
+                    ui.finish();
+                    return fail(CANCELLED, format!("left job {id} running (gantry watch {id} follows it again)"));
+                }
+                cancelling = true;
+                ui.line(&format!("cancelling job {id} on the server (Ctrl+C again to stop waiting)"));
+                if let Err(e) = client.cancel(id).await {
+                    if !matches!(&e, Error::Api(r) if r.code == "job_finished") {
+                        ui.finish();
+                        return error_exit(&e);
+                    }
+                }
+            }
+            _ = until => {
+                ui.finish();
+                return fail(USAGE, format!("stopped watching job {id} after --watch-timeout; it goes on (gantry watch {id})"));
+            }
+        }
+    }
+    ui.finish();
+    let job = match client.job(id).await {
+        Ok(job) => job,
+        Err(e) => return error_exit(&e),
+    };
+    finish(client, &job, opts.json, out, cancelling).await
+}
+
+/// Report how the job ended, download its outputs, and answer its exit code.
+async fn finish(
+    client: &Client,
+    job: &Job,
+    json_out: bool,
+    out: Option<&Path>,
+    cancelling: bool,
+) -> ExitCode {
+    let mut files = Vec::new();
+    if let (Some(dir), "succeeded") = (out, job.state.as_str()) {
+        match download_all(client, job, dir).await {
+            Ok(f) => files = f,
+            Err(e) => return error_exit(&e),
+        }
+    }
+    if json_out {
+        println!(
+            "{}",
+            json!({"id": job.id, "state": job.state, "error": job.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})), "files": files})
+        );
+    }
+    match job.state.as_str() {
+        "succeeded" => {
+            if !json_out {
+                if cancelling {
+                    eprintln!("job {} finished before the cancel reached it", job.id);
+                }
+                for f in &files {
+                    eprintln!("wrote {f}");
+                }
+                eprintln!("job {} succeeded", job.id);
+            }
+            ExitCode::SUCCESS
+        }
+        "cancelled" => {
+            if !json_out {
+                eprintln!("job {} cancelled", job.id);
+            }
+            ExitCode::from(CANCELLED)
+        }
+        _ => {
+            if !json_out {
+                let why = job
+                    .error
+                    .as_ref()
+                    .map(|e| format!("{} ({})", e.message, e.code))
+                    .unwrap_or_default();
+                eprintln!("job {} failed: {why}", job.id);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn download_all(client: &Client, job: &Job, dir: &Path) -> Result<Vec<String>, Error> {
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| Error::Io {
+            what: format!("creating {}", dir.display()),
+            reason: e.to_string(),
+        })?;
+    let mut files = Vec::new();
+    for o in &job.outputs {
+        // The file's own name, never a path the server could steer elsewhere.
+        let name = Path::new(&o.filename)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| o.sha256.clone());
+        let dest = dir.join(name);
+        client.download(&o.url, &dest).await?;
+        files.push(dest.display().to_string());
+    }
+    Ok(files)
+}
+
+/// Progress on stderr: bars on a terminal, one line per event elsewhere.
+struct Ui {
+    show: bool,
+    bars: Option<(MultiProgress, ProgressBar, ProgressBar)>,
+    started: HashSet<String>,
+    backend: String,
+}
+
+impl Ui {
+    fn new(show: bool, nodes: usize) -> Ui {
+        let bars = (show && std::io::stderr().is_terminal()).then(|| {
+            let multi = MultiProgress::new();
+            let overall = multi.add(ProgressBar::new(nodes as u64));
+            overall.set_style(
+                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} nodes {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            overall.set_prefix("job");
+            let node = multi.add(ProgressBar::new(0));
+            node.set_style(
+                ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            node.set_prefix("node");
+            (multi, overall, node)
+        });
+        Ui {
+            show,
+            bars,
+            started: HashSet::new(),
+            backend: String::new(),
+        }
+    }
+
+    fn line(&self, text: &str) {
+        match &self.bars {
+            Some((multi, ..)) => {
+                let _ = multi.println(text);
+            }
+            None if self.show => eprintln!("{text}"),
+            None => {}
+        }
+    }
+
+    fn on(&mut self, e: &Event) {
+        let d = &e.data;
+        let s = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+        match e.name.as_str() {
+            "queued" => self.line("queued"),
+            "dispatched" => {
+                self.backend = s("backend");
+                self.line(&format!(
+                    "attempt {} dispatched to {}",
+                    d["attempt"], self.backend
+                ));
+            }
+            "started" => self.line(&format!("started on {}", self.backend)),
+            "node" => {
+                self.started.insert(s("node"));
+                let text = format!(
+                    "node {} ({}) on {}",
+                    s("node"),
+                    s("class_type"),
+                    s("backend")
+                );
+                match &self.bars {
+                    Some((_, overall, node)) => {
+                        overall.set_position(self.started.len().saturating_sub(1) as u64);
+                        node.reset();
+                        node.set_length(0);
+                        node.set_message(text);
+                    }
+                    None => self.line(&text),
+                }
+            }
+            "progress" => {
+                let (value, max) = (
+                    d["value"].as_f64().unwrap_or(0.0),
+                    d["max"].as_f64().unwrap_or(0.0),
+                );
+                match &self.bars {
+                    Some((_, _, node)) => {
+                        node.set_length(max as u64);
+                        node.set_position(value as u64);
+                    }
+                    None => self.line(&format!("  node {} step {value}/{max}", s("node"))),
+                }
+            }
+            "attempt_failed" => {
+                let will_retry = d["will_retry"].as_bool().unwrap_or(false);
+                self.line(&format!(
+                    "attempt {} failed on {}: {}{}",
+                    d["attempt"],
+                    s("backend"),
+                    d["error"]["message"].as_str().unwrap_or_default(),
+                    if will_retry { "; retrying" } else { "" }
+                ));
+            }
+            "job_retrying" => self.line(&format!("next attempt in {} ms", d["delay_ms"])),
+            "backend_blocked" => self.line(&format!(
+                "{} blocked for this workflow until {}",
+                s("backend"),
+                s("until")
+            )),
+            "cancel_requested" => self.line("cancel requested"),
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some((multi, overall, node)) = self.bars.take() {
+            overall.finish_and_clear();
+            node.finish_and_clear();
+            let _ = multi.clear();
+        }
+    }
+}
+
+pub async fn cancel(a: CancelArgs) -> ExitCode {
+    let client = match a.opts.client() {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e),
+    };
+    let mut code = ExitCode::SUCCESS;
+    for id in &a.jobs {
+        match client.cancel(id).await {
+            Ok(answer) => {
+                if a.opts.json {
+                    println!("{answer}");
+                } else {
+                    let state = answer["state"].as_str().unwrap_or("?");
+                    let what = if state == "cancelled" {
+                        "cancelled"
+                    } else {
+                        "cancelling (the backend confirms)"
+                    };
+                    println!("{id}: {what}");
+                }
+            }
+            Err(e) => {
+                eprintln!("gantry: {id}: {e}");
+                code = ExitCode::from(USAGE);
+            }
+        }
+    }
+    code
+}
+
+pub async fn show(a: JobArgs) -> ExitCode {
+    let client = match a.opts.client() {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e),
+    };
+    let job = match client.job(&a.job).await {
+        Ok(job) => job,
+        Err(e) => return error_exit(&e),
+    };
+    if a.opts.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&job_value(&job)).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!("job       {}", job.id);
+    println!(
+        "state     {}{}",
+        job.state,
+        job.phase
+            .as_deref()
+            .map(|p| format!(" ({p})"))
+            .unwrap_or_default()
+    );
+    println!("priority  {}", job.priority);
+    println!("created   {}", job.created_at);
+    for a in &job.attempts {
+        let error = a
+            .error
+            .as_ref()
+            .map(|e| format!(": {}", e.message))
+            .unwrap_or_default();
+        println!("attempt {} on {}: {}{error}", a.number, a.backend, a.status);
+    }
+    for o in &job.outputs {
+        println!("output    {} ({} bytes) {}", o.filename, o.size, o.url);
+    }
+    if let Some(e) = &job.error {
+        println!("error     {} ({})", e.message, e.code);
+    }
+    if let Some(n) = &job.note {
+        println!("note      {n}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn job_value(job: &Job) -> Value {
+    let mut v = Value::Object(job.extra.clone());
+    v["id"] = json!(job.id);
+    v["state"] = json!(job.state);
+    v
+}
+
+pub async fn jobs(a: JobsArgs) -> ExitCode {
+    let client = match a.opts.client() {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e),
+    };
+    let jobs = match client.jobs(a.state.as_deref(), a.limit).await {
+        Ok(jobs) => jobs,
+        Err(e) => return error_exit(&e),
+    };
+    if a.opts.json {
+        let list: Vec<Value> = jobs.iter().map(job_value).collect();
+        println!("{}", Value::Array(list));
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<36}  {:<10}  {:>8}  {:<24}  BACKEND",
+        "ID", "STATE", "ATTEMPTS", "CREATED"
+    );
+    for j in &jobs {
+        let backend = j.attempts.last().map(|a| a.backend.as_str()).unwrap_or("-");
+        println!(
+            "{:<36}  {:<10}  {:>8}  {:<24}  {backend}",
+            j.id,
+            j.state,
+            j.attempts.len(),
+            j.created_at
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+pub async fn outputs(a: OutputsArgs) -> ExitCode {
+    let client = match a.opts.client() {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e),
+    };
+    let job = match client.job(&a.job).await {
+        Ok(job) => job,
+        Err(e) => return error_exit(&e),
+    };
+    if job.state != "succeeded" {
+        return fail(
+            1,
+            format!(
+                "job {} is {}: it has no outputs to download",
+                job.id, job.state
+            ),
+        );
+    }
+    match download_all(&client, &job, &a.out).await {
+        Ok(files) => {
+            for f in files {
+                println!("{f}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => error_exit(&e),
+    }
+}

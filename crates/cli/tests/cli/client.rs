@@ -1,0 +1,412 @@
+//! The client commands as a user runs them: the real binary against a real server and
+//! simulated backends. Exit codes: 0 succeeded, 1 failed, 130 cancelled, 2 usage or
+//! connection errors.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Farm {
+    server: gantry_server::Server,
+    sim: gantry_sim::SimHandle,
+    _data: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+async fn farm(faults: &[&str]) -> Farm {
+    let sim = gantry_sim::spawn(gantry_sim::SimConfig {
+        speed: 20.0,
+        faults: faults.iter().map(|f| f.to_string()).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config =
+        gantry_server::Config::new("127.0.0.1:0".parse().unwrap(), data.path().join("d"));
+    config.backends =
+        vec![gantry_server::BackendConfig::parse(&format!("a={}", sim.url())).unwrap()];
+    let server = gantry_server::Server::start(config).await.unwrap();
+    Farm {
+        server,
+        sim,
+        _data: data,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Farm {
+    fn gantry(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gantry"));
+        c.args(args)
+            .env("GANTRY_SERVER", self.server.url())
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    async fn job(&self, id: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/jobs/{id}", self.server.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn wait_job(&self, id: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let give_up = Instant::now() + Duration::from_secs(30);
+        loop {
+            let job = self.job(id).await;
+            if ok(&job) {
+                return job;
+            }
+            assert!(Instant::now() < give_up, "{what}: {job:#}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn shutdown(self) {
+        self.server.shutdown().await;
+        self.sim.shutdown().await;
+    }
+}
+
+fn write(dir: &Path, name: &str, v: &Value) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_vec(v).unwrap()).unwrap();
+    path.display().to_string()
+}
+
+fn sleep_graph(seconds: f64, steps: u64) -> Value {
+    json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 1}},
+        "2": {"class_type": "GantrySleep", "inputs": {"image": ["1", 0], "seconds": seconds, "steps": steps, "seed": 1}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "cli"}}
+    })
+}
+
+/// Run to the end off the test's runtime (the command blocks).
+async fn run(mut c: Command) -> Output {
+    tokio::task::spawn_blocking(move || c.stdin(Stdio::null()).output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_watch_runs_to_success_with_edits_and_outputs_on_disk() {
+    let farm = farm(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "w.json", &sleep_graph(2.0, 4));
+    let out = dir.path().join("out");
+    let o = run(farm.gantry(&[
+        "submit",
+        &file,
+        "--watch",
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "2.seed=77",
+        "--set",
+        "3.filename_prefix=edited",
+        "--priority",
+        "-2",
+        "--timeout",
+        "node_stall=1m",
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let err = stderr(&o);
+    assert!(err.contains("dispatched to a"), "{err}");
+    assert!(err.contains("step 4"), "progress is shown: {err}");
+    assert!(err.contains(&format!("job {id} succeeded")), "{err}");
+    let files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let png = std::fs::read(&files[0]).unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+    assert!(files[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("edited"));
+
+    let job = farm.job(&id).await;
+    assert_eq!(job["priority"], -2);
+    assert_eq!(job["timeouts"]["node_stall_ms"], 60_000);
+    // The backend ran the edited graph: a number stayed a number, a string a string.
+    let prompt_id = job["attempts"][0]["prompt_id"].as_str().unwrap();
+    let history: Value = farm
+        .http
+        .get(format!("{}/history/{prompt_id}", farm.sim.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let graph = &history[prompt_id]["prompt"][2];
+    assert_eq!(graph["2"]["inputs"]["seed"], 77);
+    assert_eq!(graph["3"]["inputs"]["filename_prefix"], "edited");
+
+    // show, jobs and outputs read the same job.
+    let o = run(farm.gantry(&["show", &id, "--json"])).await;
+    assert_eq!(o.status.code(), Some(0));
+    let shown: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(shown["state"], "succeeded");
+    let o = run(farm.gantry(&["jobs", "--state", "succeeded", "--json"])).await;
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(listed[0]["id"], json!(id));
+    let again = dir.path().join("again");
+    let o = run(farm.gantry(&["outputs", &id, "--out", again.to_str().unwrap()])).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&again).unwrap().count(), 1);
+    farm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_during_watch_cancels_the_job_on_the_server() {
+    let farm = farm(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "w.json", &sleep_graph(600.0, 300));
+    let mut child = farm
+        .gantry(&["submit", &file, "--watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The id is the first line on stdout.
+    let stdout = child.stdout.take().unwrap();
+    let id = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line.trim().to_owned()
+    })
+    .await
+    .unwrap();
+    farm.wait_job(&id, "executing", |j| {
+        j["attempts"][0]["status"] == "executing"
+    })
+    .await;
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("job {id} cancelled")),
+        "{}",
+        stderr(&o)
+    );
+    let job = farm.job(&id).await;
+    assert_eq!(job["state"], "cancelled", "{job:#}");
+    // Down to the backend: nothing of it runs there any more.
+    let queue: Value = farm
+        .http
+        .get(format!("{}/queue", farm.sim.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(queue["queue_running"], json!([]), "{queue:#}");
+    farm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detach_leaves_the_job_running_and_watch_follows_it_again() {
+    let farm = farm(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "w.json", &sleep_graph(20.0, 10));
+    let mut child = farm
+        .gantry(&["submit", &file, "--watch", "--detach"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let id = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line.trim().to_owned()
+    })
+    .await
+    .unwrap();
+    farm.wait_job(&id, "executing", |j| {
+        j["attempts"][0]["status"] == "executing"
+    })
+    .await;
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("left job"), "{}", stderr(&o));
+    assert_eq!(farm.job(&id).await["cancel_requested"], false);
+    let o = run(farm.gantry(&["watch", &id])).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    farm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_and_an_unreachable_server_exit_2_with_a_clear_message() {
+    let farm = farm(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ui_format = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/workflows/ui-format-example.json"
+    ))
+    .unwrap();
+    let ui = dir.path().join("ui.json");
+    std::fs::write(&ui, ui_format).unwrap();
+    let not_json = dir.path().join("bad.json");
+    std::fs::write(&not_json, "{ nope").unwrap();
+    let good = write(dir.path(), "w.json", &sleep_graph(1.0, 1));
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["submit".into(), ui.display().to_string()],
+            "Export (API)",
+        ),
+        (
+            vec!["submit".into(), not_json.display().to_string()],
+            "is not JSON",
+        ),
+        (
+            vec!["submit".into(), "/nonexistent/w.json".into()],
+            "cannot read /nonexistent/w.json",
+        ),
+        (
+            vec![
+                "submit".into(),
+                good.clone(),
+                "--set".into(),
+                "9.seed=1".into(),
+            ],
+            "no node 9 (its nodes: 1, 2, 3)",
+        ),
+        (
+            vec![
+                "submit".into(),
+                good.clone(),
+                "--timeout".into(),
+                "warmup=5s".into(),
+            ],
+            "no phase \"warmup\"",
+        ),
+        (
+            vec![
+                "submit".into(),
+                good.clone(),
+                "--timeout".into(),
+                "start=soon".into(),
+            ],
+            "--timeout start=soon",
+        ),
+        (
+            vec![
+                "submit".into(),
+                good.clone(),
+                "--priority".into(),
+                "x".into(),
+            ],
+            "--priority",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run(farm.gantry(&args)).await;
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
+    // Nothing was submitted by any of them.
+    let o = run(farm.gantry(&["jobs", "--json"])).await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&o.stdout).unwrap(),
+        json!([])
+    );
+    // A workflow from stdin, refused by the server for a class no backend has.
+    let mut c = farm.gantry(&["submit", "-"]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(br#"{"1": {"class_type": "NoSuchNode", "inputs": {}}}"#)
+            .unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("NoSuchNode"), "{}", stderr(&o));
+
+    let mut c = farm.gantry(&["jobs"]);
+    c.env("GANTRY_SERVER", "http://127.0.0.1:1");
+    let o = run(c).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("cannot reach gantry at http://127.0.0.1:1"),
+        "{}",
+        stderr(&o)
+    );
+    farm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_exits_1_and_cancel_stops_a_queued_one() {
+    let farm = farm(&["error:class=GantrySleep"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "w.json", &sleep_graph(1.0, 1));
+    let o = run(farm.gantry(&["submit", &file, "--wait", "--max-attempts", "1"])).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("failed"), "{}", stderr(&o));
+    // With the backend hung on a first job, a second waits in gantry's queue; a
+    // cancel ends it at once.
+    farm.sim.set_faults(&["hang-before-start"]).unwrap();
+    let o = run(farm.gantry(&["submit", &file])).await;
+    let first = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    farm.wait_job(&first, "pending on the hung backend", |j| {
+        j["phase"] == "pending"
+    })
+    .await;
+    let o = run(farm.gantry(&["submit", &file])).await;
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    assert_eq!(farm.job(&id).await["state"], "queued");
+    let o = run(farm.gantry(&["cancel", &id])).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("{id}: cancelled")
+    );
+    assert_eq!(farm.job(&id).await["state"], "cancelled");
+    let o = run(farm.gantry(&["watch", &id])).await;
+    assert_eq!(o.status.code(), Some(130));
+    farm.shutdown().await;
+}
