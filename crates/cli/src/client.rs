@@ -128,6 +128,22 @@ pub struct JobsArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct RetryArgs {
+    job: String,
+    #[command(flatten)]
+    opts: ServerOpts,
+    /// Follow the new job with live progress until it ends.
+    #[arg(long)]
+    watch: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BackendsArgs {
+    #[command(flatten)]
+    opts: ServerOpts,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct OutputsArgs {
     job: String,
     #[command(flatten)]
@@ -713,4 +729,77 @@ pub async fn outputs(a: OutputsArgs) -> ExitCode {
         }
         Err(e) => error_exit(&e),
     }
+}
+
+/// Submit a job's request again as a new job (a failed or cancelled one, typically).
+pub async fn retry(a: RetryArgs) -> ExitCode {
+    let client = match a.opts.client() {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e),
+    };
+    let body = match client.request_of(&a.job).await {
+        Ok(body) => body,
+        Err(e) => return error_exit(&e),
+    };
+    let accepted = match client.submit(&body).await {
+        Ok(accepted) => accepted,
+        Err(e) => return error_exit(&e),
+    };
+    if a.opts.json {
+        println!(
+            "{}",
+            json!({"id": accepted.id, "state": accepted.state, "retry_of": a.job})
+        );
+    } else {
+        println!("{}", accepted.id);
+    }
+    if !a.watch {
+        return ExitCode::SUCCESS;
+    }
+    let nodes = body["workflow"].as_object().map_or(0, Map::len);
+    follow(&client, &accepted.id, &a.opts, true, nodes, None, false).await
+}
+
+/// The backends as this server sees them: a table, or `--json`.
+pub async fn backends(a: BackendsArgs) -> ExitCode {
+    let client = match a.opts.client() {
+        Ok(c) => c,
+        Err(e) => return error_exit(&e),
+    };
+    let body = match client.backends().await {
+        Ok(body) => body,
+        Err(e) => return error_exit(&e),
+    };
+    if a.opts.json {
+        println!("{body}");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<16}  {:<10}  {:<38}  {:<12}  URL",
+        "NAME", "STATUS", "JOB", "TAGS"
+    );
+    for b in body["backends"].as_array().into_iter().flatten() {
+        let s = |k: &str| b[k].as_str().unwrap_or("-").to_owned();
+        let job = s("current_job");
+        let tags: Vec<&str> = b["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let tags = if tags.is_empty() {
+            "-".to_owned()
+        } else {
+            tags.join(",")
+        };
+        println!(
+            "{:<16}  {:<10}  {:<38}  {:<12}  {}",
+            s("name"),
+            s("status"),
+            job,
+            tags,
+            s("url")
+        );
+    }
+    ExitCode::SUCCESS
 }

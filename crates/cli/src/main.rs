@@ -42,6 +42,12 @@ enum Command {
     Jobs(client::JobsArgs),
     /// Download a finished job's outputs.
     Outputs(client::OutputsArgs),
+    /// Submit a job's workflow and options again, as a new job.
+    Retry(client::RetryArgs),
+    /// The backends: status, current job, tags.
+    Backends(client::BackendsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(clap::Args)]
@@ -121,6 +127,13 @@ async fn main() -> std::process::ExitCode {
         Command::Show(args) => return client::show(args).await,
         Command::Jobs(args) => return client::jobs(args).await,
         Command::Outputs(args) => return client::outputs(args).await,
+        Command::Retry(args) => return client::retry(args).await,
+        Command::Backends(args) => return client::backends(args).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut std::io::stdout());
+            return std::process::ExitCode::SUCCESS;
+        }
     };
     match done {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -351,6 +351,14 @@ impl Client {
         self.json(&what, response).await
     }
 
+    /// The job's request as accepted, ready to submit again.
+    pub async fn request_of(&self, id: &str) -> Result<Value> {
+        let what = format!("reading the request of job {id}");
+        let r = self.request(reqwest::Method::GET, &format!("/v1/jobs/{id}/request"));
+        let response = self.send(&what, r).await?;
+        self.json(&what, response).await
+    }
+
     pub async fn backends(&self) -> Result<Value> {
         let r = self.request(reqwest::Method::GET, "/v1/backends");
         let response = self.send("listing backends", r).await?;

@@ -122,6 +122,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/v1/jobs", get(list_jobs).post(create_job))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/jobs/{id}/request", get(get_request))
         .route("/v1/jobs/{id}/outputs/{name}", get(get_output))
         .route("/v1/events", get(all_events))
         .route("/v1/backends", get(list_backends))
@@ -452,6 +453,24 @@ async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(job_json(&load(&engine, &id).await?)))
+}
+
+/// The job's request as it was accepted, in the body shape of `POST /v1/jobs` (without
+/// its idempotency key), so that a client can submit it again.
+async fn get_request(
+    State(engine): State<Engine>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = load(&engine, &id).await?;
+    let spec = &job.spec;
+    Ok(Json(json!({
+        "workflow": spec.workflow.graph(),
+        "priority": spec.priority,
+        "max_attempts": spec.max_attempts,
+        "tags": spec.tags,
+        "timeouts": spec.timeouts,
+        "metadata": spec.metadata,
+    })))
 }
 
 #[derive(Deserialize)]

@@ -408,5 +408,49 @@ async fn a_failed_job_exits_1_and_cancel_stops_a_queued_one() {
     assert_eq!(farm.job(&id).await["state"], "cancelled");
     let o = run(farm.gantry(&["watch", &id])).await;
     assert_eq!(o.status.code(), Some(130));
+    // The backends table names the hung backend busy with the first job.
+    let o = run(farm.gantry(&["backends"])).await;
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("a "))
+        .unwrap_or_default();
+    assert!(row.contains("busy") && row.contains(&first), "{table}");
+    let o = run(farm.gantry(&["backends", "--json"])).await;
+    let list: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list["backends"][0]["name"], "a");
+    // Retry makes a new job of the cancelled one's request; the backend mended, it runs.
+    farm.sim.set_faults(&[]).unwrap();
+    let o = run(farm.gantry(&["retry", &id, "--json"])).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let retried: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let new_id = retried["id"].as_str().unwrap();
+    assert_ne!(new_id, id);
+    assert_eq!(retried["retry_of"], json!(id));
+    let again = farm.job(new_id).await;
+    let before = farm.job(&id).await;
+    assert_eq!(again["workflow_hash"], before["workflow_hash"]);
+    assert_eq!(again["max_attempts"], before["max_attempts"]);
     farm.shutdown().await;
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_gantry"))
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            script.contains("submit") && script.contains("watch-timeout"),
+            "{shell}"
+        );
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
 }
