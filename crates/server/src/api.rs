@@ -128,6 +128,7 @@ pub fn router(engine: Engine) -> Router {
         .route("/v1/backends", get(list_backends))
         .route("/v1/cluster", get(cluster))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(engine)
@@ -611,7 +612,9 @@ async fn job_events(
     let mut live = engine.bus().subscribe();
     let backlog = engine.store().job_events(&job.id, 0).await?;
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
+    let open = crate::metrics::StreamGuard::new(engine.metrics());
     tokio::spawn(async move {
+        let _open = open;
         let mut last = 0;
         if !send_persisted(&tx, &backlog, &mut last).await {
             return;
@@ -691,7 +694,9 @@ async fn all_events(
     };
     let mut live = engine.bus().subscribe();
     let (tx, rx) = mpsc::channel::<SseEvent>(1024);
+    let open = crate::metrics::StreamGuard::new(engine.metrics());
     tokio::spawn(async move {
+        let _open = open;
         let mut last = since;
         // The backlog, page by page; then the live tail.
         if !catch_up(&engine, &tx, &mut last).await {
@@ -791,14 +796,7 @@ async fn list_backends(State(engine): State<Engine>) -> Json<Value> {
     let list: Vec<Value> = backends
         .values()
         .map(|b| {
-            let status = match (b.connection, &b.current) {
-                _ if b.stuck.is_some() => "stuck",
-                (Connection::Connected, _) if !b.health.accepts_work() => "unhealthy",
-                (Connection::Connected, Some(_)) => "busy",
-                (Connection::Connected, None) => "idle",
-                (Connection::Connecting, _) => "connecting",
-                (Connection::Offline, _) => "offline",
-            };
+            let status = crate::metrics::status_of(b);
             let blocks: Vec<Value> = b
                 .health
                 .blocks()
@@ -832,6 +830,18 @@ async fn list_backends(State(engine): State<Engine>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "backends": list }))
+}
+
+async fn metrics(State(engine): State<Engine>) -> Result<Response, ApiError> {
+    let text = crate::metrics::render(&engine).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// This coordinator's place in the farm: its id, the leases it holds, the writes its

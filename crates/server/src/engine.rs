@@ -314,6 +314,7 @@ struct Inner {
     shutdown: CancellationToken,
     /// With several coordinators on Postgres: leases and the event tail.
     cluster: Option<Cluster>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Engine {
@@ -373,6 +374,7 @@ impl Engine {
                 wake: Notify::new(),
                 shutdown,
                 cluster,
+                metrics: Arc::default(),
             }),
         };
         // Jobs left running by a previous process go back to their backend's driver,
@@ -412,6 +414,8 @@ impl Engine {
         }
         let e = engine.clone();
         tasks.spawn(async move { e.schedule().await });
+        let e = engine.clone();
+        tasks.spawn(async move { crate::metrics::follow(e).await });
         if !engine.inner.config.retention.is_zero() {
             let e = engine.clone();
             tasks.spawn(async move { e.purge_loop().await });
@@ -599,6 +603,10 @@ impl Engine {
             }
         };
         self.publish_health(backend, vec![event]);
+    }
+
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.inner.metrics
     }
 
     pub fn cluster(&self) -> Option<&Cluster> {

@@ -10,6 +10,7 @@ pub mod config;
 mod driver;
 pub mod engine;
 mod instant;
+pub mod metrics;
 pub mod outputs;
 
 use gantry_store::{PgStore, SqliteStore, Store};

@@ -164,6 +164,9 @@ pub trait Store: Send + Sync + 'static {
     /// events; answers how many were deleted. Queued and running jobs are never touched.
     async fn purge_finished(&self, before: Millis, limit: u32) -> Result<u64>;
 
+    /// How many jobs are in each state (states with none are left out).
+    async fn count_by_state(&self) -> Result<Vec<(JobState, u64)>>;
+
     /// Queued jobs in dispatch order: priority (higher first), then submission order.
     async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>>;
 

@@ -10,7 +10,7 @@
 //! never deadlock on each other.
 
 use async_trait::async_trait;
-use gantry_core::{EventKind, Job, JobId, Millis};
+use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 use std::collections::{HashMap, HashSet};
@@ -787,6 +787,21 @@ impl Store for PgStore {
 
     async fn purge_finished(&self, before: Millis, limit: u32) -> Result<u64> {
         self.writer.purge(before, limit).await
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<(JobState, u64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|(state, n)| {
+                let state = JobState::parse(&state).ok_or_else(|| {
+                    Error::Corrupt(serde::de::Error::custom(format!("bad state {state}")))
+                })?;
+                Ok((state, n as u64))
+            })
+            .collect()
     }
 
     async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {

@@ -9,7 +9,7 @@
 //! immutable spec is written once; its changing part is one JSON document.
 
 use async_trait::async_trait;
-use gantry_core::{EventKind, Job, JobId, Millis};
+use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use std::path::Path;
@@ -429,6 +429,21 @@ impl Store for SqliteStore {
 
     async fn purge_finished(&self, before: Millis, limit: u32) -> Result<u64> {
         self.writer.purge(before, limit).await
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<(JobState, u64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")
+                .fetch_all(&self.reader)
+                .await?;
+        rows.into_iter()
+            .map(|(state, n)| {
+                let state = JobState::parse(&state).ok_or_else(|| {
+                    Error::Corrupt(serde::de::Error::custom(format!("bad state {state}")))
+                })?;
+                Ok((state, n as u64))
+            })
+            .collect()
     }
 
     async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {

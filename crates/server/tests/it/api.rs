@@ -278,3 +278,113 @@ async fn list_filters_by_state_and_pages_with_a_cursor() {
     assert_error(&(status, body), 400, "invalid_query", &["cursor=abc"]);
     app.shutdown().await;
 }
+
+/// A metrics scrape parses as Prometheus text and counts what happened: jobs by state,
+/// attempts, failures by code, timeouts by phase, queue time, dispatch latency, node
+/// durations by class, backends and open event streams.
+#[tokio::test]
+async fn a_metrics_scrape_parses_and_counts_what_happened() {
+    use crate::support::poll_until;
+    let app = spawn_app(1, |c| c.backoff_base = Duration::from_millis(10)).await;
+    // Long enough for its nodes to be seen running (a tiny one ends at the submit's
+    // reconcile, before its node messages are read).
+    let ok = app
+        .submit_ok(&json!({"workflow": sleep_workflow(2.0, 4, 9)}))
+        .await;
+    assert_eq!(app.wait_terminal(&ok).await["state"], "succeeded");
+    app.sims[0].set_faults(&["hang-before-start"]).unwrap();
+    let stuck = app
+        .submit_ok(&json!({"workflow": tiny_workflow("metrics2"), "max_attempts": 1, "timeouts": {"start_ms": 200}}))
+        .await;
+    assert_eq!(app.wait_terminal(&stuck).await["state"], "failed");
+    // A stream held open while scraping.
+    let stream = app
+        .http
+        .get(format!("{}/v1/events", app.url))
+        .send()
+        .await
+        .unwrap();
+
+    let sample = |scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => *v,
+                prometheus_parse::Value::Histogram(h) => {
+                    h.iter().map(|b| b.count).fold(0.0, f64::max)
+                }
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            })
+    };
+    let scrape = poll_until(
+        "the metrics count both jobs",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let response = app
+                .http
+                .get(format!("{}/metrics", app.url))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let text = response.text().await.unwrap();
+            let lines = text.lines().map(|l| Ok(l.to_owned()));
+            let scrape = prometheus_parse::Scrape::parse(lines).expect("the scrape parses");
+            let want = [
+                ("gantry_jobs", vec![("state", "succeeded")], 1.0),
+                ("gantry_jobs", vec![("state", "failed")], 1.0),
+                ("gantry_jobs", vec![("state", "queued")], 0.0),
+                ("gantry_attempts_total", vec![], 2.0),
+                (
+                    "gantry_attempt_failures_total",
+                    vec![("code", "timeout")],
+                    1.0,
+                ),
+                ("gantry_timeouts_total", vec![("phase", "start")], 1.0),
+                ("gantry_queue_time_seconds_count", vec![], 2.0),
+                ("gantry_dispatch_latency_seconds_count", vec![], 2.0),
+                (
+                    "gantry_node_duration_seconds_count",
+                    vec![("class", "SaveImage")],
+                    1.0,
+                ),
+                ("gantry_event_streams", vec![], 1.0),
+            ];
+            let wrong: Vec<String> = want
+                .iter()
+                .filter(|(name, labels, v)| sample(&scrape, name, labels) != Some(*v))
+                .map(|(name, labels, v)| {
+                    format!(
+                        "{name}{labels:?} = {:?}, want {v}",
+                        sample(&scrape, name, labels)
+                    )
+                })
+                .collect();
+            if wrong.is_empty() {
+                Ok(scrape)
+            } else {
+                Err((wrong, text))
+            }
+        },
+    )
+    .await;
+    let backends: f64 = [
+        "idle",
+        "busy",
+        "connecting",
+        "offline",
+        "unhealthy",
+        "stuck",
+    ]
+    .iter()
+    .filter_map(|s| sample(&scrape, "gantry_backends", &[("status", s)]))
+    .sum();
+    assert_eq!(backends, 1.0);
+    drop(stream);
+    app.shutdown().await;
+}

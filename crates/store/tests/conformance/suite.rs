@@ -58,6 +58,12 @@ pub async fn a_job_round_trips_with_its_events(stores: Vec<Arc<dyn Store>>) {
     let all = store.job_events(&j.id, 0).await.unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!(store.running_jobs().await.unwrap().len(), 1);
+    let other = job(None, 0, 6);
+    store.create_job(&other, "h").await.unwrap();
+    assert_eq!(
+        store.count_by_state().await.unwrap(),
+        [(JobState::Queued, 1), (JobState::Running, 1)]
+    );
 }
 
 pub async fn a_stale_version_is_refused_and_writes_nothing(stores: Vec<Arc<dyn Store>>) {
