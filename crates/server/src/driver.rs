@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::bus::{LiveEvent, LiveKind};
 use crate::classify;
@@ -55,6 +56,9 @@ pub struct Assignment {
     pub excluded: Vec<Exclusion>,
     pub adopt: bool,
     pub status: AttemptStatus,
+    /// The attempt's span: what the driver logs while handling it carries the job id,
+    /// the attempt number and the backend.
+    pub span: tracing::Span,
 }
 
 impl Assignment {
@@ -78,6 +82,12 @@ impl Assignment {
             excluded: job.excluded.clone(),
             adopt,
             status: attempt.status,
+            span: tracing::info_span!(
+                "attempt",
+                job_id = %job.id,
+                attempt = attempt.number,
+                backend = %attempt.backend
+            ),
         }
     }
 }
@@ -194,11 +204,16 @@ pub async fn run(
     };
     loop {
         let wake = d.next_wake();
+        // Everything handled for the current attempt is logged in its span.
+        let span = d
+            .current
+            .as_ref()
+            .map_or_else(tracing::Span::none, |c| c.a.span.clone());
         tokio::select! {
             // A timer that ran out is judged before a stop that came at the same time:
             // a driver resuming after a pause tries its write, which the fence refuses.
             biased;
-            _ = tokio::time::sleep_until(wake) => d.on_wake().await,
+            _ = tokio::time::sleep_until(wake) => d.on_wake().instrument(span).await,
             _ = shutdown.cancelled() => {
                 if let Some(s) = d.session.take() {
                     s.close().await;
@@ -206,10 +221,17 @@ pub async fn run(
                 return;
             }
             cmd = commands.recv() => match cmd {
-                Some(cmd) => d.on_command(cmd).await,
+                Some(cmd) => {
+                    // A new attempt is handled in its own span from the start.
+                    let span = match &cmd {
+                        Command::Run(a) => a.span.clone(),
+                        Command::Stop { .. } => span,
+                    };
+                    d.on_command(cmd).instrument(span).await
+                }
                 None => return,
             },
-            ev = next_event(&mut d.session) => d.on_event(ev).await,
+            ev = next_event(&mut d.session) => d.on_event(ev).instrument(span).await,
         }
         if d.fenced.load(std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(backend = %d.name, "lease gone: the driver stops and leaves the backend to its new owner");
@@ -751,7 +773,6 @@ impl Driver {
             }
         }
         Current {
-            a,
             stage,
             watch,
             stopping: None,
@@ -759,6 +780,7 @@ impl Driver {
             success_seen: false,
             deaf: adopt,
             executed_files: Vec::new(),
+            a,
         }
     }
 

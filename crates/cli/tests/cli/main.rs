@@ -330,3 +330,70 @@ fn bench_cluster_runs_one_and_several_coordinators_on_postgres() {
         assert_eq!(run["idle_job_ms"]["n"], 200, "{run:#}");
     }
 }
+
+/// `--log-format json`: every line is a JSON object, and what the driver logs about an
+/// attempt carries its span (job id, attempt, backend).
+#[tokio::test]
+async fn serve_logs_json_lines_with_the_attempt_span() {
+    let sim = gantry_sim::spawn(gantry_sim::SimConfig {
+        speed: 20.0,
+        faults: vec!["error:class=GantrySleep".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+        ])
+        .arg(format!("sim={}", sim.url()))
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = serving_url(&mut child);
+    let http = reqwest::Client::new();
+    let job: Value = http
+        .post(format!("{url}/v1/jobs"))
+        .json(&json!({"workflow": workflow(1, 0.5), "max_attempts": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    wait_for(&http, &format!("{url}/v1/jobs/{id}"), "job failed", |j| {
+        j["state"] == "failed"
+    })
+    .await;
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let failed = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("attempt failed"))
+        })
+        .unwrap_or_else(|| panic!("no attempt failure logged: {text}"));
+    assert_eq!(failed["span"]["name"], "attempt", "{failed}");
+    assert_eq!(failed["span"]["job_id"], json!(id), "{failed}");
+    assert_eq!(failed["span"]["attempt"], 1, "{failed}");
+    assert_eq!(failed["span"]["backend"], "sim", "{failed}");
+    sim.shutdown().await;
+}
