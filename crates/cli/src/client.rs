@@ -139,8 +139,18 @@ pub struct RetryArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct BackendsArgs {
+    #[command(subcommand)]
+    action: Option<BackendsAction>,
     #[command(flatten)]
     opts: ServerOpts,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum BackendsAction {
+    /// Take a backend out of rotation: no new work; what runs there finishes.
+    Drain { name: String },
+    /// Put a drained backend back into rotation.
+    Resume { name: String },
 }
 
 #[derive(clap::Args, Debug)]
@@ -766,6 +776,23 @@ pub async fn backends(a: BackendsArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return error_exit(&e),
     };
+    if let Some(action) = &a.action {
+        let (name, drain) = match action {
+            BackendsAction::Drain { name } => (name, true),
+            BackendsAction::Resume { name } => (name, false),
+        };
+        return match client.set_draining(name, drain).await {
+            Ok(answer) => {
+                if a.opts.json {
+                    println!("{answer}");
+                } else {
+                    println!("{name}: {}", answer["status"].as_str().unwrap_or("?"));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => error_exit(&e),
+        };
+    }
     let body = match client.backends().await {
         Ok(body) => body,
         Err(e) => return error_exit(&e),

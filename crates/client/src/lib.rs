@@ -365,6 +365,19 @@ impl Client {
         self.json("listing backends", response).await
     }
 
+    /// Take a backend out of rotation (`drain`: no new work, what runs finishes) or put
+    /// it back; answers its status.
+    pub async fn set_draining(&self, backend: &str, drain: bool) -> Result<Value> {
+        let action = if drain { "drain" } else { "resume" };
+        let what = format!("{action} backend {backend}");
+        let r = self.request(
+            reqwest::Method::POST,
+            &format!("/v1/backends/{backend}/{action}"),
+        );
+        let response = self.send(&what, r).await?;
+        self.json(&what, response).await
+    }
+
     /// The job's events from the first, until the server ends the stream at its terminal
     /// event. Only connecting is timed: a watch lasts as long as the job.
     pub async fn events(&self, id: &str) -> Result<Events> {

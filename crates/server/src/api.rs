@@ -8,7 +8,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -126,6 +126,8 @@ pub fn router(engine: Engine) -> Router {
         .route("/v1/jobs/{id}/outputs/{name}", get(get_output))
         .route("/v1/events", get(all_events))
         .route("/v1/backends", get(list_backends))
+        .route("/v1/backends/{name}/drain", post(drain_backend))
+        .route("/v1/backends/{name}/resume", post(resume_backend))
         .route("/v1/cluster", get(cluster))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -830,6 +832,42 @@ async fn list_backends(State(engine): State<Engine>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "backends": list }))
+}
+
+async fn drain_backend(
+    State(engine): State<Engine>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_draining(&engine, &name, true)
+}
+
+async fn resume_backend(
+    State(engine): State<Engine>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_draining(&engine, &name, false)
+}
+
+/// Drain or resume `name` on the coordinator that drives it.
+fn set_draining(engine: &Engine, name: &str, drain: bool) -> Result<Json<Value>, ApiError> {
+    match engine.set_draining(name, drain) {
+        None => Err(ApiError::NotFound(format!("no backend {name}"))),
+        Some(false) => Err(ApiError::Conflict {
+            code: "not_driven_here",
+            message: format!(
+                "backend {name} is driven by another coordinator: send this to the one holding its lease (see /v1/cluster)"
+            ),
+            details: json!({"backend": name}),
+        }),
+        Some(true) => {
+            let status = engine
+                .backends()
+                .get(name)
+                .map(crate::metrics::status_of)
+                .unwrap_or("offline");
+            Ok(Json(json!({"name": name, "status": status})))
+        }
+    }
 }
 
 async fn metrics(State(engine): State<Engine>) -> Result<Response, ApiError> {

@@ -82,6 +82,8 @@ pub struct BackendState {
     /// The fencing token of this coordinator's lease on it, while it drives it (always
     /// `Some(0)` with the embedded store, where one coordinator drives every backend).
     pub lease: Option<i64>,
+    /// An operator took it out of rotation: it takes no new work; what runs finishes.
+    pub draining: bool,
 }
 
 impl BackendState {
@@ -102,6 +104,7 @@ impl BackendState {
             stuck: None,
             commands,
             lease: Some(0),
+            draining: false,
         }
     }
 
@@ -664,6 +667,24 @@ impl Engine {
         })
     }
 
+    /// Take `backend` out of rotation (`drain`) or put it back. Answers `None` for a
+    /// backend this server does not know, and `Some(false)` for one it knows but does not
+    /// drive (another coordinator holds its lease).
+    pub fn set_draining(&self, backend: &str, drain: bool) -> Option<bool> {
+        let changed = {
+            let mut backends = self.backends();
+            let b = backends.get_mut(backend)?;
+            if b.lease.is_none() {
+                return Some(false);
+            }
+            b.draining = drain;
+            true
+        };
+        tracing::info!(backend, drain, "backend taken out of rotation or put back");
+        self.wake_scheduler();
+        Some(changed)
+    }
+
     /// The backends leased here, with their tokens.
     pub fn owned_leases(&self) -> Vec<(String, i64)> {
         if self.inner.cluster.is_none() {
@@ -1091,6 +1112,7 @@ impl Engine {
         let idle = |backends: &IndexMap<String, BackendState>| {
             backends.values().any(|b| {
                 b.connection == Connection::Connected
+                    && !b.draining
                     && b.health.accepts_work()
                     && (b.current.is_none() || (pipeline && b.accepts_next && b.next.is_none()))
             })
@@ -1163,6 +1185,7 @@ impl Engine {
                             tags: &b.config.tags,
                             classes: b.classes.as_deref(),
                             idle: b.connection == Connection::Connected
+                                && !b.draining
                                 && if second {
                                     b.current.is_some() && b.accepts_next && b.next.is_none()
                                 } else {

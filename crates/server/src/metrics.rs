@@ -160,6 +160,8 @@ pub async fn render(engine: &Engine) -> Result<String, gantry_store::Error> {
 pub fn status_of(b: &crate::engine::BackendState) -> &'static str {
     match (b.connection, &b.current) {
         _ if b.stuck.is_some() => "stuck",
+        (_, Some(_)) if b.draining => "draining",
+        _ if b.draining => "drained",
         (Connection::Connected, _) if !b.health.accepts_work() => "unhealthy",
         (Connection::Connected, Some(_)) => "busy",
         (Connection::Connected, None) => "idle",

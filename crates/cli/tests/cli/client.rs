@@ -380,7 +380,7 @@ async fn bad_input_and_an_unreachable_server_exit_2_with_a_clear_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_job_exits_1_and_cancel_stops_a_queued_one() {
+async fn a_failed_job_exits_1_and_queued_jobs_cancel_retry_and_wait_out_a_drain() {
     let farm = farm(&["error:class=GantrySleep"]).await;
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "w.json", &sleep_graph(1.0, 1));
@@ -419,8 +419,18 @@ async fn a_failed_job_exits_1_and_cancel_stops_a_queued_one() {
     let o = run(farm.gantry(&["backends", "--json"])).await;
     let list: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(list["backends"][0]["name"], "a");
-    // Retry makes a new job of the cancelled one's request; the backend mended, it runs.
+    // Mended, the backend runs the first job; then drained, it takes nothing new: the
+    // retried job below waits until it is resumed. Unknown backends are refused.
     farm.sim.set_faults(&[]).unwrap();
+    farm.wait_job(&first, "the first job ends", |j| j["state"] == "succeeded")
+        .await;
+    let o = run(farm.gantry(&["backends", "drain", "a"])).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "a: drained");
+    let o = run(farm.gantry(&["backends", "drain", "zz"])).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no backend zz"), "{}", stderr(&o));
+    // Retry makes a new job of the cancelled one's request.
     let o = run(farm.gantry(&["retry", &id, "--json"])).await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let retried: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -431,6 +441,18 @@ async fn a_failed_job_exits_1_and_cancel_stops_a_queued_one() {
     let before = farm.job(&id).await;
     assert_eq!(again["workflow_hash"], before["workflow_hash"]);
     assert_eq!(again["max_attempts"], before["max_attempts"]);
+    let o = run(farm.gantry(&["backends", "--json"])).await;
+    let list: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list["backends"][0]["status"], "drained", "{list:#}");
+    assert_eq!(farm.job(new_id).await["state"], "queued");
+    let o = run(farm.gantry(&["backends", "resume", "a"])).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = run(farm.gantry(&["watch", new_id])).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        farm.job(new_id).await["attempts"].as_array().unwrap().len(),
+        1
+    );
     farm.shutdown().await;
 }
 
