@@ -341,6 +341,11 @@ async fn follow(
         Ok(events) => events,
         Err(e) => return error_exit(&e),
     };
+    // Made once, so a Ctrl+C that comes while an event is being shown is not lost.
+    let mut interrupts = match Interrupts::new() {
+        Ok(i) => i,
+        Err(e) => return fail(USAGE, format!("cannot listen for Ctrl+C: {e}")),
+    };
     loop {
         let until = async {
             match deadline {
@@ -372,7 +377,7 @@ async fn follow(
                     }
                 }
             },
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupts.next() => {
                 if cancelling {
                     ui.finish();
                     return fail(CANCELLED, format!("stopped waiting; job {id} may still be cancelling"));
@@ -402,6 +407,32 @@ async fn follow(
         Err(e) => return error_exit(&e),
     };
     finish(client, &job, opts.json, out, cancelling).await
+}
+
+/// Ctrl+C, buffered between waits.
+struct Interrupts {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    fn new() -> std::io::Result<Interrupts> {
+        Ok(Interrupts {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            self.signal.recv().await;
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// Report how the job ended, download its outputs, and answer its exit code.
