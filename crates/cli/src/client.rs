@@ -172,21 +172,26 @@ fn error_exit(e: &Error) -> ExitCode {
     fail(USAGE, e)
 }
 
-pub async fn submit(a: SubmitArgs) -> ExitCode {
+/// A command's exit code: its own, or 2 when it stopped on a client error.
+pub fn exit(done: Result<ExitCode, Error>) -> ExitCode {
+    done.unwrap_or_else(|e| error_exit(&e))
+}
+
+pub async fn submit(a: SubmitArgs) -> Result<ExitCode, Error> {
     let body = match request_body(&a) {
         Ok(body) => body,
-        Err(message) => return fail(USAGE, message),
+        Err(message) => return Ok(fail(USAGE, message)),
     };
-    let client = match a.opts.client() {
-        Ok(c) => c,
-        Err(e) => return error_exit(&e),
-    };
+    let client = a.opts.client()?;
     let accepted = match client.submit(&body).await {
         Ok(accepted) => accepted,
         Err(Error::Api(r)) if r.status == 400 || r.status == 413 => {
-            return fail(USAGE, format!("the server refused the job: {}", r.message))
+            return Ok(fail(
+                USAGE,
+                format!("the server refused the job: {}", r.message),
+            ))
         }
-        Err(e) => return error_exit(&e),
+        Err(e) => return Err(e),
     };
     if a.opts.json {
         println!("{}", json!({"id": accepted.id, "state": accepted.state}));
@@ -194,10 +199,10 @@ pub async fn submit(a: SubmitArgs) -> ExitCode {
         println!("{}", accepted.id);
     }
     if !(a.wait || a.watch || a.out.is_some()) {
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
     let nodes = body["workflow"].as_object().map_or(0, Map::len);
-    follow(
+    Ok(follow(
         &client,
         &accepted.id,
         &a.opts,
@@ -206,15 +211,12 @@ pub async fn submit(a: SubmitArgs) -> ExitCode {
         a.out.as_deref(),
         a.detach,
     )
-    .await
+    .await)
 }
 
-pub async fn watch(a: WatchArgs) -> ExitCode {
-    let client = match a.opts.client() {
-        Ok(c) => c,
-        Err(e) => return error_exit(&e),
-    };
-    follow(
+pub async fn watch(a: WatchArgs) -> Result<ExitCode, Error> {
+    let client = a.opts.client()?;
+    Ok(follow(
         &client,
         &a.job,
         &a.opts,
@@ -223,7 +225,7 @@ pub async fn watch(a: WatchArgs) -> ExitCode {
         a.out.as_deref(),
         a.detach,
     )
-    .await
+    .await)
 }
 
 /// The body of `POST /v1/jobs` from the arguments, or what is wrong with them.
@@ -628,11 +630,8 @@ impl Ui {
     }
 }
 
-pub async fn cancel(a: CancelArgs) -> ExitCode {
-    let client = match a.opts.client() {
-        Ok(c) => c,
-        Err(e) => return error_exit(&e),
-    };
+pub async fn cancel(a: CancelArgs) -> Result<ExitCode, Error> {
+    let client = a.opts.client()?;
     let mut code = ExitCode::SUCCESS;
     for id in &a.jobs {
         match client.cancel(id).await {
@@ -655,24 +654,18 @@ pub async fn cancel(a: CancelArgs) -> ExitCode {
             }
         }
     }
-    code
+    Ok(code)
 }
 
-pub async fn show(a: JobArgs) -> ExitCode {
-    let client = match a.opts.client() {
-        Ok(c) => c,
-        Err(e) => return error_exit(&e),
-    };
-    let job = match client.job(&a.job).await {
-        Ok(job) => job,
-        Err(e) => return error_exit(&e),
-    };
+pub async fn show(a: JobArgs) -> Result<ExitCode, Error> {
+    let client = a.opts.client()?;
+    let job = client.job(&a.job).await?;
     if a.opts.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&job_value(&job)).unwrap_or_default()
         );
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
     println!("job       {}", job.id);
     println!(
@@ -702,7 +695,7 @@ pub async fn show(a: JobArgs) -> ExitCode {
     if let Some(n) = &job.note {
         println!("note      {n}");
     }
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }
 
 fn job_value(job: &Job) -> Value {
@@ -712,19 +705,13 @@ fn job_value(job: &Job) -> Value {
     v
 }
 
-pub async fn jobs(a: JobsArgs) -> ExitCode {
-    let client = match a.opts.client() {
-        Ok(c) => c,
-        Err(e) => return error_exit(&e),
-    };
-    let jobs = match client.jobs(a.state.as_deref(), a.limit).await {
-        Ok(jobs) => jobs,
-        Err(e) => return error_exit(&e),
-    };
+pub async fn jobs(a: JobsArgs) -> Result<ExitCode, Error> {
+    let client = a.opts.client()?;
+    let jobs = client.jobs(a.state.as_deref(), a.limit).await?;
     if a.opts.json {
         let list: Vec<Value> = jobs.iter().map(job_value).collect();
         println!("{}", Value::Array(list));
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
     println!(
         "{:<36}  {:<10}  {:>8}  {:<24}  BACKEND",
@@ -740,52 +727,32 @@ pub async fn jobs(a: JobsArgs) -> ExitCode {
             j.created_at
         );
     }
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }
 
-pub async fn outputs(a: OutputsArgs) -> ExitCode {
-    let client = match a.opts.client() {
-        Ok(c) => c,
-        Err(e) => return error_exit(&e),
-    };
-    let job = match client.job(&a.job).await {
-        Ok(job) => job,
-        Err(e) => return error_exit(&e),
-    };
+pub async fn outputs(a: OutputsArgs) -> Result<ExitCode, Error> {
+    let client = a.opts.client()?;
+    let job = client.job(&a.job).await?;
     if job.state != "succeeded" {
-        return fail(
+        return Ok(fail(
             1,
             format!(
                 "job {} is {}: it has no outputs to download",
                 job.id, job.state
             ),
-        );
+        ));
     }
-    match download_all(&client, &job, &a.out).await {
-        Ok(files) => {
-            for f in files {
-                println!("{f}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => error_exit(&e),
+    for f in download_all(&client, &job, &a.out).await? {
+        println!("{f}");
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Submit a job's request again as a new job (a failed or cancelled one, typically).
-pub async fn retry(a: RetryArgs) -> ExitCode {
-    let client = match a.opts.client() {
-        Ok(c) => c,
-        Err(e) => return error_exit(&e),
-    };
-    let body = match client.request_of(&a.job).await {
-        Ok(body) => body,
-        Err(e) => return error_exit(&e),
-    };
-    let accepted = match client.submit(&body).await {
-        Ok(accepted) => accepted,
-        Err(e) => return error_exit(&e),
-    };
+pub async fn retry(a: RetryArgs) -> Result<ExitCode, Error> {
+    let client = a.opts.client()?;
+    let body = client.request_of(&a.job).await?;
+    let accepted = client.submit(&body).await?;
     if a.opts.json {
         println!(
             "{}",
@@ -795,42 +762,32 @@ pub async fn retry(a: RetryArgs) -> ExitCode {
         println!("{}", accepted.id);
     }
     if !a.watch {
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
     let nodes = body["workflow"].as_object().map_or(0, Map::len);
-    follow(&client, &accepted.id, &a.opts, true, nodes, None, false).await
+    Ok(follow(&client, &accepted.id, &a.opts, true, nodes, None, false).await)
 }
 
 /// The backends as this server sees them: a table, or `--json`.
-pub async fn backends(a: BackendsArgs) -> ExitCode {
-    let client = match a.opts.client() {
-        Ok(c) => c,
-        Err(e) => return error_exit(&e),
-    };
+pub async fn backends(a: BackendsArgs) -> Result<ExitCode, Error> {
+    let client = a.opts.client()?;
     if let Some(action) = &a.action {
         let (name, drain) = match action {
             BackendsAction::Drain { name } => (name, true),
             BackendsAction::Resume { name } => (name, false),
         };
-        return match client.set_draining(name, drain).await {
-            Ok(answer) => {
-                if a.opts.json {
-                    println!("{answer}");
-                } else {
-                    println!("{name}: {}", answer["status"].as_str().unwrap_or("?"));
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => error_exit(&e),
-        };
+        let answer = client.set_draining(name, drain).await?;
+        if a.opts.json {
+            println!("{answer}");
+        } else {
+            println!("{name}: {}", answer["status"].as_str().unwrap_or("?"));
+        }
+        return Ok(ExitCode::SUCCESS);
     }
-    let body = match client.backends().await {
-        Ok(body) => body,
-        Err(e) => return error_exit(&e),
-    };
+    let body = client.backends().await?;
     if a.opts.json {
         println!("{body}");
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
     println!(
         "{:<16}  {:<10}  {:<38}  {:<12}  URL",
@@ -859,5 +816,5 @@ pub async fn backends(a: BackendsArgs) -> ExitCode {
             s("url")
         );
     }
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }

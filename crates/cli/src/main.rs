@@ -138,14 +138,14 @@ async fn main() -> std::process::ExitCode {
         Command::Sim(args) => sim(args).await,
         Command::Bench(args) => bench::run(args).await,
         // The client commands answer their own exit codes (see client.rs).
-        Command::Submit(args) => return client::submit(args).await,
-        Command::Watch(args) => return client::watch(args).await,
-        Command::Cancel(args) => return client::cancel(args).await,
-        Command::Show(args) => return client::show(args).await,
-        Command::Jobs(args) => return client::jobs(args).await,
-        Command::Outputs(args) => return client::outputs(args).await,
-        Command::Retry(args) => return client::retry(args).await,
-        Command::Backends(args) => return client::backends(args).await,
+        Command::Submit(args) => return client::exit(client::submit(args).await),
+        Command::Watch(args) => return client::exit(client::watch(args).await),
+        Command::Cancel(args) => return client::exit(client::cancel(args).await),
+        Command::Show(args) => return client::exit(client::show(args).await),
+        Command::Jobs(args) => return client::exit(client::jobs(args).await),
+        Command::Outputs(args) => return client::exit(client::outputs(args).await),
+        Command::Retry(args) => return client::exit(client::retry(args).await),
+        Command::Backends(args) => return client::exit(client::backends(args).await),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut std::io::stdout());

@@ -360,9 +360,7 @@ pub(crate) fn event_from(
             Error::Corrupt(serde::de::Error::custom(format!("bad job id {job_id}")))
         })?,
         at,
-        state: JobState::parse(state).ok_or_else(|| {
-            Error::Corrupt(serde::de::Error::custom(format!("bad state {state}")))
-        })?,
+        state: state_of(state)?,
         kind: serde_json::from_str(data)?,
     })
 }
@@ -387,4 +385,21 @@ where
     };
     let jobs = rows.iter().map(job_of).collect::<Result<Vec<_>>>()?;
     Ok(JobPage { jobs, next })
+}
+
+/// A stored state name.
+fn state_of(state: &str) -> Result<JobState> {
+    JobState::parse(state)
+        .ok_or_else(|| Error::Corrupt(serde::de::Error::custom(format!("bad state {state}"))))
+}
+
+/// The statement both stores answer `count_by_state` with.
+pub(crate) const COUNT_BY_STATE: &str =
+    "SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state";
+
+/// `count_by_state` from its rows.
+pub(crate) fn counts_of(rows: Vec<(String, i64)>) -> Result<Vec<(JobState, u64)>> {
+    rows.into_iter()
+        .map(|(state, n)| Ok((state_of(&state)?, n as u64)))
+        .collect()
 }

@@ -18,8 +18,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::group::{
-    event_from, finish, job_from, page_of, rounds, Committer, Done, EventRows, JobRow, Op, Write,
-    Writer,
+    counts_of, event_from, finish, job_from, page_of, rounds, Committer, Done, EventRows, JobRow,
+    Op, Write, Writer, COUNT_BY_STATE,
 };
 use crate::{Created, Error, Event, Fence, JobFilter, JobPage, Result, Store};
 
@@ -790,18 +790,7 @@ impl Store for PgStore {
     }
 
     async fn count_by_state(&self) -> Result<Vec<(JobState, u64)>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state")
-                .fetch_all(&self.pool)
-                .await?;
-        rows.into_iter()
-            .map(|(state, n)| {
-                let state = JobState::parse(&state).ok_or_else(|| {
-                    Error::Corrupt(serde::de::Error::custom(format!("bad state {state}")))
-                })?;
-                Ok((state, n as u64))
-            })
-            .collect()
+        counts_of(sqlx::query_as(COUNT_BY_STATE).fetch_all(&self.pool).await?)
     }
 
     async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {

@@ -68,6 +68,30 @@ impl Farm {
         }
     }
 
+    /// Start `gantry ARGS` (a submit) in the background; answers it and the job id it
+    /// prints on its first line.
+    async fn spawn_submit(&self, args: &[&str]) -> (std::process::Child, String) {
+        let mut child = self
+            .gantry(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let id = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .unwrap();
+            line.trim().to_owned()
+        })
+        .await
+        .unwrap();
+        (child, id)
+    }
+
     async fn shutdown(self) {
         self.server.shutdown().await;
         self.sim.shutdown().await;
@@ -179,25 +203,7 @@ async fn ctrl_c_during_watch_cancels_the_job_on_the_server() {
     let farm = farm(&[]).await;
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "w.json", &sleep_graph(600.0, 300));
-    let mut child = farm
-        .gantry(&["submit", &file, "--watch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    // The id is the first line on stdout.
-    let stdout = child.stdout.take().unwrap();
-    let id = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .unwrap();
-        line.trim().to_owned()
-    })
-    .await
-    .unwrap();
+    let (child, id) = farm.spawn_submit(&["submit", &file, "--watch"]).await;
     farm.wait_job(&id, "executing", |j| {
         j["attempts"][0]["status"] == "executing"
     })
@@ -237,24 +243,9 @@ async fn detach_leaves_the_job_running_and_watch_follows_it_again() {
     let farm = farm(&[]).await;
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "w.json", &sleep_graph(20.0, 10));
-    let mut child = farm
-        .gantry(&["submit", &file, "--watch", "--detach"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let id = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .unwrap();
-        line.trim().to_owned()
-    })
-    .await
-    .unwrap();
+    let (child, id) = farm
+        .spawn_submit(&["submit", &file, "--watch", "--detach"])
+        .await;
     farm.wait_job(&id, "executing", |j| {
         j["attempts"][0]["status"] == "executing"
     })
