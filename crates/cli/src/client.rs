@@ -2,7 +2,8 @@
 //! from a terminal or a script, through `gantry-client`. Exit codes: 0 succeeded, 1
 //! failed, 130 cancelled (Ctrl+C), 2 usage or connection errors.
 
-use gantry_client::{Client, Error, Event, Job, Timeouts};
+use gantry_client::wire::JobState;
+use gantry_client::{Client, Error, Event, Job, SubmitRequest, Timeouts};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 use std::collections::HashSet;
@@ -59,7 +60,7 @@ pub struct SubmitArgs {
     opts: ServerOpts,
     /// Higher runs first.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
-    priority: i64,
+    priority: i32,
     /// A tag the backend must have; repeatable.
     #[arg(long = "tag", value_name = "TAG")]
     tags: Vec<String>,
@@ -194,14 +195,14 @@ pub async fn submit(a: SubmitArgs) -> Result<ExitCode, Error> {
         Err(e) => return Err(e),
     };
     if a.opts.json {
-        println!("{}", json!({"id": accepted.id, "state": accepted.state}));
+        println!("{}", json!(accepted));
     } else {
         println!("{}", accepted.id);
     }
     if !(a.wait || a.watch || a.out.is_some()) {
         return Ok(ExitCode::SUCCESS);
     }
-    let nodes = body["workflow"].as_object().map_or(0, Map::len);
+    let nodes = body.workflow.len();
     Ok(follow(
         &client,
         &accepted.id,
@@ -229,7 +230,7 @@ pub async fn watch(a: WatchArgs) -> Result<ExitCode, Error> {
 }
 
 /// The body of `POST /v1/jobs` from the arguments, or what is wrong with them.
-fn request_body(a: &SubmitArgs) -> Result<Value, String> {
+fn request_body(a: &SubmitArgs) -> Result<SubmitRequest, String> {
     let (what, text) = if a.workflow == "-" {
         let mut text = String::new();
         std::io::stdin()
@@ -256,6 +257,7 @@ fn request_body(a: &SubmitArgs) -> Result<Value, String> {
     for set in &a.sets {
         apply_set(graph, set)?;
     }
+    let workflow = std::mem::take(graph);
     let mut timeouts = Map::new();
     for t in &a.timeouts {
         let (phase, duration) = t
@@ -284,17 +286,22 @@ fn request_body(a: &SubmitArgs) -> Result<Value, String> {
         };
         timeouts.insert(format!("{phase}_ms"), json!(ms));
     }
-    let mut body = json!({ "workflow": workflow, "priority": a.priority });
-    if !a.tags.is_empty() {
-        body["tags"] = json!(a.tags);
-    }
-    if !timeouts.is_empty() {
-        body["timeouts"] = Value::Object(timeouts);
-    }
-    if let Some(n) = a.max_attempts {
-        body["max_attempts"] = json!(n);
-    }
-    Ok(body)
+    let timeouts = if timeouts.is_empty() {
+        None
+    } else {
+        Some(
+            serde_json::from_value(Value::Object(timeouts))
+                .map_err(|e| format!("--timeout: {e}"))?,
+        )
+    };
+    Ok(SubmitRequest {
+        workflow,
+        priority: Some(a.priority),
+        max_attempts: a.max_attempts,
+        tags: a.tags.clone(),
+        timeouts,
+        ..SubmitRequest::default()
+    })
 }
 
 /// `NODE.INPUT=VALUE` on the graph: the value is JSON, or a string when it is not.
@@ -446,7 +453,7 @@ async fn finish(
     cancelling: bool,
 ) -> ExitCode {
     let mut files = Vec::new();
-    if let (Some(dir), "succeeded") = (out, job.state.as_str()) {
+    if let (Some(dir), JobState::Succeeded) = (out, job.state) {
         match download_all(client, job, dir).await {
             Ok(f) => files = f,
             Err(e) => return error_exit(&e),
@@ -458,8 +465,8 @@ async fn finish(
             json!({"id": job.id, "state": job.state, "error": job.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})), "files": files})
         );
     }
-    match job.state.as_str() {
-        "succeeded" => {
+    match job.state {
+        JobState::Succeeded => {
             if !json_out {
                 if cancelling {
                     eprintln!("job {} finished before the cancel reached it", job.id);
@@ -471,7 +478,7 @@ async fn finish(
             }
             ExitCode::SUCCESS
         }
-        "cancelled" => {
+        JobState::Cancelled => {
             if !json_out {
                 eprintln!("job {} cancelled", job.id);
             }
@@ -637,10 +644,9 @@ pub async fn cancel(a: CancelArgs) -> Result<ExitCode, Error> {
         match client.cancel(id).await {
             Ok(answer) => {
                 if a.opts.json {
-                    println!("{answer}");
+                    println!("{}", json!(answer));
                 } else {
-                    let state = answer["state"].as_str().unwrap_or("?");
-                    let what = if state == "cancelled" {
+                    let what = if answer.state == JobState::Cancelled {
                         "cancelled"
                     } else {
                         "cancelling (the backend confirms)"
@@ -661,10 +667,7 @@ pub async fn show(a: JobArgs) -> Result<ExitCode, Error> {
     let client = a.opts.client()?;
     let job = client.job(&a.job).await?;
     if a.opts.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&job_value(&job)).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
         return Ok(ExitCode::SUCCESS);
     }
     println!("job       {}", job.id);
@@ -672,8 +675,7 @@ pub async fn show(a: JobArgs) -> Result<ExitCode, Error> {
         "state     {}{}",
         job.state,
         job.phase
-            .as_deref()
-            .map(|p| format!(" ({p})"))
+            .map(|p| format!(" ({})", p.as_str()))
             .unwrap_or_default()
     );
     println!("priority  {}", job.priority);
@@ -684,7 +686,12 @@ pub async fn show(a: JobArgs) -> Result<ExitCode, Error> {
             .as_ref()
             .map(|e| format!(": {}", e.message))
             .unwrap_or_default();
-        println!("attempt {} on {}: {}{error}", a.number, a.backend, a.status);
+        println!(
+            "attempt {} on {}: {}{error}",
+            a.number,
+            a.backend,
+            a.status.as_str()
+        );
     }
     for o in &job.outputs {
         println!("output    {} ({} bytes) {}", o.filename, o.size, o.url);
@@ -698,19 +705,11 @@ pub async fn show(a: JobArgs) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn job_value(job: &Job) -> Value {
-    let mut v = Value::Object(job.extra.clone());
-    v["id"] = json!(job.id);
-    v["state"] = json!(job.state);
-    v
-}
-
 pub async fn jobs(a: JobsArgs) -> Result<ExitCode, Error> {
     let client = a.opts.client()?;
     let jobs = client.jobs(a.state.as_deref(), a.limit).await?;
     if a.opts.json {
-        let list: Vec<Value> = jobs.iter().map(job_value).collect();
-        println!("{}", Value::Array(list));
+        println!("{}", json!(jobs));
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -733,7 +732,7 @@ pub async fn jobs(a: JobsArgs) -> Result<ExitCode, Error> {
 pub async fn outputs(a: OutputsArgs) -> Result<ExitCode, Error> {
     let client = a.opts.client()?;
     let job = client.job(&a.job).await?;
-    if job.state != "succeeded" {
+    if job.state != JobState::Succeeded {
         return Ok(fail(
             1,
             format!(
@@ -764,7 +763,7 @@ pub async fn retry(a: RetryArgs) -> Result<ExitCode, Error> {
     if !a.watch {
         return Ok(ExitCode::SUCCESS);
     }
-    let nodes = body["workflow"].as_object().map_or(0, Map::len);
+    let nodes = body.workflow.len();
     Ok(follow(&client, &accepted.id, &a.opts, true, nodes, None, false).await)
 }
 
@@ -778,42 +777,34 @@ pub async fn backends(a: BackendsArgs) -> Result<ExitCode, Error> {
         };
         let answer = client.set_draining(name, drain).await?;
         if a.opts.json {
-            println!("{answer}");
+            println!("{}", json!(answer));
         } else {
-            println!("{name}: {}", answer["status"].as_str().unwrap_or("?"));
+            println!("{name}: {}", answer.status.as_str());
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let body = client.backends().await?;
+    let backends = client.backends().await?;
     if a.opts.json {
-        println!("{body}");
+        println!("{}", json!({ "backends": backends }));
         return Ok(ExitCode::SUCCESS);
     }
     println!(
         "{:<16}  {:<10}  {:<38}  {:<12}  URL",
         "NAME", "STATUS", "JOB", "TAGS"
     );
-    for b in body["backends"].as_array().into_iter().flatten() {
-        let s = |k: &str| b[k].as_str().unwrap_or("-").to_owned();
-        let job = s("current_job");
-        let tags: Vec<&str> = b["tags"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        let tags = if tags.is_empty() {
+    for b in &backends {
+        let tags = if b.tags.is_empty() {
             "-".to_owned()
         } else {
-            tags.join(",")
+            b.tags.join(",")
         };
         println!(
             "{:<16}  {:<10}  {:<38}  {:<12}  {}",
-            s("name"),
-            s("status"),
-            job,
+            b.name,
+            b.status.as_str(),
+            b.current_job.as_deref().unwrap_or("-"),
             tags,
-            s("url")
+            b.url
         );
     }
     Ok(ExitCode::SUCCESS)

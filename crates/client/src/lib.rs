@@ -3,8 +3,7 @@
 //! the server owns a job's timeouts), errors keep the server's `{code, message,
 //! details}`, and a job's event stream is read as typed events.
 
-use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
 
@@ -58,66 +57,8 @@ pub struct Client {
     token: Option<String>,
 }
 
-/// The answer to a submit.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Accepted {
-    pub id: String,
-    pub state: String,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Attempt {
-    pub number: u32,
-    pub backend: String,
-    pub prompt_id: String,
-    pub status: String,
-    pub error: Option<ApiErrorBody>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Output {
-    pub name: String,
-    pub node_id: String,
-    pub filename: String,
-    pub size: u64,
-    pub sha256: String,
-    pub url: String,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct ApiErrorBody {
-    pub code: String,
-    pub message: String,
-    pub details: Value,
-}
-
-/// A job as `GET /v1/jobs/{id}` shows it; fields this client does not know are kept.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Job {
-    pub id: String,
-    pub state: String,
-    pub phase: Option<String>,
-    pub priority: i64,
-    pub created_at: String,
-    pub updated_at: String,
-    pub cancel_requested: bool,
-    pub attempts: Vec<Attempt>,
-    pub outputs: Vec<Output>,
-    pub error: Option<ApiErrorBody>,
-    pub note: Option<String>,
-    #[serde(flatten)]
-    pub extra: Map<String, Value>,
-}
-
-impl Job {
-    pub fn is_terminal(&self) -> bool {
-        matches!(self.state.as_str(), "succeeded" | "failed" | "cancelled")
-    }
-}
+pub use gantry_api as wire;
+pub use gantry_api::{Accepted, Backend, BackendList, BackendStatusOf, Job, SubmitRequest};
 
 /// One event of a job's stream: persisted ones have an id.
 #[derive(Clone, Debug)]
@@ -257,16 +198,20 @@ impl Client {
             return Ok(response);
         }
         let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        let e = &body["error"];
+        let e = match response.json::<wire::ErrorBody>().await {
+            Ok(body) => body.error,
+            // Not gantry's error shape (a proxy's page, say): the status says enough.
+            Err(_) => wire::ErrorDetail {
+                code: "http_error".into(),
+                message: format!("{what}: HTTP {status}"),
+                details: Value::Null,
+            },
+        };
         Err(Error::Api(Box::new(Refusal {
             status,
-            code: e["code"].as_str().unwrap_or("http_error").to_owned(),
-            message: e["message"]
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| format!("{what}: HTTP {status}")),
-            details: e["details"].clone(),
+            code: e.code,
+            message: e.message,
+            details: e.details,
         })))
     }
 
@@ -313,8 +258,8 @@ impl Client {
         })
     }
 
-    /// `POST /v1/jobs` with this body (`{"workflow": ..., "priority": ...}`).
-    pub async fn submit(&self, body: &Value) -> Result<Accepted> {
+    /// `POST /v1/jobs`.
+    pub async fn submit(&self, body: &SubmitRequest) -> Result<Accepted> {
         let r = self.request(reqwest::Method::POST, "/v1/jobs").json(body);
         let response = self.send("submitting the job", r).await?;
         self.json("submitting the job", response).await
@@ -329,22 +274,21 @@ impl Client {
 
     /// Newest first; `state` filters.
     pub async fn jobs(&self, state: Option<&str>, limit: u32) -> Result<Vec<Job>> {
-        #[derive(Deserialize)]
-        struct Page {
-            jobs: Vec<Job>,
-        }
         let mut path = format!("/v1/jobs?limit={limit}");
         if let Some(s) = state {
             path.push_str(&format!("&state={s}"));
         }
         let r = self.request(reqwest::Method::GET, &path);
         let response = self.send("listing jobs", r).await?;
-        Ok(self.json::<Page>("listing jobs", response).await?.jobs)
+        Ok(self
+            .json::<wire::JobPage>("listing jobs", response)
+            .await?
+            .jobs)
     }
 
     /// `DELETE /v1/jobs/{id}`: the job's state after the request (`cancelled` at once
     /// for a queued job, `running` while the backend confirms).
-    pub async fn cancel(&self, id: &str) -> Result<Value> {
+    pub async fn cancel(&self, id: &str) -> Result<Job> {
         let what = format!("cancelling job {id}");
         let r = self.request(reqwest::Method::DELETE, &format!("/v1/jobs/{id}"));
         let response = self.send(&what, r).await?;
@@ -352,22 +296,25 @@ impl Client {
     }
 
     /// The job's request as accepted, ready to submit again.
-    pub async fn request_of(&self, id: &str) -> Result<Value> {
+    pub async fn request_of(&self, id: &str) -> Result<SubmitRequest> {
         let what = format!("reading the request of job {id}");
         let r = self.request(reqwest::Method::GET, &format!("/v1/jobs/{id}/request"));
         let response = self.send(&what, r).await?;
         self.json(&what, response).await
     }
 
-    pub async fn backends(&self) -> Result<Value> {
+    pub async fn backends(&self) -> Result<Vec<Backend>> {
         let r = self.request(reqwest::Method::GET, "/v1/backends");
         let response = self.send("listing backends", r).await?;
-        self.json("listing backends", response).await
+        Ok(self
+            .json::<BackendList>("listing backends", response)
+            .await?
+            .backends)
     }
 
     /// Take a backend out of rotation (`drain`: no new work, what runs finishes) or put
     /// it back; answers its status.
-    pub async fn set_draining(&self, backend: &str, drain: bool) -> Result<Value> {
+    pub async fn set_draining(&self, backend: &str, drain: bool) -> Result<BackendStatusOf> {
         let action = if drain { "drain" } else { "resume" };
         let what = format!("{action} backend {backend}");
         let r = self.request(

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt;
+use utoipa::ToSchema;
 
 use crate::workflow::Workflow;
 
@@ -12,7 +13,7 @@ use crate::workflow::Workflow;
 pub type Millis = i64;
 
 /// A job's id: a UUID, parsed at the edge.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(try_from = "String", into = "String")]
 pub struct JobId(String);
 
@@ -51,7 +52,7 @@ impl fmt::Display for JobId {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -100,7 +101,7 @@ impl fmt::Display for JobState {
 
 /// Per-job timeouts in milliseconds; `None` falls back to the backend's or the global
 /// value, `Some(0)` disables the timer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,7 +145,7 @@ pub struct JobSpec {
 }
 
 /// Why a job or an attempt failed, in the API's error shape.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobError {
     pub code: String,
     pub message: String,
@@ -182,13 +183,13 @@ pub struct Output {
 }
 
 /// A backend this job must not go to again, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Exclusion {
     pub backend: String,
     pub reason: ExclusionReason,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ExclusionReason {
     /// The backend does not list a model file the workflow names.
@@ -228,7 +229,7 @@ impl fmt::Display for ExclusionReason {
 
 /// Where one attempt is. Attempts are numbered from 1 and only the job's latest attempt
 /// may still be live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AttemptStatus {
     /// Sending `POST /prompt`.

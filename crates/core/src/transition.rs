@@ -6,6 +6,7 @@
 //! from an old attempt never moves a job that has moved on (DESIGN.md invariant 3).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::job::{
     Attempt, AttemptStatus, Exclusion, ExclusionReason, Job, JobError, JobId, JobState, Millis,
@@ -168,7 +169,7 @@ impl Input {
 
 /// What a state change records; persisted with a sequence number in the same
 /// transaction as the change.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     Queued {

@@ -8,7 +8,6 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -19,6 +18,11 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::convert::Infallible;
 use tokio::sync::{broadcast, mpsc};
+
+use gantry_api as wire;
+use std::sync::OnceLock;
+use utoipa::{IntoParams, OpenApi};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::bus::BusEvent;
 use crate::engine::{self, Applied, Connection, Engine};
@@ -116,24 +120,61 @@ impl IntoResponse for ApiError {
     }
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "gantry",
+        description = "A job orchestrator for ComfyUI farms: submit workflows, follow them, cancel them, see the backends. Every refusal is an ErrorBody; timestamps are RFC 3339 (UTC, milliseconds); durations are integers in `_ms` fields."
+    ),
+    tags(
+        (name = "jobs", description = "Submit, follow, cancel and download"),
+        (name = "events", description = "Server-sent event streams"),
+        (name = "backends", description = "The ComfyUI servers gantry drives"),
+        (name = "operations", description = "Health, metrics, the farm and this document")
+    )
+)]
+struct ApiDoc;
+
+/// Every documented route, each with its handler: the router and `/v1/openapi.json` are
+/// both made from this, so a route cannot exist without being in the document.
+fn documented() -> OpenApiRouter<Engine> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_jobs, create_job))
+        .routes(routes!(get_job, cancel_job))
+        .routes(routes!(job_events))
+        .routes(routes!(get_request))
+        .routes(routes!(get_output))
+        .routes(routes!(all_events))
+        .routes(routes!(list_backends))
+        .routes(routes!(drain_backend))
+        .routes(routes!(resume_backend))
+        .routes(routes!(cluster))
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+}
+
+/// The OpenAPI 3.1 document of this API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented().split_for_parts().1
+}
+
 pub fn router(engine: Engine) -> Router {
     let limit = engine.config().max_body_bytes;
-    Router::new()
-        .route("/v1/jobs", get(list_jobs).post(create_job))
-        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
-        .route("/v1/jobs/{id}/events", get(job_events))
-        .route("/v1/jobs/{id}/request", get(get_request))
-        .route("/v1/jobs/{id}/outputs/{name}", get(get_output))
-        .route("/v1/events", get(all_events))
-        .route("/v1/backends", get(list_backends))
-        .route("/v1/backends/{name}/drain", post(drain_backend))
-        .route("/v1/backends/{name}/resume", post(resume_backend))
-        .route("/v1/cluster", get(cluster))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+    let (router, _) = documented().split_for_parts();
+    router
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(engine)
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json")))]
+async fn openapi_json() -> Response {
+    static DOC: OnceLock<String> = OnceLock::new();
+    let doc = DOC.get_or_init(|| openapi().to_json().unwrap_or_default());
+    ([(header::CONTENT_TYPE, "application/json")], doc.as_str()).into_response()
 }
 
 pub fn rfc3339(ms: Millis) -> String {
@@ -142,8 +183,8 @@ pub fn rfc3339(ms: Millis) -> String {
         .to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn opt_time(ms: Option<Millis>) -> Value {
-    ms.map(|m| Value::String(rfc3339(m))).unwrap_or(Value::Null)
+fn opt_time(ms: Option<Millis>) -> Option<String> {
+    ms.map(rfc3339)
 }
 
 /// Percent-encode a path segment.
@@ -159,103 +200,86 @@ fn segment(s: &str) -> String {
     out
 }
 
-/// The JSON a client sees of a job.
-pub fn job_json(job: &Job) -> Value {
-    let attempts: Vec<Value> = job
+/// A job as a client sees it.
+pub fn job_view(job: &Job) -> wire::Job {
+    let attempts = job
         .attempts
         .iter()
-        .map(|a| {
-            json!({
-                "number": a.number,
-                "backend": a.backend,
-                "prompt_id": a.prompt_id,
-                "status": a.status,
-                "created_at": rfc3339(a.created_at),
-                "submitted_at": opt_time(a.submitted_at),
-                "started_at": opt_time(a.started_at),
-                "finished_at": opt_time(a.finished_at),
-                "error": a.error,
-            })
+        .map(|a| wire::Attempt {
+            number: a.number,
+            backend: a.backend.clone(),
+            prompt_id: a.prompt_id.clone(),
+            status: a.status,
+            created_at: rfc3339(a.created_at),
+            submitted_at: opt_time(a.submitted_at),
+            started_at: opt_time(a.started_at),
+            finished_at: opt_time(a.finished_at),
+            error: a.error.clone(),
         })
         .collect();
-    let outputs: Vec<Value> = job
+    let outputs = job
         .outputs
         .iter()
-        .map(|o| {
-            json!({
-                "name": o.name,
-                "node_id": o.node_id,
-                "filename": o.filename,
-                "subfolder": o.subfolder,
-                "type": o.kind,
-                "size": o.size,
-                "sha256": o.sha256,
-                "content_type": content_type(&o.filename),
-                "url": format!("/v1/jobs/{}/outputs/{}", job.id, segment(&o.name)),
-            })
+        .map(|o| wire::Output {
+            name: o.name.clone(),
+            node_id: o.node_id.clone(),
+            filename: o.filename.clone(),
+            subfolder: o.subfolder.clone(),
+            kind: o.kind.clone(),
+            size: o.size,
+            sha256: o.sha256.clone(),
+            content_type: content_type(&o.filename).to_owned(),
+            url: format!("/v1/jobs/{}/outputs/{}", job.id, segment(&o.name)),
         })
         .collect();
-    json!({
-        "id": job.id,
-        "state": job.state,
-        "phase": job.live_attempt().map(|a| a.status),
-        "priority": job.spec.priority,
-        "tags": job.spec.tags,
-        "max_attempts": job.spec.max_attempts,
-        "timeouts": job.spec.timeouts,
-        "idempotency_key": job.spec.idempotency_key,
-        "metadata": job.spec.metadata,
-        "workflow_hash": job.spec.workflow.shape_hash(),
-        "created_at": rfc3339(job.created_at),
-        "updated_at": rfc3339(job.updated_at),
-        "cancel_requested": job.cancel_requested,
-        "attempts": attempts,
-        "excluded": job.excluded,
-        "outputs": outputs,
-        "error": job.error,
-        "note": job.note,
-        "profile": profile_json(job),
-    })
+    wire::Job {
+        id: job.id.to_string(),
+        state: job.state,
+        phase: job.live_attempt().map(|a| a.status),
+        priority: job.spec.priority,
+        tags: job.spec.tags.clone(),
+        max_attempts: job.spec.max_attempts,
+        timeouts: job.spec.timeouts.clone(),
+        idempotency_key: job.spec.idempotency_key.clone(),
+        metadata: job.spec.metadata.clone(),
+        workflow_hash: job.spec.workflow.shape_hash(),
+        created_at: rfc3339(job.created_at),
+        updated_at: rfc3339(job.updated_at),
+        cancel_requested: job.cancel_requested,
+        attempts,
+        excluded: job.excluded.clone(),
+        outputs,
+        error: job.error.clone(),
+        note: job.note.clone(),
+        profile: profile_of(job),
+    }
 }
 
 /// Timings of the job as a whole and of each attempt. (Per-node profiles come with the
 /// profiling work; see the issue notes.)
-fn profile_json(job: &Job) -> Value {
+fn profile_of(job: &Job) -> wire::Profile {
     let first_start = job.attempts.iter().filter_map(|a| a.started_at).next();
-    let end = if job.state.is_terminal() {
-        Some(job.updated_at)
-    } else {
-        None
-    };
-    let attempts: Vec<Value> = job
+    let end = job.state.is_terminal().then_some(job.updated_at);
+    let attempts = job
         .attempts
         .iter()
-        .map(|a| {
-            json!({
-                "number": a.number,
-                "backend": a.backend,
-                "submit_ms": a.submitted_at.map(|s| s - a.created_at),
-                "queue_ms": match (a.submitted_at, a.started_at) { (Some(s), Some(t)) => Some(t - s), _ => None },
-                "execution_ms": match (a.started_at, a.finished_at) { (Some(s), Some(f)) => Some(f - s), _ => None },
-            })
+        .map(|a| wire::AttemptTiming {
+            number: a.number,
+            backend: a.backend.clone(),
+            submit_ms: a.submitted_at.map(|s| s - a.created_at),
+            queue_ms: a.submitted_at.zip(a.started_at).map(|(s, t)| t - s),
+            execution_ms: a.started_at.zip(a.finished_at).map(|(s, f)| f - s),
         })
         .collect();
-    json!({
-        "queue_ms": first_start.map(|s| s - job.created_at),
-        "total_ms": end.map(|e| e - job.created_at),
-        "attempts": attempts,
-    })
+    wire::Profile {
+        queue_ms: first_start.map(|s| s - job.created_at),
+        total_ms: end.map(|e| e - job.created_at),
+        attempts,
+    }
 }
 
-const SUBMIT_FIELDS: &[&str] = &[
-    "workflow",
-    "priority",
-    "max_attempts",
-    "tags",
-    "timeouts",
-    "idempotency_key",
-    "metadata",
-];
+/// The body's fields, from the type the document describes it with.
+const SUBMIT_FIELDS: &[&str] = wire::SubmitRequest::FIELDS;
 
 fn parse_submit(body: &Value, default_attempts: u32) -> Result<JobSpec, ApiError> {
     let Value::Object(obj) = body else {
@@ -380,6 +404,18 @@ fn parse_submit(body: &Value, default_attempts: u32) -> Result<JobSpec, ApiError
     })
 }
 
+/// Submit a workflow. It is durable once answered: 202 for a new job; 200 with the
+/// existing job when the idempotency key was used before for the same request.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
+    request_body = wire::SubmitRequest,
+    responses(
+        (status = 202, description = "Accepted and queued", body = wire::Accepted),
+        (status = 200, description = "The job this idempotency key made before", body = wire::Job),
+        (status = 400, description = "The request is not a valid job; nothing was accepted", body = wire::ErrorBody),
+        (status = 409, description = "The idempotency key was used with another request", body = wire::ErrorBody),
+        (status = 413, description = "The body is over the size limit", body = wire::ErrorBody),
+        (status = 503, description = "The store cannot be reached; nothing was accepted", body = wire::ErrorBody),
+    ))]
 async fn create_job(
     State(engine): State<Engine>,
     body: Result<Bytes, BytesRejection>,
@@ -420,11 +456,14 @@ async fn create_job(
     match engine.submit(spec, &request_hash).await? {
         Created::New(event) => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({"id": event.job_id, "state": JobState::Queued})),
+            Json(wire::Accepted {
+                id: event.job_id.to_string(),
+                state: JobState::Queued,
+            }),
         )
             .into_response()),
         Created::Existing { job, same_request } if same_request => {
-            Ok((StatusCode::OK, Json(job_json(&job))).into_response())
+            Ok((StatusCode::OK, Json(job_view(&job))).into_response())
         }
         Created::Existing { job, .. } => Err(ApiError::Conflict {
             code: "idempotency_conflict",
@@ -451,42 +490,65 @@ async fn load(engine: &Engine, id: &str) -> Result<Job, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, body = wire::Job),
+        (status = 404, description = "No such job", body = wire::ErrorBody),
+    ))]
 async fn get_job(
     State(engine): State<Engine>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(job_json(&load(&engine, &id).await?)))
+) -> Result<Json<wire::Job>, ApiError> {
+    Ok(Json(job_view(&load(&engine, &id).await?)))
 }
 
 /// The job's request as it was accepted, in the body shape of `POST /v1/jobs` (without
 /// its idempotency key), so that a client can submit it again.
+#[utoipa::path(get, path = "/v1/jobs/{id}/request", tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "A body for POST /v1/jobs that submits the same work again", body = wire::SubmitRequest),
+        (status = 404, description = "No such job", body = wire::ErrorBody),
+    ))]
 async fn get_request(
     State(engine): State<Engine>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::SubmitRequest>, ApiError> {
     let job = load(&engine, &id).await?;
     let spec = &job.spec;
-    Ok(Json(json!({
-        "workflow": spec.workflow.graph(),
-        "priority": spec.priority,
-        "max_attempts": spec.max_attempts,
-        "tags": spec.tags,
-        "timeouts": spec.timeouts,
-        "metadata": spec.metadata,
-    })))
+    Ok(Json(wire::SubmitRequest {
+        workflow: spec.workflow.graph().clone(),
+        priority: Some(spec.priority),
+        max_attempts: Some(spec.max_attempts),
+        tags: spec.tags.clone(),
+        timeouts: Some(spec.timeouts.clone()),
+        idempotency_key: None,
+        metadata: Some(spec.metadata.clone()),
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Only jobs in this state: queued, running, succeeded, failed or cancelled.
     state: Option<String>,
+    /// From 1 to 1000; 50 by default.
     limit: Option<String>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// Jobs, newest first, a page at a time.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListQuery),
+    responses(
+        (status = 200, body = wire::JobPage),
+        (status = 400, description = "A query parameter is not valid", body = wire::ErrorBody),
+    ))]
 async fn list_jobs(
     State(engine): State<Engine>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::JobPage>, ApiError> {
     let state = match q.state.as_deref() {
         None | Some("") => None,
         Some(s) => Some(JobState::parse(s).ok_or_else(|| {
@@ -529,12 +591,21 @@ async fn list_jobs(
             before,
         })
         .await?;
-    let jobs: Vec<Value> = page.jobs.iter().map(job_json).collect();
-    Ok(Json(
-        json!({"jobs": jobs, "next_cursor": page.next.map(|n| n.to_string())}),
-    ))
+    Ok(Json(wire::JobPage {
+        jobs: page.jobs.iter().map(job_view).collect(),
+        next_cursor: page.next.map(|n| n.to_string()),
+    }))
 }
 
+/// Cancel a job, all the way down to its backend.
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "Cancelled", body = wire::Job),
+        (status = 202, description = "Cancel requested: the backend is being told", body = wire::Job),
+        (status = 404, description = "No such job", body = wire::ErrorBody),
+        (status = 409, description = "The job had already finished", body = wire::ErrorBody),
+    ))]
 async fn cancel_job(
     State(engine): State<Engine>,
     Path(id): Path<String>,
@@ -542,10 +613,10 @@ async fn cancel_job(
     let id = parse_id(&id)?;
     match engine.apply(&id, gantry_core::Input::Cancel).await? {
         Applied::Changed(job) if job.state == JobState::Cancelled => {
-            Ok((StatusCode::OK, Json(job_json(&job))).into_response())
+            Ok((StatusCode::OK, Json(job_view(&job))).into_response())
         }
         Applied::Changed(job) | Applied::Refused(Refused::NoChange { .. }, job) => {
-            Ok((StatusCode::ACCEPTED, Json(job_json(&job))).into_response())
+            Ok((StatusCode::ACCEPTED, Json(job_view(&job))).into_response())
         }
         Applied::Refused(_, job) => Err(ApiError::Conflict {
             code: "job_finished",
@@ -557,14 +628,14 @@ async fn cancel_job(
 
 /// An event's JSON as the streams send it.
 fn event_data(e: &Event) -> String {
-    let mut data = serde_json::to_value(&e.kind).unwrap_or_default();
-    if let Value::Object(m) = &mut data {
-        m.insert("seq".into(), json!(e.seq));
-        m.insert("job_id".into(), json!(e.job_id));
-        m.insert("at".into(), json!(rfc3339(e.at)));
-        m.insert("state".into(), json!(e.state));
-    }
-    data.to_string()
+    let wire = wire::StreamEvent {
+        seq: e.seq,
+        job_id: e.job_id.to_string(),
+        at: rfc3339(e.at),
+        state: e.state,
+        kind: e.kind.clone(),
+    };
+    serde_json::to_string(&wire).unwrap_or_default()
 }
 
 fn sse_with(e: &Event, data: &str) -> SseEvent {
@@ -605,6 +676,14 @@ async fn send_persisted(tx: &mpsc::Sender<SseEvent>, events: &[Event], last: &mu
     true
 }
 
+/// The job's events from its first, then live ones (with node and step progress, which
+/// have no `id`), until its terminal event.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "events",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "Server-sent events: persisted ones carry `id: seq`", content_type = "text/event-stream", body = wire::StreamEvent),
+        (status = 404, description = "No such job", body = wire::ErrorBody),
+    ))]
 async fn job_events(
     State(engine): State<Engine>,
     Path(id): Path<String>,
@@ -635,14 +714,19 @@ async fn job_events(
                     }
                 }
                 Ok(BusEvent::Live(l)) if l.job_id == job.id => {
-                    let data = serde_json::to_value(&*l).unwrap_or_default();
-                    let kind = data
-                        .get("type")
-                        .and_then(Value::as_str)
-                        .unwrap_or("live")
-                        .to_owned();
+                    let kind = match l.kind {
+                        wire::LiveKind::Node { .. } => "node",
+                        wire::LiveKind::Progress { .. } => "progress",
+                    };
+                    let data = serde_json::to_string(&wire::LiveEvent {
+                        job_id: l.job_id.to_string(),
+                        attempt: l.attempt,
+                        backend: l.backend.clone(),
+                        kind: l.kind.clone(),
+                    })
+                    .unwrap_or_default();
                     if tx
-                        .send(SseEvent::default().event(kind).data(data.to_string()))
+                        .send(SseEvent::default().event(kind).data(data))
                         .await
                         .is_err()
                     {
@@ -666,8 +750,10 @@ async fn job_events(
     Ok(sse_of(rx))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// Start after this sequence number (or after `Last-Event-ID`); 0 by default.
     since: Option<String>,
 }
 
@@ -675,6 +761,12 @@ struct EventsQuery {
 /// then live ones as they commit. Publishers on different tasks may reach the bus out of
 /// sequence order, so a gap is filled from the store (where everything below a published
 /// sequence number has committed) rather than skipped.
+#[utoipa::path(get, path = "/v1/events", tag = "events",
+    params(EventsQuery, ("Last-Event-ID" = Option<String>, Header, description = "The last `id` this client saw")),
+    responses(
+        (status = 200, description = "Server-sent events of every job, each once and in sequence order", content_type = "text/event-stream", body = wire::StreamEvent),
+        (status = 400, description = "`since` is not a sequence number", body = wire::ErrorBody),
+    ))]
 async fn all_events(
     State(engine): State<Engine>,
     Query(q): Query<EventsQuery>,
@@ -769,6 +861,12 @@ async fn catch_up(engine: &Engine, tx: &mpsc::Sender<SseEvent>, last: &mut i64) 
     }
 }
 
+#[utoipa::path(get, path = "/v1/jobs/{id}/outputs/{name}", tag = "jobs",
+    params(("id" = String, Path, description = "The job's id"), ("name" = String, Path, description = "The output's `name`")),
+    responses(
+        (status = 200, description = "The file, with its own content type (image/png, video/mp4, ...)", content_type = "*/*"),
+        (status = 404, description = "No such job or output", body = wire::ErrorBody),
+    ))]
 async fn get_output(
     State(engine): State<Engine>,
     Path((id, name)): Path<(String, String)>,
@@ -793,63 +891,87 @@ async fn get_output(
         .into_response())
 }
 
-async fn list_backends(State(engine): State<Engine>) -> Json<Value> {
+#[utoipa::path(get, path = "/v1/backends", tag = "backends",
+    responses((status = 200, description = "The backends this coordinator knows, with live status", body = wire::BackendList)))]
+async fn list_backends(State(engine): State<Engine>) -> Json<wire::BackendList> {
     let backends = engine.backends();
-    let list: Vec<Value> = backends
+    let list = backends
         .values()
-        .map(|b| {
-            let status = crate::metrics::status_of(b);
-            let blocks: Vec<Value> = b
+        .map(|b| wire::Backend {
+            name: b.config.name.clone(),
+            url: b.config.url.clone(),
+            tags: b.config.tags.clone(),
+            priority: b.config.priority,
+            status: crate::metrics::status_of(b),
+            current_job: b.current.as_ref().map(|(j, _)| j.to_string()),
+            current_attempt: b.current.as_ref().map(|(_, n)| *n),
+            next_job: b.next.as_ref().map(|(j, _)| j.to_string()),
+            last_seen: opt_time(b.last_seen),
+            last_used: (b.last_used > 0).then(|| rfc3339(b.last_used)),
+            last_error: b.last_error.clone(),
+            node_classes: b.classes.as_ref().map(|c| c.len()),
+            warm_models: b.warm_models.clone(),
+            blocks: b
                 .health
                 .blocks()
                 .iter()
-                .map(|(hash, until)| json!({"workflow_hash": hash, "until": rfc3339(*until)}))
-                .collect();
-            let circuit = match b.health.circuit() {
-                gantry_core::health::Circuit::Closed => json!({"state": "closed"}),
-                gantry_core::health::Circuit::Open { since, probe_at } => json!({
-                    "state": "open", "since": rfc3339(since), "probe_at": rfc3339(probe_at)
-                }),
-            };
-            json!({
-                "name": b.config.name,
-                "url": b.config.url,
-                "tags": b.config.tags,
-                "priority": b.config.priority,
-                "status": status,
-                "current_job": b.current.as_ref().map(|(j, _)| j),
-                "current_attempt": b.current.as_ref().map(|(_, n)| n),
-                "next_job": b.next.as_ref().map(|(j, _)| j),
-                "last_seen": b.last_seen.map(rfc3339),
-                "last_used": (b.last_used > 0).then(|| rfc3339(b.last_used)),
-                "last_error": b.last_error,
-                "node_classes": b.classes.as_ref().map(|c| c.len()),
-                "warm_models": b.warm_models,
-                "blocks": blocks,
-                "circuit": circuit,
-                "stuck": b.stuck.as_ref().map(|(pid, since)| json!({"prompt_id": pid, "since": rfc3339(*since)})),
-            })
+                .map(|(hash, until)| wire::Block {
+                    workflow_hash: hash.clone(),
+                    until: rfc3339(*until),
+                })
+                .collect(),
+            circuit: match b.health.circuit() {
+                gantry_core::health::Circuit::Closed => wire::Circuit::Closed,
+                gantry_core::health::Circuit::Open { since, probe_at } => wire::Circuit::Open {
+                    since: rfc3339(since),
+                    probe_at: rfc3339(probe_at),
+                },
+            },
+            stuck: b.stuck.as_ref().map(|(pid, since)| wire::Stuck {
+                prompt_id: pid.clone(),
+                since: rfc3339(*since),
+            }),
         })
         .collect();
-    Json(json!({ "backends": list }))
+    Json(wire::BackendList { backends: list })
 }
 
+/// Take a backend out of rotation: it takes no new work; what runs there finishes.
+#[utoipa::path(post, path = "/v1/backends/{name}/drain", tag = "backends",
+    params(("name" = String, Path, description = "The backend's name")),
+    responses(
+        (status = 200, body = wire::BackendStatusOf),
+        (status = 404, description = "No such backend", body = wire::ErrorBody),
+        (status = 409, description = "Another coordinator drives it", body = wire::ErrorBody),
+    ))]
 async fn drain_backend(
     State(engine): State<Engine>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::BackendStatusOf>, ApiError> {
     set_draining(&engine, &name, true)
 }
 
+/// Put a drained backend back in rotation.
+#[utoipa::path(post, path = "/v1/backends/{name}/resume", tag = "backends",
+    params(("name" = String, Path, description = "The backend's name")),
+    responses(
+        (status = 200, body = wire::BackendStatusOf),
+        (status = 404, description = "No such backend", body = wire::ErrorBody),
+        (status = 409, description = "Another coordinator drives it", body = wire::ErrorBody),
+    ))]
 async fn resume_backend(
     State(engine): State<Engine>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::BackendStatusOf>, ApiError> {
     set_draining(&engine, &name, false)
 }
 
 /// Drain or resume `name` on the coordinator that drives it.
-fn set_draining(engine: &Engine, name: &str, drain: bool) -> Result<Json<Value>, ApiError> {
+fn set_draining(
+    engine: &Engine,
+    name: &str,
+    drain: bool,
+) -> Result<Json<wire::BackendStatusOf>, ApiError> {
     match engine.set_draining(name, drain) {
         None => Err(ApiError::NotFound(format!("no backend {name}"))),
         Some(false) => Err(ApiError::Conflict {
@@ -864,12 +986,21 @@ fn set_draining(engine: &Engine, name: &str, drain: bool) -> Result<Json<Value>,
                 .backends()
                 .get(name)
                 .map(crate::metrics::status_of)
-                .unwrap_or("offline");
-            Ok(Json(json!({"name": name, "status": status})))
+                .unwrap_or(wire::BackendStatus::Offline);
+            Ok(Json(wire::BackendStatusOf {
+                name: name.to_owned(),
+                status,
+            }))
         }
     }
 }
 
+/// Counters, gauges and histograms in the OpenMetrics text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String),
+        (status = 503, description = "The store cannot be reached", body = wire::ErrorBody),
+    ))]
 async fn metrics(State(engine): State<Engine>) -> Result<Response, ApiError> {
     let text = crate::metrics::render(&engine).await?;
     Ok((
@@ -884,34 +1015,59 @@ async fn metrics(State(engine): State<Engine>) -> Result<Response, ApiError> {
 
 /// This coordinator's place in the farm: its id, the leases it holds, the writes its
 /// fences refused, and every lease as the database has it.
-async fn cluster(State(engine): State<Engine>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/cluster", tag = "operations",
+    responses(
+        (status = 200, body = wire::Cluster),
+        (status = 503, description = "The store cannot be reached", body = wire::ErrorBody),
+    ))]
+async fn cluster(State(engine): State<Engine>) -> Result<Json<wire::Cluster>, ApiError> {
     let Some(cluster) = engine.cluster() else {
-        return Ok(Json(json!({"store": "embedded"})));
+        return Ok(Json(wire::Cluster {
+            store: "embedded".into(),
+            coordinator: None,
+            lease_ms: None,
+            held: None,
+            fenced_writes: None,
+            leases: None,
+        }));
     };
-    let held: Vec<Value> = engine
+    let held = engine
         .owned_leases()
         .into_iter()
-        .map(|(backend, token)| json!({"backend": backend, "token": token}))
+        .map(|(backend, token)| wire::HeldLease { backend, token })
         .collect();
-    let all: Vec<Value> = cluster
+    let all = cluster
         .store
         .leases()
         .await?
         .into_iter()
-        .map(|l| {
-            json!({"backend": l.backend, "owner": l.owner, "token": l.token, "remaining_ms": l.remaining_ms})
+        .map(|l| wire::Lease {
+            backend: l.backend,
+            owner: l.owner,
+            token: l.token,
+            remaining_ms: l.remaining_ms,
         })
         .collect();
-    Ok(Json(json!({
-        "store": "postgres",
-        "coordinator": cluster.id,
-        "lease_ms": cluster.lease.as_millis() as u64,
-        "held": held,
-        "fenced_writes": cluster.fenced_writes.load(std::sync::atomic::Ordering::Relaxed),
-        "leases": all,
-    })))
+    Ok(Json(wire::Cluster {
+        store: "postgres".into(),
+        coordinator: Some(cluster.id.clone()),
+        lease_ms: Some(cluster.lease.as_millis() as u64),
+        held: Some(held),
+        fenced_writes: Some(
+            cluster
+                .fenced_writes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ),
+        leases: Some(all),
+    }))
 }
 
+/// Whether this coordinator can serve: 503 when its store cannot be reached.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses(
+        (status = 200, body = wire::Health),
+        (status = 503, description = "The store cannot be reached", body = wire::Health),
+    ))]
 async fn healthz(State(engine): State<Engine>) -> Response {
     let store_ok = engine.store().events_since(i64::MAX, 1).await.is_ok();
     let (n, connected) = {
@@ -930,7 +1086,11 @@ async fn healthz(State(engine): State<Engine>) -> Response {
     };
     (
         status,
-        Json(json!({"status": if store_ok { "ok" } else { "store_unavailable" }, "backends": n, "connected": connected})),
+        Json(wire::Health {
+            status: if store_ok { "ok" } else { "store_unavailable" }.into(),
+            backends: n,
+            connected,
+        }),
     )
         .into_response()
 }

@@ -81,14 +81,8 @@ pub struct LiveEvent {
     pub kind: LiveKind,
 }
 
-#[derive(Clone, Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum LiveKind {
-    /// A node started executing.
-    Node { node: String, class_type: String },
-    /// A node's own step counter.
-    Progress { node: String, value: f64, max: f64 },
-}
+/// The kinds of live event, as the wire has them.
+pub use gantry_api::LiveKind;
 
 #[derive(Clone)]
 pub struct Bus {

@@ -22,6 +22,7 @@ use gantry_core::{EventKind, JobId, JobState, Millis};
 
 use crate::bus::{BusEvent, LiveKind};
 use crate::engine::{Connection, Engine};
+use gantry_api::BackendStatus;
 
 type Labels = Vec<(String, String)>;
 
@@ -135,18 +136,11 @@ pub async fn render(engine: &Engine) -> Result<String, gantry_store::Error> {
             .get_or_create(&label("state", state.as_str()))
             .set(n as i64);
     }
-    let statuses: Vec<&'static str> = engine.backends().values().map(status_of).collect();
-    for status in [
-        "idle",
-        "busy",
-        "connecting",
-        "offline",
-        "unhealthy",
-        "stuck",
-    ] {
+    let statuses: Vec<BackendStatus> = engine.backends().values().map(status_of).collect();
+    for status in BackendStatus::ALL {
         let n = statuses.iter().filter(|s| **s == status).count();
         m.backends
-            .get_or_create(&label("status", status))
+            .get_or_create(&label("status", status.as_str()))
             .set(n as i64);
     }
     m.streams_gauge.set(m.streams.load(Ordering::Relaxed));
@@ -156,17 +150,17 @@ pub async fn render(engine: &Engine) -> Result<String, gantry_store::Error> {
     Ok(out)
 }
 
-/// A backend's status as `/v1/backends` names it.
-pub fn status_of(b: &crate::engine::BackendState) -> &'static str {
+/// A backend's status as `/v1/backends` names it, from live facts.
+pub fn status_of(b: &crate::engine::BackendState) -> BackendStatus {
     match (b.connection, &b.current) {
-        _ if b.stuck.is_some() => "stuck",
-        (_, Some(_)) if b.draining => "draining",
-        _ if b.draining => "drained",
-        (Connection::Connected, _) if !b.health.accepts_work() => "unhealthy",
-        (Connection::Connected, Some(_)) => "busy",
-        (Connection::Connected, None) => "idle",
-        (Connection::Connecting, _) => "connecting",
-        (Connection::Offline, _) => "offline",
+        _ if b.stuck.is_some() => BackendStatus::Stuck,
+        (_, Some(_)) if b.draining => BackendStatus::Draining,
+        _ if b.draining => BackendStatus::Drained,
+        (Connection::Connected, _) if !b.health.accepts_work() => BackendStatus::Unhealthy,
+        (Connection::Connected, Some(_)) => BackendStatus::Busy,
+        (Connection::Connected, None) => BackendStatus::Idle,
+        (Connection::Connecting, _) => BackendStatus::Connecting,
+        (Connection::Offline, _) => BackendStatus::Offline,
     }
 }
 

@@ -5,6 +5,7 @@ mod api;
 mod chaos;
 mod engine;
 mod failover;
+mod openapi;
 mod pipeline;
 mod postgres;
 mod seeds;

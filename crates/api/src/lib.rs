@@ -1,0 +1,376 @@
+//! The wire types of gantry's v1 HTTP API. The server builds its answers from these and
+//! derives `/v1/openapi.json` from them; the client reads answers into them; so the
+//! document, the server and the client cannot drift apart.
+//!
+//! Conventions: timestamps are RFC 3339 strings in UTC with milliseconds, durations are
+//! integers with an `_ms` suffix, and every refusal is an [`ErrorBody`].
+
+pub use gantry_core::{
+    AttemptStatus, EventKind, Exclusion, ExclusionReason, JobError, JobState, Timeouts,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+/// Every refusal: `{"error": {code, message, details}}`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// A stable, machine-readable reason (`invalid_field`, `not_found`, ...).
+    pub code: String,
+    /// What is wrong, for a person.
+    pub message: String,
+    /// What the refusal is about (the field, node, limit, ...); `{}` when nothing more.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+/// The body of `POST /v1/jobs`. Only `workflow` is required.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// An API-format ComfyUI workflow: node id → `{class_type, inputs}`.
+    #[schema(value_type = Object)]
+    pub workflow: Map<String, Value>,
+    /// Higher runs first; 0 by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// From 1 to 100; the server's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
+    pub max_attempts: Option<u32>,
+    /// A backend must carry every tag to run the job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The job's own limit per phase, over the backend's and the server's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+    /// A second submit with the same key returns the first job instead of a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 255)]
+    pub idempotency_key: Option<String>,
+    /// Kept with the job and shown back; gantry does not read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+impl SubmitRequest {
+    /// The body's field names, in the order the document lists them.
+    pub const FIELDS: &'static [&'static str] = &[
+        "workflow",
+        "priority",
+        "max_attempts",
+        "tags",
+        "timeouts",
+        "idempotency_key",
+        "metadata",
+    ];
+}
+
+/// The answer to a new submit (HTTP 202).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Accepted {
+    pub id: String,
+    pub state: JobState,
+}
+
+/// A job as `GET /v1/jobs/{id}` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    pub id: String,
+    pub state: JobState,
+    /// The live attempt's status, while there is one.
+    pub phase: Option<AttemptStatus>,
+    pub priority: i32,
+    pub tags: Vec<String>,
+    pub max_attempts: u32,
+    pub timeouts: Timeouts,
+    pub idempotency_key: Option<String>,
+    #[schema(value_type = Object)]
+    pub metadata: Map<String, Value>,
+    /// The hash of the workflow's shape (its graph without input values).
+    pub workflow_hash: String,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+    pub cancel_requested: bool,
+    pub attempts: Vec<Attempt>,
+    /// Backends this job will not go to again, and why.
+    pub excluded: Vec<Exclusion>,
+    pub outputs: Vec<Output>,
+    /// Why the job failed, once it has.
+    pub error: Option<JobError>,
+    /// Something to know that is not an error ("cancel came too late").
+    pub note: Option<String>,
+    pub profile: Profile,
+}
+
+impl Job {
+    pub fn is_terminal(&self) -> bool {
+        self.state.is_terminal()
+    }
+}
+
+/// One try of a job on one backend.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Attempt {
+    /// From 1.
+    pub number: u32,
+    pub backend: String,
+    /// ComfyUI's prompt id, chosen by gantry before the submit.
+    pub prompt_id: String,
+    pub status: AttemptStatus,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub submitted_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub started_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub finished_at: Option<String>,
+    pub error: Option<JobError>,
+}
+
+/// A file the job produced.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Output {
+    /// Unique within the job; the last segment of `url`.
+    pub name: String,
+    pub node_id: String,
+    pub filename: String,
+    pub subfolder: String,
+    /// ComfyUI's folder type: `output` or `temp`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size: u64,
+    pub sha256: String,
+    pub content_type: String,
+    /// Where to download it: `/v1/jobs/{id}/outputs/{name}`.
+    pub url: String,
+}
+
+/// Timings of the job as a whole and of each attempt.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Profile {
+    /// From accepted to the first attempt's start.
+    pub queue_ms: Option<i64>,
+    /// From accepted to the end, once finished.
+    pub total_ms: Option<i64>,
+    pub attempts: Vec<AttemptTiming>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct AttemptTiming {
+    pub number: u32,
+    pub backend: String,
+    /// From dispatch to the backend accepting the prompt.
+    pub submit_ms: Option<i64>,
+    /// In the backend's queue.
+    pub queue_ms: Option<i64>,
+    pub execution_ms: Option<i64>,
+}
+
+/// One page of `GET /v1/jobs`, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; absent on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// A persisted event, as the event streams send it (its SSE `id` is `seq`, its SSE
+/// `event` is `type`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct StreamEvent {
+    /// Its place in the farm-wide sequence: every event once, in order.
+    pub seq: i64,
+    pub job_id: String,
+    #[schema(format = DateTime)]
+    pub at: String,
+    /// The job's state after the event.
+    pub state: JobState,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// Something seen on a backend while an attempt runs; sent on a job's stream, not
+/// persisted, without an SSE `id`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct LiveEvent {
+    pub job_id: String,
+    pub attempt: u32,
+    pub backend: String,
+    #[serde(flatten)]
+    pub kind: LiveKind,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LiveKind {
+    /// A node started executing.
+    Node { node: String, class_type: String },
+    /// A node's own step counter.
+    Progress { node: String, value: f64, max: f64 },
+}
+
+/// What a backend is doing, from live facts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendStatus {
+    Connecting,
+    Idle,
+    Busy,
+    /// Its circuit is open after repeated failures.
+    Unhealthy,
+    /// Drained by an operator while an attempt still runs there.
+    Draining,
+    /// Drained by an operator and idle.
+    Drained,
+    /// A prompt gantry stopped still runs there past the grace.
+    Stuck,
+    Offline,
+}
+
+impl BackendStatus {
+    pub const ALL: [BackendStatus; 8] = [
+        BackendStatus::Connecting,
+        BackendStatus::Idle,
+        BackendStatus::Busy,
+        BackendStatus::Unhealthy,
+        BackendStatus::Draining,
+        BackendStatus::Drained,
+        BackendStatus::Stuck,
+        BackendStatus::Offline,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendStatus::Connecting => "connecting",
+            BackendStatus::Idle => "idle",
+            BackendStatus::Busy => "busy",
+            BackendStatus::Unhealthy => "unhealthy",
+            BackendStatus::Draining => "draining",
+            BackendStatus::Drained => "drained",
+            BackendStatus::Stuck => "stuck",
+            BackendStatus::Offline => "offline",
+        }
+    }
+}
+
+/// A backend as this coordinator sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Backend {
+    pub name: String,
+    pub url: String,
+    pub tags: Vec<String>,
+    /// Higher is preferred.
+    pub priority: i32,
+    pub status: BackendStatus,
+    pub current_job: Option<String>,
+    pub current_attempt: Option<u32>,
+    /// The attempt queued on it behind the current one (pipelining).
+    pub next_job: Option<String>,
+    #[schema(format = DateTime)]
+    pub last_seen: Option<String>,
+    #[schema(format = DateTime)]
+    pub last_used: Option<String>,
+    pub last_error: Option<String>,
+    /// How many node classes it reported.
+    pub node_classes: Option<usize>,
+    /// Model files of its recent runs, most recent first.
+    pub warm_models: Vec<String>,
+    pub blocks: Vec<Block>,
+    pub circuit: Circuit,
+    pub stuck: Option<Stuck>,
+}
+
+/// A workflow shape this backend will not take until `until`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Block {
+    pub workflow_hash: String,
+    #[schema(format = DateTime)]
+    pub until: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Circuit {
+    Closed,
+    /// No work until a probe at `probe_at` succeeds.
+    Open {
+        #[schema(format = DateTime)]
+        since: String,
+        #[schema(format = DateTime)]
+        probe_at: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Stuck {
+    pub prompt_id: String,
+    #[schema(format = DateTime)]
+    pub since: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct BackendList {
+    pub backends: Vec<Backend>,
+}
+
+/// A backend's status after a drain or resume.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct BackendStatusOf {
+    pub name: String,
+    pub status: BackendStatus,
+}
+
+/// This coordinator's place in the farm. With the embedded store only `store` is set.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Cluster {
+    /// `embedded` or `postgres`.
+    pub store: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// The leases this coordinator holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Vec<HeldLease>>,
+    /// Writes refused because this coordinator's lease had been lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_writes: Option<u64>,
+    /// Every lease, as the database has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leases: Option<Vec<Lease>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct HeldLease {
+    pub backend: String,
+    /// The fencing token: it grows on every takeover.
+    pub token: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Lease {
+    pub backend: String,
+    /// None once released.
+    pub owner: Option<String>,
+    pub token: i64,
+    pub remaining_ms: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`, or `store_unavailable` (with HTTP 503).
+    pub status: String,
+    pub backends: usize,
+    pub connected: usize,
+}
