@@ -5,6 +5,7 @@
 //! Conventions: timestamps are RFC 3339 strings in UTC with milliseconds, durations are
 //! integers with an `_ms` suffix, and every refusal is an [`ErrorBody`].
 
+pub use gantry_core::auth::Scope;
 pub use gantry_core::{
     AttemptStatus, EventKind, Exclusion, ExclusionReason, JobError, JobState, Timeouts,
 };
@@ -109,6 +110,9 @@ pub struct Job {
     pub error: Option<JobError>,
     /// Something to know that is not an error ("cancel came too late").
     pub note: Option<String>,
+    /// The id of the token that submitted it, when the server asks for tokens.
+    #[serde(default)]
+    pub owner: Option<String>,
     pub profile: Profile,
 }
 
@@ -373,4 +377,29 @@ pub struct Health {
     pub status: String,
     pub backends: usize,
     pub connected: usize,
+}
+
+/// Who this client is to the server: `GET`, `POST` (sign in) and `DELETE` (sign out)
+/// `/v1/session`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Session {
+    /// Whether the server asks for tokens (once any exists).
+    pub auth: bool,
+    /// The token this request carried, when it is valid.
+    pub token: Option<TokenInfo>,
+}
+
+/// A token as the API shows it: never the token itself.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    pub scope: Scope,
+}
+
+/// The body of `POST /v1/session`, when the token is not in the `Authorization` header.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignIn {
+    pub token: String,
 }

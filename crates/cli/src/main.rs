@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod demo;
+mod token;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -56,6 +57,8 @@ enum Command {
     Retry(client::RetryArgs),
     /// The backends: status, current job, tags.
     Backends(client::BackendsArgs),
+    /// API tokens: create (printed once), list, revoke.
+    Token(token::TokenArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -87,6 +90,10 @@ struct ServeArgs {
     /// How long a backend lease lasts without renewal (postgres store), e.g. 10s.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     lease: Option<std::time::Duration>,
+    /// Serve on a non-loopback address even though no API token exists (see `gantry
+    /// token create`): anyone who reaches it may submit, cancel and drain.
+    #[arg(long, env = "GANTRY_INSECURE")]
+    insecure: bool,
 }
 
 #[derive(clap::Args)]
@@ -137,6 +144,7 @@ async fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo::run(args).await,
         Command::Sim(args) => sim(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Token(args) => token::run(args).await,
         // The client commands answer their own exit codes (see client.rs).
         Command::Submit(args) => return client::exit(client::submit(args).await),
         Command::Watch(args) => return client::exit(client::watch(args).await),
@@ -183,6 +191,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(lease) = args.lease {
         config.lease = lease;
+    }
+    if args.insecure {
+        config.insecure = true;
     }
     if config.backends.is_empty() {
         anyhow::bail!(

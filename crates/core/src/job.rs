@@ -142,6 +142,10 @@ pub struct JobSpec {
     pub timeouts: Timeouts,
     pub idempotency_key: Option<String>,
     pub metadata: Map<String, Value>,
+    /// The id of the API token that submitted it, when the server asks for tokens: only
+    /// that token (or an admin one) may cancel it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Why a job or an attempt failed, in the API's error shape.

@@ -1,6 +1,7 @@
 //! gantry's domain: jobs and attempts, the one `transition` function that changes them,
 //! the routing choice, the attempt watchdog, backend health, and workflow checks. No I/O and no clock: callers pass `now`.
 
+pub mod auth;
 pub mod health;
 pub mod job;
 pub mod routing;

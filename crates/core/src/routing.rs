@@ -204,6 +204,7 @@ mod tests {
                 timeouts: Timeouts::default(),
                 idempotency_key: None,
                 metadata: Default::default(),
+                owner: None,
             },
             0,
         )

@@ -24,9 +24,12 @@ use std::sync::OnceLock;
 use utoipa::{IntoParams, OpenApi};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+use crate::auth::Principal;
 use crate::bus::BusEvent;
 use crate::engine::{self, Applied, Connection, Engine};
 use crate::outputs::content_type;
+use axum::Extension;
+use gantry_core::auth::Scope;
 
 /// Every way a request can fail, each with its status code.
 #[derive(Debug)]
@@ -47,6 +50,13 @@ pub enum ApiError {
     },
     /// The store cannot be reached: nothing was accepted or changed.
     Unavailable(String),
+    /// No token, or one that is not (or no longer) valid.
+    Unauthorized {
+        code: &'static str,
+        message: String,
+    },
+    /// A valid token whose scope does not allow this.
+    Forbidden(String),
     Internal(String),
 }
 
@@ -105,6 +115,18 @@ impl IntoResponse for ApiError {
                 format!("{message}; nothing was accepted or changed, try again shortly"),
                 json!({}),
             ),
+            ApiError::Unauthorized { code, message } => {
+                let body = json!({"error": {"code": code, "message": message, "details": {}}});
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    Json(body),
+                )
+                    .into_response();
+            }
+            ApiError::Forbidden(message) => {
+                (StatusCode::FORBIDDEN, "forbidden", message, json!({}))
+            }
             ApiError::Internal(message) => {
                 tracing::error!(%message, "internal error");
                 (
@@ -152,6 +174,7 @@ fn documented() -> OpenApiRouter<Engine> {
         .routes(routes!(healthz))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
+        .routes(routes!(get_session, sign_in, sign_out))
 }
 
 /// The OpenAPI 3.1 document of this API.
@@ -164,6 +187,10 @@ pub fn router(engine: Engine) -> Router {
     let (router, _) = documented().split_for_parts();
     router
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            crate::auth::guard,
+        ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(engine)
 }
@@ -251,6 +278,7 @@ pub fn job_view(job: &Job) -> wire::Job {
         outputs,
         error: job.error.clone(),
         note: job.note.clone(),
+        owner: job.spec.owner.clone(),
         profile: profile_of(job),
     }
 }
@@ -401,6 +429,7 @@ fn parse_submit(body: &Value, default_attempts: u32) -> Result<JobSpec, ApiError
         timeouts,
         idempotency_key,
         metadata,
+        owner: None,
     })
 }
 
@@ -418,6 +447,7 @@ fn parse_submit(body: &Value, default_attempts: u32) -> Result<JobSpec, ApiError
     ))]
 async fn create_job(
     State(engine): State<Engine>,
+    principal: Option<Extension<Principal>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = match body {
@@ -442,7 +472,8 @@ async fn create_job(
             json!({"line": e.line(), "column": e.column()}),
         )
     })?;
-    let spec = parse_submit(&value, engine.config().max_attempts)?;
+    let mut spec = parse_submit(&value, engine.config().max_attempts)?;
+    spec.owner = principal.map(|Extension(p)| p.id);
     // ComfyUI answers an unknown class with an error that names neither node nor class,
     // so check against what the backends said they have.
     if let Some((node, class)) = engine.unknown_class(&spec.workflow) {
@@ -604,12 +635,23 @@ async fn list_jobs(
         (status = 200, description = "Cancelled", body = wire::Job),
         (status = 202, description = "Cancel requested: the backend is being told", body = wire::Job),
         (status = 404, description = "No such job", body = wire::ErrorBody),
+        (status = 403, description = "The job is another token's, and this one is not admin", body = wire::ErrorBody),
         (status = 409, description = "The job had already finished", body = wire::ErrorBody),
     ))]
 async fn cancel_job(
     State(engine): State<Engine>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    if let Some(Extension(p)) = &principal {
+        let job = load(&engine, &id).await?;
+        if p.scope < Scope::Admin && job.spec.owner.as_deref() != Some(p.id.as_str()) {
+            return Err(ApiError::Forbidden(format!(
+                "job {} was not submitted by token {} ({}): cancelling another's job needs scope admin",
+                job.id, p.id, p.name
+            )));
+        }
+    }
     let id = parse_id(&id)?;
     match engine.apply(&id, gantry_core::Input::Cancel).await? {
         Applied::Changed(job) if job.state == JobState::Cancelled => {
@@ -1091,6 +1133,102 @@ async fn healthz(State(engine): State<Engine>) -> Response {
             backends: n,
             connected,
         }),
+    )
+        .into_response()
+}
+
+fn session_of(engine: &Engine, principal: Option<Principal>) -> wire::Session {
+    wire::Session {
+        auth: engine.auth().required(),
+        token: principal.map(|p| wire::TokenInfo {
+            id: p.id,
+            name: p.name,
+            scope: p.scope,
+        }),
+    }
+}
+
+/// Whether the server asks for tokens, and the token this request carries (header or
+/// cookie) when it is valid.
+#[utoipa::path(get, path = "/v1/session", tag = "operations",
+    responses(
+        (status = 200, body = wire::Session),
+        (status = 401, description = "The token sent is not valid", body = wire::ErrorBody),
+    ))]
+async fn get_session(
+    State(engine): State<Engine>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<wire::Session>, ApiError> {
+    let principal = match crate::auth::presented(&headers) {
+        Some(t) => Some(engine.auth().check(&t).await?),
+        None => None,
+    };
+    Ok(Json(session_of(&engine, principal)))
+}
+
+/// Sign in: a token (bearer header, or `{"token": ...}`) exchanged for the HttpOnly,
+/// SameSite=Strict cookie that a browser sends with every request, EventSource too.
+#[utoipa::path(post, path = "/v1/session", tag = "operations",
+    request_body(content = Option<wire::SignIn>, description = "The token, when not sent as a bearer"),
+    responses(
+        (status = 200, description = "Signed in; the cookie is set", body = wire::Session),
+        (status = 400, description = "No token was sent", body = wire::ErrorBody),
+        (status = 401, description = "The token is not valid", body = wire::ErrorBody),
+    ))]
+async fn sign_in(
+    State(engine): State<Engine>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    let token = match bearer {
+        Some(t) => t,
+        None if body.is_empty() => {
+            return Err(ApiError::bad(
+                "missing_token",
+                "send the token as Authorization: Bearer TOKEN or as {\"token\": \"...\"}",
+                json!({}),
+            ))
+        }
+        None => {
+            serde_json::from_slice::<wire::SignIn>(&body)
+                .map_err(|e| {
+                    ApiError::bad(
+                        "invalid_request",
+                        format!("the body must be {{\"token\": \"...\"}}: {e}"),
+                        json!({}),
+                    )
+                })?
+                .token
+        }
+    };
+    let principal = engine.auth().check(&token).await?;
+    let cookie = format!(
+        "{}={token}; HttpOnly; SameSite=Strict; Path=/",
+        crate::auth::COOKIE
+    );
+    Ok((
+        [(header::SET_COOKIE, cookie)],
+        Json(session_of(&engine, Some(principal))),
+    )
+        .into_response())
+}
+
+/// Sign out: the cookie is cleared.
+#[utoipa::path(delete, path = "/v1/session", tag = "operations",
+    responses((status = 200, description = "Signed out; the cookie is cleared", body = wire::Session)))]
+async fn sign_out(State(engine): State<Engine>) -> Response {
+    let cookie = format!(
+        "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
+        crate::auth::COOKIE
+    );
+    (
+        [(header::SET_COOKIE, cookie)],
+        Json(session_of(&engine, None)),
     )
         .into_response()
 }

@@ -144,6 +144,9 @@ pub struct Config {
     /// Queue the next job on a backend while its current one runs, so the GPU never waits
     /// for the orchestrator between two prompts.
     pub pipeline: bool,
+    /// Serve on a non-loopback address while no token exists (the API open to anyone
+    /// who can reach it).
+    pub insecure: bool,
 }
 
 impl Config {
@@ -174,6 +177,7 @@ impl Config {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
             pipeline: true,
+            insecure: false,
         }
     }
 
@@ -238,6 +242,9 @@ impl Config {
         }
         if let Some(n) = file.circuit_threshold {
             self.health.circuit_threshold = n;
+        }
+        if let Some(v) = file.insecure {
+            self.insecure = v;
         }
         if let Some(v) = file.pipeline {
             self.pipeline = v;
@@ -394,6 +401,7 @@ struct FileConfig {
     backoff_base: Option<String>,
     backoff_max: Option<String>,
     pipeline: Option<bool>,
+    insecure: Option<bool>,
     #[serde(default)]
     timeouts: FileTimeouts,
     #[serde(default)]

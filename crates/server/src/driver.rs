@@ -900,12 +900,15 @@ impl Driver {
         match answer {
             Some(Ok(Submitted::Accepted(accepted))) if accepted.node_errors.is_empty() => {
                 self.contact();
+                // The start limit counts from the acceptance (as `submitted_at` does),
+                // not from before the request: a slow answer does not eat into it.
+                let accepted_at = self.mono();
                 let Some(cur) = &mut self.current else { return };
                 let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
                 if cur.stage == Stage::Submitting {
                     cur.stage = Stage::Pending;
                     // Until the queue is seen, count as if at its head.
-                    cur.watch.pending(vec![], mono);
+                    cur.watch.pending(vec![], accepted_at);
                 }
                 self.apply(&job_id, Input::Submitted { attempt }).await;
                 // A cached prompt can finish before its answer is read (pitfall 3); and

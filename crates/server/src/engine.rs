@@ -318,6 +318,7 @@ struct Inner {
     /// With several coordinators on Postgres: leases and the event tail.
     cluster: Option<Cluster>,
     metrics: Arc<crate::metrics::Metrics>,
+    auth: crate::auth::Auth,
 }
 
 impl Engine {
@@ -363,8 +364,10 @@ impl Engine {
             }
             backends.insert(b.name.clone(), state);
         }
+        let auth = crate::auth::Auth::new(store.clone()).await?;
         let engine = Engine {
             inner: Arc::new(Inner {
+                auth,
                 store,
                 bus: Bus::new(4096),
                 policy,
@@ -418,12 +421,19 @@ impl Engine {
         let e = engine.clone();
         tasks.spawn(async move { e.schedule().await });
         let e = engine.clone();
+        tasks.spawn(async move { e.auth().refresh_loop(e.shutdown_token().clone()).await });
+        let e = engine.clone();
         tasks.spawn(async move { crate::metrics::follow(e).await });
         if !engine.inner.config.retention.is_zero() {
             let e = engine.clone();
             tasks.spawn(async move { e.purge_loop().await });
         }
         Ok(engine)
+    }
+
+    /// Whether the API asks for tokens, and their checks.
+    pub fn auth(&self) -> &crate::auth::Auth {
+        &self.inner.auth
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

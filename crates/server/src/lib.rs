@@ -3,6 +3,7 @@
 //! until the shutdown token fires.
 
 pub mod api;
+pub mod auth;
 pub mod bus;
 mod classify;
 pub mod cluster;
@@ -41,6 +42,10 @@ pub enum Error {
     Engine(#[from] engine::Error),
     #[error(transparent)]
     Config(#[from] config::Error),
+    #[error(
+        "refusing to serve on {addr}, which is not a loopback address, while no API token exists: anyone who reaches it could submit, cancel and drain. Create one first (gantry token create --scope admin, with this server's --data-dir or --store), or pass --insecure to serve it open"
+    )]
+    Insecure { addr: SocketAddr },
 }
 
 /// A running server.
@@ -76,6 +81,14 @@ impl Server {
                 (pg as Arc<dyn Store>, Some(cluster))
             }
         };
+        if !config.listen.ip().is_loopback()
+            && !config.insecure
+            && store.active_tokens().await? == 0
+        {
+            return Err(Error::Insecure {
+                addr: config.listen,
+            });
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Listen {

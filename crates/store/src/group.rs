@@ -403,3 +403,23 @@ pub(crate) fn counts_of(rows: Vec<(String, i64)>) -> Result<Vec<(JobState, u64)>
         .map(|(state, n)| Ok((state_of(&state)?, n as u64)))
         .collect()
 }
+
+/// A token's row: id, name, scope, hash, created_at, revoked_at.
+pub(crate) type TokenRow = (String, String, String, String, i64, Option<i64>);
+
+pub(crate) const TOKEN_COLUMNS: &str = "id, name, scope, hash, created_at, revoked_at";
+
+pub(crate) fn token_from(row: TokenRow) -> Result<crate::TokenRecord> {
+    let (id, name, scope, hash, created_at, revoked_at) = row;
+    let scope = gantry_core::auth::Scope::parse(&scope).ok_or_else(|| {
+        crate::Error::Invalid(format!("token {id} has an unknown scope {scope:?}"))
+    })?;
+    Ok(crate::TokenRecord {
+        id,
+        name,
+        scope,
+        hash,
+        created_at,
+        revoked_at,
+    })
+}

@@ -11,6 +11,7 @@ mod sqlite;
 pub mod testing;
 
 use async_trait::async_trait;
+use gantry_core::auth::Scope;
 use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use serde::Serialize;
 
@@ -47,6 +48,8 @@ pub enum Error {
     Database(#[from] sqlx::Error),
     #[error("store: a stored record does not decode: {0}")]
     Corrupt(#[from] serde_json::Error),
+    #[error("store: a stored record is not valid: {0}")]
+    Invalid(String),
 }
 
 impl Error {
@@ -128,6 +131,19 @@ pub struct JobPage {
     pub next: Option<i64>,
 }
 
+/// An API token as stored: only its hash, never the token itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public, shown by `gantry token list` and recorded as a job's owner.
+    pub id: String,
+    pub name: String,
+    pub scope: Scope,
+    /// SHA-256 of the whole token, hex.
+    pub hash: String,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Commit a new job and its `Queued` event, unless a job with the same idempotency key
@@ -178,4 +194,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// All events after `after_seq`, in order, at most `limit`.
     async fn events_since(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>>;
+
+    /// Keep a new token (its id and hash are unique).
+    async fn create_token(&self, token: &TokenRecord) -> Result<()>;
+
+    /// The token with this hash, revoked or not.
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>>;
+
+    /// Every token, oldest first.
+    async fn tokens(&self) -> Result<Vec<TokenRecord>>;
+
+    /// Revoke token `id` at `at`; false when there is no such token or it was revoked.
+    async fn revoke_token(&self, id: &str, at: Millis) -> Result<bool>;
+
+    /// How many tokens are not revoked: with none, the API asks for no token.
+    async fn active_tokens(&self) -> Result<u64>;
 }

@@ -21,7 +21,8 @@ use crate::group::{
     counts_of, event_from, finish, job_from, page_of, rounds, Committer, Done, EventRows, JobRow,
     Op, Write, Writer, COUNT_BY_STATE,
 };
-use crate::{Created, Error, Event, Fence, JobFilter, JobPage, Result, Store};
+use crate::group::{token_from, TokenRow, TOKEN_COLUMNS};
+use crate::{Created, Error, Event, Fence, JobFilter, JobPage, Result, Store, TokenRecord};
 
 /// Each entry moves the schema one version up; `gantry_schema.version` holds the version.
 const MIGRATIONS: &[&str] = &[
@@ -74,6 +75,16 @@ CREATE TABLE dispatch_log (
     token BIGINT NOT NULL,
     job_id TEXT NOT NULL,
     at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+"#,
+    r#"
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL,
+    revoked_at BIGINT
 );
 "#,
 ];
@@ -833,5 +844,56 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(event_of).collect()
+    }
+
+    async fn create_token(&self, token: &TokenRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tokens (id, name, scope, hash, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&token.id)
+        .bind(&token.name)
+        .bind(token.scope.as_str())
+        .bind(&token.hash)
+        .bind(token.created_at)
+        .bind(token.revoked_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        let row: Option<TokenRow> = sqlx::query_as(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1"
+        ))
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(token_from).transpose()
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let rows: Vec<TokenRow> = sqlx::query_as(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(token_from).collect()
+    }
+
+    async fn revoke_token(&self, id: &str, at: Millis) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(at)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn active_tokens(&self) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tokens WHERE revoked_at IS NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
     }
 }

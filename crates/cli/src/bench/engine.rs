@@ -48,6 +48,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         timeouts: Timeouts::default(),
         idempotency_key: None,
         metadata: Default::default(),
+        owner: None,
     };
     let t0 = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));

@@ -2,6 +2,7 @@
 //! backends on ephemeral ports.
 
 mod api;
+mod auth;
 mod chaos;
 mod engine;
 mod failover;

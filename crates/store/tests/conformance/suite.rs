@@ -25,6 +25,7 @@ pub fn job(key: Option<&str>, priority: i32, now: Millis) -> Job {
             timeouts: Timeouts::default(),
             idempotency_key: key.map(String::from),
             metadata: Default::default(),
+            owner: None,
         },
         now,
     )
@@ -455,4 +456,53 @@ pub async fn a_follower_of_the_sequence_never_skips_an_event(stores: Vec<Arc<dyn
         .collect();
     assert_eq!(all.len(), JOBS * 2);
     assert_eq!(seen, all, "the follower skipped or repeated an event");
+}
+
+/// Tokens are kept by hash, found by hash, listed oldest first, and revoked once;
+/// a token made on one handle is seen by the others at once.
+pub async fn tokens_are_kept_by_hash_and_revoked_once(stores: Vec<Arc<dyn Store>>) {
+    use gantry_core::auth::Scope;
+    use gantry_store::TokenRecord;
+    let (a, b) = (&stores[0], stores.last().unwrap());
+    assert_eq!(a.active_tokens().await.unwrap(), 0);
+    let token = |id: &str, scope, at| TokenRecord {
+        id: id.into(),
+        name: format!("{id} name"),
+        scope,
+        hash: format!("{id:0>64}"),
+        created_at: at,
+        revoked_at: None,
+    };
+    a.create_token(&token("t2", Scope::Admin, 20))
+        .await
+        .unwrap();
+    a.create_token(&token("t1", Scope::Read, 10)).await.unwrap();
+    // The same hash twice is refused, and changes nothing.
+    let mut dup = token("t3", Scope::Submit, 30);
+    dup.hash = token("t1", Scope::Read, 0).hash;
+    assert!(a.create_token(&dup).await.is_err());
+
+    let found = b.token_by_hash(&format!("{:0>64}", "t1")).await.unwrap();
+    assert_eq!(found, Some(token("t1", Scope::Read, 10)));
+    assert_eq!(b.token_by_hash(&"0".repeat(64)).await.unwrap(), None);
+    let listed: Vec<String> = b
+        .tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(listed, ["t1", "t2"]);
+    assert_eq!(b.active_tokens().await.unwrap(), 2);
+
+    assert!(b.revoke_token("t1", 50).await.unwrap());
+    assert!(!a.revoke_token("t1", 60).await.unwrap(), "revoked twice");
+    assert!(!a.revoke_token("nope", 60).await.unwrap());
+    let t1 = a
+        .token_by_hash(&format!("{:0>64}", "t1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(t1.revoked_at, Some(50));
+    assert_eq!(a.active_tokens().await.unwrap(), 1);
 }
