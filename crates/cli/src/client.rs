@@ -15,41 +15,133 @@ use std::time::Duration;
 const CANCELLED: u8 = 130;
 const USAGE: u8 = 2;
 
-/// Where the server is and how long each kind of operation may take.
+/// Where the server is and how long each kind of operation may take. Each comes from
+/// its flag, else its `GANTRY_*` variable, else the client config file, else its default.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServerOpts {
-    /// The gantry to talk to.
-    #[arg(long, env = "GANTRY_SERVER", default_value = "http://127.0.0.1:8700")]
-    server: String,
+    /// The gantry to talk to [default: http://127.0.0.1:8700].
+    #[arg(long, env = "GANTRY_SERVER")]
+    server: Option<String>,
     /// Bearer token for a server that asks for one.
     #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Longest wait for a connection.
-    #[arg(long, env = "GANTRY_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    connect_timeout: Duration,
-    /// Longest wait for one request's answer.
-    #[arg(long, env = "GANTRY_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    request_timeout: Duration,
+    /// Longest wait for a connection [default: 5s].
+    #[arg(long, env = "GANTRY_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
+    connect_timeout: Option<Duration>,
+    /// Longest wait for one request's answer [default: 30s].
+    #[arg(long, env = "GANTRY_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    request_timeout: Option<Duration>,
     /// Stop watching after this long (the job goes on); none by default, since the
     /// server owns the job's timeouts.
     #[arg(long, env = "GANTRY_WATCH_TIMEOUT", value_parser = humantime::parse_duration)]
     watch_timeout: Option<Duration>,
+    /// The client config file (TOML: server, token, connect_timeout, request_timeout,
+    /// watch_timeout) [default: $XDG_CONFIG_HOME/gantry/client.toml or
+    /// ~/.config/gantry/client.toml, when it exists].
+    #[arg(long, env = "GANTRY_CLIENT_CONFIG", value_name = "FILE")]
+    client_config: Option<PathBuf>,
     /// Print JSON instead of tables and messages.
     #[arg(long)]
     json: bool,
 }
 
+/// The client config file's keys; any other is refused, by name.
+#[derive(serde::Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct ClientFile {
+    server: Option<String>,
+    token: Option<String>,
+    connect_timeout: Option<String>,
+    request_timeout: Option<String>,
+    watch_timeout: Option<String>,
+}
+
+/// What the client uses, once flags, variables, the file and defaults are merged.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub server: String,
+    pub token: Option<String>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub watch_timeout: Option<Duration>,
+}
+
+/// The default client config file, when `$XDG_CONFIG_HOME` or `$HOME` says where.
+fn default_client_config() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("gantry").join("client.toml"))
+}
+
 impl ServerOpts {
-    fn client(&self) -> Result<Client, Error> {
-        Client::new(
-            &self.server,
-            Timeouts {
-                connect: self.connect_timeout,
-                request: self.request_timeout,
+    pub fn settings(&self) -> Result<Settings, Error> {
+        let (file, path) = match &self.client_config {
+            Some(path) => (read_client_file(path)?, Some(path.clone())),
+            None => match default_client_config().filter(|p| p.exists()) {
+                Some(path) => (read_client_file(&path)?, Some(path)),
+                None => (ClientFile::default(), None),
             },
-            self.token.clone(),
+        };
+        let duration = |key: &str, v: &Option<String>| -> Result<Option<Duration>, Error> {
+            v.as_deref()
+                .map(|s| {
+                    humantime::parse_duration(s).map_err(|e| {
+                        Error::Invalid(format!(
+                            "{}: {key} = {s:?}: {e} (write durations like 30s, 5m)",
+                            path.as_deref()
+                                .unwrap_or(Path::new("client config"))
+                                .display()
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        Ok(Settings {
+            server: self
+                .server
+                .clone()
+                .or(file.server)
+                .unwrap_or_else(|| "http://127.0.0.1:8700".into()),
+            token: self.token.clone().or(file.token),
+            connect_timeout: match self.connect_timeout {
+                Some(d) => d,
+                None => duration("connect_timeout", &file.connect_timeout)?
+                    .unwrap_or(Duration::from_secs(5)),
+            },
+            request_timeout: match self.request_timeout {
+                Some(d) => d,
+                None => duration("request_timeout", &file.request_timeout)?
+                    .unwrap_or(Duration::from_secs(30)),
+            },
+            watch_timeout: match self.watch_timeout {
+                Some(d) => Some(d),
+                None => duration("watch_timeout", &file.watch_timeout)?,
+            },
+        })
+    }
+
+    fn client(&self) -> Result<Client, Error> {
+        let s = self.settings()?;
+        Client::new(
+            &s.server,
+            Timeouts {
+                connect: s.connect_timeout,
+                request: s.request_timeout,
+            },
+            s.token,
         )
     }
+}
+
+fn read_client_file(path: &Path) -> Result<ClientFile, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        what: format!("reading the client config {}", path.display()),
+        reason: e.to_string(),
+    })?;
+    toml::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("client config {}: {e}", path.display())))
 }
 
 #[derive(clap::Args, Debug)]
@@ -343,7 +435,11 @@ async fn follow(
     detach: bool,
 ) -> ExitCode {
     let mut ui = Ui::new(show && !opts.json, nodes);
-    let deadline = opts.watch_timeout.map(|d| tokio::time::Instant::now() + d);
+    let watch_timeout = match opts.settings() {
+        Ok(s) => s.watch_timeout,
+        Err(e) => return error_exit(&e),
+    };
+    let deadline = watch_timeout.map(|d| tokio::time::Instant::now() + d);
     let mut seen: HashSet<i64> = HashSet::new();
     let mut cancelling = false;
     let mut events = match client.events(id).await {
@@ -406,7 +502,7 @@ async fn follow(
             }
             _ = until => {
                 ui.finish();
-                return fail(USAGE, format!("stopped watching job {id} after --watch-timeout; it goes on (gantry watch {id})"));
+                return fail(USAGE, format!("stopped watching job {id} after the watch timeout ({}); it goes on (gantry watch {id})", humantime::format_duration(watch_timeout.unwrap_or_default())));
             }
         }
     }

@@ -588,3 +588,93 @@ async fn serve_refuses_a_non_loopback_address_without_tokens() {
         "{e}"
     );
 }
+
+/// The client config file: its keys apply where no flag or variable is given, flags and
+/// variables win over it, the default location is found, and a bad key is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_config_file_fills_in_what_flags_and_variables_leave() {
+    let farm = farm(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("client.toml");
+    let bare = |args: &[&str]| {
+        let mut c = farm.gantry(args);
+        c.env_remove("GANTRY_SERVER")
+            .env_remove("GANTRY_WATCH_TIMEOUT")
+            .env("XDG_CONFIG_HOME", dir.path().join("xdg"));
+        c
+    };
+    std::fs::write(
+        &conf,
+        format!(
+            "server = \"{}\"\nwatch_timeout = \"300ms\"\n",
+            farm.server.url()
+        ),
+    )
+    .unwrap();
+    let file = write(dir.path(), "w.json", &sleep_graph(30.0, 30));
+    let c = conf.to_str().unwrap();
+    // The server and the watch timeout from the file.
+    let o = run(bare(&[
+        "submit",
+        &file,
+        "--watch",
+        "--detach",
+        "--client-config",
+        c,
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("after the watch timeout (300ms)"),
+        "{}",
+        stderr(&o)
+    );
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    assert_eq!(farm.job(&id).await["state"], "running");
+    // A flag wins over the file.
+    let o = run(bare(&[
+        "show",
+        &id,
+        "--client-config",
+        c,
+        "--server",
+        "http://127.0.0.1:9",
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("cannot reach gantry at http://127.0.0.1:9"),
+        "{}",
+        stderr(&o)
+    );
+    // So does a variable.
+    let mut o = bare(&["show", &id, "--client-config", c]);
+    o.env("GANTRY_SERVER", "http://127.0.0.1:9");
+    assert_eq!(run(o).await.status.code(), Some(2));
+
+    // The default location, with no flag.
+    let xdg = dir.path().join("xdg").join("gantry");
+    std::fs::create_dir_all(&xdg).unwrap();
+    std::fs::copy(&conf, xdg.join("client.toml")).unwrap();
+    let o = run(bare(&["cancel", &id])).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A misspelt key is refused by name; a named file that is missing too.
+    std::fs::write(&conf, "srever = \"http://x\"\n").unwrap();
+    let o = run(bare(&["jobs", "--client-config", c])).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("srever"), "{}", stderr(&o));
+    let o = run(bare(&[
+        "jobs",
+        "--client-config",
+        "/nonexistent/client.toml",
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("/nonexistent/client.toml"),
+        "{}",
+        stderr(&o)
+    );
+    farm.shutdown().await;
+}
