@@ -328,6 +328,23 @@ pub struct BackendList {
     pub backends: Vec<Backend>,
 }
 
+/// The body of `POST /v1/backends`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddBackend {
+    /// The ComfyUI server's base URL, `http://host:port`.
+    pub url: String,
+    /// Defaults to the URL's `host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What jobs may ask of it (`"tags": [...]` on a job).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Higher is preferred; 0 by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+}
+
 /// A backend's status after a drain or resume.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct BackendStatusOf {

@@ -244,6 +244,20 @@ enum BackendsAction {
     Drain { name: String },
     /// Put a drained backend back into rotation.
     Resume { name: String },
+    /// Add a ComfyUI server; the server keeps it across restarts.
+    Add {
+        /// Its base URL, http://host:port.
+        url: String,
+        /// Its name [default: host:port].
+        #[arg(long)]
+        name: Option<String>,
+        /// A tag jobs may ask for; repeatable.
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Higher is preferred.
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i32>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -866,21 +880,45 @@ pub async fn retry(a: RetryArgs) -> Result<ExitCode, Error> {
 /// The backends as this server sees them: a table, or `--json`.
 pub async fn backends(a: BackendsArgs) -> Result<ExitCode, Error> {
     let client = a.opts.client()?;
-    if let Some(action) = &a.action {
-        let (name, drain) = match action {
-            BackendsAction::Drain { name } => (name, true),
-            BackendsAction::Resume { name } => (name, false),
-        };
-        let answer = client.set_draining(name, drain).await?;
-        if a.opts.json {
-            println!("{}", json!(answer));
-        } else {
-            println!("{name}: {}", answer.status.as_str());
+    let (name, drain) = match &a.action {
+        None => return list_backends(&client, a.opts.json).await,
+        Some(BackendsAction::Add {
+            url,
+            name,
+            tags,
+            priority,
+        }) => {
+            let added = client
+                .add_backend(&gantry_client::wire::AddBackend {
+                    url: url.clone(),
+                    name: name.clone(),
+                    tags: tags.clone(),
+                    priority: *priority,
+                })
+                .await?;
+            if a.opts.json {
+                println!("{}", json!(added));
+            } else {
+                println!("{}: added ({})", added.name, added.url);
+            }
+            return Ok(ExitCode::SUCCESS);
         }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let backends = client.backends().await?;
+        Some(BackendsAction::Drain { name }) => (name, true),
+        Some(BackendsAction::Resume { name }) => (name, false),
+    };
+    let answer = client.set_draining(name, drain).await?;
     if a.opts.json {
+        println!("{}", json!(answer));
+    } else {
+        println!("{name}: {}", answer.status.as_str());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The backends as a table, or `--json`.
+async fn list_backends(client: &Client, json_out: bool) -> Result<ExitCode, Error> {
+    let backends = client.backends().await?;
+    if json_out {
         println!("{}", json!({ "backends": backends }));
         return Ok(ExitCode::SUCCESS);
     }

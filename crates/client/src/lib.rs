@@ -312,6 +312,16 @@ impl Client {
             .backends)
     }
 
+    /// Add a ComfyUI server to the farm (`POST /v1/backends`).
+    pub async fn add_backend(&self, backend: &wire::AddBackend) -> Result<Backend> {
+        let what = format!("adding backend {}", backend.url);
+        let r = self
+            .request(reqwest::Method::POST, "/v1/backends")
+            .json(backend);
+        let response = self.send(&what, r).await?;
+        self.json(&what, response).await
+    }
+
     /// Take a backend out of rotation (`drain`: no new work, what runs finishes) or put
     /// it back; answers its status.
     pub async fn set_draining(&self, backend: &str, drain: bool) -> Result<BackendStatusOf> {

@@ -167,7 +167,7 @@ fn documented() -> OpenApiRouter<Engine> {
         .routes(routes!(get_request))
         .routes(routes!(get_output))
         .routes(routes!(all_events))
-        .routes(routes!(list_backends))
+        .routes(routes!(list_backends, add_backend))
         .routes(routes!(drain_backend))
         .routes(routes!(resume_backend))
         .routes(routes!(cluster))
@@ -937,45 +937,119 @@ async fn get_output(
     responses((status = 200, description = "The backends this coordinator knows, with live status", body = wire::BackendList)))]
 async fn list_backends(State(engine): State<Engine>) -> Json<wire::BackendList> {
     let backends = engine.backends();
-    let list = backends
-        .values()
-        .map(|b| wire::Backend {
-            name: b.config.name.clone(),
-            url: b.config.url.clone(),
-            tags: b.config.tags.clone(),
-            priority: b.config.priority,
-            status: crate::metrics::status_of(b),
-            current_job: b.current.as_ref().map(|(j, _)| j.to_string()),
-            current_attempt: b.current.as_ref().map(|(_, n)| *n),
-            next_job: b.next.as_ref().map(|(j, _)| j.to_string()),
-            last_seen: opt_time(b.last_seen),
-            last_used: (b.last_used > 0).then(|| rfc3339(b.last_used)),
-            last_error: b.last_error.clone(),
-            node_classes: b.classes.as_ref().map(|c| c.len()),
-            warm_models: b.warm_models.clone(),
-            blocks: b
-                .health
-                .blocks()
-                .iter()
-                .map(|(hash, until)| wire::Block {
-                    workflow_hash: hash.clone(),
-                    until: rfc3339(*until),
-                })
-                .collect(),
-            circuit: match b.health.circuit() {
-                gantry_core::health::Circuit::Closed => wire::Circuit::Closed,
-                gantry_core::health::Circuit::Open { since, probe_at } => wire::Circuit::Open {
-                    since: rfc3339(since),
-                    probe_at: rfc3339(probe_at),
-                },
-            },
-            stuck: b.stuck.as_ref().map(|(pid, since)| wire::Stuck {
-                prompt_id: pid.clone(),
-                since: rfc3339(*since),
-            }),
-        })
-        .collect();
+    let list = backends.values().map(backend_view).collect();
     Json(wire::BackendList { backends: list })
+}
+
+/// A backend as a client sees it.
+fn backend_view(b: &crate::engine::BackendState) -> wire::Backend {
+    wire::Backend {
+        name: b.config.name.clone(),
+        url: b.config.url.clone(),
+        tags: b.config.tags.clone(),
+        priority: b.config.priority,
+        status: crate::metrics::status_of(b),
+        current_job: b.current.as_ref().map(|(j, _)| j.to_string()),
+        current_attempt: b.current.as_ref().map(|(_, n)| *n),
+        next_job: b.next.as_ref().map(|(j, _)| j.to_string()),
+        last_seen: opt_time(b.last_seen),
+        last_used: (b.last_used > 0).then(|| rfc3339(b.last_used)),
+        last_error: b.last_error.clone(),
+        node_classes: b.classes.as_ref().map(|c| c.len()),
+        warm_models: b.warm_models.clone(),
+        blocks: b
+            .health
+            .blocks()
+            .iter()
+            .map(|(hash, until)| wire::Block {
+                workflow_hash: hash.clone(),
+                until: rfc3339(*until),
+            })
+            .collect(),
+        circuit: match b.health.circuit() {
+            gantry_core::health::Circuit::Closed => wire::Circuit::Closed,
+            gantry_core::health::Circuit::Open { since, probe_at } => wire::Circuit::Open {
+                since: rfc3339(since),
+                probe_at: rfc3339(probe_at),
+            },
+        },
+        stuck: b.stuck.as_ref().map(|(pid, since)| wire::Stuck {
+            prompt_id: pid.clone(),
+            since: rfc3339(*since),
+        }),
+    }
+}
+
+/// Add a ComfyUI server at run time. It is kept in the store, so it is driven after a
+/// restart and, in a farm, leased by whichever coordinator has room.
+#[utoipa::path(post, path = "/v1/backends", tag = "backends",
+    request_body = wire::AddBackend,
+    responses(
+        (status = 201, description = "Added; its driver connects", body = wire::Backend),
+        (status = 400, description = "The body or the URL is not valid", body = wire::ErrorBody),
+        (status = 409, description = "A backend of that name or URL exists", body = wire::ErrorBody),
+        (status = 503, description = "The store cannot be reached; nothing was added", body = wire::ErrorBody),
+    ))]
+async fn add_backend(State(engine): State<Engine>, body: Bytes) -> Result<Response, ApiError> {
+    let req: wire::AddBackend = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad(
+            "invalid_request",
+            format!("the body must be {{\"url\": ..., \"name\"?, \"tags\"?, \"priority\"?}}: {e}"),
+            json!({}),
+        )
+    })?;
+    let spec = match &req.name {
+        Some(name) => format!("{name}={}", req.url),
+        None => req.url.clone(),
+    };
+    let mut config = crate::config::BackendConfig::parse(&spec)
+        .map_err(|e| ApiError::bad("invalid_backend", e.to_string(), json!({"field": "url"})))?;
+    if let Some(tag) = req.tags.iter().find(|t| t.trim().is_empty()) {
+        return Err(ApiError::bad(
+            "invalid_field",
+            format!("tags: must be non-empty strings, got {tag:?}"),
+            json!({"field": "tags"}),
+        ));
+    }
+    config.tags = req.tags.clone();
+    config.priority = req.priority.unwrap_or(0);
+    let exists = |by: &str, other: &str| ApiError::Conflict {
+        code: "backend_exists",
+        message: format!("a backend with that {by} exists: {other}"),
+        details: json!({"backend": other}),
+    };
+    if let Some(other) = engine
+        .backends()
+        .values()
+        .find(|b| b.config.name == config.name || b.config.url == config.url)
+    {
+        let by = if other.config.name == config.name {
+            "name"
+        } else {
+            "URL"
+        };
+        return Err(exists(by, &other.config.name));
+    }
+    let record = gantry_store::BackendRecord {
+        name: config.name.clone(),
+        url: config.url.clone(),
+        tags: config.tags.clone(),
+        priority: config.priority,
+        added_at: crate::engine::now_ms(),
+    };
+    if !engine.store().add_backend(&record).await? {
+        // Another coordinator added it a moment ago.
+        return Err(exists("name or URL", &config.name));
+    }
+    let name = config.name.clone();
+    engine.add_backend(config);
+    tracing::info!(backend = %name, url = %record.url, "backend added");
+    let view = engine
+        .backends()
+        .get(&name)
+        .map(backend_view)
+        .ok_or_else(|| ApiError::Internal(format!("backend {name} vanished as it was added")))?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
 /// Take a backend out of rotation: it takes no new work; what runs there finishes.

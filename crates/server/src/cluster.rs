@@ -84,13 +84,19 @@ pub async fn lease_loop(engine: Engine) {
         return;
     };
     let every = cluster.lease / 3;
-    let names: Vec<String> = engine
-        .config()
-        .backends
-        .iter()
-        .map(|b| b.name.clone())
-        .collect();
     loop {
+        // Backends another coordinator added at run time join the ones to lease.
+        match cluster.store.added_backends().await {
+            Ok(added) => {
+                for b in added {
+                    if let Some(config) = crate::config::BackendConfig::added(&b) {
+                        engine.add_backend(config);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the backends added at run time"),
+        }
+        let names: Vec<String> = engine.backends().keys().cloned().collect();
         let wake = match lease_pass(&engine, cluster, &names).await {
             Ok(wake) => wake,
             Err(e) => {

@@ -67,6 +67,22 @@ impl BackendConfig {
         })
     }
 
+    /// A backend added at run time, as the store keeps it; `None` (with a warning) when
+    /// its stored URL is no longer valid.
+    pub fn added(b: &gantry_store::BackendRecord) -> Option<BackendConfig> {
+        match BackendConfig::parse(&format!("{}={}", b.name, b.url)) {
+            Ok(mut config) => {
+                config.tags = b.tags.clone();
+                config.priority = b.priority;
+                Some(config)
+            }
+            Err(e) => {
+                tracing::warn!(backend = %b.name, error = %e, "a stored backend is not valid; skipped");
+                None
+            }
+        }
+    }
+
     /// An in-process backend that finishes every prompt at once, knowing `classes`.
     pub fn instant(name: &str, classes: Vec<String>) -> BackendConfig {
         BackendConfig {

@@ -319,6 +319,8 @@ struct Inner {
     cluster: Option<Cluster>,
     metrics: Arc<crate::metrics::Metrics>,
     auth: crate::auth::Auth,
+    /// Drivers of backends added at run time, joined at shutdown.
+    late: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Engine {
@@ -368,6 +370,7 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 auth,
+                late: Mutex::new(Vec::new()),
                 store,
                 bus: Bus::new(4096),
                 policy,
@@ -429,6 +432,48 @@ impl Engine {
             tasks.spawn(async move { e.purge_loop().await });
         }
         Ok(engine)
+    }
+
+    /// Drive a backend added at run time (already kept in the store): with the embedded
+    /// store its driver starts now; in a farm it is one more backend to lease. False when
+    /// one of that name is known.
+    pub fn add_backend(&self, config: BackendConfig) -> bool {
+        let name = config.name.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut backends = self.backends();
+            if backends.contains_key(&name) {
+                return false;
+            }
+            let mut state = BackendState::new(config, tx);
+            if self.inner.cluster.is_some() {
+                state.lease = None;
+                state.connection = Connection::Offline;
+            }
+            backends.insert(name.clone(), state);
+        }
+        match &self.inner.cluster {
+            Some(cluster) => cluster.check.notify_one(),
+            None => {
+                let e = self.clone();
+                let stop = self.inner.shutdown.clone();
+                let handle = tokio::spawn(async move { driver::run(e, name, rx, stop).await });
+                self.lock_late().push(handle);
+            }
+        }
+        true
+    }
+
+    fn lock_late(&self) -> MutexGuard<'_, Vec<tokio::task::JoinHandle<()>>> {
+        self.inner.late.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait for the drivers of run-time backends (after shutdown was asked).
+    pub async fn join_late(&self) {
+        let handles = std::mem::take(&mut *self.lock_late());
+        for h in handles {
+            let _ = h.await;
+        }
     }
 
     /// Whether the API asks for tokens, and their checks.

@@ -99,6 +99,15 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        // Backends added at run time before (a name in the config wins).
+        let mut config = config;
+        for b in store.added_backends().await? {
+            if config.backends.iter().any(|c| c.name == b.name) {
+                tracing::warn!(backend = %b.name, "a backend added at run time has the name of a configured one; the configured one is used");
+                continue;
+            }
+            config.backends.extend(BackendConfig::added(&b));
+        }
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let engine =
@@ -130,5 +139,6 @@ impl Server {
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        self.engine.join_late().await;
     }
 }

@@ -423,3 +423,17 @@ pub(crate) fn token_from(row: TokenRow) -> Result<crate::TokenRecord> {
         revoked_at,
     })
 }
+
+/// A run-time backend's row: name, url, tags (JSON), priority, added_at.
+pub(crate) type BackendRow = (String, String, String, i32, i64);
+
+pub(crate) fn backend_from(row: BackendRow) -> Result<crate::BackendRecord> {
+    let (name, url, tags, priority, added_at) = row;
+    Ok(crate::BackendRecord {
+        name,
+        url,
+        tags: serde_json::from_str(&tags)?,
+        priority,
+        added_at,
+    })
+}

@@ -15,7 +15,9 @@ use gantry_core::auth::Scope;
 use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use serde::Serialize;
 
-pub use postgres::{DispatchRecord, Lease, PgStore, EVENTS_CHANNEL};
+pub use postgres::{
+    DispatchRecord, Lease, PgStore, EVENTS_CHANNEL, SCHEMA_VERSION as PG_SCHEMA_VERSION,
+};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +146,17 @@ pub struct TokenRecord {
     pub revoked_at: Option<Millis>,
 }
 
+/// A backend added at run time (`POST /v1/backends`), kept so every coordinator, and
+/// this one after a restart, drives it too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendRecord {
+    pub name: String,
+    pub url: String,
+    pub tags: Vec<String>,
+    pub priority: i32,
+    pub added_at: Millis,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Commit a new job and its `Queued` event, unless a job with the same idempotency key
@@ -209,4 +222,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many tokens are not revoked: with none, the API asks for no token.
     async fn active_tokens(&self) -> Result<u64>;
+
+    /// Keep a backend added at run time; false (and nothing kept) when one of that name
+    /// or that URL was added before.
+    async fn add_backend(&self, backend: &BackendRecord) -> Result<bool>;
+
+    /// The backends added at run time, oldest first.
+    async fn added_backends(&self) -> Result<Vec<BackendRecord>>;
 }

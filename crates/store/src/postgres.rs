@@ -17,14 +17,19 @@ use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::group::{backend_from, token_from, BackendRow, TokenRow, TOKEN_COLUMNS};
 use crate::group::{
     counts_of, event_from, finish, job_from, page_of, rounds, Committer, Done, EventRows, JobRow,
     Op, Write, Writer, COUNT_BY_STATE,
 };
-use crate::group::{token_from, TokenRow, TOKEN_COLUMNS};
-use crate::{Created, Error, Event, Fence, JobFilter, JobPage, Result, Store, TokenRecord};
+use crate::{
+    BackendRecord, Created, Error, Event, Fence, JobFilter, JobPage, Result, Store, TokenRecord,
+};
 
 /// Each entry moves the schema one version up; `gantry_schema.version` holds the version.
+/// The schema version this gantry migrates a database to.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE jobs (
@@ -85,6 +90,15 @@ CREATE TABLE tokens (
     hash TEXT NOT NULL UNIQUE,
     created_at BIGINT NOT NULL,
     revoked_at BIGINT
+);
+"#,
+    r#"
+CREATE TABLE backends (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL UNIQUE,
+    tags TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    added_at BIGINT NOT NULL
 );
 "#,
 ];
@@ -895,5 +909,28 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(n as u64)
+    }
+
+    async fn add_backend(&self, backend: &BackendRecord) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO backends (name, url, tags, priority, added_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(&backend.name)
+        .bind(&backend.url)
+        .bind(serde_json::to_string(&backend.tags)?)
+        .bind(backend.priority)
+        .bind(backend.added_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn added_backends(&self) -> Result<Vec<BackendRecord>> {
+        let rows: Vec<BackendRow> = sqlx::query_as(
+            "SELECT name, url, tags, priority, added_at FROM backends ORDER BY added_at, name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(backend_from).collect()
     }
 }

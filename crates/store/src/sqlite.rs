@@ -16,12 +16,14 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::group::{backend_from, token_from, BackendRow, TokenRow, TOKEN_COLUMNS};
 use crate::group::{
     counts_of, event_from, finish, job_from, page_of, rounds, Committer, Done, EventRows, JobRow,
     Op, Write, Writer, COUNT_BY_STATE,
 };
-use crate::group::{token_from, TokenRow, TOKEN_COLUMNS};
-use crate::{Created, Error, Event, Fence, JobFilter, JobPage, Result, Store, TokenRecord};
+use crate::{
+    BackendRecord, Created, Error, Event, Fence, JobFilter, JobPage, Result, Store, TokenRecord,
+};
 
 /// Each entry moves the schema one version up; `PRAGMA user_version` holds the version.
 const MIGRATIONS: &[&str] = &[
@@ -61,6 +63,15 @@ CREATE TABLE tokens (
     hash TEXT NOT NULL UNIQUE,
     created_at INTEGER NOT NULL,
     revoked_at INTEGER
+);
+"#,
+    r#"
+CREATE TABLE backends (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL UNIQUE,
+    tags TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    added_at INTEGER NOT NULL
 );
 "#,
 ];
@@ -542,6 +553,29 @@ impl Store for SqliteStore {
             .fetch_one(&self.reader)
             .await?;
         Ok(n as u64)
+    }
+
+    async fn add_backend(&self, backend: &BackendRecord) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO backends (name, url, tags, priority, added_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(&backend.name)
+        .bind(&backend.url)
+        .bind(serde_json::to_string(&backend.tags)?)
+        .bind(backend.priority)
+        .bind(backend.added_at)
+        .execute(&self.admin)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn added_backends(&self) -> Result<Vec<BackendRecord>> {
+        let rows: Vec<BackendRow> = sqlx::query_as(
+            "SELECT name, url, tags, priority, added_at FROM backends ORDER BY added_at, name",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(backend_from).collect()
     }
 }
 

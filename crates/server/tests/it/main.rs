@@ -3,6 +3,7 @@
 
 mod api;
 mod auth;
+mod backends;
 mod chaos;
 mod engine;
 mod failover;

@@ -17,6 +17,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/jobs/{id}/outputs/{name}"),
     ("GET", "/v1/events"),
     ("GET", "/v1/backends"),
+    ("POST", "/v1/backends"),
     ("POST", "/v1/backends/{name}/drain"),
     ("POST", "/v1/backends/{name}/resume"),
     ("GET", "/v1/cluster"),
@@ -149,6 +150,10 @@ async fn the_openapi_document_validates_lists_every_route_and_matches_every_answ
                 .http
                 .post(&url)
                 .json(&json!({"workflow": tiny_workflow("openapi2"), "priority": 3})),
+            "POST" if *path == "/v1/backends" => app
+                .http
+                .post(&url)
+                .json(&json!({"url": "http://127.0.0.1:9", "name": "unreachable"})),
             "POST" => app.http.post(&url),
             "DELETE" => app.http.delete(&url),
             other => panic!("{other}"),

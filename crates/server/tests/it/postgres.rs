@@ -420,3 +420,81 @@ async fn an_unreachable_store_refuses_new_work_and_keeps_what_runs() {
     assert_eq!(runs, 1, "the prompt ran {runs} times");
     app.shutdown().await;
 }
+
+/// A backend added on one coordinator is kept in the database: the other sees it, the
+/// farm leases it, and a job that only it can run, submitted to either, runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_added_on_one_coordinator_joins_the_whole_farm() {
+    let Some(farm) = Farm::new(2).await else {
+        return;
+    };
+    let late = gantry_sim::spawn(sim_config()).await.unwrap();
+    let c1 = farm.coordinator("c1").await;
+    let c2 = farm.coordinator("c2").await;
+    farm.wait_spread(&["c1", "c2"]).await;
+    let added = c1
+        .http
+        .post(format!("{}/v1/backends", c1.url))
+        .json(&json!({"url": late.url(), "name": "late", "tags": ["big"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 201);
+    // The other coordinator learns of it from the store.
+    poll_until(
+        "c2 knows the added backend",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let list = c2.get_json("/v1/backends").await;
+            let known = list["backends"].as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|b| b["name"] == "late" && b["tags"] == json!(["big"]))
+            });
+            if known {
+                Ok(())
+            } else {
+                Err(list)
+            }
+        },
+    )
+    .await;
+    poll_until(
+        "the added backend is leased",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let leases = farm.inspect.leases().await.unwrap();
+            if leases
+                .iter()
+                .any(|l| l.backend == "late" && l.owner.is_some() && l.remaining_ms > 0)
+            {
+                Ok(())
+            } else {
+                Err(leases)
+            }
+        },
+    )
+    .await;
+    for (i, app) in [&c1, &c2].into_iter().enumerate() {
+        let id = app
+            .submit_ok(&json!({"workflow": tiny_workflow(&format!("late{i}")), "tags": ["big"]}))
+            .await;
+        let job = app.wait_terminal(&id).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(job["attempts"][0]["backend"], "late");
+    }
+    // Adding it again on the other coordinator is refused.
+    let again = c2
+        .http
+        .post(format!("{}/v1/backends", c2.url))
+        .json(&json!({"url": late.url(), "name": "late"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409);
+    farm.check_dispatch_log().await;
+    c1.shutdown().await;
+    c2.shutdown().await;
+    late.shutdown().await;
+}

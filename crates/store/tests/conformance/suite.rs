@@ -506,3 +506,45 @@ pub async fn tokens_are_kept_by_hash_and_revoked_once(stores: Vec<Arc<dyn Store>
     assert_eq!(t1.revoked_at, Some(50));
     assert_eq!(a.active_tokens().await.unwrap(), 1);
 }
+
+/// Backends added at run time are kept once by name and once by URL, and every handle
+/// lists them, oldest first.
+pub async fn added_backends_are_kept_once_by_name_and_url(stores: Vec<Arc<dyn Store>>) {
+    use gantry_store::BackendRecord;
+    let (a, b) = (&stores[0], stores.last().unwrap());
+    assert_eq!(a.added_backends().await.unwrap(), vec![]);
+    let rec = |name: &str, url: &str, at| BackendRecord {
+        name: name.into(),
+        url: url.into(),
+        tags: vec!["sdxl".into(), "big".into()],
+        priority: 3,
+        added_at: at,
+    };
+    assert!(a
+        .add_backend(&rec("gpu-2", "http://10.0.0.2:8188", 20))
+        .await
+        .unwrap());
+    assert!(b
+        .add_backend(&rec("gpu-1", "http://10.0.0.1:8188", 10))
+        .await
+        .unwrap());
+    assert!(
+        !b.add_backend(&rec("gpu-1", "http://10.0.0.9:8188", 30))
+            .await
+            .unwrap(),
+        "same name"
+    );
+    assert!(
+        !a.add_backend(&rec("gpu-9", "http://10.0.0.1:8188", 30))
+            .await
+            .unwrap(),
+        "same url"
+    );
+    assert_eq!(
+        b.added_backends().await.unwrap(),
+        vec![
+            rec("gpu-1", "http://10.0.0.1:8188", 10),
+            rec("gpu-2", "http://10.0.0.2:8188", 20)
+        ]
+    );
+}
