@@ -6,6 +6,7 @@
 //! integers with an `_ms` suffix, and every refusal is an [`ErrorBody`].
 
 pub use gantry_core::auth::Scope;
+pub use gantry_core::profile::{AttemptProfile, NodeProfile, NodeStatus};
 pub use gantry_core::{
     AttemptStatus, EventKind, Exclusion, ExclusionReason, JobError, JobState, Timeouts,
 };
@@ -140,6 +141,9 @@ pub struct Attempt {
     #[schema(format = DateTime)]
     pub finished_at: Option<String>,
     pub error: Option<JobError>,
+    /// Every node's timing, once the attempt has ended.
+    #[serde(default)]
+    pub profile: Option<Box<AttemptProfile>>,
 }
 
 /// A file the job produced.

@@ -122,7 +122,7 @@ impl ServerOpts {
         })
     }
 
-    fn client(&self) -> Result<Client, Error> {
+    pub fn client(&self) -> Result<Client, Error> {
         let s = self.settings()?;
         Client::new(
             &s.server,

@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod demo;
+mod profile;
 mod token;
 
 use anyhow::Context;
@@ -57,6 +58,8 @@ enum Command {
     Retry(client::RetryArgs),
     /// The backends: status, current job, tags.
     Backends(client::BackendsArgs),
+    /// Where a job's time went, node by node (--vs JOB2: the differences).
+    Profile(profile::ProfileArgs),
     /// API tokens: create (printed once), list, revoke.
     Token(token::TokenArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -154,6 +157,7 @@ async fn main() -> std::process::ExitCode {
         Command::Outputs(args) => return client::exit(client::outputs(args).await),
         Command::Retry(args) => return client::exit(client::retry(args).await),
         Command::Backends(args) => return client::exit(client::backends(args).await),
+        Command::Profile(args) => return client::exit(profile::run(args).await),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut std::io::stdout());

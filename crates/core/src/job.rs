@@ -282,6 +282,9 @@ pub struct Attempt {
     /// Whether this attempt counts against `max_attempts` (a backend that lacks a model
     /// does not use up the job's tries).
     pub counted: bool,
+    /// Every node's timing, set when the attempt ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Box<crate::profile::AttemptProfile>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

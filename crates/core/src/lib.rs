@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod health;
 pub mod job;
+pub mod profile;
 pub mod routing;
 pub mod transition;
 pub mod watchdog;

@@ -425,6 +425,7 @@ mod tests {
             finished_at: None,
             error: Some(JobError::new("x", "y")),
             counted: true,
+            profile: None,
         });
         let bs = [
             b("a"),

@@ -8,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::profile::AttemptProfile;
+
 use crate::job::{
     Attempt, AttemptStatus, Exclusion, ExclusionReason, Job, JobError, JobId, JobState, Millis,
     Output,
@@ -216,12 +218,19 @@ pub enum EventKind {
         backend: String,
         /// A success that arrived after gantry had given up on that attempt.
         late: bool,
+        /// The profile of the attempt that ended the job (set by the engine).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        profile: Option<Box<AttemptProfile>>,
     },
     Failed {
         error: JobError,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        profile: Option<Box<AttemptProfile>>,
     },
     Cancelled {
         attempt: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        profile: Option<Box<AttemptProfile>>,
     },
     /// An input about an old attempt or a finished job: kept, and changed nothing.
     Late {
@@ -328,6 +337,7 @@ pub fn transition(
                 finished_at: None,
                 error: None,
                 counted: true,
+                profile: None,
             });
             next.state = JobState::Running;
             events.push(EventKind::Dispatched {
@@ -438,6 +448,7 @@ pub fn transition(
                 attempt,
                 backend,
                 late: !is_current,
+                profile: None,
             });
         }
         Input::Failed { attempt, failure } => {
@@ -478,6 +489,7 @@ pub fn transition(
                 next.state = JobState::Cancelled;
                 events.push(EventKind::Cancelled {
                     attempt: Some(attempt),
+                    profile: None,
                 });
             } else if retry {
                 let delay_ms = match failure.kind {
@@ -503,14 +515,20 @@ pub fn transition(
                 }
                 next.state = JobState::Failed;
                 next.error = Some(error.clone());
-                events.push(EventKind::Failed { error });
+                events.push(EventKind::Failed {
+                    error,
+                    profile: None,
+                });
             }
         }
         Input::Cancel => match job.state {
             JobState::Queued => {
                 next.cancel_requested = true;
                 next.state = JobState::Cancelled;
-                events.push(EventKind::Cancelled { attempt: None });
+                events.push(EventKind::Cancelled {
+                    attempt: None,
+                    profile: None,
+                });
             }
             JobState::Running => {
                 if job.cancel_requested {
@@ -543,6 +561,7 @@ pub fn transition(
             next.state = JobState::Cancelled;
             events.push(EventKind::Cancelled {
                 attempt: Some(attempt),
+                profile: None,
             });
         }
         Input::QueueTimeout { limit_ms } => {
@@ -556,7 +575,10 @@ pub fn transition(
             .with_details(serde_json::json!({ "limit_ms": limit_ms }));
             next.state = JobState::Failed;
             next.error = Some(error.clone());
-            events.push(EventKind::Failed { error });
+            events.push(EventKind::Failed {
+                error,
+                profile: None,
+            });
         }
         Input::Unroutable { error } => {
             if job.state != JobState::Queued {
@@ -564,7 +586,10 @@ pub fn transition(
             }
             next.state = JobState::Failed;
             next.error = Some(error.clone());
-            events.push(EventKind::Failed { error });
+            events.push(EventKind::Failed {
+                error,
+                profile: None,
+            });
         }
         Input::DeadlinePassed { limit_ms } => {
             if job.state.is_terminal() {
@@ -600,7 +625,10 @@ pub fn transition(
             }
             next.state = JobState::Failed;
             next.error = Some(error.clone());
-            events.push(EventKind::Failed { error });
+            events.push(EventKind::Failed {
+                error,
+                profile: None,
+            });
         }
     }
 

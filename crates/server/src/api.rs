@@ -242,6 +242,7 @@ pub fn job_view(job: &Job) -> wire::Job {
             started_at: opt_time(a.started_at),
             finished_at: opt_time(a.finished_at),
             error: a.error.clone(),
+            profile: a.profile.clone(),
         })
         .collect();
     let outputs = job

@@ -9,6 +9,7 @@
 use gantry_comfy::client::{Client, Session, SessionEvent, Submitted};
 use gantry_comfy::rest::{FileRef, HistoryEntry, Outcome, PromptRequest, Queue};
 use gantry_comfy::ws::ServerMessage;
+use gantry_core::profile::Observed;
 use gantry_core::watchdog::{Expired, Limits, Phase, Timer, Watch};
 use gantry_core::{
     Attempt, AttemptStatus, Exclusion, Failure, FailureKind, Input, Job, JobError, JobId, Millis,
@@ -547,6 +548,13 @@ impl Driver {
 
     fn disconnected(&mut self, why: String) {
         tracing::info!(backend = %self.name, reason = %why, "websocket lost");
+        // A new socket gets a new clientId, which ComfyUI tells nothing of these prompts.
+        let lost = now_ms();
+        for cur in [&self.current, &self.next].into_iter().flatten() {
+            self.engine.observe(&cur.a.job_id, cur.a.attempt, |p| {
+                p.observe(lost, Observed::Lost("the WebSocket was lost: a new connection hears nothing more of this prompt"))
+            });
+        }
         self.session = None;
         self.set_connection(Connection::Offline, Some(format!("websocket lost: {why}")));
         self.reconnect_at = Instant::now() + self.backoff;
@@ -566,6 +574,10 @@ impl Driver {
         if m.prompt_id() != Some(cur.a.prompt_id.as_str()) {
             return;
         }
+        let heard = now_ms();
+        self.engine.observe(&cur.a.job_id, cur.a.attempt, |p| {
+            crate::profiling::observe(p, heard, &m)
+        });
         let draining = cur.draining.is_some();
         match m {
             ServerMessage::ExecutionStart(_) => self.started().await,
@@ -765,6 +777,9 @@ impl Driver {
         let adopt = a.adopt;
         let mut watch = Watch::new(a.limits.clone());
         if adopt {
+            let at = now_ms();
+            self.engine
+                .observe(&a.job_id, a.attempt, |p| p.observe(at, Observed::Adopted));
             let mono = self.mono();
             match stage {
                 Stage::Executing => watch.executing(mono),
@@ -1065,6 +1080,12 @@ impl Driver {
 
     async fn finish_from_history(&mut self, entry: HistoryEntry) {
         let draining = self.current.as_ref().is_some_and(|c| c.draining.is_some());
+        if let Some(cur) = &self.current {
+            let now = now_ms();
+            self.engine.observe(&cur.a.job_id, cur.a.attempt, |p| {
+                crate::profiling::recall_history(p, now, &entry)
+            });
+        }
         match entry.outcome() {
             Outcome::Success => self.succeed(files_of(&entry)).await,
             Outcome::Interrupted => self.interrupted().await,
@@ -1373,6 +1394,7 @@ impl Driver {
         let Some(cur) = self.current.take() else {
             return;
         };
+        self.engine.forget_profile(&cur.a.job_id, cur.a.attempt);
         if cur.draining.as_ref().is_some_and(|d| d.stuck) {
             self.engine.set_stuck(&self.name, None);
         }

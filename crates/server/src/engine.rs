@@ -3,6 +3,7 @@
 //! a job: transition, conditional store update with its events, publish, carry out effects.
 
 use gantry_core::health::{Health, HealthEvent};
+use gantry_core::profile::ProfileBuilder;
 use gantry_core::routing::{self, Candidate, Choice};
 use gantry_core::watchdog::Limits;
 use gantry_core::{
@@ -321,6 +322,9 @@ struct Inner {
     auth: crate::auth::Auth,
     /// Drivers of backends added at run time, joined at shutdown.
     late: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// What the drivers heard of each live attempt, made into its profile when the
+    /// attempt ends (`apply`).
+    profiles: Mutex<HashMap<(JobId, u32), ProfileBuilder>>,
 }
 
 impl Engine {
@@ -371,6 +375,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 auth,
                 late: Mutex::new(Vec::new()),
+                profiles: Mutex::new(HashMap::new()),
                 store,
                 bus: Bus::new(4096),
                 policy,
@@ -474,6 +479,66 @@ impl Engine {
         for h in handles {
             let _ = h.await;
         }
+    }
+
+    fn lock_profiles(&self) -> MutexGuard<'_, HashMap<(JobId, u32), ProfileBuilder>> {
+        self.inner
+            .profiles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record, in the profile of `job`'s attempt `attempt`, what its backend said.
+    pub fn observe(&self, job: &JobId, attempt: u32, f: impl FnOnce(&mut ProfileBuilder)) {
+        f(self
+            .lock_profiles()
+            .entry((job.clone(), attempt))
+            .or_default());
+    }
+
+    /// Forget an attempt's record (its driver let it go without an end being written
+    /// here: a lost lease, a drain that outlived it).
+    pub fn forget_profile(&self, job: &JobId, attempt: u32) {
+        self.lock_profiles().remove(&(job.clone(), attempt));
+    }
+
+    /// Attach to each attempt that `applied` ends its profile, and to the job's terminal
+    /// event the profile of the attempt that ended it. Answers the attempts whose
+    /// records to drop once the write commits.
+    fn attach_profiles(&self, before: &Job, applied: &mut gantry_core::Applied) -> Vec<u32> {
+        let mut ended = Vec::new();
+        {
+            let profiles = self.lock_profiles();
+            for a in applied.job.attempts.iter_mut() {
+                let was_live = before
+                    .attempts
+                    .iter()
+                    .any(|b| b.number == a.number && b.status.is_live());
+                if was_live && !a.status.is_live() && a.profile.is_none() {
+                    let builder = profiles.get(&(before.id.clone(), a.number));
+                    let profile = builder.cloned().unwrap_or_default();
+                    a.profile = Some(Box::new(profile.finish(&before.spec.workflow, a)));
+                    ended.push(a.number);
+                }
+            }
+        }
+        let last = applied
+            .job
+            .attempts
+            .iter()
+            .rev()
+            .find(|a| ended.contains(&a.number))
+            .or_else(|| applied.job.attempts.last())
+            .and_then(|a| a.profile.clone());
+        for e in applied.events.iter_mut() {
+            match e {
+                EventKind::Succeeded { profile, .. }
+                | EventKind::Failed { profile, .. }
+                | EventKind::Cancelled { profile, .. } => *profile = last.clone(),
+                _ => {}
+            }
+        }
+        ended
     }
 
     /// Whether the API asks for tokens, and their checks.
@@ -927,7 +992,8 @@ impl Engine {
             };
             let now = now_ms();
             match transition(&job, input.clone(), now, &self.inner.policy) {
-                Ok(applied) => {
+                Ok(mut applied) => {
+                    let ended = self.attach_profiles(&job, &mut applied);
                     let stored = match self.fence(&job, &input) {
                         Some(fence) => {
                             self.inner
@@ -944,6 +1010,12 @@ impl Engine {
                     };
                     match stored {
                         Ok(events) => {
+                            if !ended.is_empty() {
+                                let mut profiles = self.lock_profiles();
+                                for n in ended {
+                                    profiles.remove(&(id.clone(), n));
+                                }
+                            }
                             self.queue().note(&applied.job, &self.inner.config.timeouts);
                             self.publish_persisted(events);
                             self.carry_out(&applied.job, applied.effects);

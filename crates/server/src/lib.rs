@@ -13,6 +13,7 @@ pub mod engine;
 mod instant;
 pub mod metrics;
 pub mod outputs;
+pub mod profiling;
 
 use gantry_store::{PgStore, SqliteStore, Store};
 use std::net::SocketAddr;

@@ -6,6 +6,7 @@ mod cluster;
 mod engine;
 mod failover;
 mod overhead;
+mod profile;
 mod restart;
 mod scale;
 mod throughput;
@@ -45,6 +46,8 @@ enum Scenario {
     Restart(restart::Args),
     /// One and several coordinators on one PostgreSQL database: throughput, dispatch latency.
     Cluster(cluster::Args),
+    /// What the always-on per-node profile costs each job.
+    Profile(profile::Args),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -56,6 +59,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Scale(a) => ("scale", scale::run(a).await?),
         Scenario::Restart(a) => ("restart", restart::run(a).await?),
         Scenario::Cluster(a) => ("cluster", cluster::run(a).await?),
+        Scenario::Profile(a) => ("profile", profile::run(a).await?),
     };
     let report = json!({
         "scenario": name,

@@ -397,3 +397,12 @@ async fn serve_logs_json_lines_with_the_attempt_span() {
     assert_eq!(failed["span"]["backend"], "sim", "{failed}");
     sim.shutdown().await;
 }
+
+#[test]
+fn bench_profile_measures_the_profile_against_parsing() {
+    let r = bench(&["profile", "--jobs", "50", "--steps", "10"]);
+    assert_eq!(r["profile_us"]["n"], 50, "{r:#}");
+    assert_eq!(r["parse_us"]["n"], 50, "{r:#}");
+    assert!(r["profile_bytes"].as_u64().unwrap() > 0);
+    assert!(r["profile_over_parse_p50"].as_f64().unwrap().is_finite());
+}

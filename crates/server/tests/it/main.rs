@@ -10,5 +10,6 @@ mod failover;
 mod openapi;
 mod pipeline;
 mod postgres;
+mod profile;
 mod seeds;
 mod support;

@@ -51,11 +51,20 @@ async fn the_next_job_waits_on_the_backend_behind_the_running_one() {
         },
     )
     .await;
-    let (a, b) = (app.get_job(&first).await, app.get_job(&second).await);
+    // The backend may show the prompt queued a moment before gantry commits its
+    // acceptance: wait for that commit, not for a guess at how long it takes.
+    let b = app
+        .wait_job(
+            &second,
+            "the second job pending",
+            Duration::from_secs(10),
+            |j| j["phase"] == "pending",
+        )
+        .await;
+    let a = app.get_job(&first).await;
     assert_eq!(running, vec![prompt_of(&a)]);
     assert_eq!(pending, vec![prompt_of(&b)]);
     assert_eq!(b["state"], "running");
-    assert_eq!(b["phase"], "pending", "{b:#}");
     let backends = app.get_json("/v1/backends").await;
     assert_eq!(backends["backends"][0]["next_job"], json!(second));
     for id in [&first, &second] {

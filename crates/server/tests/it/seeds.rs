@@ -42,10 +42,14 @@ async fn seed_000_a_server_that_accepts_a_prompt_and_never_starts_it() {
     );
     assert_eq!(first["error"]["details"]["phase"], "start");
     assert_eq!(first["error"]["details"]["limit_ms"], 300);
-    // The limit counts from the acceptance, which `submitted_at` records a moment later
-    // (the watchdog's clock and the wall clock each round down to the millisecond).
+    // The limit counts from the acceptance; `submitted_at` is stamped when that is
+    // committed, a moment later (more on a loaded machine), so allow for the commit.
     assert!(
-        ms_of(&first["finished_at"]) - ms_of(&first["submitted_at"]) >= 298,
+        ms_of(&first["finished_at"]) - ms_of(&first["submitted_at"]) >= 250,
+        "not before its limit: {first:#}"
+    );
+    assert!(
+        ms_of(&first["finished_at"]) - ms_of(&first["created_at"]) >= 300,
         "not before its limit: {first:#}"
     );
     assert_eq!(

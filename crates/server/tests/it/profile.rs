@@ -1,0 +1,267 @@
+//! Attempt profiles: built from the captures of a real ComfyUI (every node timed, cached
+//! nodes marked, a failed and an interrupted node), and from simulated runs (on the
+//! job, in its terminal event, per attempt, and saying which part is missing when the
+//! WebSocket was lost mid-run instead of inventing durations).
+
+use crate::support::{fixture, sim_config, sleep_workflow, spawn_app_with};
+use gantry_comfy::ws::ServerMessage;
+use gantry_core::profile::{AttemptProfile, NodeStatus, ProfileBuilder};
+use gantry_core::{Attempt, AttemptStatus, Workflow};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// The profiles of every prompt in a capture, by prompt id, in order of first message.
+fn profiles_of(capture: &str, workflow: Value) -> Vec<AttemptProfile> {
+    let capture = fixture(&format!("comfyui/captures/{capture}.json"));
+    let workflow = Workflow::parse(&workflow).unwrap();
+    let mut builders: BTreeMap<usize, (String, ProfileBuilder, i64)> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for e in capture["events"].as_array().unwrap() {
+        if e["kind"] != "ws_text" {
+            continue;
+        }
+        let m = ServerMessage::parse(&e["body"].to_string()).unwrap();
+        let Some(pid) = m.prompt_id().map(str::to_owned) else {
+            continue;
+        };
+        let at = e["t_ms"].as_f64().unwrap().round() as i64;
+        let i = match order.iter().position(|p| *p == pid) {
+            Some(i) => i,
+            None => {
+                order.push(pid.clone());
+                order.len() - 1
+            }
+        };
+        let entry = builders
+            .entry(i)
+            .or_insert_with(|| (pid, ProfileBuilder::default(), at));
+        entry.2 = at;
+        gantry_server::profiling::observe(&mut entry.1, at, &m);
+    }
+    builders
+        .into_values()
+        .map(|(pid, b, last)| {
+            let attempt = Attempt {
+                number: 1,
+                backend: "a".into(),
+                prompt_id: pid,
+                status: AttemptStatus::Succeeded,
+                created_at: 0,
+                submitted_at: Some(0),
+                started_at: None,
+                finished_at: Some(last),
+                error: None,
+                counted: true,
+                profile: None,
+            };
+            b.finish(&workflow, &attempt)
+        })
+        .collect()
+}
+
+fn statuses(p: &AttemptProfile) -> Vec<(&str, NodeStatus)> {
+    p.nodes.iter().map(|n| (n.id.as_str(), n.status)).collect()
+}
+
+#[test]
+fn a_normal_run_times_every_node_with_its_progress_and_title() {
+    let mut workflow = fixture("comfyui/workflows/a_normal.json");
+    workflow["2"]["_meta"] = json!({"title": "Slow step"});
+    let [p] = profiles_of("a_normal_run", workflow).try_into().unwrap();
+    use NodeStatus::*;
+    assert_eq!(
+        statuses(&p),
+        [
+            ("1", Completed),
+            ("2", Completed),
+            ("3", Completed),
+            ("4", Completed)
+        ]
+    );
+    assert!(p.complete && p.gaps.is_empty());
+    let n2 = &p.nodes[1];
+    assert_eq!(
+        (n2.class_type.as_str(), n2.title.as_deref()),
+        ("GantrySleep", Some("Slow step"))
+    );
+    // executing "2" at 25.7 ms, executing "3" at 1031.1 ms.
+    assert_eq!(n2.duration_ms, Some(1031 - 26));
+    assert_eq!(n2.progress_count, 5);
+    let values: Vec<f64> = n2.progress.iter().map(|p| p.value).collect();
+    assert_eq!(values, [1.0, 2.0, 3.0, 4.0, 5.0]);
+    // SaveImage ends at its `executed`, not at the success that follows 260 ms later.
+    assert_eq!(p.nodes[3].duration_ms, Some(1036 - 1031));
+    assert_eq!(p.summary.slowest[0].id, "2");
+    assert_eq!(
+        (p.summary.executed, p.summary.cached, p.summary.failed),
+        (4, 0, 0)
+    );
+    assert_eq!(p.summary.with_progress, ["2"]);
+    assert_eq!(p.started_at, Some(23));
+    assert_eq!(p.execution_ms, Some(1298 - 23));
+}
+
+#[test]
+fn cached_nodes_are_marked_and_not_timed() {
+    let [p] = profiles_of(
+        "b2_partial_cache",
+        fixture("comfyui/workflows/b2_partial_cache.json"),
+    )
+    .try_into()
+    .unwrap();
+    let n1 = p.nodes.iter().find(|n| n.id == "1").unwrap();
+    assert_eq!((n1.status, n1.duration_ms), (NodeStatus::Cached, None));
+    assert_eq!((p.summary.executed, p.summary.cached), (3, 1));
+    assert!(p.summary.slowest.iter().all(|s| s.id != "1"));
+}
+
+#[test]
+fn a_failed_node_carries_its_error_and_what_follows_never_ran() {
+    let profiles = profiles_of(
+        "c_execution_error",
+        fixture("comfyui/workflows/c_fail.json"),
+    );
+    assert_eq!(profiles.len(), 2);
+    let first = &profiles[0];
+    let n3 = first.nodes.iter().find(|n| n.id == "3").unwrap();
+    assert_eq!(n3.status, NodeStatus::Failed);
+    assert!(
+        n3.error.as_deref().unwrap().contains("deliberate failure"),
+        "{n3:?}"
+    );
+    assert_eq!(n3.duration_ms, Some(527 - 319));
+    assert_eq!(first.summary.failed, 1);
+    // The rerun: its first two nodes come from the cache.
+    let again = &profiles[1];
+    use NodeStatus::*;
+    let s: BTreeMap<&str, NodeStatus> = statuses(again).into_iter().collect();
+    assert_eq!((s["1"], s["2"], s["3"]), (Cached, Cached, Failed));
+}
+
+#[test]
+fn an_interrupted_node_ends_at_the_interrupt() {
+    let [p] = profiles_of(
+        "d_interrupt_targeted",
+        fixture("comfyui/workflows/d_interrupt_targeted.json"),
+    )
+    .try_into()
+    .unwrap();
+    use NodeStatus::*;
+    assert_eq!(
+        statuses(&p),
+        [("1", Completed), ("2", Interrupted), ("3", Pending)]
+    );
+    assert_eq!(p.nodes[1].duration_ms, Some(2711 - 19));
+    assert_eq!(p.nodes[1].progress_count, 3);
+}
+
+/// A simulated run: the profile is on the job's attempt and in its terminal event.
+#[tokio::test]
+async fn a_finished_job_shows_each_attempt_profile_and_its_terminal_event_carries_it() {
+    let app = spawn_app_with(vec![sim_config()], |_| {}).await;
+    let id = app
+        .submit_ok(&json!({"workflow": sleep_workflow(1.0, 4, 3)}))
+        .await;
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded");
+    let profile = &job["attempts"][0]["profile"];
+    assert_eq!(profile["complete"], true, "{profile:#}");
+    let nodes = profile["nodes"].as_array().unwrap();
+    assert!(
+        nodes.iter().all(|n| n["status"] == "completed"),
+        "{profile:#}"
+    );
+    let sleep = nodes
+        .iter()
+        .find(|n| n["class_type"] == "GantrySleep")
+        .unwrap();
+    assert_eq!(sleep["progress_count"], 4);
+    assert!(sleep["duration_ms"].as_i64().unwrap() > 0);
+    assert_eq!(
+        profile["summary"]["slowest"][0]["class_type"],
+        "GantrySleep"
+    );
+    let events = app.read_sse(&id).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "succeeded");
+    assert_eq!(last.data["profile"], *profile);
+    app.shutdown().await;
+}
+
+/// The WebSocket drops mid-run: the outcome still comes (from history), and the
+/// profile says which part is missing; no node that ran in the gap gets a duration.
+#[tokio::test]
+async fn a_run_whose_socket_dropped_says_what_is_missing() {
+    let app = spawn_app_with(vec![sim_config()], |c| {
+        c.liveness = Duration::from_millis(200);
+    })
+    .await;
+    // The sim runs 20x fast: drop 15 ms into a run of 0.5 simulated s per step.
+    app.sims[0].set_faults(&["ws-drop:after_ms=300"]).unwrap();
+    let id = app
+        .submit_ok(&json!({"workflow": sleep_workflow(4.0, 8, 4)}))
+        .await;
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let profile = &job["attempts"][0]["profile"];
+    assert_eq!(profile["complete"], false, "{profile:#}");
+    let gap = &profile["gaps"][0];
+    assert!(
+        gap["reason"].as_str().unwrap().contains("WebSocket"),
+        "{gap}"
+    );
+    assert!(gap["from"].is_i64() && gap["to"].is_i64(), "{gap}");
+    let nodes = profile["nodes"].as_array().unwrap();
+    let sleep = nodes
+        .iter()
+        .find(|n| n["class_type"] == "GantrySleep")
+        .unwrap();
+    assert_eq!(sleep["status"], "unknown", "{profile:#}");
+    assert!(sleep["duration_ms"].is_null());
+    // Nothing after the drop was heard: the nodes after it are unknown, not pending.
+    let save = nodes
+        .iter()
+        .find(|n| n["class_type"] == "SaveImage")
+        .unwrap();
+    assert_eq!(save["status"], "unknown", "{profile:#}");
+    app.shutdown().await;
+}
+
+/// A job that failed over keeps each attempt's own profile: the first shows the node
+/// that raised, the second a clean run.
+#[tokio::test]
+async fn a_failed_first_attempt_keeps_its_own_profile() {
+    let app = spawn_app_with(vec![sim_config(), sim_config()], |c| {
+        c.backends[0].priority = 10;
+        c.backoff_base = Duration::from_millis(10);
+    })
+    .await;
+    app.sims[0]
+        .set_faults(&["error:class=GantrySleep"])
+        .unwrap();
+    let id = app
+        .submit_ok(&json!({"workflow": sleep_workflow(0.5, 2, 5)}))
+        .await;
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let node = |attempt: usize, class: &str| -> Value {
+        job["attempts"][attempt]["profile"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["class_type"] == class)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(job["attempts"][0]["backend"], "a", "{job:#}");
+    // Its end may have been read from /history before the socket told it: either way
+    // the node that raised is known, and the one after it never ran.
+    assert_eq!(node(0, "GantrySleep")["status"], "failed", "{job:#}");
+    assert!(node(0, "GantrySleep")["error"].as_str().is_some());
+    assert_eq!(node(0, "SaveImage")["status"], "pending");
+    assert_eq!(job["attempts"][0]["profile"]["summary"]["failed"], 1);
+    assert_eq!(node(1, "GantrySleep")["status"], "completed");
+    assert_eq!(node(1, "SaveImage")["status"], "completed");
+    app.shutdown().await;
+}
