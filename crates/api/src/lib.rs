@@ -424,3 +424,34 @@ pub struct TokenInfo {
 pub struct SignIn {
     pub token: String,
 }
+
+/// Node timings aggregated over finished attempts (`GET /v1/stats/nodes`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeStatsList {
+    /// What the rows are grouped by: `class`, and `workflow` and `backend` when asked.
+    pub by: Vec<String>,
+    pub stats: Vec<NodeStatsEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeStatsEntry {
+    pub class: String,
+    /// Set when grouped by workflow (its shape hash).
+    pub workflow: Option<String>,
+    /// Set when grouped by backend.
+    pub backend: Option<String>,
+    /// Runs of the node, cached ones included.
+    pub count: u64,
+    pub cached: u64,
+    pub cached_ratio: f64,
+    pub failed: u64,
+    /// Runs that were executing when their attempt timed out.
+    pub timed_out: u64,
+    /// Runs with a measured duration (the quantiles' sample).
+    pub measured: u64,
+    /// Streaming quantiles (DDSketch, 1% relative error).
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+}

@@ -122,6 +122,11 @@ impl ServerOpts {
         })
     }
 
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
     pub fn client(&self) -> Result<Client, Error> {
         let s = self.settings()?;
         Client::new(

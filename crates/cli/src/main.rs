@@ -4,6 +4,7 @@ mod bench;
 mod client;
 mod demo;
 mod profile;
+mod stats;
 mod token;
 
 use anyhow::Context;
@@ -60,6 +61,8 @@ enum Command {
     Backends(client::BackendsArgs),
     /// Where a job's time went, node by node (--vs JOB2: the differences).
     Profile(profile::ProfileArgs),
+    /// Node timings over the farm's history: runs, cached ratio, failures, quantiles.
+    Stats(stats::StatsArgs),
     /// API tokens: create (printed once), list, revoke.
     Token(token::TokenArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -158,6 +161,7 @@ async fn main() -> std::process::ExitCode {
         Command::Retry(args) => return client::exit(client::retry(args).await),
         Command::Backends(args) => return client::exit(client::backends(args).await),
         Command::Profile(args) => return client::exit(profile::run(args).await),
+        Command::Stats(args) => return client::exit(stats::run(args).await),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut std::io::stdout());

@@ -312,6 +312,15 @@ impl Client {
             .backends)
     }
 
+    /// `GET /v1/stats/nodes` with these query pairs (class, workflow, backend, since, by).
+    pub async fn node_stats(&self, query: &[(&str, &str)]) -> Result<wire::NodeStatsList> {
+        let r = self
+            .request(reqwest::Method::GET, "/v1/stats/nodes")
+            .query(query);
+        let response = self.send("reading node statistics", r).await?;
+        self.json("reading node statistics", response).await
+    }
+
     /// Add a ComfyUI server to the farm (`POST /v1/backends`).
     pub async fn add_backend(&self, backend: &wire::AddBackend) -> Result<Backend> {
         let what = format!("adding backend {}", backend.url);

@@ -171,6 +171,7 @@ fn documented() -> OpenApiRouter<Engine> {
         .routes(routes!(drain_backend))
         .routes(routes!(resume_backend))
         .routes(routes!(cluster))
+        .routes(routes!(node_stats))
         .routes(routes!(healthz))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
@@ -1306,4 +1307,127 @@ async fn sign_out(State(engine): State<Engine>) -> Response {
         Json(session_of(&engine, None)),
     )
         .into_response()
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct StatsQuery {
+    /// Only this node class.
+    class: Option<String>,
+    /// Only this workflow shape (`workflow_hash` of a job).
+    workflow: Option<String>,
+    /// Only this backend.
+    backend: Option<String>,
+    /// From this moment: RFC 3339, or a duration ago (`24h`, `7d`).
+    since: Option<String>,
+    /// Group by `class` (the default) and any of `workflow`, `backend`, comma-separated.
+    by: Option<String>,
+}
+
+/// Per node class (and workflow, and backend): runs, cached ratio, failures, timeouts
+/// and duration quantiles, from every finished attempt's profile.
+#[utoipa::path(get, path = "/v1/stats/nodes", tag = "jobs", params(StatsQuery),
+    responses(
+        (status = 200, body = wire::NodeStatsList),
+        (status = 400, description = "A query parameter is not valid", body = wire::ErrorBody),
+    ))]
+async fn node_stats(
+    State(engine): State<Engine>,
+    Query(q): Query<StatsQuery>,
+) -> Result<Json<wire::NodeStatsList>, ApiError> {
+    let by: Vec<String> = match q.by.as_deref() {
+        None | Some("") => vec!["class".into()],
+        Some(list) => {
+            let mut by = vec!["class".to_owned()];
+            for part in list.split(',').map(str::trim) {
+                match part {
+                    "class" => {}
+                    "workflow" | "backend" if !by.iter().any(|b| b == part) => by.push(part.into()),
+                    "workflow" | "backend" => {}
+                    other => {
+                        return Err(ApiError::bad(
+                            "invalid_query",
+                            format!("by={other}: group by class, workflow or backend"),
+                            json!({"field": "by"}),
+                        ))
+                    }
+                }
+            }
+            by
+        }
+    };
+    let since = match q.since.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(match DateTime::parse_from_rfc3339(s) {
+            Ok(t) => t.timestamp_millis(),
+            Err(_) => match humantime::parse_duration(s) {
+                Ok(d) => crate::engine::now_ms() - d.as_millis() as i64,
+                Err(_) => {
+                    return Err(ApiError::bad(
+                        "invalid_query",
+                        format!("since={s}: give an RFC 3339 time or a duration ago, like 24h"),
+                        json!({"field": "since"}),
+                    ))
+                }
+            },
+        }),
+    };
+    let rows = engine
+        .store()
+        .node_stats(&gantry_store::stats::StatsFilter {
+            class: q.class.filter(|s| !s.is_empty()),
+            workflow: q.workflow.filter(|s| !s.is_empty()),
+            backend: q.backend.filter(|s| !s.is_empty()),
+            since,
+        })
+        .await?;
+    let with_workflow = by.iter().any(|b| b == "workflow");
+    let with_backend = by.iter().any(|b| b == "backend");
+    let mut groups: Vec<gantry_store::stats::NodeStats> = Vec::new();
+    for row in rows {
+        let workflow = if with_workflow {
+            row.workflow.as_str()
+        } else {
+            ""
+        };
+        let backend = if with_backend {
+            row.backend.as_str()
+        } else {
+            ""
+        };
+        match groups
+            .iter_mut()
+            .find(|g| g.class == row.class && g.workflow == workflow && g.backend == backend)
+        {
+            Some(g) => g.merge(&row),
+            None => {
+                let mut g = gantry_store::stats::NodeStats::empty(&row.class, workflow, backend, 0);
+                g.merge(&row);
+                groups.push(g);
+            }
+        }
+    }
+    let stats = groups
+        .into_iter()
+        .map(|g| wire::NodeStatsEntry {
+            cached_ratio: if g.count == 0 {
+                0.0
+            } else {
+                g.cached as f64 / g.count as f64
+            },
+            measured: g.sketch.count() as u64,
+            p50_ms: g.quantile(0.5),
+            p95_ms: g.quantile(0.95),
+            p99_ms: g.quantile(0.99),
+            max_ms: g.sketch.max(),
+            workflow: with_workflow.then(|| g.workflow.clone()),
+            backend: with_backend.then(|| g.backend.clone()),
+            class: g.class,
+            count: g.count,
+            cached: g.cached,
+            failed: g.failed,
+            timed_out: g.timed_out,
+        })
+        .collect();
+    Ok(Json(wire::NodeStatsList { by, stats }))
 }

@@ -325,6 +325,8 @@ struct Inner {
     /// What the drivers heard of each live attempt, made into its profile when the
     /// attempt ends (`apply`).
     profiles: Mutex<HashMap<(JobId, u32), ProfileBuilder>>,
+    /// Node samples of finished attempts, for the stats writer (`stats_loop`).
+    stats: mpsc::UnboundedSender<Vec<gantry_store::stats::NodeSample>>,
 }
 
 impl Engine {
@@ -371,11 +373,13 @@ impl Engine {
             backends.insert(b.name.clone(), state);
         }
         let auth = crate::auth::Auth::new(store.clone()).await?;
+        let (stats_tx, stats_rx) = mpsc::unbounded_channel();
         let engine = Engine {
             inner: Arc::new(Inner {
                 auth,
                 late: Mutex::new(Vec::new()),
                 profiles: Mutex::new(HashMap::new()),
+                stats: stats_tx,
                 store,
                 bus: Bus::new(4096),
                 policy,
@@ -430,6 +434,8 @@ impl Engine {
         tasks.spawn(async move { e.schedule().await });
         let e = engine.clone();
         tasks.spawn(async move { e.auth().refresh_loop(e.shutdown_token().clone()).await });
+        let e = engine.clone();
+        tasks.spawn(async move { e.stats_loop(stats_rx).await });
         let e = engine.clone();
         tasks.spawn(async move { crate::metrics::follow(e).await });
         if !engine.inner.config.retention.is_zero() {
@@ -539,6 +545,77 @@ impl Engine {
             }
         }
         ended
+    }
+
+    /// Hand the nodes of the attempts that just ended to the stats writer.
+    fn sample_nodes(&self, job: &Job, ended: &[u32]) {
+        use gantry_core::profile::NodeStatus;
+        let mut samples = Vec::new();
+        for a in job.attempts.iter().filter(|a| ended.contains(&a.number)) {
+            let Some(p) = &a.profile else { continue };
+            let timed_out = a.error.as_ref().is_some_and(|e| e.code == "timeout");
+            let workflow = job.spec.workflow.shape_hash();
+            for n in &p.nodes {
+                if matches!(n.status, NodeStatus::Pending | NodeStatus::Unknown) {
+                    continue;
+                }
+                samples.push(gantry_store::stats::NodeSample {
+                    class: n.class_type.clone(),
+                    workflow: workflow.clone(),
+                    backend: a.backend.clone(),
+                    at: a.finished_at.unwrap_or(job.updated_at),
+                    duration_ms: n.duration_ms.map(|d| d as f64),
+                    cached: n.status == NodeStatus::Cached,
+                    failed: n.status == NodeStatus::Failed,
+                    timed_out: timed_out
+                        && matches!(n.status, NodeStatus::Executing | NodeStatus::Interrupted),
+                });
+            }
+        }
+        if !samples.is_empty() {
+            let _ = self.inner.stats.send(samples);
+        }
+    }
+
+    /// Write node samples to the store's aggregates, gathered for up to a second, so
+    /// jobs never wait for them and the store takes one write a second at most (a
+    /// crash loses at most that second of statistics, never a job).
+    async fn stats_loop(
+        &self,
+        mut rx: mpsc::UnboundedReceiver<Vec<gantry_store::stats::NodeSample>>,
+    ) {
+        let mut pending = Vec::new();
+        loop {
+            let stop = tokio::select! {
+                more = rx.recv() => match more {
+                    Some(s) => { pending.extend(s); false }
+                    None => true,
+                },
+                _ = self.inner.shutdown.cancelled() => true,
+            };
+            if !stop && pending.len() < 10_000 {
+                // Gather what comes within the second.
+                let until = tokio::time::Instant::now() + Duration::from_secs(1);
+                while let Ok(Some(s)) = tokio::time::timeout_at(until, rx.recv()).await {
+                    pending.extend(s);
+                    if pending.len() >= 10_000 {
+                        break;
+                    }
+                }
+            }
+            while let Ok(s) = rx.try_recv() {
+                pending.extend(s);
+            }
+            if !pending.is_empty() {
+                if let Err(e) = self.inner.store.record_node_stats(&pending).await {
+                    tracing::warn!(error = %e, samples = pending.len(), "cannot record node statistics");
+                }
+                pending.clear();
+            }
+            if stop {
+                return;
+            }
+        }
     }
 
     /// Whether the API asks for tokens, and their checks.
@@ -1010,6 +1087,7 @@ impl Engine {
                     };
                     match stored {
                         Ok(events) => {
+                            self.sample_nodes(&applied.job, &ended);
                             if !ended.is_empty() {
                                 let mut profiles = self.lock_profiles();
                                 for n in ended {

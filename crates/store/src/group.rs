@@ -437,3 +437,21 @@ pub(crate) fn backend_from(row: BackendRow) -> Result<crate::BackendRecord> {
         added_at,
     })
 }
+
+/// A node_stats row: class, workflow, backend, hour, count, cached, failed, timed_out, sketch.
+pub(crate) type StatsRow = (String, String, String, i64, i64, i64, i64, i64, String);
+
+pub(crate) fn stats_from(row: StatsRow) -> Result<crate::stats::NodeStats> {
+    let (class, workflow, backend, hour, count, cached, failed, timed_out, sketch) = row;
+    Ok(crate::stats::NodeStats {
+        class,
+        workflow,
+        backend,
+        hour,
+        count: count as u64,
+        cached: cached as u64,
+        failed: failed as u64,
+        timed_out: timed_out as u64,
+        sketch: crate::stats::decode_sketch(&sketch)?,
+    })
+}

@@ -8,6 +8,7 @@
 mod group;
 mod postgres;
 mod sqlite;
+pub mod stats;
 pub mod testing;
 
 use async_trait::async_trait;
@@ -229,4 +230,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// The backends added at run time, oldest first.
     async fn added_backends(&self) -> Result<Vec<BackendRecord>>;
+
+    /// Fold these per-node samples into the per-hour aggregates.
+    async fn record_node_stats(&self, samples: &[stats::NodeSample]) -> Result<()>;
+
+    /// The per-hour aggregates that match `filter`.
+    async fn node_stats(&self, filter: &stats::StatsFilter) -> Result<Vec<stats::NodeStats>>;
 }

@@ -16,11 +16,14 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::group::{backend_from, token_from, BackendRow, TokenRow, TOKEN_COLUMNS};
+use crate::group::{
+    backend_from, stats_from, token_from, BackendRow, StatsRow, TokenRow, TOKEN_COLUMNS,
+};
 use crate::group::{
     counts_of, event_from, finish, job_from, page_of, rounds, Committer, Done, EventRows, JobRow,
     Op, Write, Writer, COUNT_BY_STATE,
 };
+use crate::stats::{self, NodeSample, NodeStats, StatsFilter};
 use crate::{
     BackendRecord, Created, Error, Event, Fence, JobFilter, JobPage, Result, Store, TokenRecord,
 };
@@ -72,6 +75,20 @@ CREATE TABLE backends (
     tags TEXT NOT NULL,
     priority INTEGER NOT NULL,
     added_at INTEGER NOT NULL
+);
+"#,
+    r#"
+CREATE TABLE node_stats (
+    class TEXT NOT NULL,
+    workflow TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    cached INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    timed_out INTEGER NOT NULL,
+    sketch TEXT NOT NULL,
+    PRIMARY KEY (class, workflow, backend, hour)
 );
 "#,
 ];
@@ -576,6 +593,95 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         rows.into_iter().map(backend_from).collect()
+    }
+    async fn record_node_stats(&self, samples: &[NodeSample]) -> Result<()> {
+        let mut tx = self.admin.begin().await?;
+        for add in stats::aggregate(samples) {
+            // The row first (empty), then locked and merged: two writers of one new key
+            // never overwrite each other's counts.
+            sqlx::query(
+                "INSERT INTO node_stats (class, workflow, backend, hour, count, cached, failed, timed_out, sketch) VALUES (?, ?, ?, ?, 0, 0, 0, 0, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(&add.class)
+            .bind(&add.workflow)
+            .bind(&add.backend)
+            .bind(add.hour)
+            .bind(String::new())
+            .execute(&mut *tx)
+            .await?;
+            let (count, cached, failed, timed_out, sketch): (i64, i64, i64, i64, String) =
+                sqlx::query_as(
+                    "SELECT count, cached, failed, timed_out, sketch FROM node_stats WHERE class = ? AND workflow = ? AND backend = ? AND hour = ?",
+                )
+                .bind(&add.class)
+                .bind(&add.workflow)
+                .bind(&add.backend)
+                .bind(add.hour)
+                .fetch_one(&mut *tx)
+                .await?;
+            let mut row = NodeStats {
+                count: count as u64,
+                cached: cached as u64,
+                failed: failed as u64,
+                timed_out: timed_out as u64,
+                sketch: stats::decode_sketch(&sketch)?,
+                ..add.clone()
+            };
+            row.merge(&add);
+            sqlx::query(
+                "UPDATE node_stats SET count = ?, cached = ?, failed = ?, timed_out = ?, sketch = ? WHERE class = ? AND workflow = ? AND backend = ? AND hour = ?",
+            )
+            .bind(row.count as i64)
+            .bind(row.cached as i64)
+            .bind(row.failed as i64)
+            .bind(row.timed_out as i64)
+            .bind(stats::encode_sketch(&row.sketch)?)
+            .bind(&row.class)
+            .bind(&row.workflow)
+            .bind(&row.backend)
+            .bind(row.hour)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn node_stats(&self, filter: &StatsFilter) -> Result<Vec<NodeStats>> {
+        let mut sql = String::from(
+            "SELECT class, workflow, backend, hour, count, cached, failed, timed_out, sketch FROM node_stats WHERE TRUE",
+        );
+        let mut n = 0;
+        let mut next = |column: &str, op: &str| {
+            n += 1;
+            let p = "?".to_owned();
+            format!(" AND {column} {op} {p}")
+        };
+        if filter.class.is_some() {
+            sql.push_str(&next("class", "="));
+        }
+        if filter.workflow.is_some() {
+            sql.push_str(&next("workflow", "="));
+        }
+        if filter.backend.is_some() {
+            sql.push_str(&next("backend", "="));
+        }
+        if filter.since.is_some() {
+            sql.push_str(&next("hour", ">="));
+        }
+        sql.push_str(" ORDER BY class, workflow, backend, hour");
+        let mut q = sqlx::query_as::<_, StatsRow>(&sql);
+        for v in [&filter.class, &filter.workflow, &filter.backend]
+            .into_iter()
+            .flatten()
+        {
+            q = q.bind(v);
+        }
+        if let Some(since) = filter.since {
+            q = q.bind(since - since.rem_euclid(stats::HOUR_MS));
+        }
+        let rows = q.fetch_all(&self.reader).await?;
+        rows.into_iter().map(stats_from).collect()
     }
 }
 

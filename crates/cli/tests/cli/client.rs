@@ -827,3 +827,43 @@ async fn profile_shows_where_the_time_went_and_compares_two_jobs() {
     run(farm.gantry(&["cancel", &running])).await;
     farm.shutdown().await;
 }
+
+/// `gantry stats`: node timings over what ran, as a table and as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_prints_node_timings_over_what_ran() {
+    let farm = farm(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    for seed in [1, 2] {
+        let mut graph = sleep_graph(0.4, 2);
+        graph["2"]["inputs"]["seed"] = json!(seed);
+        let file = write(dir.path(), &format!("w{seed}.json"), &graph);
+        let o = run(farm.gantry(&["submit", &file, "--wait"])).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let give_up = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let o = run(farm.gantry(&["stats", "--class", "GantrySleep", "--json"])).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        if v["stats"][0]["count"] == 2 {
+            break v;
+        }
+        assert!(Instant::now() < give_up, "never counted both runs: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(stats["stats"][0]["measured"], 2);
+    let o = run(farm.gantry(&["stats", "--by", "backend"])).await;
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("GantrySleep"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.trim_end().ends_with(" a") && row.contains(" 2 "),
+        "{table}"
+    );
+    let o = run(farm.gantry(&["stats", "--by", "colour"])).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("by=colour"), "{}", stderr(&o));
+    farm.shutdown().await;
+}

@@ -21,6 +21,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/backends/{name}/drain"),
     ("POST", "/v1/backends/{name}/resume"),
     ("GET", "/v1/cluster"),
+    ("GET", "/v1/stats/nodes"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),

@@ -265,3 +265,60 @@ async fn a_failed_first_attempt_keeps_its_own_profile() {
     assert_eq!(node(1, "SaveImage")["status"], "completed");
     app.shutdown().await;
 }
+
+/// Every finished attempt's nodes feed the aggregates behind `GET /v1/stats/nodes`.
+#[tokio::test]
+async fn finished_attempts_feed_the_node_statistics() {
+    use crate::support::{assert_error, poll_until};
+    let app = spawn_app_with(vec![sim_config()], |_| {}).await;
+    for seed in [1, 2, 3, 3] {
+        let id = app
+            .submit_ok(&json!({"workflow": sleep_workflow(0.4, 2, seed)}))
+            .await;
+        assert_eq!(app.wait_terminal(&id).await["state"], "succeeded");
+    }
+    // Written by the stats writer within about a second of the last job.
+    let body = poll_until(
+        "the statistics count every run",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let body = app.get_json("/v1/stats/nodes?class=GantrySleep").await;
+            if body["stats"][0]["count"] == 4 {
+                Ok(body)
+            } else {
+                Err(body)
+            }
+        },
+    )
+    .await;
+    let s = &body["stats"][0];
+    assert_eq!(body["stats"].as_array().unwrap().len(), 1);
+    // The repeated seed came from ComfyUI's cache.
+    assert_eq!(
+        (s["cached"].as_u64(), s["measured"].as_u64()),
+        (Some(1), Some(3)),
+        "{s:#}"
+    );
+    assert_eq!(s["cached_ratio"], 0.25);
+    let (p50, p99, max) = (
+        s["p50_ms"].as_f64().unwrap(),
+        s["p99_ms"].as_f64().unwrap(),
+        s["max_ms"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= p99 && p99 <= max * 1.02, "{s:#}");
+    let by_backend = app.get_json("/v1/stats/nodes?by=backend,workflow").await;
+    let first = &by_backend["stats"][0];
+    assert_eq!(first["backend"], "a");
+    assert!(first["workflow"].is_string());
+    assert_eq!(by_backend["by"], json!(["class", "backend", "workflow"]));
+    let future = app
+        .get_json("/v1/stats/nodes?since=2999-01-01T00:00:00Z")
+        .await;
+    assert_eq!(future["stats"], json!([]));
+    let bad = app.get("/v1/stats/nodes?by=colour").await;
+    assert_error(&bad, 400, "invalid_query", &["by=colour"]);
+    let bad = app.get("/v1/stats/nodes?since=yesterday").await;
+    assert_error(&bad, 400, "invalid_query", &["since=yesterday"]);
+    app.shutdown().await;
+}

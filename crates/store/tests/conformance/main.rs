@@ -28,6 +28,7 @@ macro_rules! conformance {
                 concurrent_writes_share_commits_but_keep_their_own_outcomes,
                 tokens_are_kept_by_hash_and_revoked_once,
                 added_backends_are_kept_once_by_name_and_url,
+                node_stats_add_up_and_filter,
                 a_follower_of_the_sequence_never_skips_an_event
             );
         }

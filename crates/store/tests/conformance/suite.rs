@@ -548,3 +548,76 @@ pub async fn added_backends_are_kept_once_by_name_and_url(stores: Vec<Arc<dyn St
         ]
     );
 }
+
+/// Node aggregates: counts add up across writes and handles, quantiles come from the
+/// sketch within its 1% relative error of the exact ones, and filters select by class,
+/// workflow, backend and hour.
+pub async fn node_stats_add_up_and_filter(stores: Vec<Arc<dyn Store>>) {
+    use gantry_store::stats::{NodeSample, StatsFilter, HOUR_MS};
+    let (a, b) = (&stores[0], stores.last().unwrap());
+    let sample = |class: &str, backend: &str, at: i64, ms: Option<f64>| NodeSample {
+        class: class.into(),
+        workflow: "w1".into(),
+        backend: backend.into(),
+        at,
+        duration_ms: ms,
+        cached: ms.is_none(),
+        failed: false,
+        timed_out: false,
+    };
+    let hour = 10 * HOUR_MS;
+    // 1..=100 ms on KSampler/a, split over two writes and two handles.
+    let first: Vec<NodeSample> = (1..=60)
+        .map(|i| sample("KSampler", "a", hour + i, Some(i as f64)))
+        .collect();
+    let second: Vec<NodeSample> = (61..=100)
+        .map(|i| sample("KSampler", "a", hour + i, Some(i as f64)))
+        .collect();
+    a.record_node_stats(&first).await.unwrap();
+    b.record_node_stats(&second).await.unwrap();
+    // Cached runs count but have no duration; another backend; the next hour.
+    let mut more: Vec<NodeSample> = (0..20)
+        .map(|i| sample("KSampler", "a", hour + i, None))
+        .collect();
+    more.push(sample("KSampler", "b", hour + 5, Some(500.0)));
+    more.push(sample("VAEDecode", "a", hour + HOUR_MS + 1, Some(40.0)));
+    a.record_node_stats(&more).await.unwrap();
+
+    let ks = b
+        .node_stats(&StatsFilter {
+            class: Some("KSampler".into()),
+            backend: Some("a".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ks.len(), 1);
+    let k = &ks[0];
+    assert_eq!((k.count, k.cached, k.hour), (120, 20, hour));
+    for (q, exact) in [(0.5, 50.0), (0.95, 95.0), (0.99, 99.0), (1.0, 100.0)] {
+        let got = k.quantile(q).unwrap();
+        assert!(
+            (got - exact).abs() <= exact * 0.02,
+            "p{q}: {got} vs {exact}"
+        );
+    }
+    let all = a.node_stats(&StatsFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 3);
+    let later = a
+        .node_stats(&StatsFilter {
+            since: Some(hour + HOUR_MS + 30),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].class, "VAEDecode");
+    let none = a
+        .node_stats(&StatsFilter {
+            workflow: Some("w2".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}

@@ -1,0 +1,99 @@
+//! `gantry stats`: node timings over the farm's history, per class (and per workflow or
+//! backend with `--by`), from `GET /v1/stats/nodes`.
+
+use crate::client::ServerOpts;
+use gantry_client::Error;
+use serde_json::json;
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct StatsArgs {
+    /// Only this node class.
+    #[arg(long)]
+    class: Option<String>,
+    /// Only this workflow shape (a job's workflow_hash).
+    #[arg(long)]
+    workflow: Option<String>,
+    /// Only this backend.
+    #[arg(long)]
+    backend: Option<String>,
+    /// From this moment: RFC 3339, or a duration ago (24h, 7d).
+    #[arg(long)]
+    since: Option<String>,
+    /// Also group by workflow and/or backend, comma-separated.
+    #[arg(long)]
+    by: Option<String>,
+    #[command(flatten)]
+    opts: ServerOpts,
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 1000.0 => format!("{:.2} s", v / 1000.0),
+        Some(v) => format!("{v:.0} ms"),
+        None => "-".into(),
+    }
+}
+
+pub async fn run(a: StatsArgs) -> Result<ExitCode, Error> {
+    let client = a.opts.client()?;
+    let mut query: Vec<(&str, &str)> = Vec::new();
+    for (k, v) in [
+        ("class", &a.class),
+        ("workflow", &a.workflow),
+        ("backend", &a.backend),
+        ("since", &a.since),
+        ("by", &a.by),
+    ] {
+        if let Some(v) = v {
+            query.push((k, v));
+        }
+    }
+    let list = client.node_stats(&query).await?;
+    if a.opts.json() {
+        println!("{}", json!(list));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let extra = |e: &gantry_client::wire::NodeStatsEntry| {
+        let mut cols = Vec::new();
+        if let Some(w) = &e.workflow {
+            cols.push(w.chars().take(12).collect::<String>());
+        }
+        if let Some(b) = &e.backend {
+            cols.push(b.clone());
+        }
+        cols.join("  ")
+    };
+    println!(
+        "{:<26} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}  {}",
+        "CLASS",
+        "RUNS",
+        "CACHED",
+        "FAILED",
+        "TIMEOUTS",
+        "P50",
+        "P95",
+        "P99",
+        "MAX",
+        a.by.as_deref()
+            .unwrap_or("")
+            .replace(',', "  ")
+            .to_uppercase()
+    );
+    for e in &list.stats {
+        println!(
+            "{:<26} {:>7} {:>6.0}% {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}  {}",
+            e.class,
+            e.count,
+            e.cached_ratio * 100.0,
+            e.failed,
+            e.timed_out,
+            ms(e.p50_ms),
+            ms(e.p95_ms),
+            ms(e.p99_ms),
+            ms(e.max_ms),
+            extra(e)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
