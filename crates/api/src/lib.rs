@@ -455,3 +455,33 @@ pub struct NodeStatsEntry {
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
 }
+
+/// What adaptive stall limits are, or would be, per node class and backend
+/// (`GET /v1/stats/timeouts`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct TimeoutSuggestions {
+    /// Whether `[adaptive]` is on: the limits below are in force for its classes.
+    pub enabled: bool,
+    /// The classes it applies to (`*` for all); with it off, what would apply.
+    pub classes: Vec<String>,
+    pub factor: f64,
+    pub floor_ms: u64,
+    pub min_samples: u64,
+    pub suggestions: Vec<TimeoutSuggestion>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct TimeoutSuggestion {
+    pub class: String,
+    pub backend: String,
+    /// Whether `[adaptive]` applies to this class now.
+    pub applied: bool,
+    pub backend_samples: u64,
+    pub farm_samples: u64,
+    /// Where the p99 came from: `backend`, `farm`, or `none` (too few samples).
+    pub source: String,
+    pub p99_ms: Option<f64>,
+    /// `max(floor, factor x p99)`; none with too few samples.
+    pub node_stall_ms: Option<u64>,
+    pub reason: String,
+}

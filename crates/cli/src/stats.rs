@@ -23,6 +23,10 @@ pub struct StatsArgs {
     /// Also group by workflow and/or backend, comma-separated.
     #[arg(long)]
     by: Option<String>,
+    /// Print the node-stall limit history gives each class on each backend, and why
+    /// (in force for the classes `[adaptive]` names).
+    #[arg(long)]
+    suggest_timeouts: bool,
     #[command(flatten)]
     opts: ServerOpts,
 }
@@ -37,6 +41,9 @@ fn ms(v: Option<f64>) -> String {
 
 pub async fn run(a: StatsArgs) -> Result<ExitCode, Error> {
     let client = a.opts.client()?;
+    if a.suggest_timeouts {
+        return suggest(&client, &a).await;
+    }
     let mut query: Vec<(&str, &str)> = Vec::new();
     for (k, v) in [
         ("class", &a.class),
@@ -93,6 +100,44 @@ pub async fn run(a: StatsArgs) -> Result<ExitCode, Error> {
             ms(e.p99_ms),
             ms(e.max_ms),
             extra(e)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn suggest(client: &gantry_client::Client, a: &StatsArgs) -> Result<ExitCode, Error> {
+    let s = client.timeout_suggestions().await?;
+    if a.opts.json() {
+        println!("{}", json!(s));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "adaptive stall limits {}: max(floor {}, {} x p99), from {} runs on the backend or farm-wide",
+        if s.enabled {
+            format!("on for {}", s.classes.join(", "))
+        } else {
+            "off (what [adaptive] would set)".to_owned()
+        },
+        ms(Some(s.floor_ms as f64)),
+        s.factor,
+        s.min_samples
+    );
+    println!(
+        "{:<26} {:<14} {:>10} {:>11}  {:<8} WHY",
+        "CLASS", "BACKEND", "P99", "NODE_STALL", "APPLIED"
+    );
+    for t in s.suggestions.iter().filter(|t| {
+        a.class.as_ref().is_none_or(|c| *c == t.class)
+            && a.backend.as_ref().is_none_or(|b| *b == t.backend)
+    }) {
+        println!(
+            "{:<26} {:<14} {:>10} {:>11}  {:<8} {}",
+            t.class,
+            t.backend,
+            ms(t.p99_ms),
+            ms(t.node_stall_ms.map(|v| v as f64)),
+            if t.applied { "yes" } else { "no" },
+            t.reason
         );
     }
     Ok(ExitCode::SUCCESS)

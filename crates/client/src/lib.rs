@@ -321,6 +321,13 @@ impl Client {
         self.json("reading node statistics", response).await
     }
 
+    /// `GET /v1/stats/timeouts`: the stall limits history gives, and why.
+    pub async fn timeout_suggestions(&self) -> Result<wire::TimeoutSuggestions> {
+        let r = self.request(reqwest::Method::GET, "/v1/stats/timeouts");
+        let response = self.send("reading timeout suggestions", r).await?;
+        self.json("reading timeout suggestions", response).await
+    }
+
     /// Add a ComfyUI server to the farm (`POST /v1/backends`).
     pub async fn add_backend(&self, backend: &wire::AddBackend) -> Result<Backend> {
         let what = format!("adding backend {}", backend.url);

@@ -18,11 +18,15 @@ pub struct ClassTimeouts {
     pub node_stall_ms: Option<u64>,
 }
 
-/// Every source of a limit, in precedence order: the job's own value, then the node
-/// class's, then the backend's, then the global default.
+/// Every source of a limit, in precedence order: the job's own value, then (for a
+/// node's stall) the one learnt from history, then the node class's, then the
+/// backend's, then the global default.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Limits {
     pub job: Timeouts,
+    /// Node-stall limits learnt from the class's durations on this backend
+    /// (`[adaptive]`), by class.
+    pub adaptive: Arc<BTreeMap<String, u64>>,
     pub node_class: Arc<BTreeMap<String, ClassTimeouts>>,
     pub backend: Timeouts,
     pub global: Timeouts,
@@ -99,7 +103,10 @@ impl Limits {
         } else {
             (
                 self.job.node_stall_ms,
-                self.node_class.get(class).and_then(|c| c.node_stall_ms),
+                self.adaptive
+                    .get(class)
+                    .copied()
+                    .or_else(|| self.node_class.get(class).and_then(|c| c.node_stall_ms)),
                 Phase::NodeStall,
             )
         };
@@ -364,6 +371,25 @@ mod tests {
             },
             ..Limits::default()
         }
+    }
+
+    #[test]
+    fn a_learnt_stall_limit_comes_after_the_job_and_before_the_class() {
+        let mut l = limits();
+        l.node_class = Arc::new(BTreeMap::from([(
+            "KSampler".to_owned(),
+            ClassTimeouts {
+                first_progress_ms: None,
+                node_stall_ms: Some(100_000),
+            },
+        )]));
+        l.adaptive = Arc::new(BTreeMap::from([("KSampler".to_owned(), 45_000)]));
+        assert_eq!(l.node("KSampler", false), Some(45_000));
+        // Only the stall limit is learnt; first progress keeps its own.
+        assert_eq!(l.node("KSampler", true), Some(600_000));
+        assert_eq!(l.node("VAEDecode", false), Some(300_000));
+        l.job.node_stall_ms = Some(5_000);
+        assert_eq!(l.node("KSampler", false), Some(5_000));
     }
 
     #[test]

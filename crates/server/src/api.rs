@@ -172,6 +172,7 @@ fn documented() -> OpenApiRouter<Engine> {
         .routes(routes!(resume_backend))
         .routes(routes!(cluster))
         .routes(routes!(node_stats))
+        .routes(routes!(timeout_suggestions))
         .routes(routes!(healthz))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
@@ -1430,4 +1431,45 @@ async fn node_stats(
         })
         .collect();
     Ok(Json(wire::NodeStatsList { by, stats }))
+}
+
+/// The node-stall limit history gives each class on each backend, and why: in force for
+/// the classes `[adaptive]` names, a suggestion for the others (then with its defaults:
+/// factor 3, floor 30 s, 20 samples).
+#[utoipa::path(get, path = "/v1/stats/timeouts", tag = "jobs",
+    responses((status = 200, body = wire::TimeoutSuggestions)))]
+async fn timeout_suggestions(State(engine): State<Engine>) -> Json<wire::TimeoutSuggestions> {
+    let configured = engine.config().adaptive.clone();
+    let policy = configured.clone().unwrap_or(crate::config::Adaptive {
+        classes: vec!["*".into()],
+        factor: 3.0,
+        floor: std::time::Duration::from_secs(30),
+        min_samples: 20,
+    });
+    let suggestions = engine
+        .history_keys()
+        .into_iter()
+        .map(|(class, backend)| {
+            let s = engine.suggest(&policy, &class, &backend);
+            wire::TimeoutSuggestion {
+                applied: configured.as_ref().is_some_and(|p| p.applies_to(&class)),
+                class: s.class,
+                backend: s.backend,
+                backend_samples: s.backend_samples,
+                farm_samples: s.farm_samples,
+                source: s.source.into(),
+                p99_ms: s.p99_ms,
+                node_stall_ms: s.node_stall_ms,
+                reason: s.reason,
+            }
+        })
+        .collect();
+    Json(wire::TimeoutSuggestions {
+        enabled: configured.is_some(),
+        classes: policy.classes.clone(),
+        factor: policy.factor,
+        floor_ms: policy.floor.as_millis() as u64,
+        min_samples: policy.min_samples,
+        suggestions,
+    })
 }

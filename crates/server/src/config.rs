@@ -163,6 +163,26 @@ pub struct Config {
     /// Serve on a non-loopback address while no token exists (the API open to anyone
     /// who can reach it).
     pub insecure: bool,
+    /// Node-stall limits from history, for the classes that opt in (`[adaptive]`).
+    pub adaptive: Option<Adaptive>,
+}
+
+/// `[adaptive]`: a node's stall limit becomes `max(floor, factor x p99)` of its class's
+/// durations on that backend, or farm-wide when the backend has fewer than
+/// `min_samples`; with fewer everywhere, the configured limit stays.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adaptive {
+    /// The node classes it applies to; `*` for all.
+    pub classes: Vec<String>,
+    pub factor: f64,
+    pub floor: Duration,
+    pub min_samples: u64,
+}
+
+impl Adaptive {
+    pub fn applies_to(&self, class: &str) -> bool {
+        self.classes.iter().any(|c| c == "*" || c == class)
+    }
 }
 
 impl Config {
@@ -194,6 +214,7 @@ impl Config {
             backoff_max: Duration::from_secs(30),
             pipeline: true,
             insecure: false,
+            adaptive: None,
         }
     }
 
@@ -258,6 +279,25 @@ impl Config {
         }
         if let Some(n) = file.circuit_threshold {
             self.health.circuit_threshold = n;
+        }
+        if let Some(a) = &file.adaptive {
+            if a.classes.is_empty() {
+                return Err(Error::Toml(
+                    "adaptive.classes is empty: name the node classes (or \"*\" for all)".into(),
+                ));
+            }
+            let factor = a.factor.unwrap_or(3.0);
+            if !(1.0..=100.0).contains(&factor) {
+                return Err(Error::Toml(format!(
+                    "adaptive.factor = {factor}: it must be from 1 to 100"
+                )));
+            }
+            self.adaptive = Some(Adaptive {
+                classes: a.classes.clone(),
+                factor,
+                floor: d("adaptive.floor", &a.floor)?.unwrap_or(Duration::from_secs(30)),
+                min_samples: a.min_samples.unwrap_or(20).max(1),
+            });
         }
         if let Some(v) = file.insecure {
             self.insecure = v;
@@ -418,10 +458,20 @@ struct FileConfig {
     backoff_max: Option<String>,
     pipeline: Option<bool>,
     insecure: Option<bool>,
+    adaptive: Option<FileAdaptive>,
     #[serde(default)]
     timeouts: FileTimeouts,
     #[serde(default)]
     backends: Vec<FileBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdaptive {
+    classes: Vec<String>,
+    factor: Option<f64>,
+    floor: Option<String>,
+    min_samples: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]

@@ -10,6 +10,7 @@ use gantry_core::{
     transition, Effect, EventKind, Input, Job, JobId, JobSpec, JobState, Millis, Policy, Refused,
     Workflow,
 };
+use gantry_store::stats::NodeStats;
 use gantry_store::{Created, Event, Fence, Store};
 use indexmap::IndexMap;
 use std::cmp::Reverse;
@@ -327,6 +328,25 @@ struct Inner {
     profiles: Mutex<HashMap<(JobId, u32), ProfileBuilder>>,
     /// Node samples of finished attempts, for the stats writer (`stats_loop`).
     stats: mpsc::UnboundedSender<Vec<gantry_store::stats::NodeSample>>,
+    /// Node durations by (class, backend), for adaptive stall limits: the store's last
+    /// week at start, then what this coordinator sees.
+    history: Mutex<HashMap<(String, String), NodeStats>>,
+}
+
+/// What an adaptive stall limit is for one class on one backend, and why.
+#[derive(Clone, Debug)]
+pub struct Suggestion {
+    pub class: String,
+    pub backend: String,
+    /// Measured runs on that backend, and farm-wide.
+    pub backend_samples: u64,
+    pub farm_samples: u64,
+    /// `backend`, `farm`, or `none` (too few samples anywhere).
+    pub source: &'static str,
+    pub p99_ms: Option<f64>,
+    /// The limit: `max(floor, factor x p99)`, when there are enough samples.
+    pub node_stall_ms: Option<u64>,
+    pub reason: String,
 }
 
 impl Engine {
@@ -380,6 +400,7 @@ impl Engine {
                 late: Mutex::new(Vec::new()),
                 profiles: Mutex::new(HashMap::new()),
                 stats: stats_tx,
+                history: Mutex::new(HashMap::new()),
                 store,
                 bus: Bus::new(4096),
                 policy,
@@ -436,6 +457,20 @@ impl Engine {
         tasks.spawn(async move { e.auth().refresh_loop(e.shutdown_token().clone()).await });
         let e = engine.clone();
         tasks.spawn(async move { e.stats_loop(stats_rx).await });
+        {
+            let week = gantry_store::stats::StatsFilter {
+                since: Some(now_ms() - 7 * 24 * 3_600_000),
+                ..Default::default()
+            };
+            let rows = engine.inner.store.node_stats(&week).await?;
+            let mut history = engine.lock_history();
+            for row in rows {
+                history
+                    .entry((row.class.clone(), row.backend.clone()))
+                    .or_insert_with(|| NodeStats::empty(&row.class, "", &row.backend, 0))
+                    .merge(&row);
+            }
+        }
         let e = engine.clone();
         tasks.spawn(async move { crate::metrics::follow(e).await });
         if !engine.inner.config.retention.is_zero() {
@@ -547,6 +582,72 @@ impl Engine {
         ended
     }
 
+    fn lock_history(&self) -> MutexGuard<'_, HashMap<(String, String), NodeStats>> {
+        self.inner.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stall limit history gives `class` on `backend` under `policy`.
+    pub fn suggest(
+        &self,
+        policy: &crate::config::Adaptive,
+        class: &str,
+        backend: &str,
+    ) -> Suggestion {
+        let history = self.lock_history();
+        let here = history.get(&(class.to_owned(), backend.to_owned()));
+        let mut farm = NodeStats::empty(class, "", "", 0);
+        for ((c, _), s) in history.iter() {
+            if c == class {
+                farm.merge(s);
+            }
+        }
+        let measured = |s: &NodeStats| s.sketch.count() as u64;
+        let (backend_samples, farm_samples) = (here.map_or(0, measured), measured(&farm));
+        let (source, p99) = if backend_samples >= policy.min_samples {
+            ("backend", here.and_then(|s| s.quantile(0.99)))
+        } else if farm_samples >= policy.min_samples {
+            ("farm", farm.quantile(0.99))
+        } else {
+            ("none", None)
+        };
+        let floor = policy.floor.as_millis() as u64;
+        let node_stall_ms = p99.map(|p| ((policy.factor * p).ceil() as u64).max(floor));
+        let reason = match (p99, node_stall_ms) {
+            (Some(p), Some(limit)) if limit == floor && (policy.factor * p) < floor as f64 => format!(
+                "the floor: {} x p99 {p:.0} ms of {} runs ({source}) is below {floor} ms",
+                policy.factor,
+                if source == "backend" { backend_samples } else { farm_samples }
+            ),
+            (Some(p), Some(_)) => format!(
+                "{} x p99 {p:.0} ms of {} runs ({})",
+                policy.factor,
+                if source == "backend" { backend_samples } else { farm_samples },
+                if source == "backend" { "on this backend" } else { "farm-wide: too few on this backend" }
+            ),
+            _ => format!(
+                "too few runs ({backend_samples} here, {farm_samples} farm-wide, {} needed): the configured limit stays",
+                policy.min_samples
+            ),
+        };
+        Suggestion {
+            class: class.to_owned(),
+            backend: backend.to_owned(),
+            backend_samples,
+            farm_samples,
+            source,
+            p99_ms: p99,
+            node_stall_ms,
+            reason,
+        }
+    }
+
+    /// Every (class, backend) history knows of.
+    pub fn history_keys(&self) -> Vec<(String, String)> {
+        let mut keys: Vec<(String, String)> = self.lock_history().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
     /// Hand the nodes of the attempts that just ended to the stats writer.
     fn sample_nodes(&self, job: &Job, ended: &[u32]) {
         use gantry_core::profile::NodeStatus;
@@ -572,9 +673,19 @@ impl Engine {
                 });
             }
         }
-        if !samples.is_empty() {
-            let _ = self.inner.stats.send(samples);
+        if samples.is_empty() {
+            return;
         }
+        {
+            let mut history = self.lock_history();
+            for s in samples.iter().filter(|s| s.duration_ms.is_some()) {
+                history
+                    .entry((s.class.clone(), s.backend.clone()))
+                    .or_insert_with(|| NodeStats::empty(&s.class, "", &s.backend, 0))
+                    .add(s);
+            }
+        }
+        let _ = self.inner.stats.send(samples);
     }
 
     /// Write node samples to the store's aggregates, gathered for up to a second, so
@@ -691,7 +802,18 @@ impl Engine {
     /// backend's and the global defaults.
     pub fn limits_for(&self, job: &Job, backend: &str) -> Limits {
         let config = &self.inner.config;
+        let mut adaptive = BTreeMap::new();
+        if let Some(policy) = &config.adaptive {
+            for (_, class) in job.spec.workflow.nodes() {
+                if policy.applies_to(class) && !adaptive.contains_key(class) {
+                    if let Some(ms) = self.suggest(policy, class, backend).node_stall_ms {
+                        adaptive.insert(class.to_owned(), ms);
+                    }
+                }
+            }
+        }
         Limits {
+            adaptive: Arc::new(adaptive),
             job: job.spec.timeouts.clone(),
             node_class: config.node_class.clone(),
             backend: config

@@ -867,3 +867,24 @@ async fn stats_prints_node_timings_over_what_ran() {
     assert!(stderr(&o).contains("by=colour"), "{}", stderr(&o));
     farm.shutdown().await;
 }
+
+/// `gantry stats --suggest-timeouts`: each class's learnt stall limit and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_suggests_stall_limits_from_history() {
+    let farm = farm(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "w.json", &sleep_graph(0.4, 2));
+    let o = run(farm.gantry(&["submit", &file, "--wait"])).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(farm.gantry(&["stats", "--suggest-timeouts", "--class", "GantrySleep"])).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("off (what [adaptive] would set)"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("GantrySleep"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("too few runs (1 here"), "{out}");
+    assert!(!out.contains("SaveImage"), "filtered by class: {out}");
+    farm.shutdown().await;
+}

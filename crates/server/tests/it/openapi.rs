@@ -22,6 +22,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/backends/{name}/resume"),
     ("GET", "/v1/cluster"),
     ("GET", "/v1/stats/nodes"),
+    ("GET", "/v1/stats/timeouts"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),

@@ -322,3 +322,67 @@ async fn finished_attempts_feed_the_node_statistics() {
     assert_error(&bad, 400, "invalid_query", &["since=yesterday"]);
     app.shutdown().await;
 }
+
+/// `[adaptive]`: once a class has enough runs on a backend, its stall limit there is
+/// `max(floor, factor x p99)`: a stalled node is caught at that, not at the configured
+/// five minutes; `/v1/stats/timeouts` says what it set and why.
+#[tokio::test]
+async fn adaptive_stall_limits_come_from_the_class_history() {
+    use gantry_server::config::Adaptive;
+    let app = spawn_app_with(vec![sim_config()], |c| {
+        c.adaptive = Some(Adaptive {
+            classes: vec!["GantrySleep".into()],
+            factor: 2.0,
+            floor: Duration::from_millis(250),
+            min_samples: 3,
+        });
+    })
+    .await;
+    let before = app.get_json("/v1/stats/timeouts").await;
+    assert_eq!(before["enabled"], true);
+    assert_eq!(before["suggestions"], json!([]));
+    for seed in 1..=3 {
+        let id = app
+            .submit_ok(&json!({"workflow": sleep_workflow(1.0, 4, seed)}))
+            .await;
+        assert_eq!(app.wait_terminal(&id).await["state"], "succeeded");
+    }
+    let after = app.get_json("/v1/stats/timeouts").await;
+    let sleep = after["suggestions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["class"] == "GantrySleep")
+        .cloned()
+        .unwrap_or_else(|| panic!("{after:#}"));
+    assert_eq!(
+        (sleep["source"].as_str(), sleep["backend_samples"].as_u64()),
+        (Some("backend"), Some(3)),
+        "{sleep:#}"
+    );
+    assert_eq!(sleep["applied"], true);
+    let limit = sleep["node_stall_ms"].as_u64().unwrap();
+    let p99 = sleep["p99_ms"].as_f64().unwrap();
+    assert_eq!(limit, ((2.0 * p99).ceil() as u64).max(250), "{sleep:#}");
+    // Other classes are suggested, not applied.
+    let other = after["suggestions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["class"] == "SaveImage")
+        .cloned()
+        .unwrap();
+    assert_eq!(other["applied"], false);
+
+    // A node that stalls is caught at the learnt limit.
+    app.sims[0].set_faults(&["stall:at=50"]).unwrap();
+    let id = app
+        .submit_ok(&json!({"workflow": sleep_workflow(20.0, 10, 9), "max_attempts": 1}))
+        .await;
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    let details = &job["attempts"][0]["error"]["details"];
+    assert_eq!(details["phase"], "node_stall", "{job:#}");
+    assert_eq!(details["limit_ms"], limit, "{job:#}");
+    app.shutdown().await;
+}
