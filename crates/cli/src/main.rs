@@ -127,6 +127,23 @@ struct SimArgs {
     /// (or each on a free port when that is 0); one line with its URL each.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10000))]
     count: u32,
+    /// What every model loader costs, cold and warm (its file was the previous prompt's),
+    /// e.g. 3000,0 (milliseconds at speed 1).
+    #[arg(long, value_name = "COLD,WARM", value_parser = parse_loader_ms)]
+    loader_ms: Option<(std::time::Duration, std::time::Duration)>,
+}
+
+fn parse_loader_ms(s: &str) -> Result<(std::time::Duration, std::time::Duration), String> {
+    let (cold, warm) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?}: write COLD,WARM in milliseconds, e.g. 3000,0"))?;
+    let ms = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map(std::time::Duration::from_millis)
+            .map_err(|e| format!("{v:?} in --loader-ms: {e}"))
+    };
+    Ok((ms(cold)?, ms(warm)?))
 }
 
 #[tokio::main]
@@ -229,6 +246,7 @@ async fn sim(args: SimArgs) -> anyhow::Result<()> {
             listen.set_port(port);
         }
         let config = gantry_sim::SimConfig {
+            loader: args.loader_ms,
             listen,
             speed: args.speed,
             faults: args.faults.clone(),

@@ -1,5 +1,6 @@
 //! Which backend a queued job goes to: eligibility (tags, node classes, the job's own
-//! exclusions), then preference (backend priority, warm models, not where it failed
+//! exclusions), then preference (backend priority, not much slower than the farm for the
+//! job's classes, warm models, not where it failed
 //! before, least recently used). Also whether a job can never run anywhere, so it fails
 //! instead of waiting forever (DESIGN.md invariant 1).
 
@@ -25,6 +26,9 @@ pub struct Candidate<'a> {
     /// Kept away from this job for now: blocked for its workflow after a fault there, or
     /// its circuit is open. It may run the job once that lifts.
     pub blocked: bool,
+    /// Much slower than the farm for a class this job uses (from history): used only
+    /// when no other backend is idle.
+    pub slow: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -99,7 +103,7 @@ pub fn never_reason(job: &Job, backend: &Candidate<'_>) -> Option<String> {
 }
 
 /// Sort key among eligible idle backends; smaller is better.
-type Preference<'a> = (i32, usize, bool, Millis, &'a str);
+type Preference<'a> = (i32, bool, usize, bool, Millis, &'a str);
 
 /// Choose a backend for `job` among `backends`.
 pub fn choose(job: &Job, backends: &[Candidate<'_>]) -> Choice {
@@ -144,6 +148,7 @@ pub fn choose(job: &Job, backends: &[Candidate<'_>]) -> Choice {
         // Smaller is better in every field but priority and warmth, which are negated.
         let key = (
             -b.priority,
+            b.slow,
             usize::MAX - warm,
             failed_on.contains(b.name),
             b.last_used,
@@ -219,6 +224,7 @@ mod tests {
         warm: Vec<String>,
         last_used: Millis,
         blocked: bool,
+        slow: bool,
     }
 
     fn b(name: &'static str) -> B {
@@ -236,6 +242,7 @@ mod tests {
             warm: vec![],
             last_used: 0,
             blocked: false,
+            slow: false,
         }
     }
 
@@ -251,6 +258,7 @@ mod tests {
                 warm_models: &b.warm,
                 last_used: b.last_used,
                 blocked: b.blocked,
+                slow: b.slow,
             })
             .collect();
         match choose(job, &candidates) {
@@ -277,6 +285,34 @@ mod tests {
             },
         ];
         assert_eq!(pick(&job(&[]), &bs), "b");
+    }
+
+    #[test]
+    fn a_backend_slow_for_the_job_is_used_only_when_no_other_is_idle() {
+        let warm = vec!["m.safetensors".to_owned()];
+        let j = job(&[]);
+        // Slow but warm loses to a cold one that is not slow.
+        let bs = [
+            B {
+                warm: warm.clone(),
+                slow: true,
+                ..b("slow")
+            },
+            b("fast"),
+        ];
+        assert_eq!(pick(&j, &bs), "fast");
+        // With the other busy, the slow one runs it.
+        let bs = [
+            B {
+                slow: true,
+                ..b("slow")
+            },
+            B {
+                idle: false,
+                ..b("fast")
+            },
+        ];
+        assert_eq!(pick(&j, &bs), "slow");
     }
 
     #[test]

@@ -165,6 +165,17 @@ pub struct Config {
     pub insecure: bool,
     /// Node-stall limits from history, for the classes that opt in (`[adaptive]`).
     pub adaptive: Option<Adaptive>,
+    /// How the scheduler picks among idle backends.
+    pub routing: Routing,
+}
+
+/// `routing = "warm"` (the default): prefer a backend warm for the job's models and not
+/// much slower for its classes; `"random"`: any idle backend, by chance, as a baseline
+/// to measure that preference against (`gantry bench routing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    Warm,
+    Random,
 }
 
 /// `[adaptive]`: a node's stall limit becomes `max(floor, factor x p99)` of its class's
@@ -215,6 +226,7 @@ impl Config {
             pipeline: true,
             insecure: false,
             adaptive: None,
+            routing: Routing::Warm,
         }
     }
 
@@ -298,6 +310,16 @@ impl Config {
                 floor: d("adaptive.floor", &a.floor)?.unwrap_or(Duration::from_secs(30)),
                 min_samples: a.min_samples.unwrap_or(20).max(1),
             });
+        }
+        match file.routing.as_deref() {
+            None => {}
+            Some("warm") => self.routing = Routing::Warm,
+            Some("random") => self.routing = Routing::Random,
+            Some(other) => {
+                return Err(Error::Toml(format!(
+                    "routing = {other:?}: use \"warm\" or \"random\""
+                )))
+            }
         }
         if let Some(v) = file.insecure {
             self.insecure = v;
@@ -459,6 +481,7 @@ struct FileConfig {
     pipeline: Option<bool>,
     insecure: Option<bool>,
     adaptive: Option<FileAdaptive>,
+    routing: Option<String>,
     #[serde(default)]
     timeouts: FileTimeouts,
     #[serde(default)]

@@ -331,7 +331,15 @@ struct Inner {
     /// Node durations by (class, backend), for adaptive stall limits: the store's last
     /// week at start, then what this coordinator sees.
     history: Mutex<HashMap<(String, String), NodeStats>>,
+    /// (class, backend) pairs much slower than the farm (`SLOW_FACTOR` x its p50), kept
+    /// by the stats writer; the scheduler uses those backends last.
+    slow: Mutex<HashSet<(String, String)>>,
 }
+
+/// A backend whose median for a class is this many times the farm's is slow for it.
+const SLOW_FACTOR: f64 = 2.0;
+/// Runs needed, on the backend and farm-wide, before judging.
+const SLOW_MIN_SAMPLES: u64 = 20;
 
 /// What an adaptive stall limit is for one class on one backend, and why.
 #[derive(Clone, Debug)]
@@ -401,6 +409,7 @@ impl Engine {
                 profiles: Mutex::new(HashMap::new()),
                 stats: stats_tx,
                 history: Mutex::new(HashMap::new()),
+                slow: Mutex::new(HashSet::new()),
                 store,
                 bus: Bus::new(4096),
                 policy,
@@ -582,6 +591,40 @@ impl Engine {
         ended
     }
 
+    fn lock_slow(&self) -> MutexGuard<'_, HashSet<(String, String)>> {
+        self.inner.slow.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Judge again which backends are much slower than the farm for a class.
+    fn judge_slowness(&self) {
+        let mut slow = HashSet::new();
+        {
+            let history = self.lock_history();
+            let mut farm: HashMap<&str, NodeStats> = HashMap::new();
+            for ((class, _), s) in history.iter() {
+                farm.entry(class.as_str())
+                    .or_insert_with(|| NodeStats::empty(class, "", "", 0))
+                    .merge(s);
+            }
+            for ((class, backend), s) in history.iter() {
+                let Some(all) = farm.get(class.as_str()) else {
+                    continue;
+                };
+                if (s.sketch.count() as u64) < SLOW_MIN_SAMPLES
+                    || (all.sketch.count() as u64) < 2 * SLOW_MIN_SAMPLES
+                {
+                    continue;
+                }
+                if let (Some(here), Some(median)) = (s.quantile(0.5), all.quantile(0.5)) {
+                    if here > SLOW_FACTOR * median.max(1.0) {
+                        slow.insert((class.clone(), backend.clone()));
+                    }
+                }
+            }
+        }
+        *self.lock_slow() = slow;
+    }
+
     fn lock_history(&self) -> MutexGuard<'_, HashMap<(String, String), NodeStats>> {
         self.inner.history.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -718,6 +761,7 @@ impl Engine {
                 pending.extend(s);
             }
             if !pending.is_empty() {
+                self.judge_slowness();
                 if let Err(e) = self.inner.store.record_node_stats(&pending).await {
                     tracing::warn!(error = %e, samples = pending.len(), "cannot record node statistics");
                 }
@@ -1489,8 +1533,11 @@ impl Engine {
                 },
             };
             let hash = any_blocks.then(|| job.spec.workflow.shape_hash());
+            let random = self.inner.config.routing == crate::config::Routing::Random;
+            let job_classes: Vec<&str> = job.spec.workflow.nodes().map(|(_, c)| c).collect();
             let choice = {
                 let mut backends = self.backends();
+                let slow = self.lock_slow();
                 if !sweep && !idle(&backends) {
                     break;
                 }
@@ -1518,8 +1565,12 @@ impl Engine {
                                 } else {
                                     b.current.is_none()
                                 },
-                            warm_models: &b.warm_models,
-                            last_used: b.last_used,
+                            warm_models: if random { &[] } else { &b.warm_models },
+                            last_used: if random { rand::random() } else { b.last_used },
+                            slow: !random
+                                && job_classes.iter().any(|c| {
+                                    slow.contains(&((*c).to_owned(), b.config.name.clone()))
+                                }),
                         })
                         .collect();
                     choice = match routing::choose(&job, &candidates) {

@@ -216,6 +216,8 @@ pub struct Sim {
     pub output_dir: PathBuf,
     pub input_dir: PathBuf,
     pub temp_dir: PathBuf,
+    /// Every loader's (cold, warm) cost, when set (`SimConfig::loader`).
+    pub loader: Option<(Duration, Duration)>,
     state: Mutex<State>,
     pub faults: Mutex<FaultSet>,
     /// Wakes the worker: the queue or the faults changed.
@@ -241,6 +243,7 @@ impl Sim {
             output_dir: data_dir.join("output"),
             input_dir: data_dir.join("input"),
             temp_dir: data_dir.join("temp"),
+            loader: None,
             state: Mutex::new(State::default()),
             faults: Mutex::new(faults),
             wake: Notify::new(),
@@ -946,6 +949,7 @@ impl Run<'_> {
                 match c {
                     Cost::Fixed(d) => tokio::time::sleep(sim.scaled(d, slow)).await,
                     Cost::Loader { cold, warm } => {
+                        let (cold, warm) = sim.loader.unwrap_or((cold, warm));
                         let file = crate::nodes::model_inputs(other)
                             .first()
                             .and_then(|k| inputs.get(*k))

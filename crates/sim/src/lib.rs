@@ -38,6 +38,8 @@ pub struct SimConfig {
     pub models: Vec<String>,
     /// Where SaveImage writes and /view reads; a fresh temporary folder when None.
     pub data_dir: Option<PathBuf>,
+    /// What every model loader costs (cold, warm) at speed 1, instead of each class's own.
+    pub loader: Option<(std::time::Duration, std::time::Duration)>,
 }
 
 impl Default for SimConfig {
@@ -49,6 +51,7 @@ impl Default for SimConfig {
             seed: 0,
             models: default_models(),
             data_dir: None,
+            loader: None,
         }
     }
 }
@@ -142,13 +145,15 @@ pub async fn spawn(config: SimConfig) -> Result<SimHandle, Error> {
         source,
     })?;
     let (crash_tx, mut crash_rx) = mpsc::unbounded_channel();
-    let sim = Arc::new(Sim::new(
+    let mut sim = Sim::new(
         nodes::Catalog::new(&config.models),
         config.speed,
         dir,
         FaultSet::new(faults, config.seed),
         crash_tx,
-    ));
+    );
+    sim.loader = config.loader;
+    let sim = Arc::new(sim);
     let inner = Arc::new(Inner {
         sim: sim.clone(),
         addr,

@@ -386,3 +386,47 @@ async fn adaptive_stall_limits_come_from_the_class_history() {
     assert_eq!(details["limit_ms"], limit, "{job:#}");
     app.shutdown().await;
 }
+
+/// A backend much slower than the farm for a class (its median over twice the farm's,
+/// from enough runs) is used last: with both idle, jobs go to the fast one.
+#[tokio::test]
+async fn a_backend_much_slower_for_a_class_is_used_last() {
+    let app = spawn_app_with(vec![sim_config(), sim_config()], |_| {}).await;
+    app.sims[1].set_faults(&["slow:factor=6"]).unwrap();
+    // Enough runs on each (least recently used alternates them while none is judged).
+    let mut on_b = 0;
+    for seed in 0..48 {
+        let id = app
+            .submit_ok(&json!({"workflow": sleep_workflow(0.4, 2, 100 + seed)}))
+            .await;
+        let job = app.wait_terminal(&id).await;
+        on_b += usize::from(job["attempts"][0]["backend"] == "b");
+    }
+    assert!(on_b >= 20, "b ran {on_b} of 48 before it was judged");
+    // Judged at the stats writer's next flush: wait for the statistics to count them.
+    let _ = crate::support::poll_until(
+        "the statistics count every run",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || async {
+            let s = app.get_json("/v1/stats/nodes?class=GantrySleep").await;
+            if s["stats"][0]["count"] == 48 {
+                Ok(())
+            } else {
+                Err(s)
+            }
+        },
+    )
+    .await;
+    for seed in 0..6 {
+        let id = app
+            .submit_ok(&json!({"workflow": sleep_workflow(0.4, 2, 500 + seed)}))
+            .await;
+        let job = app.wait_terminal(&id).await;
+        assert_eq!(
+            job["attempts"][0]["backend"], "a",
+            "slow b was used while a was idle"
+        );
+    }
+    app.shutdown().await;
+}
