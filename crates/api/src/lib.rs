@@ -484,4 +484,7 @@ pub struct TimeoutSuggestion {
     /// `max(floor, factor x p99)`; none with too few samples.
     pub node_stall_ms: Option<u64>,
     pub reason: String,
+    /// This backend's median for the class is over twice the farm's: the scheduler
+    /// uses it last for jobs with this class.
+    pub slow: bool,
 }

@@ -157,8 +157,8 @@ fn print_table(job: &Job, number: u32, backend: &str, p: &AttemptProfile) {
         println!(
             "{:<6} {:<22} {:<18} {:<11} {:>9}  {}{steps}",
             n.id,
-            n.class_type,
-            n.title.as_deref().unwrap_or(""),
+            fit(&n.class_type, 22),
+            fit(n.title.as_deref().unwrap_or(""), 18),
             status(n.status),
             ms(n.duration_ms),
             bar(n, from, to)
@@ -166,6 +166,16 @@ fn print_table(job: &Job, number: u32, backend: &str, p: &AttemptProfile) {
         if let Some(e) = &n.error {
             println!("       error: {e}");
         }
+    }
+}
+
+/// `s` in at most `width` characters, so the columns stay aligned.
+fn fit(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        s.to_owned()
+    } else {
+        let cut: String = s.chars().take(width - 1).collect();
+        format!("{cut}~")
     }
 }
 

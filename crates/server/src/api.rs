@@ -1410,17 +1410,23 @@ async fn node_stats(
     }
     let stats = groups
         .into_iter()
-        .map(|g| wire::NodeStatsEntry {
+        .map(|g| {
+            // A sketch's quantile may overshoot the exact maximum by its relative error.
+            let max = g.sketch.max();
+            let q = |q: f64| g.quantile(q).map(|v| max.map_or(v, |m| v.min(m)));
+            (q(0.5), q(0.95), q(0.99), max, g)
+        })
+        .map(|(p50, p95, p99, max, g)| wire::NodeStatsEntry {
             cached_ratio: if g.count == 0 {
                 0.0
             } else {
                 g.cached as f64 / g.count as f64
             },
             measured: g.sketch.count() as u64,
-            p50_ms: g.quantile(0.5),
-            p95_ms: g.quantile(0.95),
-            p99_ms: g.quantile(0.99),
-            max_ms: g.sketch.max(),
+            p50_ms: p50,
+            p95_ms: p95,
+            p99_ms: p99,
+            max_ms: max,
             workflow: with_workflow.then(|| g.workflow.clone()),
             backend: with_backend.then(|| g.backend.clone()),
             class: g.class,
@@ -1452,6 +1458,7 @@ async fn timeout_suggestions(State(engine): State<Engine>) -> Json<wire::Timeout
         .map(|(class, backend)| {
             let s = engine.suggest(&policy, &class, &backend);
             wire::TimeoutSuggestion {
+                slow: engine.is_slow(&class, &backend),
                 applied: configured.as_ref().is_some_and(|p| p.applies_to(&class)),
                 class: s.class,
                 backend: s.backend,

@@ -595,6 +595,12 @@ impl Engine {
         self.inner.slow.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether `backend` is judged much slower than the farm for `class`.
+    pub fn is_slow(&self, class: &str, backend: &str) -> bool {
+        self.lock_slow()
+            .contains(&(class.to_owned(), backend.to_owned()))
+    }
+
     /// Judge again which backends are much slower than the farm for a class.
     fn judge_slowness(&self) {
         let mut slow = HashSet::new();

@@ -403,17 +403,22 @@ async fn a_backend_much_slower_for_a_class_is_used_last() {
         on_b += usize::from(job["attempts"][0]["backend"] == "b");
     }
     assert!(on_b >= 20, "b ran {on_b} of 48 before it was judged");
-    // Judged at the stats writer's next flush: wait for the statistics to count them.
-    let _ = crate::support::poll_until(
-        "the statistics count every run",
-        Duration::from_secs(10),
+    // Judged at the stats writer's next flush, within about a second.
+    crate::support::poll_until(
+        "b is judged slow for GantrySleep",
+        Duration::from_secs(20),
         Duration::from_millis(50),
         || async {
-            let s = app.get_json("/v1/stats/nodes?class=GantrySleep").await;
-            if s["stats"][0]["count"] == 48 {
+            let t = app.get_json("/v1/stats/timeouts").await;
+            let slow = |backend: &str| {
+                t["suggestions"].as_array().unwrap().iter().any(|s| {
+                    s["class"] == "GantrySleep" && s["backend"] == backend && s["slow"] == true
+                })
+            };
+            if slow("b") && !slow("a") {
                 Ok(())
             } else {
-                Err(s)
+                Err(t)
             }
         },
     )
