@@ -78,12 +78,6 @@ async fn open(a: &TokenArgs) -> anyhow::Result<Arc<dyn Store>> {
     })
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn time(ms: Option<i64>) -> String {
     ms.map_or_else(|| "-".into(), gantry_server::api::rfc3339)
 }
@@ -92,7 +86,8 @@ pub async fn run(a: TokenArgs) -> anyhow::Result<()> {
     let store = open(&a).await?;
     match &a.action {
         TokenAction::Create { scope, name } => {
-            let (token, record) = gantry_server::auth::issue(*scope, name, now_ms());
+            let (token, record) =
+                gantry_server::auth::issue(*scope, name, gantry_server::engine::now_ms());
             store.create_token(&record).await?;
             if a.json {
                 println!(
@@ -133,7 +128,10 @@ pub async fn run(a: TokenArgs) -> anyhow::Result<()> {
             }
         }
         TokenAction::Revoke { id } => {
-            if !store.revoke_token(id, now_ms()).await? {
+            if !store
+                .revoke_token(id, gantry_server::engine::now_ms())
+                .await?
+            {
                 anyhow::bail!("no unrevoked token {id} (gantry token list shows them)");
             }
             if a.json {

@@ -1257,12 +1257,7 @@ async fn sign_in(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned());
-    let token = match bearer {
+    let token = match crate::auth::bearer(&headers) {
         Some(t) => t,
         None if body.is_empty() => {
             return Err(ApiError::bad(
@@ -1446,12 +1441,7 @@ async fn node_stats(
     responses((status = 200, body = wire::TimeoutSuggestions)))]
 async fn timeout_suggestions(State(engine): State<Engine>) -> Json<wire::TimeoutSuggestions> {
     let configured = engine.config().adaptive.clone();
-    let policy = configured.clone().unwrap_or(crate::config::Adaptive {
-        classes: vec!["*".into()],
-        factor: 3.0,
-        floor: std::time::Duration::from_secs(30),
-        min_samples: 20,
-    });
+    let policy = configured.clone().unwrap_or_default();
     let suggestions = engine
         .history_keys()
         .into_iter()

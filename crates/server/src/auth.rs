@@ -134,15 +134,19 @@ pub fn required(method: &Method, path: &str) -> Option<Scope> {
     }
 }
 
-/// The token a request carries: its bearer header, else its session cookie.
-pub fn presented(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers
+/// The token of a request's `Authorization: Bearer` header.
+pub fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-    {
-        if let Some(t) = v.strip_prefix("Bearer ") {
-            return Some(t.trim().to_owned());
-        }
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned())
+}
+
+/// The token a request carries: its bearer header, else its session cookie.
+pub fn presented(headers: &HeaderMap) -> Option<String> {
+    if let Some(t) = bearer(headers) {
+        return Some(t);
     }
     headers
         .get_all(header::COOKIE)

@@ -190,6 +190,19 @@ pub struct Adaptive {
     pub min_samples: u64,
 }
 
+impl Default for Adaptive {
+    /// What `[adaptive]` sets where it is silent (and what suggestions assume when it is
+    /// off): every class, 3 x p99, a 30 s floor, 20 runs.
+    fn default() -> Adaptive {
+        Adaptive {
+            classes: vec!["*".into()],
+            factor: 3.0,
+            floor: Duration::from_secs(30),
+            min_samples: 20,
+        }
+    }
+}
+
 impl Adaptive {
     pub fn applies_to(&self, class: &str) -> bool {
         self.classes.iter().any(|c| c == "*" || c == class)
@@ -298,7 +311,8 @@ impl Config {
                     "adaptive.classes is empty: name the node classes (or \"*\" for all)".into(),
                 ));
             }
-            let factor = a.factor.unwrap_or(3.0);
+            let defaults = Adaptive::default();
+            let factor = a.factor.unwrap_or(defaults.factor);
             if !(1.0..=100.0).contains(&factor) {
                 return Err(Error::Toml(format!(
                     "adaptive.factor = {factor}: it must be from 1 to 100"
@@ -307,8 +321,8 @@ impl Config {
             self.adaptive = Some(Adaptive {
                 classes: a.classes.clone(),
                 factor,
-                floor: d("adaptive.floor", &a.floor)?.unwrap_or(Duration::from_secs(30)),
-                min_samples: a.min_samples.unwrap_or(20).max(1),
+                floor: d("adaptive.floor", &a.floor)?.unwrap_or(defaults.floor),
+                min_samples: a.min_samples.unwrap_or(defaults.min_samples).max(1),
             });
         }
         match file.routing.as_deref() {
