@@ -66,18 +66,6 @@ fn ms(v: Option<i64>) -> String {
     }
 }
 
-fn status(s: NodeStatus) -> &'static str {
-    match s {
-        NodeStatus::Pending => "pending",
-        NodeStatus::Executing => "executing",
-        NodeStatus::Completed => "completed",
-        NodeStatus::Cached => "cached",
-        NodeStatus::Failed => "failed",
-        NodeStatus::Interrupted => "interrupted",
-        NodeStatus::Unknown => "unknown",
-    }
-}
-
 /// Slowest first; nodes without a duration after, in execution order.
 fn by_duration(p: &AttemptProfile) -> Vec<&NodeProfile> {
     let mut nodes: Vec<&NodeProfile> = p.nodes.iter().collect();
@@ -159,7 +147,7 @@ fn print_table(job: &Job, number: u32, backend: &str, p: &AttemptProfile) {
             n.id,
             fit(&n.class_type, 22),
             fit(n.title.as_deref().unwrap_or(""), 18),
-            status(n.status),
+            n.status.as_str(),
             ms(n.duration_ms),
             bar(n, from, to)
         );
@@ -197,7 +185,7 @@ fn print_csv(p: &AttemptProfile) {
             csv_field(&n.id),
             csv_field(&n.class_type),
             csv_field(n.title.as_deref().unwrap_or("")),
-            status(n.status),
+            n.status.as_str(),
             opt(n.start.map(|s| s - origin)),
             opt(n.end.map(|e| e - origin)),
             opt(n.duration_ms),
@@ -226,8 +214,8 @@ fn deltas(a: &AttemptProfile, b: &AttemptProfile) -> Vec<serde_json::Value> {
             json!({
                 "node": id,
                 "class_type": na.or(nb).map(|n| n.class_type.clone()),
-                "a_status": na.map(|n| status(n.status)),
-                "b_status": nb.map(|n| status(n.status)),
+                "a_status": na.map(|n| n.status.as_str()),
+                "b_status": nb.map(|n| n.status.as_str()),
                 "a_ms": da,
                 "b_ms": db,
                 "delta_ms": da.zip(db).map(|(x, y)| y - x),

@@ -29,6 +29,21 @@ pub enum NodeStatus {
     Unknown,
 }
 
+impl NodeStatus {
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Pending => "pending",
+            NodeStatus::Executing => "executing",
+            NodeStatus::Completed => "completed",
+            NodeStatus::Cached => "cached",
+            NodeStatus::Failed => "failed",
+            NodeStatus::Interrupted => "interrupted",
+            NodeStatus::Unknown => "unknown",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ProgressPoint {
     pub at: Millis,
@@ -453,6 +468,21 @@ impl ProfileBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_name_is_its_wire_name() {
+        for s in [
+            NodeStatus::Pending,
+            NodeStatus::Executing,
+            NodeStatus::Completed,
+            NodeStatus::Cached,
+            NodeStatus::Failed,
+            NodeStatus::Interrupted,
+            NodeStatus::Unknown,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
     use serde_json::json;
 
     fn attempt() -> Attempt {

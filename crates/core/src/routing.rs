@@ -19,7 +19,7 @@ pub struct Candidate<'a> {
     pub classes: Option<&'a HashSet<String>>,
     /// Connected, with no attempt in flight: it can take a prompt now.
     pub idle: bool,
-    /// Model files of its recent runs, most recent first.
+    /// Model files of the latest prompt sent to it (all a ComfyUI keeps loaded).
     pub warm_models: &'a [String],
     /// When it last took a prompt; 0 if never.
     pub last_used: Millis,

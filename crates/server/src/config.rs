@@ -137,6 +137,9 @@ pub struct Config {
     pub artifacts: Option<PathBuf>,
     /// Finished jobs are deleted this long after they finished; zero keeps them for ever.
     pub retention: Duration,
+    /// Node statistics (`/v1/stats/nodes`, adaptive limits) of hours older than this are
+    /// deleted; zero keeps them for ever.
+    pub stats_retention: Duration,
     /// With a postgres store: this coordinator's id among those sharing the database
     /// (random when unset), and how long a backend lease lasts without renewal.
     pub coordinator: Option<String>,
@@ -217,6 +220,7 @@ impl Config {
             store: StoreConfig::Embedded,
             artifacts: None,
             retention: Duration::from_secs(30 * 24 * 3600),
+            stats_retention: Duration::from_secs(90 * 24 * 3600),
             coordinator: None,
             lease: Duration::from_secs(10),
             backends: Vec::new(),
@@ -287,6 +291,9 @@ impl Config {
         }
         if let Some(v) = d("retention", &file.retention)? {
             self.retention = v;
+        }
+        if let Some(v) = d("stats_retention", &file.stats_retention)? {
+            self.stats_retention = v;
         }
         if let Some(v) = d("lease", &file.lease)? {
             self.lease = v;
@@ -481,6 +488,7 @@ struct FileConfig {
     store: Option<String>,
     artifacts: Option<PathBuf>,
     retention: Option<String>,
+    stats_retention: Option<String>,
     coordinator: Option<String>,
     lease: Option<String>,
     max_body_bytes: Option<usize>,
@@ -600,9 +608,10 @@ mod tests {
         assert!(err.contains("a mysql store is not supported"), "{err}");
         assert!(StoreConfig::parse("nonsense").is_err());
         let mut c = Config::new("127.0.0.1:0".parse().unwrap(), "d".into());
-        c.apply_toml("store = \"postgres://u@h/db\"\nretention = \"2d\"")
+        c.apply_toml("store = \"postgres://u@h/db\"\nretention = \"2d\"\nstats_retention = \"0s\"")
             .unwrap();
         assert_eq!(c.retention, Duration::from_secs(2 * 24 * 3600));
+        assert_eq!(c.stats_retention, Duration::ZERO);
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("--artifacts"), "{err}");
         c.apply_toml("artifacts = \"/shared/gantry\"").unwrap();

@@ -1416,11 +1416,11 @@ impl Driver {
                 }
             }
             b.last_used = now_ms();
-            for model in cur.a.models.iter().rev() {
-                b.warm_models.retain(|m| m != model);
-                b.warm_models.insert(0, model.clone());
+            // The scheduler set them when it sent a prompt; this covers one it did not
+            // send (adopted after a restart), unless another prompt follows.
+            if b.current.is_none() {
+                b.warm_models.clone_from(&cur.a.models);
             }
-            b.warm_models.truncate(16);
         }
         if !self.swapped {
             if let Some(next) = self.next.take() {

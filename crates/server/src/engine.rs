@@ -64,7 +64,9 @@ pub struct BackendState {
     pub connection: Connection,
     /// Node classes from `/object_info`.
     pub classes: Option<Arc<HashSet<String>>>,
-    /// Model files of recent runs, most recent first.
+    /// Model files of the latest prompt sent to it: ComfyUI keeps only what its latest
+    /// prompt used (PROTOCOL.md section 6), so these are what it holds, or will once
+    /// the prompts it has are done.
     pub warm_models: Vec<String>,
     pub last_used: Millis,
     /// The attempt it is running (reserved by the scheduler before the dispatch commits).
@@ -141,6 +143,8 @@ struct QueueIndex {
     keys: HashMap<JobId, (u64, QueueKey, Option<Millis>)>,
     /// Jobs with a deadline or queue timeout, by when the first of them ends.
     expiries: std::collections::BTreeSet<(Millis, JobId)>,
+    /// How often each queued job has been passed over for one a backend was warm for.
+    passed: HashMap<JobId, u32>,
 }
 
 /// One queued job in the index.
@@ -237,7 +241,9 @@ impl QueueIndex {
                 self.expiries.remove(&(at, job.id.clone()));
             }
         }
-        if job.state == JobState::Queued {
+        if job.state != JobState::Queued {
+            self.passed.remove(&job.id);
+        } else {
             let (g, k) = (Self::group(job), Self::key(job));
             let expiry = Self::expiry(job, global);
             if let Some(at) = expiry {
@@ -288,6 +294,88 @@ impl QueueIndex {
 
     fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    fn passed(&self, id: &JobId) -> u32 {
+        self.passed.get(id).copied().unwrap_or(0)
+    }
+
+    /// Another job was dispatched in `id`'s place.
+    fn pass(&mut self, id: &JobId) {
+        *self.passed.entry(id.clone()).or_default() += 1;
+    }
+}
+
+/// How many other groups' heads a free backend may look at for a job it is warm for.
+const LOOKAHEAD: usize = 8;
+/// How many times a queued job may be passed over for one a free backend is warm for.
+const MAX_PASSED: u32 = 8;
+
+/// What one scheduling decision reads: the backends as they are now.
+struct Scheduling<'a> {
+    backends: &'a IndexMap<String, BackendState>,
+    slow: &'a HashSet<(String, String)>,
+    /// Some backend has a block or an open circuit (else no job's shape is hashed).
+    any_blocks: bool,
+    random: bool,
+    pipeline: bool,
+    now: Millis,
+}
+
+impl Scheduling<'_> {
+    /// Where `job` goes now (`only` restricts it to that backend), and whether it is
+    /// queued behind a running prompt there rather than on an idle backend.
+    fn choose(&self, job: &Job, only: Option<&str>) -> (Result<String, Choice>, bool) {
+        let hash = self.any_blocks.then(|| job.spec.workflow.shape_hash());
+        let classes: Vec<&str> = job.spec.workflow.nodes().map(|(_, c)| c).collect();
+        // An idle backend first; else one whose running prompt can have this one
+        // queued behind it.
+        let mut choice = Err(Choice::Wait(routing::Waiting::Busy));
+        let mut behind = false;
+        for second in [false, true] {
+            if second && !(self.pipeline && matches!(choice, Err(Choice::Wait(_)))) {
+                break;
+            }
+            let candidates: Vec<Candidate<'_>> = self
+                .backends
+                .values()
+                .map(|b| Candidate {
+                    blocked: !b.health.accepts_work()
+                        || hash
+                            .as_deref()
+                            .is_some_and(|h| b.health.is_blocked(h, self.now)),
+                    name: &b.config.name,
+                    priority: b.config.priority,
+                    tags: &b.config.tags,
+                    classes: b.classes.as_deref(),
+                    idle: b.connection == Connection::Connected
+                        && !b.draining
+                        && only.is_none_or(|o| o == b.config.name)
+                        && if second {
+                            b.current.is_some() && b.accepts_next && b.next.is_none()
+                        } else {
+                            b.current.is_none()
+                        },
+                    warm_models: if self.random { &[] } else { &b.warm_models },
+                    last_used: if self.random {
+                        rand::random()
+                    } else {
+                        b.last_used
+                    },
+                    slow: !self.random
+                        && classes.iter().any(|c| {
+                            self.slow
+                                .contains(&((*c).to_owned(), b.config.name.clone()))
+                        }),
+                })
+                .collect();
+            choice = match routing::choose(job, &candidates) {
+                Choice::Run(idx) => Ok(candidates[idx].name.to_owned()),
+                other => Err(other),
+            };
+            behind = second;
+        }
+        (choice, behind)
     }
 }
 
@@ -482,7 +570,9 @@ impl Engine {
         }
         let e = engine.clone();
         tasks.spawn(async move { crate::metrics::follow(e).await });
-        if !engine.inner.config.retention.is_zero() {
+        if !engine.inner.config.retention.is_zero()
+            || !engine.inner.config.stats_retention.is_zero()
+        {
             let e = engine.clone();
             tasks.spawn(async move { e.purge_loop().await });
         }
@@ -744,6 +834,9 @@ impl Engine {
         &self,
         mut rx: mpsc::UnboundedReceiver<Vec<gantry_store::stats::NodeSample>>,
     ) {
+        // Samples a failed write left are kept (up to this many, the oldest dropped
+        // first) and written with the next batch, or after a second when none comes.
+        const KEPT: usize = 100_000;
         let mut pending = Vec::new();
         loop {
             let stop = tokio::select! {
@@ -751,6 +844,7 @@ impl Engine {
                     Some(s) => { pending.extend(s); false }
                     None => true,
                 },
+                _ = tokio::time::sleep(Duration::from_secs(1)), if !pending.is_empty() => false,
                 _ = self.inner.shutdown.cancelled() => true,
             };
             if !stop && pending.len() < 10_000 {
@@ -768,10 +862,20 @@ impl Engine {
             }
             if !pending.is_empty() {
                 self.judge_slowness();
-                if let Err(e) = self.inner.store.record_node_stats(&pending).await {
-                    tracing::warn!(error = %e, samples = pending.len(), "cannot record node statistics");
+                match self.inner.store.record_node_stats(&pending).await {
+                    Ok(()) => pending.clear(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, samples = pending.len(), "cannot record node statistics; will try again");
+                        if pending.len() > KEPT {
+                            let excess = pending.len() - KEPT;
+                            tracing::warn!(
+                                dropped = excess,
+                                "node statistics kept too long unwritten"
+                            );
+                            pending.drain(..excess);
+                        }
+                    }
                 }
-                pending.clear();
             }
             if stop {
                 return;
@@ -1415,25 +1519,29 @@ impl Engine {
         }
     }
 
-    /// Delete jobs that finished longer than `retention` ago, once a minute.
+    /// Delete jobs that finished longer than `retention` ago, and node statistics of
+    /// hours older than `stats_retention`, once a minute.
     async fn purge_loop(self) {
         const PASS: u32 = 1000;
         let retention = self.inner.config.retention.as_millis() as Millis;
         loop {
             let before = now_ms() - retention;
-            loop {
+            let mut more = retention > 0;
+            while more {
+                more = false;
                 match self.inner.store.purge_finished(before, PASS).await {
-                    Ok(n) if n == u64::from(PASS) => continue,
-                    Ok(n) => {
-                        if n > 0 {
-                            tracing::info!(jobs = n, "purged finished jobs past retention");
-                        }
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot purge finished jobs");
-                        break;
-                    }
+                    Ok(n) if n == u64::from(PASS) => more = true,
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(jobs = n, "purged finished jobs past retention"),
+                    Err(e) => tracing::warn!(error = %e, "cannot purge finished jobs"),
+                }
+            }
+            let stats = self.inner.config.stats_retention.as_millis() as Millis;
+            if stats > 0 {
+                match self.inner.store.purge_node_stats(now_ms() - stats).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(rows = n, "purged node statistics past retention"),
+                    Err(e) => tracing::warn!(error = %e, "cannot purge node statistics"),
                 }
             }
             tokio::select! {
@@ -1538,53 +1646,79 @@ impl Engine {
                     }
                 },
             };
-            let hash = any_blocks.then(|| job.spec.workflow.shape_hash());
             let random = self.inner.config.routing == crate::config::Routing::Random;
-            let job_classes: Vec<&str> = job.spec.workflow.nodes().map(|(_, c)| c).collect();
-            let choice = {
+            // Other groups' heads of the same priority that a free backend may take
+            // instead, when it is warm for their model files and cold for this job's
+            // (ComfyUI reloads weights it does not hold: seconds per job). Bounded: a
+            // job is passed over at most `MAX_PASSED` times.
+            let job_models: Vec<String> = job
+                .spec
+                .workflow
+                .models()
+                .into_iter()
+                .map(|m| m.file)
+                .collect();
+            let mut others: Vec<(QueueKey, u64, Arc<Job>)> = Vec::new();
+            let mut set_aside = Vec::new();
+            if !random && !job_models.is_empty() && self.queue().passed(&job.id) < MAX_PASSED {
+                let q = self.queue();
+                while others.len() < LOOKAHEAD {
+                    let Some(Reverse((k, og))) = heads.peek().cloned() else {
+                        break;
+                    };
+                    if k.0 != key.0 {
+                        break;
+                    }
+                    heads.pop();
+                    if let Some(other) = q.hot(&k.2) {
+                        others.push((k, og, other));
+                    } else {
+                        set_aside.push(Reverse((k, og)));
+                    }
+                }
+            }
+            let (taken, choice) = {
                 let mut backends = self.backends();
                 let slow = self.lock_slow();
                 if !sweep && !idle(&backends) {
                     break;
                 }
-                // An idle backend first; else one whose running prompt can have this
-                // one queued behind it.
-                let mut choice = Err(Choice::Wait(routing::Waiting::Busy));
-                let mut behind = false;
-                for second in [false, true] {
-                    if second && !(pipeline && matches!(choice, Err(Choice::Wait(_)))) {
-                        break;
-                    }
-                    let candidates: Vec<Candidate<'_>> = backends
-                        .values()
-                        .map(|b| Candidate {
-                            blocked: !b.health.accepts_work()
-                                || hash.as_deref().is_some_and(|h| b.health.is_blocked(h, now)),
-                            name: &b.config.name,
-                            priority: b.config.priority,
-                            tags: &b.config.tags,
-                            classes: b.classes.as_deref(),
-                            idle: b.connection == Connection::Connected
-                                && !b.draining
-                                && if second {
-                                    b.current.is_some() && b.accepts_next && b.next.is_none()
-                                } else {
-                                    b.current.is_none()
-                                },
-                            warm_models: if random { &[] } else { &b.warm_models },
-                            last_used: if random { rand::random() } else { b.last_used },
-                            slow: !random
-                                && job_classes.iter().any(|c| {
-                                    slow.contains(&((*c).to_owned(), b.config.name.clone()))
-                                }),
-                        })
-                        .collect();
-                    choice = match routing::choose(&job, &candidates) {
-                        Choice::Run(idx) => Ok(candidates[idx].name.to_owned()),
-                        other => Err(other),
+                let view = Scheduling {
+                    backends: &backends,
+                    slow: &slow,
+                    any_blocks,
+                    random,
+                    pipeline,
+                    now,
+                };
+                let (choice, behind) = view.choose(&job, None);
+                // The job dispatched now: this one, or another group's head.
+                let mut taken = None;
+                if let Ok(name) = &choice {
+                    let warm = |models: &[String]| {
+                        backends
+                            .get(name)
+                            .is_some_and(|b| models.iter().all(|m| b.warm_models.contains(m)))
                     };
-                    behind = second;
+                    if !warm(&job_models) {
+                        taken = others.iter().position(|(_, _, other)| {
+                            let models: Vec<String> = other
+                                .spec
+                                .workflow
+                                .models()
+                                .into_iter()
+                                .map(|m| m.file)
+                                .collect();
+                            !models.is_empty()
+                                && warm(&models)
+                                && view.choose(other, Some(name)) == (Ok(name.clone()), behind)
+                        });
+                    }
                 }
+                let job = match taken {
+                    Some(i) => &others[i].2,
+                    None => &job,
+                };
                 if let Ok(backend) = &choice {
                     if let Some(b) = backends.get_mut(backend) {
                         // Reserve before the dispatch commits, so no other job takes it.
@@ -1596,10 +1730,30 @@ impl Engine {
                             b.current = slot;
                         }
                         b.last_used = now;
+                        b.warm_models = job
+                            .spec
+                            .workflow
+                            .models()
+                            .into_iter()
+                            .map(|m| m.file)
+                            .collect();
                     }
                 }
-                choice
+                (taken, choice)
             };
+            // What was looked at and not taken goes back; so does this job when another
+            // took its place (it is the best head still).
+            let (job, key, g) = match taken {
+                Some(i) => {
+                    let (k, og, other) = others.swap_remove(i);
+                    self.queue().pass(&job.id);
+                    heads.push(Reverse((key, g)));
+                    (other, k, og)
+                }
+                None => (job, key, g),
+            };
+            heads.extend(others.into_iter().map(|(k, og, _)| Reverse((k, og))));
+            heads.extend(set_aside);
             let go_on = match choice {
                 Ok(backend) => {
                     dispatches.push((job, backend));

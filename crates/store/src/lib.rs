@@ -236,4 +236,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// The per-hour aggregates that match `filter`.
     async fn node_stats(&self, filter: &stats::StatsFilter) -> Result<Vec<stats::NodeStats>>;
+
+    /// Drop the aggregates of hours that ended before `before`; answers how many.
+    async fn purge_node_stats(&self, before: Millis) -> Result<u64>;
 }

@@ -1003,6 +1003,14 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn purge_node_stats(&self, before: Millis) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM node_stats WHERE hour <= $1")
+            .bind(before - stats::HOUR_MS)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn node_stats(&self, filter: &StatsFilter) -> Result<Vec<NodeStats>> {
         let mut sql = String::from(
             "SELECT class, workflow, backend, hour, count, cached, failed, timed_out, sketch FROM node_stats WHERE TRUE",

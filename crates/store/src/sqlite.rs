@@ -647,6 +647,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn purge_node_stats(&self, before: Millis) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM node_stats WHERE hour <= ?")
+            .bind(before - stats::HOUR_MS)
+            .execute(&self.admin)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn node_stats(&self, filter: &StatsFilter) -> Result<Vec<NodeStats>> {
         let mut sql = String::from(
             "SELECT class, workflow, backend, hour, count, cached, failed, timed_out, sketch FROM node_stats WHERE TRUE",

@@ -8,6 +8,7 @@ mod failover;
 mod overhead;
 mod profile;
 mod restart;
+mod routing;
 mod scale;
 mod throughput;
 
@@ -48,6 +49,8 @@ enum Scenario {
     Cluster(cluster::Args),
     /// What the always-on per-node profile costs each job.
     Profile(profile::Args),
+    /// Warm-model routing against random routing on backends with costly model loads.
+    Routing(routing::Args),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -60,6 +63,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Restart(a) => ("restart", restart::run(a).await?),
         Scenario::Cluster(a) => ("cluster", cluster::run(a).await?),
         Scenario::Profile(a) => ("profile", profile::run(a).await?),
+        Scenario::Routing(a) => ("routing", routing::run(a).await?),
     };
     let report = json!({
         "scenario": name,
@@ -204,14 +208,21 @@ pub struct Sims {
 
 impl Sims {
     pub async fn spawn(count: usize, speed: f64, faults: &[String]) -> anyhow::Result<Sims> {
+        let args: Vec<String> = faults
+            .iter()
+            .flat_map(|f| ["--fault".to_owned(), f.clone()])
+            .collect();
+        Self::spawn_args(count, speed, &args).await
+    }
+
+    /// As `spawn`, with `args` given to `gantry sim` as they are.
+    pub async fn spawn_args(count: usize, speed: f64, args: &[String]) -> anyhow::Result<Sims> {
         let mut cmd = Command::new(gantry_exe()?);
         cmd.args(["sim", "--listen", "127.0.0.1:0", "--count"])
             .arg(count.to_string())
             .arg("--speed")
-            .arg(speed.to_string());
-        for f in faults {
-            cmd.arg("--fault").arg(f);
-        }
+            .arg(speed.to_string())
+            .args(args);
         let mut child = cmd
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())

@@ -406,3 +406,29 @@ fn bench_profile_measures_the_profile_against_parsing() {
     assert!(r["profile_bytes"].as_u64().unwrap() > 0);
     assert!(r["profile_over_parse_p50"].as_f64().unwrap().is_finite());
 }
+
+#[test]
+fn bench_routing_runs_the_batch_warm_and_random_and_counts_cold_loads() {
+    let r = bench(&[
+        "routing",
+        "--backends",
+        "2",
+        "--jobs",
+        "12",
+        "--models",
+        "2",
+        "--cold-ms",
+        "300",
+        "--steps",
+        "1",
+    ]);
+    for mode in ["warm", "random"] {
+        let m = &r[mode];
+        assert_eq!(m["job_s"]["n"], 12, "{r:#}");
+        // Every backend's first load is cold; no job loads more than once.
+        let cold = m["cold_loads"].as_u64().unwrap();
+        assert!((1..=12).contains(&cold), "{mode}: {cold} cold loads: {r:#}");
+        assert!(m["total_s"].as_f64().unwrap() > 0.0);
+    }
+    assert!(r["random_over_warm"].as_f64().unwrap().is_finite());
+}

@@ -3,7 +3,7 @@
 //! job, in its terminal event, per attempt, and saying which part is missing when the
 //! WebSocket was lost mid-run instead of inventing durations).
 
-use crate::support::{fixture, sim_config, sleep_workflow, spawn_app_with};
+use crate::support::{fixture, ms_of, sim_config, sleep_workflow, spawn_app_with};
 use gantry_comfy::ws::ServerMessage;
 use gantry_core::profile::{AttemptProfile, NodeStatus, ProfileBuilder};
 use gantry_core::{Attempt, AttemptStatus, Workflow};
@@ -433,5 +433,63 @@ async fn a_backend_much_slower_for_a_class_is_used_last() {
             "slow b was used while a was idle"
         );
     }
+    app.shutdown().await;
+}
+
+/// txt2img on checkpoint `model` with a GantrySleep of `seconds` after the decode.
+fn model_workflow(model: &str, seconds: f64, seed: u64) -> Value {
+    let mut w = fixture("workflows/txt2img.json");
+    w["4"]["inputs"]["ckpt_name"] = json!(model);
+    w["3"]["inputs"]["seed"] = json!(seed);
+    w["3"]["inputs"]["steps"] = json!(1);
+    w["10"] = json!({"class_type": "GantrySleep", "inputs": {"image": ["8", 0], "seconds": seconds, "steps": 1, "seed": seed}});
+    w["9"]["inputs"]["images"] = json!(["10", 0]);
+    w
+}
+
+#[tokio::test]
+async fn a_free_backend_takes_a_queued_job_it_is_warm_for_before_the_head() {
+    const X: &str = "v1-5-pruned-emaonly.safetensors";
+    const Y: &str = "sd_xl_base_1.0.safetensors";
+    let app = spawn_app_with(vec![sim_config(), sim_config()], |c| c.pipeline = false).await;
+    let run = |model: &'static str, seconds: f64, seed: u64| {
+        let app = &app;
+        async move {
+            app.submit_ok(&json!({"workflow": model_workflow(model, seconds, seed)}))
+                .await
+        }
+    };
+    // a last ran X, b last ran Y.
+    let first = app.wait_terminal(&run(X, 0.1, 1).await).await;
+    assert_eq!(first["attempts"][0]["backend"], "a");
+    let second = app.wait_terminal(&run(Y, 0.1, 2).await).await;
+    assert_eq!(second["attempts"][0]["backend"], "b");
+    // Both busy, each on what it is warm for; a frees long before b.
+    let long = run(Y, 80.0, 3).await;
+    let short = run(X, 20.0, 4).await;
+    for id in [&long, &short] {
+        app.wait_job(id, "running", Duration::from_secs(20), |j| {
+            j["state"] == "running"
+        })
+        .await;
+    }
+    let on = |j: &Value| j["attempts"][0]["backend"].as_str().unwrap().to_owned();
+    assert_eq!(on(&app.get_job(&long).await), "b");
+    assert_eq!(on(&app.get_job(&short).await), "a");
+    // The head of the queue wants Y; a, free first, is warm for the X job behind it.
+    let head = run(Y, 0.1, 5).await;
+    let behind = run(X, 0.1, 6).await;
+    assert_eq!(app.get_job(&head).await["state"], "queued");
+    let behind = app.wait_terminal(&behind).await;
+    let head = app.wait_terminal(&head).await;
+    assert_eq!(on(&behind), "a", "the X job waited for b or ran cold");
+    // The head was passed over once, then ran (on a, free again while b is still busy:
+    // a cold load beats waiting), never lost.
+    assert!(
+        ms_of(&head["attempts"][0]["created_at"]) >= ms_of(&behind["attempts"][0]["created_at"]),
+        "the head was dispatched first: {head} {behind}"
+    );
+    assert_eq!(behind["state"], "succeeded");
+    assert_eq!(head["state"], "succeeded");
     app.shutdown().await;
 }

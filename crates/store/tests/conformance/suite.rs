@@ -620,4 +620,10 @@ pub async fn node_stats_add_up_and_filter(stores: Vec<Arc<dyn Store>>) {
         .await
         .unwrap();
     assert!(none.is_empty());
+    // Retention: an hour goes once it has wholly ended before the cut, not sooner.
+    assert_eq!(b.purge_node_stats(hour + HOUR_MS - 1).await.unwrap(), 0);
+    assert_eq!(b.purge_node_stats(hour + HOUR_MS).await.unwrap(), 2);
+    let left = a.node_stats(&StatsFilter::default()).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].class, "VAEDecode");
 }
