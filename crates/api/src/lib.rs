@@ -234,6 +234,8 @@ pub enum LiveKind {
 pub enum BackendStatus {
     Connecting,
     Idle,
+    /// Idle, and blocked for some workflow shapes after faults there (see `blocks`).
+    Blocked,
     Busy,
     /// Its circuit is open after repeated failures.
     Unhealthy,
@@ -243,18 +245,23 @@ pub enum BackendStatus {
     Drained,
     /// A prompt gantry stopped still runs there past the grace.
     Stuck,
+    /// Connected, but nothing heard from it (messages, answers to gantry's probes) for
+    /// longer than twice `liveness`: what it shows may be out of date.
+    Stale,
     Offline,
 }
 
 impl BackendStatus {
-    pub const ALL: [BackendStatus; 8] = [
+    pub const ALL: [BackendStatus; 10] = [
         BackendStatus::Connecting,
         BackendStatus::Idle,
+        BackendStatus::Blocked,
         BackendStatus::Busy,
         BackendStatus::Unhealthy,
         BackendStatus::Draining,
         BackendStatus::Drained,
         BackendStatus::Stuck,
+        BackendStatus::Stale,
         BackendStatus::Offline,
     ];
 
@@ -262,18 +269,20 @@ impl BackendStatus {
         match self {
             BackendStatus::Connecting => "connecting",
             BackendStatus::Idle => "idle",
+            BackendStatus::Blocked => "blocked",
             BackendStatus::Busy => "busy",
             BackendStatus::Unhealthy => "unhealthy",
             BackendStatus::Draining => "draining",
             BackendStatus::Drained => "drained",
             BackendStatus::Stuck => "stuck",
+            BackendStatus::Stale => "stale",
             BackendStatus::Offline => "offline",
         }
     }
 }
 
 /// A backend as this coordinator sees it.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Backend {
     pub name: String,
     pub url: String,
@@ -292,22 +301,105 @@ pub struct Backend {
     pub last_error: Option<String>,
     /// How many node classes it reported.
     pub node_classes: Option<usize>,
-    /// Model files of its recent runs, most recent first.
+    /// Model files of the latest prompt sent to it (what a ComfyUI keeps loaded).
     pub warm_models: Vec<String>,
     pub blocks: Vec<Block>,
     pub circuit: Circuit,
     pub stuck: Option<Stuck>,
+    /// Where its current attempt is: node and step, as last heard.
+    #[serde(default)]
+    pub progress: Option<Progress>,
+}
+
+/// Where a running attempt is, as last heard from its backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Progress {
+    pub job_id: String,
+    pub attempt: u32,
+    pub backend: String,
+    /// The node executing, once one has started.
+    pub node: Option<String>,
+    pub class_type: Option<String>,
+    /// The node's own step counter, when it reports one.
+    pub value: Option<f64>,
+    pub max: Option<f64>,
+}
+
+/// A job in a list of the monitor: what a row shows (the whole job is at
+/// `/v1/jobs/{id}`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobSummary {
+    pub id: String,
+    pub state: JobState,
+    pub priority: i32,
+    pub workflow_hash: String,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+    /// The backend of its latest attempt.
+    pub backend: Option<String>,
+    pub attempts: u32,
+    pub error: Option<JobError>,
+    /// From acceptance to the end, once it has ended.
+    pub duration_ms: Option<i64>,
+    pub progress: Option<Progress>,
+}
+
+/// Queued jobs of one priority.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct PriorityDepth {
+    pub priority: i32,
+    pub count: u64,
+}
+
+/// The farm at one moment: what the monitor draws, consistent with the event stream
+/// from `seq` on (`GET /v1/events?since=SEQ` sends every later event).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct FarmState {
+    /// The last event this snapshot includes.
+    pub seq: i64,
+    #[schema(format = DateTime)]
+    pub at: String,
+    pub backends: Vec<Backend>,
+    /// Jobs waiting here, by priority, highest first.
+    pub queue: Vec<PriorityDepth>,
+    pub queued: u64,
+    /// The newest queued jobs (at most `RECENT`); `queue` has the depth.
+    pub queued_jobs: Vec<JobSummary>,
+    pub running: Vec<JobSummary>,
+    /// The latest jobs to have ended, newest first (at most `RECENT`).
+    pub recent: Vec<JobSummary>,
+    /// Jobs in the store by state.
+    #[schema(value_type = Object)]
+    pub counts: std::collections::BTreeMap<String, u64>,
+    /// A backend not heard from for this long is `stale`.
+    pub stale_after_ms: u64,
+}
+
+impl FarmState {
+    /// How many ended jobs a snapshot lists.
+    pub const RECENT: usize = 50;
+}
+
+/// Sent instead of the events a client asked for when it is too far behind (or ahead)
+/// to catch up: fetch `/v1/state` again and follow from its `seq`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Resync {
+    /// The newest event now.
+    pub seq: i64,
+    pub reason: String,
 }
 
 /// A workflow shape this backend will not take until `until`.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Block {
     pub workflow_hash: String,
     #[schema(format = DateTime)]
     pub until: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Circuit {
     Closed,
@@ -320,7 +412,7 @@ pub enum Circuit {
     },
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Stuck {
     pub prompt_id: String,
     #[schema(format = DateTime)]

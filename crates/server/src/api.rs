@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::convert::Infallible;
+use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
 use gantry_api as wire;
@@ -26,7 +27,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::auth::Principal;
 use crate::bus::BusEvent;
-use crate::engine::{self, Applied, Connection, Engine};
+use crate::engine::{self, now_ms, Applied, Connection, Engine};
 use crate::outputs::content_type;
 use axum::Extension;
 use gantry_core::auth::Scope;
@@ -170,6 +171,8 @@ fn documented() -> OpenApiRouter<Engine> {
         .routes(routes!(list_backends, add_backend))
         .routes(routes!(drain_backend))
         .routes(routes!(resume_backend))
+        .routes(routes!(lift_block))
+        .routes(routes!(farm_state))
         .routes(routes!(cluster))
         .routes(routes!(node_stats))
         .routes(routes!(timeout_suggestions))
@@ -188,6 +191,7 @@ pub fn router(engine: Engine) -> Router {
     let limit = engine.config().max_body_bytes;
     let (router, _) = documented().split_for_parts();
     router
+        .merge(crate::ui::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::middleware::from_fn_with_state(
             engine.clone(),
@@ -212,7 +216,7 @@ pub fn rfc3339(ms: Millis) -> String {
         .to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn opt_time(ms: Option<Millis>) -> Option<String> {
+pub(crate) fn opt_time(ms: Option<Millis>) -> Option<String> {
     ms.map(rfc3339)
 }
 
@@ -286,8 +290,8 @@ pub fn job_view(job: &Job) -> wire::Job {
     }
 }
 
-/// Timings of the job as a whole and of each attempt. (Per-node profiles come with the
-/// profiling work; see the issue notes.)
+/// Timings of the job as a whole and of each attempt (each attempt's per-node profile
+/// is on the attempt).
 fn profile_of(job: &Job) -> wire::Profile {
     let first_start = job.attempts.iter().filter_map(|a| a.started_at).next();
     let end = job.state.is_terminal().then_some(job.updated_at);
@@ -803,13 +807,19 @@ struct EventsQuery {
 }
 
 /// Every persisted event after `since` (or `Last-Event-ID`), once and in sequence order,
-/// then live ones as they commit. Publishers on different tasks may reach the bus out of
-/// sequence order, so a gap is filled from the store (where everything below a published
-/// sequence number has committed) rather than skipped.
+/// then live ones as they commit; with them, without an `id`, each backend's whole row
+/// (`backend`: every backend first, then one whenever what it shows changes) and the
+/// running jobs' progress (`node`, `progress`). Publishers on different tasks may reach
+/// the bus out of sequence order, so a gap is filled from the store (where everything
+/// below a published sequence number has committed) rather than skipped. Progress is
+/// coalesced for a client that reads slowly (the latest per job wins) and always sent
+/// before any later state change, never after it. A client more than `resync_gap`
+/// (10 000) events behind (`since` > 0), or ahead of the store, gets one `resync` event instead:
+/// fetch `/v1/state` and follow from its `seq`.
 #[utoipa::path(get, path = "/v1/events", tag = "events",
     params(EventsQuery, ("Last-Event-ID" = Option<String>, Header, description = "The last `id` this client saw")),
     responses(
-        (status = 200, description = "Server-sent events of every job, each once and in sequence order", content_type = "text/event-stream", body = wire::StreamEvent),
+        (status = 200, description = "Server-sent events: every job event once and in sequence order (`id` = seq, data a StreamEvent), `backend` rows (data a Backend), `node` and `progress` (data a LiveEvent), or one `resync` (data a Resync)", content_type = "text/event-stream", body = wire::StreamEvent),
         (status = 400, description = "`since` is not a sequence number", body = wire::ErrorBody),
     ))]
 async fn all_events(
@@ -832,13 +842,40 @@ async fn all_events(
         })?,
     };
     let mut live = engine.bus().subscribe();
+    let newest = engine.store().last_seq().await?;
     let (tx, rx) = mpsc::channel::<SseEvent>(1024);
+    let resync = if since > newest {
+        Some(format!(
+            "since {since} is past the newest event {newest} (another store?)"
+        ))
+    } else if since > 0 && newest - since > engine.config().resync_gap {
+        Some(format!(
+            "{} events behind, more than {}",
+            newest - since,
+            engine.config().resync_gap
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = resync {
+        let data = serde_json::to_string(&wire::Resync {
+            seq: newest,
+            reason,
+        })
+        .unwrap_or_default();
+        let _ = tx.try_send(SseEvent::default().event("resync").data(data));
+        return Ok(sse_of(rx));
+    }
     let open = crate::metrics::StreamGuard::new(engine.metrics());
     tokio::spawn(async move {
         let _open = open;
         let mut last = since;
-        // The backlog, page by page; then the live tail.
-        if !catch_up(&engine, &tx, &mut last).await {
+        let mut feed = Feed {
+            tx,
+            pending: Vec::new(),
+        };
+        // Every backend as it is now, then the backlog page by page; then the live tail.
+        if !feed.backends(&engine).await || !catch_up(&engine, &feed.tx, &mut last).await {
             return;
         }
         loop {
@@ -846,30 +883,129 @@ async fn all_events(
                 // A stream never outlives the server: shutdown waits for open connections.
                 _ = engine.shutdown_token().cancelled() => return,
                 next = live.recv() => next,
+                // Coalesced progress goes out as soon as the client has room.
+                _ = tokio::time::sleep(Duration::from_millis(50)), if !feed.pending.is_empty() => {
+                    if !feed.flush().await {
+                        return;
+                    }
+                    continue;
+                }
             };
-            match next {
+            let ok = match next {
                 Ok(BusEvent::Persisted(e)) if e.seq == last + 1 => {
                     last = e.seq;
-                    if tx.send(sse_of_published(&e)).await.is_err() {
-                        return;
-                    }
+                    feed.flush().await && feed.tx.send(sse_of_published(&e)).await.is_ok()
                 }
                 Ok(BusEvent::Persisted(e)) if e.seq > last => {
-                    if !catch_up(&engine, &tx, &mut last).await {
-                        return;
-                    }
+                    feed.flush().await && catch_up(&engine, &feed.tx, &mut last).await
                 }
-                Ok(_) => {}
+                Ok(BusEvent::BackendState(b)) => {
+                    let data = b.wire(|b| serde_json::to_string(b).unwrap_or_default());
+                    feed.flush().await
+                        && feed
+                            .tx
+                            .send(SseEvent::default().event("backend").data(data))
+                            .await
+                            .is_ok()
+                }
+                Ok(BusEvent::Live(l)) => feed.live(&l),
+                Ok(_) => true,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    if !catch_up(&engine, &tx, &mut last).await {
-                        return;
-                    }
+                    // Backend rows are not in the store: send them all again.
+                    feed.flush().await
+                        && catch_up(&engine, &feed.tx, &mut last).await
+                        && feed.backends(&engine).await
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if !ok {
+                return;
             }
         }
     });
     Ok(sse_of(rx))
+}
+
+/// One client of `/v1/events`: its channel, and the progress it had no room for.
+struct Feed {
+    tx: mpsc::Sender<SseEvent>,
+    /// The latest node and progress event per job, in order of first arrival.
+    pending: Vec<(JobId, &'static str, SseEvent)>,
+}
+
+impl Feed {
+    /// Send or coalesce a live event; false once the client has left.
+    fn live(&mut self, l: &crate::bus::LiveEvent) -> bool {
+        let kind = match l.kind {
+            wire::LiveKind::Node { .. } => "node",
+            wire::LiveKind::Progress { .. } => "progress",
+        };
+        let data = serde_json::to_string(&wire::LiveEvent {
+            job_id: l.job_id.to_string(),
+            attempt: l.attempt,
+            backend: l.backend.clone(),
+            kind: l.kind.clone(),
+        })
+        .unwrap_or_default();
+        let event = SseEvent::default().event(kind).data(data);
+        // Behind coalesced ones, a new event waits its turn so the order holds.
+        if !self.pending.is_empty() {
+            self.coalesce(l.job_id.clone(), kind, event);
+            return true;
+        }
+        match self.tx.try_send(event) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                self.coalesce(l.job_id.clone(), kind, event);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Keep only the latest: a node event replaces the job's pending node and progress
+    /// (progress of an earlier node is over), a progress event the job's pending one.
+    fn coalesce(&mut self, job: JobId, kind: &'static str, event: SseEvent) {
+        if kind == "node" {
+            self.pending.retain(|(j, _, _)| *j != job);
+            self.pending.push((job, kind, event));
+            return;
+        }
+        match self
+            .pending
+            .iter_mut()
+            .find(|(j, k, _)| *j == job && *k == kind)
+        {
+            Some(slot) => slot.2 = event,
+            None => self.pending.push((job, kind, event)),
+        }
+    }
+
+    /// Send what was coalesced, before anything later; false once the client has left.
+    async fn flush(&mut self) -> bool {
+        for (_, _, event) in std::mem::take(&mut self.pending) {
+            if self.tx.send(event).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Every backend's row as it is now.
+    async fn backends(&mut self, engine: &Engine) -> bool {
+        for (b, _) in backend_rows(engine) {
+            let data = serde_json::to_string(&b).unwrap_or_default();
+            if self
+                .tx
+                .send(SseEvent::default().event("backend").data(data))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// The SSE response that sends what a stream's task puts on `rx`, until it ends.
@@ -939,19 +1075,45 @@ async fn get_output(
 #[utoipa::path(get, path = "/v1/backends", tag = "backends",
     responses((status = 200, description = "The backends this coordinator knows, with live status", body = wire::BackendList)))]
 async fn list_backends(State(engine): State<Engine>) -> Json<wire::BackendList> {
-    let backends = engine.backends();
-    let list = backends.values().map(backend_view).collect();
-    Json(wire::BackendList { backends: list })
+    Json(wire::BackendList {
+        backends: backend_rows(&engine).into_iter().map(|(b, _)| b).collect(),
+    })
 }
 
-/// A backend as a client sees it.
-fn backend_view(b: &crate::engine::BackendState) -> wire::Backend {
+/// Every backend as a client sees it now, with when it was last heard from.
+pub(crate) fn backend_rows(engine: &Engine) -> Vec<(wire::Backend, Option<Millis>)> {
+    let (now, stale) = (now_ms(), engine.stale_after_ms());
+    type Row = (wire::Backend, Option<Millis>, Option<(JobId, u32)>);
+    let views: Vec<Row> = engine
+        .backends()
+        .values()
+        .map(|b| (backend_view(b, now, stale), b.last_seen, b.current.clone()))
+        .collect();
+    // The progress lock is taken apart from the backends'.
+    views
+        .into_iter()
+        .map(|(mut v, seen, current)| {
+            if let Some((job, n)) = current {
+                v.progress = engine.progress_of(&job).filter(|p| p.attempt == n);
+            }
+            (v, seen)
+        })
+        .collect()
+}
+
+/// A backend as a client sees it (without its progress, which the engine keeps apart).
+fn backend_view(
+    b: &crate::engine::BackendState,
+    now: Millis,
+    stale_after: Millis,
+) -> wire::Backend {
     wire::Backend {
+        progress: None,
         name: b.config.name.clone(),
         url: b.config.url.clone(),
         tags: b.config.tags.clone(),
         priority: b.config.priority,
-        status: crate::metrics::status_of(b),
+        status: crate::monitor::status_of(b, now, stale_after),
         current_job: b.current.as_ref().map(|(j, _)| j.to_string()),
         current_attempt: b.current.as_ref().map(|(_, n)| *n),
         next_job: b.next.as_ref().map(|(j, _)| j.to_string()),
@@ -1047,10 +1209,10 @@ async fn add_backend(State(engine): State<Engine>, body: Bytes) -> Result<Respon
     let name = config.name.clone();
     engine.add_backend(config);
     tracing::info!(backend = %name, url = %record.url, "backend added");
-    let view = engine
-        .backends()
-        .get(&name)
-        .map(backend_view)
+    let view = backend_rows(&engine)
+        .into_iter()
+        .map(|(b, _)| b)
+        .find(|b| b.name == name)
         .ok_or_else(|| ApiError::Internal(format!("backend {name} vanished as it was added")))?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
@@ -1085,6 +1247,55 @@ async fn resume_backend(
     set_draining(&engine, &name, false)
 }
 
+/// Lift a backend's block on a workflow shape now, instead of at the end of its
+/// cooldown.
+#[utoipa::path(delete, path = "/v1/backends/{name}/blocks/{workflow_hash}", tag = "backends",
+    params(
+        ("name" = String, Path, description = "The backend's name"),
+        ("workflow_hash" = String, Path, description = "The blocked workflow shape"),
+    ),
+    responses(
+        (status = 200, description = "Lifted; the backend as it is now", body = wire::Backend),
+        (status = 404, description = "No such backend, or it has no such block", body = wire::ErrorBody),
+        (status = 409, description = "Another coordinator drives it", body = wire::ErrorBody),
+    ))]
+async fn lift_block(
+    State(engine): State<Engine>,
+    Path((name, hash)): Path<(String, String)>,
+) -> Result<Json<wire::Backend>, ApiError> {
+    match engine.lift_block(&name, &hash) {
+        None => Err(ApiError::NotFound(format!("no backend {name}"))),
+        Some(Err(())) => Err(ApiError::Conflict {
+            code: "not_driven_here",
+            message: format!(
+                "backend {name} is driven by another coordinator: send this to the one holding its lease (see /v1/cluster)"
+            ),
+            details: json!({"backend": name}),
+        }),
+        Some(Ok(false)) => Err(ApiError::NotFound(format!(
+            "backend {name} has no block on workflow {hash}"
+        ))),
+        Some(Ok(true)) => backend_rows(&engine)
+            .into_iter()
+            .map(|(b, _)| b)
+            .find(|b| b.name == name)
+            .map(Json)
+            .ok_or_else(|| ApiError::NotFound(format!("no backend {name}"))),
+    }
+}
+
+/// The farm now, for the monitor: backends, queue depth by priority, running and
+/// recently ended jobs, counts, and the `seq` of the last event it includes, from which
+/// `GET /v1/events?since=SEQ` goes on.
+#[utoipa::path(get, path = "/v1/state", tag = "events",
+    responses(
+        (status = 200, body = wire::FarmState),
+        (status = 503, description = "The store cannot be reached", body = wire::ErrorBody),
+    ))]
+async fn farm_state(State(engine): State<Engine>) -> Result<Json<wire::FarmState>, ApiError> {
+    Ok(Json(crate::monitor::farm_state(&engine).await?))
+}
+
 /// Drain or resume `name` on the coordinator that drives it.
 fn set_draining(
     engine: &Engine,
@@ -1101,10 +1312,11 @@ fn set_draining(
             details: json!({"backend": name}),
         }),
         Some(true) => {
+            let (now, stale) = (now_ms(), engine.stale_after_ms());
             let status = engine
                 .backends()
                 .get(name)
-                .map(crate::metrics::status_of)
+                .map(|b| crate::monitor::status_of(b, now, stale))
                 .unwrap_or(wire::BackendStatus::Offline);
             Ok(Json(wire::BackendStatusOf {
                 name: name.to_owned(),

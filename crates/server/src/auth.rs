@@ -123,7 +123,11 @@ pub fn issue(scope: Scope, name: &str, now: Millis) -> (String, TokenRecord) {
 /// API document, signing in). What is not a read, a submit or a cancel is
 /// administration, so a new route is closed until placed.
 pub fn required(method: &Method, path: &str) -> Option<Scope> {
-    if matches!(path, "/healthz" | "/v1/openapi.json" | "/v1/session") {
+    // The monitor's page and assets are public (they hold no data; what they show comes
+    // from the API, behind its tokens).
+    if matches!(path, "/healthz" | "/v1/openapi.json" | "/v1/session" | "/")
+        || path.starts_with("/ui/")
+    {
         return None;
     }
     match *method {

@@ -15,18 +15,21 @@ pub enum BusEvent {
     Live(Arc<LiveEvent>),
     /// A change in a backend's health (blocks, circuit, stuck), for the global stream.
     Backend(Arc<BackendEvent>),
+    /// A backend as it is now, whenever what a monitor shows of it changed
+    /// (`monitor::backend_feed`); the whole row, so a client never needs the previous.
+    BackendState(Arc<Published<gantry_api::Backend>>),
 }
 
 /// A committed event as it goes out: its wire form is made once, by the first stream
 /// that sends it, and shared by all the others (200 subscribers, one serialisation).
 #[derive(Debug)]
-pub struct Published {
-    pub event: Event,
+pub struct Published<T = Event> {
+    pub event: T,
     wire: std::sync::OnceLock<String>,
 }
 
-impl Published {
-    pub fn new(event: Event) -> Published {
+impl<T> Published<T> {
+    pub fn new(event: T) -> Published<T> {
         Published {
             event,
             wire: std::sync::OnceLock::new(),
@@ -34,14 +37,14 @@ impl Published {
     }
 
     /// The event's JSON as streams send it, made by `make` the first time.
-    pub fn wire(&self, make: impl FnOnce(&Event) -> String) -> &str {
+    pub fn wire(&self, make: impl FnOnce(&T) -> String) -> &str {
         self.wire.get_or_init(|| make(&self.event))
     }
 }
 
-impl std::ops::Deref for Published {
-    type Target = Event;
-    fn deref(&self) -> &Event {
+impl<T> std::ops::Deref for Published<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
         &self.event
     }
 }
@@ -56,7 +59,7 @@ impl BusEvent {
         match self {
             BusEvent::Persisted(e) => Some(&e.job_id),
             BusEvent::Live(e) => Some(&e.job_id),
-            BusEvent::Backend(_) => None,
+            BusEvent::Backend(_) | BusEvent::BackendState(_) => None,
         }
     }
 }

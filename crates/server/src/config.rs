@@ -153,6 +153,9 @@ pub struct Config {
     pub health: HealthPolicy,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// A client of `/v1/events` this many events behind is told to `resync` (fetch
+    /// `/v1/state` again) rather than sent the backlog.
+    pub resync_gap: i64,
     /// How long a cancelled running job waits for its backend to confirm.
     pub cancel_grace: Duration,
     /// With an attempt in flight and nothing heard for this long, poll the backend.
@@ -237,6 +240,7 @@ impl Config {
             max_body_bytes: 32 * 1024 * 1024,
             cancel_grace: Duration::from_secs(10),
             liveness: Duration::from_secs(10),
+            resync_gap: 10_000,
             max_attempts: 3,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
@@ -288,6 +292,9 @@ impl Config {
         }
         if let Some(v) = d("liveness", &file.liveness)? {
             self.liveness = v;
+        }
+        if let Some(v) = file.resync_gap {
+            self.resync_gap = i64::from(v.get());
         }
         if let Some(v) = d("retention", &file.retention)? {
             self.retention = v;
@@ -495,6 +502,7 @@ struct FileConfig {
     max_attempts: Option<u32>,
     cancel_grace: Option<String>,
     liveness: Option<String>,
+    resync_gap: Option<std::num::NonZeroU32>,
     block_cooldown: Option<String>,
     circuit_cooldown: Option<String>,
     circuit_threshold: Option<u32>,

@@ -348,6 +348,11 @@ impl Driver {
             wake = wake.min(Self::instant_of_wall(at));
         }
         let Some(cur) = &self.current else {
+            // An idle ComfyUI sends nothing by itself: ask it now and then, so its status
+            // rests on something heard (`stale` otherwise).
+            if self.session.is_some() {
+                wake = wake.min(self.last_contact.max(self.last_poll) + self.liveness());
+            }
             return wake;
         };
         if let Some(d) = &cur.draining {
@@ -376,6 +381,7 @@ impl Driver {
             }
             if connection == Connection::Connected {
                 b.last_seen = Some(now_ms());
+                b.connected_once = true;
             }
         }
     }
@@ -403,7 +409,14 @@ impl Driver {
         if self.probe_at().is_some_and(|at| at <= now_ms()) {
             self.probe().await;
         }
-        let Some(cur) = &mut self.current else { return };
+        let Some(cur) = &mut self.current else {
+            if self.session.is_some()
+                && now >= self.last_contact.max(self.last_poll) + self.liveness()
+            {
+                self.idle_probe().await;
+            }
+            return;
+        };
         if let Some(d) = &cur.draining {
             if now >= d.next_poll {
                 self.drain_check().await;
@@ -459,6 +472,24 @@ impl Driver {
             // Quiet for too long: ask, rather than trust the socket (pitfalls 7 and 8).
             self.last_poll = now;
             self.reconcile().await;
+        }
+    }
+
+    /// Idle and quiet for `liveness`: is it still there? An answer counts as contact; no
+    /// answer leaves `last_seen` where it was, so the backend turns `stale` (a closed
+    /// socket is the WebSocket's to report).
+    async fn idle_probe(&mut self) {
+        self.last_poll = Instant::now();
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        match tokio::time::timeout(self.liveness(), client.queue()).await {
+            Ok(Ok(_)) => {
+                self.contact();
+                self.engine.backends_changed();
+            }
+            Ok(Err(e)) => tracing::debug!(backend = %self.name, error = %e, "idle probe failed"),
+            Err(_) => tracing::debug!(backend = %self.name, "idle probe unanswered"),
         }
     }
 

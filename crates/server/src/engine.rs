@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{BackendEvent, Bus, BusEvent, LiveEvent};
+use crate::bus::{BackendEvent, Bus, BusEvent, LiveEvent, LiveKind};
 use crate::cluster::Cluster;
 use crate::config::{BackendConfig, Config};
 use crate::driver::{self, Assignment, Command};
@@ -76,6 +76,9 @@ pub struct BackendState {
     /// Its driver takes a next attempt: `current` is executing and not being stopped.
     pub accepts_next: bool,
     pub last_seen: Option<Millis>,
+    /// It has been connected at least once: until then a failed connect is still
+    /// `connecting` (the machine may not have started yet), not `offline`.
+    pub connected_once: bool,
     pub last_error: Option<String>,
     /// Blocks per workflow shape and the circuit breaker.
     pub health: Health,
@@ -103,6 +106,7 @@ impl BackendState {
             next: None,
             accepts_next: false,
             last_seen: None,
+            connected_once: false,
             last_error: None,
             health: Health::default(),
             stuck: None,
@@ -422,6 +426,11 @@ struct Inner {
     /// (class, backend) pairs much slower than the farm (`SLOW_FACTOR` x its p50), kept
     /// by the stats writer; the scheduler uses those backends last.
     slow: Mutex<HashSet<(String, String)>>,
+    /// Where each running job is (node, step), as last heard; for `/v1/state` and the
+    /// backends' rows.
+    progress: Mutex<HashMap<JobId, gantry_api::Progress>>,
+    /// Wakes the monitor's backend feed (`monitor::backend_feed`).
+    changed: Notify,
 }
 
 /// A backend whose median for a class is this many times the farm's is slow for it.
@@ -498,6 +507,8 @@ impl Engine {
                 stats: stats_tx,
                 history: Mutex::new(HashMap::new()),
                 slow: Mutex::new(HashSet::new()),
+                progress: Mutex::new(HashMap::new()),
+                changed: Notify::new(),
                 store,
                 bus: Bus::new(4096),
                 policy,
@@ -570,6 +581,8 @@ impl Engine {
         }
         let e = engine.clone();
         tasks.spawn(async move { crate::metrics::follow(e).await });
+        let e = engine.clone();
+        tasks.spawn(async move { crate::monitor::backend_feed(e).await });
         if !engine.inner.config.retention.is_zero()
             || !engine.inner.config.stats_retention.is_zero()
         {
@@ -928,12 +941,48 @@ impl Engine {
     }
 
     /// How many jobs wait in the queue.
+    /// Jobs in this coordinator's queue index by priority, highest first.
+    pub fn queue_depths(&self) -> Vec<(i32, u64)> {
+        let mut by: BTreeMap<Reverse<i32>, u64> = BTreeMap::new();
+        for (_, key, _) in self.queue().keys.values() {
+            *by.entry(key.0).or_default() += 1;
+        }
+        by.into_iter().map(|(p, n)| (p.0, n)).collect()
+    }
+
     pub fn queue_len(&self) -> usize {
         self.queue().len()
     }
 
     pub fn wake_scheduler(&self) {
         self.inner.wake.notify_one();
+        self.inner.changed.notify_one();
+    }
+
+    /// Something about the backends may have changed: the monitor's feed looks.
+    pub fn backends_changed(&self) {
+        self.inner.changed.notify_one();
+    }
+
+    pub(crate) fn changed(&self) -> &Notify {
+        &self.inner.changed
+    }
+
+    /// A backend not heard from for this long is `stale`.
+    pub fn stale_after_ms(&self) -> Millis {
+        2 * self.inner.config.liveness.as_millis() as Millis
+    }
+
+    fn lock_progress(&self) -> MutexGuard<'_, HashMap<JobId, gantry_api::Progress>> {
+        self.inner
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where the running job is, as last heard.
+    pub fn progress_of(&self, job: &JobId) -> Option<gantry_api::Progress> {
+        self.lock_progress().get(job).cloned()
     }
 
     /// The first node of `workflow` whose class no backend has, judged by the backends
@@ -1158,6 +1207,27 @@ impl Engine {
         Some(changed)
     }
 
+    /// Lift `backend`'s block on a workflow shape before its cooldown ends. `None`: no
+    /// such backend; `Some(Err(()))`: another coordinator drives it; `Some(Ok(false))`:
+    /// it has no such block.
+    pub fn lift_block(&self, backend: &str, workflow_hash: &str) -> Option<Result<bool, ()>> {
+        let events = {
+            let mut backends = self.backends();
+            let b = backends.get_mut(backend)?;
+            if b.lease.is_none() {
+                return Some(Err(()));
+            }
+            b.health.unblock(workflow_hash)
+        };
+        if events.is_empty() {
+            return Some(Ok(false));
+        }
+        tracing::info!(backend, workflow_hash, "block lifted by an operator");
+        self.publish_health(backend, events);
+        self.wake_scheduler();
+        Some(Ok(true))
+    }
+
     /// The backends leased here, with their tokens.
     pub fn owned_leases(&self) -> Vec<(String, i64)> {
         if self.inner.cluster.is_none() {
@@ -1371,6 +1441,9 @@ impl Engine {
                                 }
                             }
                             self.queue().note(&applied.job, &self.inner.config.timeouts);
+                            if applied.job.state != JobState::Running {
+                                self.lock_progress().remove(id);
+                            }
                             self.publish_persisted(events);
                             self.carry_out(&applied.job, applied.effects);
                             if applied.job.state != JobState::Running {
@@ -1424,6 +1497,39 @@ impl Engine {
     }
 
     pub fn publish_live(&self, event: LiveEvent) {
+        {
+            let mut progress = self.lock_progress();
+            let p = progress
+                .entry(event.job_id.clone())
+                .or_insert_with(|| gantry_api::Progress {
+                    job_id: event.job_id.to_string(),
+                    attempt: event.attempt,
+                    backend: event.backend.clone(),
+                    node: None,
+                    class_type: None,
+                    value: None,
+                    max: None,
+                });
+            if p.attempt != event.attempt {
+                p.attempt = event.attempt;
+                p.backend.clone_from(&event.backend);
+                (p.node, p.class_type, p.value, p.max) = (None, None, None, None);
+            }
+            match &event.kind {
+                LiveKind::Node { node, class_type } => {
+                    p.node = Some(node.clone());
+                    p.class_type = Some(class_type.clone());
+                    (p.value, p.max) = (None, None);
+                }
+                LiveKind::Progress { node, value, max } => {
+                    if p.node.as_deref() != Some(node) {
+                        p.node = Some(node.clone());
+                        p.class_type = None;
+                    }
+                    (p.value, p.max) = (Some(*value), Some(*max));
+                }
+            }
+        }
         self.inner.bus.publish(BusEvent::Live(Arc::new(event)));
     }
 

@@ -20,6 +20,7 @@ pub async fn run(engine: Engine, name: String, mut commands: mpsc::UnboundedRece
         let classes: HashSet<String> = b.config.instant.iter().flatten().cloned().collect();
         b.classes = Some(Arc::new(classes));
         b.connection = Connection::Connected;
+        b.connected_once = true;
         b.last_seen = Some(now_ms());
     }
     engine.wake_scheduler();
@@ -75,6 +76,8 @@ fn free(engine: &Engine, name: &str, job: &gantry_core::JobId, attempt: u32) {
         {
             b.current = None;
         }
+        // In-process: always heard.
+        b.last_seen = Some(now_ms());
     }
     engine.wake_scheduler();
 }

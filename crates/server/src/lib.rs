@@ -12,8 +12,10 @@ mod driver;
 pub mod engine;
 mod instant;
 pub mod metrics;
+pub mod monitor;
 pub mod outputs;
 pub mod profiling;
+pub mod ui;
 
 use gantry_store::{PgStore, SqliteStore, Store};
 use std::net::SocketAddr;

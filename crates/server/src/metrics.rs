@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 use gantry_core::{EventKind, JobId, JobState, Millis};
 
 use crate::bus::{BusEvent, LiveKind};
-use crate::engine::{Connection, Engine};
+use crate::engine::Engine;
 use gantry_api::BackendStatus;
 
 type Labels = Vec<(String, String)>;
@@ -136,7 +136,12 @@ pub async fn render(engine: &Engine) -> Result<String, gantry_store::Error> {
             .get_or_create(&label("state", state.as_str()))
             .set(n as i64);
     }
-    let statuses: Vec<BackendStatus> = engine.backends().values().map(status_of).collect();
+    let (now, stale) = (crate::engine::now_ms(), engine.stale_after_ms());
+    let statuses: Vec<BackendStatus> = engine
+        .backends()
+        .values()
+        .map(|b| crate::monitor::status_of(b, now, stale))
+        .collect();
     for status in BackendStatus::ALL {
         let n = statuses.iter().filter(|s| **s == status).count();
         m.backends
@@ -148,20 +153,6 @@ pub async fn render(engine: &Engine) -> Result<String, gantry_store::Error> {
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &m.registry);
     Ok(out)
-}
-
-/// A backend's status as `/v1/backends` names it, from live facts.
-pub fn status_of(b: &crate::engine::BackendState) -> BackendStatus {
-    match (b.connection, &b.current) {
-        _ if b.stuck.is_some() => BackendStatus::Stuck,
-        (_, Some(_)) if b.draining => BackendStatus::Draining,
-        _ if b.draining => BackendStatus::Drained,
-        (Connection::Connected, _) if !b.health.accepts_work() => BackendStatus::Unhealthy,
-        (Connection::Connected, Some(_)) => BackendStatus::Busy,
-        (Connection::Connected, None) => BackendStatus::Idle,
-        (Connection::Connecting, _) => BackendStatus::Connecting,
-        (Connection::Offline, _) => BackendStatus::Offline,
-    }
 }
 
 /// Follow the bus and feed the counters and histograms until shutdown.
@@ -238,7 +229,7 @@ pub async fn follow(engine: Engine) {
                     node.insert(key, (class_type.clone(), Instant::now()));
                 }
             }
-            BusEvent::Backend(_) => {}
+            BusEvent::Backend(_) | BusEvent::BackendState(_) => {}
         }
     }
 }

@@ -206,6 +206,10 @@ pub trait Store: Send + Sync + 'static {
     /// The events of one job after `after_seq`, in order.
     async fn job_events(&self, id: &JobId, after_seq: i64) -> Result<Vec<Event>>;
 
+    /// The number of the newest committed event (0 before the first): every event up
+    /// to it is visible to `events_since`.
+    async fn last_seq(&self) -> Result<i64>;
+
     /// All events after `after_seq`, in order, at most `limit`.
     async fn events_since(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>>;
 

@@ -174,13 +174,6 @@ impl PgStore {
         listener.listen(EVENTS_CHANNEL).await?;
         Ok(listener)
     }
-
-    /// The highest event number committed.
-    pub async fn last_seq(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT last FROM event_counter")
-            .fetch_one(&self.pool)
-            .await?)
-    }
 }
 
 /// Who drives a backend, as the database has it.
@@ -863,6 +856,12 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(event_of).collect()
+    }
+
+    async fn last_seq(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT last FROM event_counter")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     async fn events_since(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>> {

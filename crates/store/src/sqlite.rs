@@ -510,6 +510,15 @@ impl Store for SqliteStore {
         rows.iter().map(event_of).collect()
     }
 
+    async fn last_seq(&self) -> Result<i64> {
+        // AUTOINCREMENT's own counter: the newest number handed out, even once purged.
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(seq.unwrap_or(0))
+    }
+
     async fn events_since(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>> {
         let rows = sqlx::query(
             "SELECT seq, job_id, at, state, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?",

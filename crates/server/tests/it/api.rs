@@ -373,17 +373,10 @@ async fn a_metrics_scrape_parses_and_counts_what_happened() {
         },
     )
     .await;
-    let backends: f64 = [
-        "idle",
-        "busy",
-        "connecting",
-        "offline",
-        "unhealthy",
-        "stuck",
-    ]
-    .iter()
-    .filter_map(|s| sample(&scrape, "gantry_backends", &[("status", s)]))
-    .sum();
+    let backends: f64 = gantry_api::BackendStatus::ALL
+        .iter()
+        .filter_map(|s| sample(&scrape, "gantry_backends", &[("status", s.as_str())]))
+        .sum();
     assert_eq!(backends, 1.0);
     drop(stream);
     app.shutdown().await;

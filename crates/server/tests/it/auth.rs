@@ -96,6 +96,23 @@ async fn each_route_needs_its_scope_once_a_token_exists() {
         .await
         .unwrap();
     assert_eq!(doc.status(), 200);
+    // So does the monitor's page (it holds no data), while what it draws needs a token.
+    for page in ["/", "/ui/app.js"] {
+        let r = app
+            .http
+            .get(format!("{}{page}", app.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{page}");
+    }
+    assert_eq!(call(&app, "GET", "/v1/state", None, None).await.0, 401);
+    assert_eq!(
+        call(&app, "GET", "/v1/state", Some(&read), None).await.0,
+        200
+    );
+    let lift = call(&app, "DELETE", "/v1/backends/a/blocks/x", Some(&read), None).await;
+    assert_eq!(lift.0, 403, "{lift:?}");
 
     // A read token reads, and cannot submit: refused, and no job is made.
     assert_eq!(

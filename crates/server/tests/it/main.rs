@@ -7,6 +7,7 @@ mod backends;
 mod chaos;
 mod engine;
 mod failover;
+mod monitor;
 mod openapi;
 mod pipeline;
 mod postgres;

@@ -20,6 +20,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/backends"),
     ("POST", "/v1/backends/{name}/drain"),
     ("POST", "/v1/backends/{name}/resume"),
+    ("DELETE", "/v1/backends/{name}/blocks/{workflow_hash}"),
+    ("GET", "/v1/state"),
     ("GET", "/v1/cluster"),
     ("GET", "/v1/stats/nodes"),
     ("GET", "/v1/stats/timeouts"),
@@ -137,14 +139,16 @@ async fn the_openapi_document_validates_lists_every_route_and_matches_every_answ
         let url = format!(
             "{}{}",
             app.url,
-            path.replace("{id}", &id).replace(
-                "{name}",
-                if path.contains("outputs") {
-                    &output
-                } else {
-                    &backend
-                }
-            )
+            path.replace("{id}", &id)
+                .replace("{workflow_hash}", "0123abcd")
+                .replace(
+                    "{name}",
+                    if path.contains("outputs") {
+                        &output
+                    } else {
+                        &backend
+                    }
+                )
         );
         let request = match *method {
             "GET" => app.http.get(&url),
