@@ -68,15 +68,28 @@ function gantry(args, prefix) {
   });
 }
 
-const sim = (port) => gantry(['sim', '--listen', `127.0.0.1:${port}`], 'gantry sim: a ComfyUI server on ');
+const sim = (port, ...args) => gantry(['sim', '--listen', `127.0.0.1:${port}`, ...args], 'gantry sim: a ComfyUI server on ');
 
-async function serve(ports, extra = '') {
+/// `gantry serve` on a fresh data dir naming the simulators on `ports` b0, b1, ...;
+/// `before(dataDir)` runs first (to make a token, say).
+async function serve(ports, extra = '', { priorities = [], before: first } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'gantry-monitor-'));
-  const backends = ports.map((p, i) => `[[backends]]\nname = "b${i}"\nurl = "http://127.0.0.1:${p}"\n`).join('');
+  const backends = ports.map((p, i) => `[[backends]]\nname = "b${i}"\nurl = "http://127.0.0.1:${p}"\npriority = ${priorities[i] ?? 0}\n`).join('');
   writeFileSync(join(dir, 'gantry.toml'), `liveness = "1s"\n${extra}\n${backends}`);
+  if (first) await first(join(dir, 'data'));
   const s = await gantry(['serve', '--listen', '127.0.0.1:0', '--data-dir', join(dir, 'data'), '--config', join(dir, 'gantry.toml')], 'gantry: serving on ');
   s.dir = dir;
   return s;
+}
+
+/// `gantry ARGS` to its end; answers its stdout.
+function gantryOutput(args) {
+  return new Promise((ok, fail) => {
+    const child = spawn(GANTRY, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    child.stdout.on('data', (d) => { out += d; });
+    child.once('exit', (code) => (code === 0 ? ok(out) : fail(new Error(`gantry ${args.join(' ')} exited with ${code}`))));
+  });
 }
 
 async function stop(server) {
@@ -332,4 +345,38 @@ test('the page keeps bounded state through 10 000 events', async () => {
   await page.close();
   await stop(server);
   s.child.kill('SIGKILL');
+});
+
+test('with tokens on: the page signs in, and an admin lifts a block from it', async () => {
+  const ports = [await freePort(), await freePort()];
+  const sims = [await sim(ports[0], '--fault', 'oom'), await sim(ports[1])];
+  let token;
+  const server = await serve(ports, 'max_attempts = 3\ncircuit_threshold = 0', {
+    priorities: [10, 0],
+    before: async (data) => {
+      token = JSON.parse(await gantryOutput(['token', 'create', '--scope', 'admin', '--name', 'monitor', '--data-dir', data, '--json'])).token;
+    },
+  });
+  const page = await openPage(server.url);
+  await page.locator('#signin').waitFor({ state: 'visible' });
+  await page.screenshot({ path: join(ARTIFACTS, 'f1-sign-in.png') });
+  await page.locator('#token').fill('gantry_nope_nope');
+  await page.locator('#signin button').click();
+  await waitFor('a bad token is refused, naming why', async () => (await page.locator('#signin-error').textContent()).length > 0);
+  await page.locator('#token').fill(token);
+  await page.locator('#signin button').click();
+  await waitFor('both idle', async () => (await badge(page, 'b0').textContent()) === 'idle' && (await badge(page, 'b1').textContent()) === 'idle');
+  // A job fails on b0 (out of memory) and succeeds on b1; b0 is blocked for its shape.
+  const r = await fetch(`${server.url}/v1/jobs`, { method: 'POST', headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` }, body: JSON.stringify({ workflow: sleepWorkflow(0.2, 2, 5) }) });
+  assert.equal(r.status, 202);
+  const { id } = await r.json();
+  await waitFor('it succeeds on the page', async () => (await page.locator(`#recent tr[data-job="${id}"] .badge`).textContent().catch(() => '')) === 'succeeded');
+  await waitFor('b0 shows its block', async () => (await badge(page, 'b0').textContent()) === 'blocked' && (await page.locator('#backends tr[data-backend="b0"] button[data-act="lift"]').count()) === 1);
+  await page.screenshot({ path: join(ARTIFACTS, 'f2-blocked.png') });
+  await page.locator('#backends tr[data-backend="b0"] button[data-act="lift"]').click();
+  await waitFor('the block is lifted', async () => (await badge(page, 'b0').textContent()) === 'idle' && (await page.locator('#backends tr[data-backend="b0"] button[data-act="lift"]').count()) === 0);
+  assert.deepEqual(page.errors, []);
+  await page.close();
+  await stop(server);
+  for (const s of sims) s.child.kill('SIGKILL');
 });

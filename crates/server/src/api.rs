@@ -1682,3 +1682,88 @@ async fn timeout_suggestions(State(engine): State<Engine>) -> Json<wire::Timeout
         suggestions,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::LiveEvent;
+
+    fn live(job: &JobId, kind: wire::LiveKind) -> LiveEvent {
+        LiveEvent {
+            job_id: job.clone(),
+            attempt: 1,
+            backend: "a".into(),
+            kind,
+        }
+    }
+
+    fn progress(node: &str, value: f64) -> wire::LiveKind {
+        wire::LiveKind::Progress {
+            node: node.into(),
+            value,
+            max: 10.0,
+        }
+    }
+
+    /// What an SSE event carries, as its wire text.
+    fn text(e: &SseEvent) -> String {
+        format!("{e:?}")
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_gets_the_latest_progress_in_order_and_before_what_follows() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut feed = Feed {
+            tx,
+            pending: Vec::new(),
+        };
+        let (j, k) = (JobId::random(), JobId::random());
+        // The channel takes one; the rest wait, coalesced per job.
+        assert!(feed.live(&live(&j, progress("3", 1.0))));
+        for v in 2..=5 {
+            assert!(feed.live(&live(&j, progress("3", f64::from(v)))));
+        }
+        assert!(feed.live(&live(&k, progress("7", 1.0))));
+        // A new node makes the job's pending progress moot.
+        assert!(feed.live(&live(
+            &j,
+            wire::LiveKind::Node {
+                node: "8".into(),
+                class_type: "VAEDecode".into()
+            }
+        )));
+        assert!(feed.live(&live(&j, progress("8", 1.0))));
+        assert_eq!(
+            feed.pending.len(),
+            3,
+            "k's progress, j's node and j's new progress"
+        );
+        let first = rx.recv().await.unwrap();
+        assert!(
+            text(&first).contains("\\\"value\\\":1.0"),
+            "{}",
+            text(&first)
+        );
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(e) = rx.recv().await {
+                got.push(text(&e));
+            }
+            got
+        });
+        assert!(feed.flush().await);
+        drop(feed);
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert!(got[0].contains(&k.to_string()), "{got:#?}");
+        assert!(
+            got[1].contains("event: node") && got[1].contains("VAEDecode"),
+            "{got:#?}"
+        );
+        assert!(got[2].contains("\\\"node\\\":\\\"8\\\""), "{got:#?}");
+        assert!(
+            !got.iter().any(|g| g.contains("\\\"node\\\":\\\"3\\\"")),
+            "{got:#?}"
+        );
+    }
+}

@@ -22,8 +22,9 @@ pub fn status_of(b: &BackendState, now: Millis, stale_after: Millis) -> wire::Ba
         (_, Some(_)) if b.draining => S::Draining,
         _ if b.draining => S::Drained,
         (Connection::Connecting, _) => S::Connecting,
-        // Never reached yet: still coming up, as far as anyone knows.
-        (Connection::Offline, _) if !b.connected_once => S::Connecting,
+        // Never reached yet from here, while this coordinator drives it: still coming up,
+        // as far as anyone knows. (One driven by another coordinator is offline here.)
+        (Connection::Offline, _) if !b.connected_once && b.lease.is_some() => S::Connecting,
         (Connection::Offline, _) => S::Offline,
         (Connection::Connected, _) if !b.health.accepts_work() => S::Unhealthy,
         (Connection::Connected, _) if !heard_lately => S::Stale,

@@ -14,8 +14,9 @@
 //! - **fanout**: S subscribers on `/v1/events`, each its own connection, while a fixed
 //!   batch of short jobs runs on a few backends: per event, the spread between its arrival
 //!   at each subscriber and its earliest arrival anywhere, the lag from the event's `at` to
-//!   its arrival, whether every subscriber got every event once and in order, and the
-//!   server's CPU time for the batch.
+//!   its arrival, whether every subscriber got every event once and in order, the
+//!   server's CPU time for the batch, and dispatch as the backends see it (the idle gap
+//!   between two prompts while jobs wait), so that S streams can be seen not to slow it.
 
 use super::{
     backends_toml, follow_events, http, ms, now_us, sleep_workflow, submit, Results, ServerProc,
@@ -880,6 +881,12 @@ async fn fanout_part(a: &Args, http: &reqwest::Client) -> anyhow::Result<(Vec<St
             "[fanout] S={s:>4}: event at -> arrival {}",
             lag.line("ms")
         ));
+        let gap: Stats =
+            serde_json::from_value(row["idle_gap_ms"].clone()).unwrap_or(Stats::of(&[]));
+        table.push(format!(
+            "[fanout] S={s:>4}: backend idle gap between queued jobs (dispatch) {}",
+            gap.line("ms")
+        ));
         let kinds = &row["events_by_kind"];
         let listed: Vec<String> = ["queued", "dispatched", "submitted", "started", "succeeded"]
             .iter()
@@ -957,6 +964,9 @@ async fn one_fanout(a: &Args, http: &reqwest::Client, s: usize) -> anyhow::Resul
         _ => None,
     };
     let rss_after = server.rss_kib();
+    // Dispatch, seen from the backends: how long each stays idle between two prompts
+    // while jobs wait (the streams must not widen it).
+    let idle_gap = Stats::of(&super::idle_gaps(&sims.runs(http).await?));
     drop(sims);
 
     let reference: Vec<i64> = all
@@ -1010,6 +1020,7 @@ async fn one_fanout(a: &Args, http: &reqwest::Client, s: usize) -> anyhow::Resul
         "wall_s": wall_s,
         "server_cpu_s": cpu,
         "rss_after_kib": rss_after,
+        "idle_gap_ms": stats_json(&idle_gap),
         "spread_ms": stats_json(&Stats::of(&spread)),
         "at_to_arrival_ms": stats_json(&Stats::of(&lag)),
     }))

@@ -33,11 +33,13 @@ pub fn job(key: Option<&str>, priority: i32, now: Millis) -> Job {
 
 pub async fn a_job_round_trips_with_its_events(stores: Vec<Arc<dyn Store>>) {
     let store = &stores[0];
+    assert_eq!(store.last_seq().await.unwrap(), 0, "no event yet");
     let j = job(None, 0, 5);
     let Created::New(first) = store.create_job(&j, "h").await.unwrap() else {
         panic!("not new")
     };
     assert_eq!(first.kind, EventKind::Queued { priority: 0 });
+    assert_eq!(store.last_seq().await.unwrap(), first.seq);
     assert_eq!(store.job(&j.id).await.unwrap().unwrap(), j);
     let applied = transition(
         &j,
@@ -456,6 +458,16 @@ pub async fn a_follower_of_the_sequence_never_skips_an_event(stores: Vec<Arc<dyn
         .collect();
     assert_eq!(all.len(), JOBS * 2);
     assert_eq!(seen, all, "the follower skipped or repeated an event");
+    // The newest number, on every handle, is the last event's; it stays so once the
+    // jobs holding those events are purged (numbers are never handed out twice).
+    for store in &stores {
+        assert_eq!(store.last_seq().await.unwrap(), *all.last().unwrap());
+    }
+    assert_eq!(
+        stores[0].purge_finished(Millis::MAX, 10_000).await.unwrap(),
+        JOBS as u64
+    );
+    assert_eq!(stores[0].last_seq().await.unwrap(), *all.last().unwrap());
 }
 
 /// Tokens are kept by hash, found by hash, listed oldest first, and revoked once;
