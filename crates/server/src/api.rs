@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
 use gantry_api as wire;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use utoipa::{IntoParams, OpenApi};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -763,19 +763,8 @@ async fn job_events(
                     }
                 }
                 Ok(BusEvent::Live(l)) if l.job_id == job.id => {
-                    let kind = match l.kind {
-                        wire::LiveKind::Node { .. } => "node",
-                        wire::LiveKind::Progress { .. } => "progress",
-                    };
-                    let data = serde_json::to_string(&wire::LiveEvent {
-                        job_id: l.job_id.to_string(),
-                        attempt: l.attempt,
-                        backend: l.backend.clone(),
-                        kind: l.kind.clone(),
-                    })
-                    .unwrap_or_default();
                     if tx
-                        .send(SseEvent::default().event(kind).data(data))
+                        .send(SseEvent::default().event(live_kind(&l)).data(live_data(&l)))
                         .await
                         .is_err()
                     {
@@ -826,7 +815,7 @@ async fn all_events(
     State(engine): State<Engine>,
     Query(q): Query<EventsQuery>,
     headers: axum::http::HeaderMap,
-) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let from_header = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -843,7 +832,7 @@ async fn all_events(
     };
     let mut live = engine.bus().subscribe();
     let newest = engine.store().last_seq().await?;
-    let (tx, rx) = mpsc::channel::<SseEvent>(1024);
+    let (tx, rx) = mpsc::channel::<Bytes>(1024);
     let resync = if since > newest {
         Some(format!(
             "since {since} is past the newest event {newest} (another store?)"
@@ -863,8 +852,9 @@ async fn all_events(
             reason,
         })
         .unwrap_or_default();
-        let _ = tx.try_send(SseEvent::default().event("resync").data(data));
-        return Ok(sse_of(rx));
+        let _ = tx.try_send(frame(None, "resync", &data));
+        drop(tx);
+        return Ok(farm_body(rx));
     }
     let open = crate::metrics::StreamGuard::new(engine.metrics());
     tokio::spawn(async move {
@@ -878,11 +868,38 @@ async fn all_events(
         if !feed.backends(&engine).await || !catch_up(&engine, &feed.tx, &mut last).await {
             return;
         }
+        let mut keep_alive = tokio::time::interval(KEEP_ALIVE);
+        keep_alive.tick().await;
+        // Made once: a fresh `cancelled()` per event would take the token's lock each time.
+        let stopping = engine.shutdown_token().clone();
+        let cancelled = stopping.cancelled();
+        tokio::pin!(cancelled);
+        // Committed events that reached the bus ahead of one before them (publishers run
+        // on different tasks): held until the gap fills, which takes microseconds, or
+        // read from the store if it has not after `HOLD` (200 streams each reading the
+        // store on every such gap is what would cost).
+        let mut held = Held::new();
+        let mut held_until = tokio::time::Instant::now();
         loop {
-            let next = tokio::select! {
+            let first = tokio::select! {
+                _ = tokio::time::sleep_until(held_until), if !held.is_empty() => {
+                    let ok = catch_up(&engine, &feed.tx, &mut last).await
+                        && feed.release(&mut held, &mut last).await;
+                    if !ok {
+                        return;
+                    }
+                    continue;
+                }
                 // A stream never outlives the server: shutdown waits for open connections.
-                _ = engine.shutdown_token().cancelled() => return,
+                _ = &mut cancelled => return,
                 next = live.recv() => next,
+                // A comment line keeps proxies from closing a quiet stream.
+                _ = keep_alive.tick() => {
+                    if feed.tx.send(Bytes::from_static(b":\n\n")).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 // Coalesced progress goes out as soon as the client has room.
                 _ = tokio::time::sleep(Duration::from_millis(50)), if !feed.pending.is_empty() => {
                     if !feed.flush().await {
@@ -891,63 +908,164 @@ async fn all_events(
                     continue;
                 }
             };
-            let ok = match next {
-                Ok(BusEvent::Persisted(e)) if e.seq == last + 1 => {
-                    last = e.seq;
-                    feed.flush().await && feed.tx.send(sse_of_published(&e)).await.is_ok()
+            // Whatever else is already on the bus is handled in the same wake-up: with
+            // many streams open, waking each once per event is what costs.
+            let mut next = Some(first);
+            let mut handled = 0;
+            while let Some(event) = next.take() {
+                let ok = match event {
+                    Ok(BusEvent::Persisted(e)) if e.seq == last + 1 => {
+                        last = e.seq;
+                        feed.flush().await
+                            && feed.tx.send(frame_of_published(&e)).await.is_ok()
+                            && feed.release(&mut held, &mut last).await
+                    }
+                    Ok(BusEvent::Persisted(e)) if e.seq > last => {
+                        if held.is_empty() {
+                            held_until = tokio::time::Instant::now() + HOLD;
+                        }
+                        held.insert(e.seq, e);
+                        if held.len() > 1024 {
+                            feed.flush().await
+                                && catch_up(&engine, &feed.tx, &mut last).await
+                                && feed.release(&mut held, &mut last).await
+                        } else {
+                            true
+                        }
+                    }
+                    Ok(BusEvent::BackendState(b)) => {
+                        let bytes = b.frame(|b| {
+                            frame(
+                                None,
+                                "backend",
+                                &serde_json::to_string(b).unwrap_or_default(),
+                            )
+                        });
+                        feed.flush().await && feed.tx.send(bytes).await.is_ok()
+                    }
+                    Ok(BusEvent::Live(l)) => feed.live(&l),
+                    Ok(_) => true,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Backend rows are not in the store: send them all again.
+                        feed.flush().await
+                            && catch_up(&engine, &feed.tx, &mut last).await
+                            && feed.release(&mut held, &mut last).await
+                            && feed.backends(&engine).await
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if !ok {
+                    return;
                 }
-                Ok(BusEvent::Persisted(e)) if e.seq > last => {
-                    feed.flush().await && catch_up(&engine, &feed.tx, &mut last).await
+                handled += 1;
+                if handled < 256 {
+                    next = match live.try_recv() {
+                        Ok(e) => Some(Ok(e)),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                            Some(Err(broadcast::error::RecvError::Lagged(n)))
+                        }
+                        Err(broadcast::error::TryRecvError::Closed) => {
+                            Some(Err(broadcast::error::RecvError::Closed))
+                        }
+                        Err(broadcast::error::TryRecvError::Empty) => None,
+                    };
                 }
-                Ok(BusEvent::BackendState(b)) => {
-                    let data = b.wire(|b| serde_json::to_string(b).unwrap_or_default());
-                    feed.flush().await
-                        && feed
-                            .tx
-                            .send(SseEvent::default().event("backend").data(data))
-                            .await
-                            .is_ok()
-                }
-                Ok(BusEvent::Live(l)) => feed.live(&l),
-                Ok(_) => true,
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // Backend rows are not in the store: send them all again.
-                    feed.flush().await
-                        && catch_up(&engine, &feed.tx, &mut last).await
-                        && feed.backends(&engine).await
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            if !ok {
-                return;
             }
         }
     });
-    Ok(sse_of(rx))
+    Ok(farm_body(rx))
+}
+
+/// Committed events a farm stream holds back until the ones before them come.
+type Held = std::collections::BTreeMap<i64, Arc<crate::bus::Published>>;
+
+/// How long a farm stream waits for a gap in the sequence to fill from the bus.
+const HOLD: Duration = Duration::from_millis(100);
+
+/// How often a quiet farm stream sends a comment line.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// One SSE frame.
+fn frame(id: Option<i64>, event: &str, data: &str) -> Bytes {
+    use bytes::BufMut;
+    let mut b = bytes::BytesMut::with_capacity(data.len() + event.len() + 40);
+    if let Some(id) = id {
+        b.put_slice(b"id: ");
+        b.put_slice(id.to_string().as_bytes());
+        b.put_u8(b'\n');
+    }
+    b.put_slice(b"event: ");
+    b.put_slice(event.as_bytes());
+    b.put_u8(b'\n');
+    for line in data.split('\n') {
+        b.put_slice(b"data: ");
+        b.put_slice(line.as_bytes());
+        b.put_u8(b'\n');
+    }
+    b.put_u8(b'\n');
+    b.freeze()
+}
+
+fn frame_of_event(e: &Event) -> Bytes {
+    frame(Some(e.seq), e.kind.name(), &event_data(e))
+}
+
+/// A committed event's frame, made once for every stream.
+fn frame_of_published(p: &crate::bus::Published) -> Bytes {
+    p.frame(|e| frame(Some(e.seq), e.kind.name(), p.wire(event_data)))
+}
+
+/// The farm stream's response: what its task puts on `rx`, whatever has piled up sent
+/// as one chunk (one write for a burst, however many streams are open).
+fn farm_body(rx: mpsc::Receiver<Bytes>) -> Response {
+    const BATCH: usize = 64 * 1024;
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let first = rx.recv().await?;
+        let mut more = Vec::new();
+        let mut size = first.len();
+        while size < BATCH {
+            match rx.try_recv() {
+                Ok(b) => {
+                    size += b.len();
+                    more.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        let chunk = if more.is_empty() {
+            first
+        } else {
+            let mut all = bytes::BytesMut::with_capacity(size);
+            all.extend_from_slice(&first);
+            for b in more {
+                all.extend_from_slice(&b);
+            }
+            all.freeze()
+        };
+        Some((Ok::<_, Infallible>(chunk), rx))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 /// One client of `/v1/events`: its channel, and the progress it had no room for.
 struct Feed {
-    tx: mpsc::Sender<SseEvent>,
+    tx: mpsc::Sender<Bytes>,
     /// The latest node and progress event per job, in order of first arrival.
-    pending: Vec<(JobId, &'static str, SseEvent)>,
+    pending: Vec<(JobId, &'static str, Bytes)>,
 }
 
 impl Feed {
     /// Send or coalesce a live event; false once the client has left.
-    fn live(&mut self, l: &crate::bus::LiveEvent) -> bool {
-        let kind = match l.kind {
-            wire::LiveKind::Node { .. } => "node",
-            wire::LiveKind::Progress { .. } => "progress",
-        };
-        let data = serde_json::to_string(&wire::LiveEvent {
-            job_id: l.job_id.to_string(),
-            attempt: l.attempt,
-            backend: l.backend.clone(),
-            kind: l.kind.clone(),
-        })
-        .unwrap_or_default();
-        let event = SseEvent::default().event(kind).data(data);
+    fn live(&mut self, l: &crate::bus::Published<crate::bus::LiveEvent>) -> bool {
+        let kind = live_kind(l);
+        let event = l.frame(|l| frame(None, kind, &live_data(l)));
         // Behind coalesced ones, a new event waits its turn so the order holds.
         if !self.pending.is_empty() {
             self.coalesce(l.job_id.clone(), kind, event);
@@ -965,7 +1083,7 @@ impl Feed {
 
     /// Keep only the latest: a node event replaces the job's pending node and progress
     /// (progress of an earlier node is over), a progress event the job's pending one.
-    fn coalesce(&mut self, job: JobId, kind: &'static str, event: SseEvent) {
+    fn coalesce(&mut self, job: JobId, kind: &'static str, event: Bytes) {
         if kind == "node" {
             self.pending.retain(|(j, _, _)| *j != job);
             self.pending.push((job, kind, event));
@@ -991,16 +1109,24 @@ impl Feed {
         true
     }
 
+    /// Send the held events that now follow `last` in sequence, dropping those already
+    /// sent; false once the client has left.
+    async fn release(&mut self, held: &mut Held, last: &mut i64) -> bool {
+        held.retain(|seq, _| *seq > *last);
+        while let Some(e) = held.remove(&(*last + 1)) {
+            *last = e.seq;
+            if self.tx.send(frame_of_published(&e)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Every backend's row as it is now.
     async fn backends(&mut self, engine: &Engine) -> bool {
         for (b, _) in backend_rows(engine) {
             let data = serde_json::to_string(&b).unwrap_or_default();
-            if self
-                .tx
-                .send(SseEvent::default().event("backend").data(data))
-                .await
-                .is_err()
-            {
+            if self.tx.send(frame(None, "backend", &data)).await.is_err() {
                 return false;
             }
         }
@@ -1020,8 +1146,27 @@ fn sse_of(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
+/// The SSE event name of a live event.
+fn live_kind(l: &crate::bus::LiveEvent) -> &'static str {
+    match l.kind {
+        wire::LiveKind::Node { .. } => "node",
+        wire::LiveKind::Progress { .. } => "progress",
+    }
+}
+
+/// A live event's JSON as the streams send it.
+fn live_data(l: &crate::bus::LiveEvent) -> String {
+    serde_json::to_string(&wire::LiveEvent {
+        job_id: l.job_id.to_string(),
+        attempt: l.attempt,
+        backend: l.backend.clone(),
+        kind: l.kind.clone(),
+    })
+    .unwrap_or_default()
+}
+
 /// Send every stored event after `last`; false once the client has left.
-async fn catch_up(engine: &Engine, tx: &mpsc::Sender<SseEvent>, last: &mut i64) -> bool {
+async fn catch_up(engine: &Engine, tx: &mpsc::Sender<Bytes>, last: &mut i64) -> bool {
     loop {
         let page = match engine.store().events_since(*last, 1000).await {
             Ok(page) => page,
@@ -1032,7 +1177,7 @@ async fn catch_up(engine: &Engine, tx: &mpsc::Sender<SseEvent>, last: &mut i64) 
         };
         for e in &page {
             *last = e.seq;
-            if tx.send(sse_of_event(e)).await.is_err() {
+            if tx.send(frame_of_event(e)).await.is_err() {
                 return false;
             }
         }
@@ -1688,13 +1833,13 @@ mod tests {
     use super::*;
     use crate::bus::LiveEvent;
 
-    fn live(job: &JobId, kind: wire::LiveKind) -> LiveEvent {
-        LiveEvent {
+    fn live(job: &JobId, kind: wire::LiveKind) -> crate::bus::Published<LiveEvent> {
+        crate::bus::Published::new(LiveEvent {
             job_id: job.clone(),
             attempt: 1,
             backend: "a".into(),
             kind,
-        }
+        })
     }
 
     fn progress(node: &str, value: f64) -> wire::LiveKind {
@@ -1705,9 +1850,9 @@ mod tests {
         }
     }
 
-    /// What an SSE event carries, as its wire text.
-    fn text(e: &SseEvent) -> String {
-        format!("{e:?}")
+    /// A frame as text.
+    fn text(e: &Bytes) -> String {
+        String::from_utf8_lossy(e).into_owned()
     }
 
     #[tokio::test]
@@ -1739,11 +1884,7 @@ mod tests {
             "k's progress, j's node and j's new progress"
         );
         let first = rx.recv().await.unwrap();
-        assert!(
-            text(&first).contains("\\\"value\\\":1.0"),
-            "{}",
-            text(&first)
-        );
+        assert!(text(&first).contains("\"value\":1.0"), "{}", text(&first));
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             while let Some(e) = rx.recv().await {
@@ -1760,9 +1901,9 @@ mod tests {
             got[1].contains("event: node") && got[1].contains("VAEDecode"),
             "{got:#?}"
         );
-        assert!(got[2].contains("\\\"node\\\":\\\"8\\\""), "{got:#?}");
+        assert!(got[2].contains("\"node\":\"8\""), "{got:#?}");
         assert!(
-            !got.iter().any(|g| g.contains("\\\"node\\\":\\\"3\\\"")),
+            !got.iter().any(|g| g.contains("\"node\":\"3\"")),
             "{got:#?}"
         );
     }

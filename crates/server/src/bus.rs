@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 #[derive(Clone, Debug)]
 pub enum BusEvent {
     Persisted(Arc<Published>),
-    Live(Arc<LiveEvent>),
+    Live(Arc<Published<LiveEvent>>),
     /// A change in a backend's health (blocks, circuit, stuck), for the global stream.
     Backend(Arc<BackendEvent>),
     /// A backend as it is now, whenever what a monitor shows of it changed
@@ -26,6 +26,7 @@ pub enum BusEvent {
 pub struct Published<T = Event> {
     pub event: T,
     wire: std::sync::OnceLock<String>,
+    frame: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl<T> Published<T> {
@@ -33,12 +34,19 @@ impl<T> Published<T> {
         Published {
             event,
             wire: std::sync::OnceLock::new(),
+            frame: std::sync::OnceLock::new(),
         }
     }
 
     /// The event's JSON as streams send it, made by `make` the first time.
     pub fn wire(&self, make: impl FnOnce(&T) -> String) -> &str {
         self.wire.get_or_init(|| make(&self.event))
+    }
+
+    /// The event's whole SSE frame, made by `make` the first time: every stream of the
+    /// farm sends the same bytes (a reference count, not a copy).
+    pub fn frame(&self, make: impl FnOnce(&T) -> bytes::Bytes) -> bytes::Bytes {
+        self.frame.get_or_init(|| make(&self.event)).clone()
     }
 }
 

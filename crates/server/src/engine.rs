@@ -1530,7 +1530,9 @@ impl Engine {
                 }
             }
         }
-        self.inner.bus.publish(BusEvent::Live(Arc::new(event)));
+        self.inner
+            .bus
+            .publish(BusEvent::Live(Arc::new(crate::bus::Published::new(event))));
     }
 
     fn carry_out(&self, job: &Job, effects: Vec<Effect>) {

@@ -458,7 +458,7 @@ pub struct StreamEvent {
     pub at_us: i64,
 }
 
-/// Follow `/v1/events?since=SINCE`, delivering each event as it arrives.
+/// Follow `/v1/events?since=SINCE`, delivering each job event as it arrives.
 pub async fn follow_events(
     http: &reqwest::Client,
     server: &str,
@@ -475,8 +475,18 @@ pub async fn follow_events(
         while let Ok(Some(chunk)) = resp.chunk().await {
             let at_us = now_us();
             buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
+            // One pass over what came (a chunk may hold many events), then one drain:
+            // shifting the buffer after every event would cost its length each time.
+            let mut start = 0;
+            while let Some(rel) = buf[start..].find("\n\n") {
+                let block = &buf[start..start + rel];
+                start += rel + 2;
+                // Only job events (the ones with an `id`) are wanted here: backend rows
+                // and progress are skipped unparsed, so the client's cost stays that of
+                // the events it measures.
+                if !block.lines().any(|l| l.starts_with("id:")) {
+                    continue;
+                }
                 let mut kind = String::new();
                 let mut data = String::new();
                 for line in block.lines() {
@@ -494,6 +504,7 @@ pub async fn follow_events(
                     return;
                 }
             }
+            buf.drain(..start);
         }
     });
     Ok(rx)
