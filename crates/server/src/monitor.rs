@@ -39,8 +39,10 @@ pub fn status_of(b: &BackendState, now: Millis, stale_after: Millis) -> wire::Ba
 /// How often the feed looks even when nothing woke it (a backend turns `stale`, a
 /// block ends, with no other change).
 const FEED_TICK: Duration = Duration::from_millis(250);
-/// The least time between two looks, so a busy farm's wake-ups are coalesced.
-const FEED_MIN_GAP: Duration = Duration::from_millis(20);
+/// The least time between two looks: a busy farm's changes are coalesced into one row
+/// per backend per look (a row a tenth of a second late is no matter to a person; one
+/// per change, sent to every open stream, is).
+const FEED_MIN_GAP: Duration = Duration::from_millis(100);
 /// `last_seen` alone is re-sent at most this often per backend.
 const SEEN_EVERY_MS: Millis = 2000;
 
