@@ -110,13 +110,7 @@ pub fn choose(job: &Job, backends: &[Candidate<'_>]) -> Choice {
     if backends.is_empty() {
         return Choice::Wait(Waiting::NoBackends);
     }
-    let models: Vec<String> = job
-        .spec
-        .workflow
-        .models()
-        .into_iter()
-        .map(|m| m.file)
-        .collect();
+    let models: Vec<String> = job.spec.workflow.model_files();
     let failed_on: HashSet<&str> = job
         .attempts
         .iter()

@@ -247,6 +247,11 @@ impl Workflow {
         out
     }
 
+    /// The model files it loads, in node order (what `models` names, without where).
+    pub fn model_files(&self) -> Vec<String> {
+        self.models().into_iter().map(|m| m.file).collect()
+    }
+
     /// Whether `input` of `node` names a model file (so a backend that does not list the
     /// value lacks a model rather than the workflow being wrong).
     pub fn is_model_input(&self, node: &str, input: &str) -> bool {

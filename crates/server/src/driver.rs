@@ -69,13 +69,7 @@ impl Assignment {
             attempt: attempt.number,
             prompt_id: attempt.prompt_id.clone(),
             workflow: job.spec.workflow.clone(),
-            models: job
-                .spec
-                .workflow
-                .models()
-                .into_iter()
-                .map(|m| m.file)
-                .collect(),
+            models: job.spec.workflow.model_files(),
             deadline: limits
                 .deadline()
                 .map(|ms| (job.created_at + ms as Millis, ms)),

@@ -1759,13 +1759,7 @@ impl Engine {
             // instead, when it is warm for their model files and cold for this job's
             // (ComfyUI reloads weights it does not hold: seconds per job). Bounded: a
             // job is passed over at most `MAX_PASSED` times.
-            let job_models: Vec<String> = job
-                .spec
-                .workflow
-                .models()
-                .into_iter()
-                .map(|m| m.file)
-                .collect();
+            let job_models: Vec<String> = job.spec.workflow.model_files();
             let mut others: Vec<(QueueKey, u64, Arc<Job>)> = Vec::new();
             let mut set_aside = Vec::new();
             if !random && !job_models.is_empty() && self.queue().passed(&job.id) < MAX_PASSED {
@@ -1810,13 +1804,7 @@ impl Engine {
                     };
                     if !warm(&job_models) {
                         taken = others.iter().position(|(_, _, other)| {
-                            let models: Vec<String> = other
-                                .spec
-                                .workflow
-                                .models()
-                                .into_iter()
-                                .map(|m| m.file)
-                                .collect();
+                            let models: Vec<String> = other.spec.workflow.model_files();
                             !models.is_empty()
                                 && warm(&models)
                                 && view.choose(other, Some(name)) == (Ok(name.clone()), behind)
@@ -1838,13 +1826,7 @@ impl Engine {
                             b.current = slot;
                         }
                         b.last_used = now;
-                        b.warm_models = job
-                            .spec
-                            .workflow
-                            .models()
-                            .into_iter()
-                            .map(|m| m.file)
-                            .collect();
+                        b.warm_models = job.spec.workflow.model_files();
                     }
                 }
                 (taken, choice)
