@@ -1410,13 +1410,7 @@ async fn lift_block(
 ) -> Result<Json<wire::Backend>, ApiError> {
     match engine.lift_block(&name, &hash) {
         None => Err(ApiError::NotFound(format!("no backend {name}"))),
-        Some(Err(())) => Err(ApiError::Conflict {
-            code: "not_driven_here",
-            message: format!(
-                "backend {name} is driven by another coordinator: send this to the one holding its lease (see /v1/cluster)"
-            ),
-            details: json!({"backend": name}),
-        }),
+        Some(Err(())) => Err(not_driven_here(&name)),
         Some(Ok(false)) => Err(ApiError::NotFound(format!(
             "backend {name} has no block on workflow {hash}"
         ))),
@@ -1441,6 +1435,17 @@ async fn farm_state(State(engine): State<Engine>) -> Result<Json<wire::FarmState
     Ok(Json(crate::monitor::farm_state(&engine).await?))
 }
 
+/// The refusal of an action on a backend another coordinator drives.
+fn not_driven_here(name: &str) -> ApiError {
+    ApiError::Conflict {
+        code: "not_driven_here",
+        message: format!(
+            "backend {name} is driven by another coordinator: send this to the one holding its lease (see /v1/cluster)"
+        ),
+        details: json!({"backend": name}),
+    }
+}
+
 /// Drain or resume `name` on the coordinator that drives it.
 fn set_draining(
     engine: &Engine,
@@ -1449,13 +1454,7 @@ fn set_draining(
 ) -> Result<Json<wire::BackendStatusOf>, ApiError> {
     match engine.set_draining(name, drain) {
         None => Err(ApiError::NotFound(format!("no backend {name}"))),
-        Some(false) => Err(ApiError::Conflict {
-            code: "not_driven_here",
-            message: format!(
-                "backend {name} is driven by another coordinator: send this to the one holding its lease (see /v1/cluster)"
-            ),
-            details: json!({"backend": name}),
-        }),
+        Some(false) => Err(not_driven_here(name)),
         Some(true) => {
             let (now, stale) = (now_ms(), engine.stale_after_ms());
             let status = engine
