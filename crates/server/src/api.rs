@@ -857,7 +857,7 @@ async fn all_events(
         return Ok(farm_body(rx));
     }
     let open = crate::metrics::StreamGuard::new(engine.metrics());
-    tokio::spawn(async move {
+    streams_runtime().spawn(async move {
         let _open = open;
         let mut last = since;
         let mut feed = Feed {
@@ -974,6 +974,40 @@ async fn all_events(
         }
     });
     Ok(farm_body(rx))
+}
+
+/// Where farm streams run: a thread of their own at a lower OS priority, so that with
+/// hundreds of monitors open, rendering and queueing their frames gives way to dispatch
+/// (tokio has no task priorities; the kernel has thread priorities). Falls back to the
+/// caller's runtime if the thread cannot be made.
+fn streams_runtime() -> tokio::runtime::Handle {
+    static STREAMS: std::sync::OnceLock<Option<tokio::runtime::Handle>> =
+        std::sync::OnceLock::new();
+    let made = STREAMS.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("gantry-streams")
+            .on_thread_start(lower_this_threads_priority)
+            .enable_all()
+            .build()
+            .map_err(|e| tracing::warn!("farm streams share the main runtime: {e}"))
+            .ok()?;
+        let handle = rt.handle().clone();
+        // The runtime lives as long as the process; its thread parks when no stream is open.
+        std::mem::forget(rt);
+        Some(handle)
+    });
+    made.clone().unwrap_or_else(tokio::runtime::Handle::current)
+}
+
+/// Nice 19 for the calling thread only (Linux applies setpriority to one thread).
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take no pointers; failure only leaves the priority as is.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+    }
 }
 
 /// Committed events a farm stream holds back until the ones before them come.
