@@ -276,6 +276,49 @@ impl Client {
         self.get("features").await
     }
 
+    /// `POST /upload/image` into the input folder's `subfolder`, as the ComfyUI front end
+    /// uploads images, masks' sources and audio alike. With `overwrite` a file of the
+    /// same name is replaced; without it the server may answer another name (`x (1).png`).
+    /// The answer is where the file is: a workflow names it `subfolder/name`.
+    pub async fn upload(
+        &self,
+        filename: &str,
+        bytes: Bytes,
+        subfolder: &str,
+        overwrite: bool,
+    ) -> Result<FileRef, Error> {
+        let path = "upload/image";
+        let part = reqwest::multipart::Part::stream(bytes).file_name(filename.to_owned());
+        let mut form = reqwest::multipart::Form::new()
+            .part("image", part)
+            .text("type", "input")
+            .text("subfolder", subfolder.to_owned());
+        if overwrite {
+            form = form.text("overwrite", "true");
+        }
+        let resp = self
+            .send(
+                "POST",
+                path,
+                self.http.post(self.url(path)?).multipart(form),
+            )
+            .await?;
+        #[derive(serde::Deserialize)]
+        struct Uploaded {
+            name: String,
+            #[serde(default)]
+            subfolder: String,
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        let up: Uploaded = Self::read_json("POST", path, resp).await?;
+        Ok(FileRef {
+            filename: up.name,
+            subfolder: up.subfolder,
+            kind: up.kind,
+        })
+    }
+
     /// `GET /view` for a file an output node wrote.
     pub async fn view(&self, file: &FileRef) -> Result<Bytes, Error> {
         let path = format!(

@@ -75,7 +75,13 @@ impl Item {
 #[derive(Debug, Clone, PartialEq)]
 enum Data {
     Image(Picture),
-    Latent { width: u32, height: u32, seed: u64 },
+    /// LoadAudio's file, passed on as bytes (the simulator does not decode audio).
+    Audio(std::sync::Arc<Vec<u8>>),
+    Latent {
+        width: u32,
+        height: u32,
+        seed: u64,
+    },
     Opaque(&'static str),
 }
 
@@ -273,7 +279,34 @@ impl Sim {
         self.interrupt.store(false, Ordering::SeqCst);
     }
 
-    /// Files LoadImage accepts.
+    /// Every file of the input folder as `sub/name` (or `name`): what LoadImage's and
+    /// LoadAudio's own validation accepts (ComfyUI's exists_annotated_filepath).
+    pub fn input_paths(&self) -> Vec<String> {
+        fn walk(dir: &std::path::Path, prefix: &str, out: &mut Vec<String>) {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let rel = if prefix.is_empty() {
+                    name
+                } else {
+                    format!("{prefix}/{name}")
+                };
+                if e.path().is_dir() {
+                    walk(&e.path(), &rel, out);
+                } else if e.path().is_file() {
+                    out.push(rel);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.input_dir, "", &mut out);
+        out.sort();
+        out
+    }
+
+    /// The files of the input folder itself, as LoadImage lists them in /object_info.
     pub fn input_files(&self) -> Vec<String> {
         let mut files: Vec<String> = std::fs::read_dir(&self.input_dir)
             .map(|rd| {
@@ -981,10 +1014,61 @@ impl Run<'_> {
                         height: num("height", 512.0) as u32,
                         ..image_in("image")
                     })],
-                    "LoadImage" => vec![
-                        Data::Image(Picture::from_color(64, 64, 0x808080)),
-                        Data::Opaque("MASK"),
-                    ],
+                    "LoadImage" => {
+                        // Validation saw the file; a picture it cannot decode still loads
+                        // as grey (the real node would raise, which no test needs).
+                        let file = inputs.get("image").and_then(Value::as_str).unwrap_or("");
+                        let path = sim
+                            .input_dir
+                            .join(file.strip_suffix(" [input]").unwrap_or(file));
+                        let pic = std::fs::read(&path)
+                            .ok()
+                            .and_then(|b| Picture::from_png(&b))
+                            .unwrap_or(Picture::from_color(64, 64, 0x808080));
+                        vec![Data::Image(pic), Data::Opaque("MASK")]
+                    }
+                    "LoadAudio" => {
+                        let file = inputs.get("audio").and_then(Value::as_str).unwrap_or("");
+                        let path = sim
+                            .input_dir
+                            .join(file.strip_suffix(" [input]").unwrap_or(file));
+                        match std::fs::read(&path) {
+                            Ok(bytes) => vec![Data::Audio(std::sync::Arc::new(bytes))],
+                            Err(e) => return Err(fail(format!("{e}\n"), "FileNotFoundError")),
+                        }
+                    }
+                    "SaveAudio" => {
+                        let Some(Data::Audio(bytes)) = input("audio") else {
+                            return Err(fail("audio input is not AUDIO\n".into(), "TypeError"));
+                        };
+                        let prefix = inputs
+                            .get("filename_prefix")
+                            .and_then(Value::as_str)
+                            .unwrap_or("audio/ComfyUI")
+                            .to_string();
+                        let (subfolder, base) = match prefix.rsplit_once('/') {
+                            Some((s, b)) => (s.to_string(), b.to_string()),
+                            None => (String::new(), prefix.clone()),
+                        };
+                        let dir = sim.output_dir.join(&subfolder);
+                        // The real node re-encodes to FLAC; the simulator keeps the bytes.
+                        let written = std::fs::create_dir_all(&dir)
+                            .and_then(|()| {
+                                let name = next_file_name(&dir, &base, "flac");
+                                std::fs::write(dir.join(&name), bytes.as_slice())?;
+                                Ok(name)
+                            })
+                            .map_err(|e| e.to_string());
+                        match written {
+                            Ok(name) => {
+                                ui = Some(
+                                    json!({"audio": [{"filename": name, "subfolder": subfolder, "type": "output"}]}),
+                                );
+                            }
+                            Err(e) => return Err(fail(format!("{e}\n"), "OSError")),
+                        }
+                        vec![]
+                    }
                     "LoadImageMask" => vec![Data::Opaque("MASK")],
                     "CheckpointLoaderSimple" => vec![
                         Data::Opaque("MODEL"),
@@ -1052,7 +1136,7 @@ impl Run<'_> {
                         let written = std::fs::create_dir_all(&dir)
                             .map_err(|e| e.to_string())
                             .and_then(|()| {
-                                let name = next_file_name(&dir, &base);
+                                let name = next_file_name(&dir, &base, "png");
                                 let bytes = pic.png().map_err(|e| e.to_string())?;
                                 std::fs::write(dir.join(&name), bytes)
                                     .map_err(|e| e.to_string())?;

@@ -39,6 +39,10 @@ pub fn router(app: App) -> Router {
         .route("/system_stats", get(get_system_stats))
         .route("/features", get(get_features))
         .route("/view", get(get_view))
+        .route(
+            "/upload/image",
+            post(post_upload_image).layer(axum::extract::DefaultBodyLimit::max(MAX_UPLOAD)),
+        )
         .route("/ws", get(get_ws))
         .route("/sim/faults", get(get_faults).post(post_faults))
         .route("/sim/runs", get(get_runs));
@@ -147,7 +151,7 @@ async fn post_prompt(State(app): State<App>, body: Bytes) -> Response {
     let partial: Option<Vec<String>> = json
         .get("partial_execution_targets")
         .and_then(|v| serde_json::from_value(v.clone()).ok());
-    let verdict = validate_prompt(prompt, &sim.catalog, &sim.input_files(), partial.as_deref());
+    let verdict = validate_prompt(prompt, &sim.catalog, &sim.input_paths(), partial.as_deref());
     let mut extra_data = json
         .get("extra_data")
         .and_then(Value::as_object)
@@ -382,6 +386,114 @@ async fn get_view(State(app): State<App>, Query(q): Query<HashMap<String, String
     put(header::ETAG, format!("\"{mtime_ns:x}-{:x}\"", bytes.len()));
     put(header::LAST_MODIFIED, httpdate::fmt_http_date(modified));
     (StatusCode::OK, headers, bytes).into_response()
+}
+
+/// ComfyUI's `--max-upload-size` default (100 MB).
+const MAX_UPLOAD: usize = 100 * 1024 * 1024;
+
+/// `POST /upload/image` as server.py's `image_upload`: multipart `image` (with a
+/// filename), `overwrite`, `type` (input, temp or output) and `subfolder`. Without
+/// `overwrite` an existing name with other bytes becomes `name (1).ext`, with the same
+/// bytes it is answered as is. Answers `{name, subfolder, type}`.
+async fn post_upload_image(
+    State(app): State<App>,
+    multipart: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Response {
+    // aiohttp's request.post() on a body that is not a form is an empty form: no image.
+    let Ok(mut multipart) = multipart else {
+        return empty(StatusCode::BAD_REQUEST);
+    };
+    let mut image: Option<(String, Bytes)> = None;
+    let mut fields: HashMap<String, String> = HashMap::new();
+    loop {
+        match multipart.next_field().await {
+            Ok(Some(field)) => {
+                let name = field.name().unwrap_or_default().to_string();
+                let filename = field.file_name().map(str::to_owned);
+                let Ok(bytes) = field.bytes().await else {
+                    return empty(StatusCode::BAD_REQUEST);
+                };
+                match filename {
+                    Some(f) if name == "image" => image = Some((f, bytes)),
+                    _ => {
+                        fields.insert(name, String::from_utf8_lossy(&bytes).into_owned());
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(_) => return empty(StatusCode::BAD_REQUEST),
+        }
+    }
+    let Some((filename, bytes)) = image else {
+        return empty(StatusCode::BAD_REQUEST);
+    };
+    if filename.is_empty() {
+        return empty(StatusCode::BAD_REQUEST);
+    }
+    let kind = fields.get("type").map(String::as_str).unwrap_or("input");
+    let base = match kind {
+        "input" => &app.sim.input_dir,
+        "temp" => &app.sim.temp_dir,
+        "output" => &app.sim.output_dir,
+        // server.py leaves its folder unset and fails on it.
+        _ => return internal_error(),
+    };
+    let subfolder = fields.get("subfolder").cloned().unwrap_or_default();
+    // os.path.normpath, then the commonpath check: nothing may land outside the folder.
+    let Some(rel) = normalized(&format!("{subfolder}/{filename}")) else {
+        return empty(StatusCode::BAD_REQUEST);
+    };
+    let mut path = base.join(&rel);
+    let Some(dir) = path.parent().map(std::path::Path::to_path_buf) else {
+        return empty(StatusCode::BAD_REQUEST);
+    };
+    if tokio::fs::create_dir_all(&dir).await.is_err() {
+        return internal_error();
+    }
+    let overwrite = matches!(
+        fields.get("overwrite").map(String::as_str),
+        Some("true" | "1")
+    );
+    let mut name = filename.clone();
+    let mut duplicate = false;
+    if !overwrite {
+        let (stem, ext) = match filename.rsplit_once('.') {
+            Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
+            _ => (filename.clone(), String::new()),
+        };
+        let mut i = 1;
+        while let Ok(existing) = tokio::fs::read(&path).await {
+            if existing == bytes.as_ref() {
+                duplicate = true;
+                break;
+            }
+            name = format!("{stem} ({i}){ext}");
+            path = dir.join(&name);
+            i += 1;
+        }
+    }
+    if !duplicate && tokio::fs::write(&path, &bytes).await.is_err() {
+        return internal_error();
+    }
+    ok_json(&json!({"name": name, "subfolder": subfolder, "type": kind}))
+}
+
+/// A relative path with `.` and `..` resolved; `None` when it is empty or climbs out.
+fn normalized(path: &str) -> Option<std::path::PathBuf> {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(parts.iter().collect())
 }
 
 /// Not ComfyUI's: when each prompt of this life ran, oldest first (for benchmarks).

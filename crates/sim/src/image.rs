@@ -42,6 +42,26 @@ impl Picture {
         Ok(out)
     }
 
+    /// The size and first pixel of a PNG file, as LoadImage would see it; `None` for
+    /// anything the decoder does not take.
+    pub fn from_png(bytes: &[u8]) -> Option<Picture> {
+        let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+        let mut reader = decoder.read_info().ok()?;
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).ok()?;
+        let px = &buf[..info.line_size.min(buf.len())];
+        let rgb = match (info.color_type, px) {
+            (png::ColorType::Rgb | png::ColorType::Rgba, [r, g, b, ..]) => [*r, *g, *b],
+            (png::ColorType::Grayscale | png::ColorType::GrayscaleAlpha, [v, ..]) => [*v; 3],
+            _ => [128; 3],
+        };
+        Some(Picture {
+            width: info.width,
+            height: info.height,
+            rgb,
+        })
+    }
+
     /// A small JPEG-like preview payload (the bytes of a tiny PNG; clients only forward them).
     pub fn preview(&self) -> Vec<u8> {
         Picture {
@@ -54,9 +74,9 @@ impl Picture {
     }
 }
 
-/// The next free `{prefix}_{counter:05}_.png` in `dir`, as ComfyUI's get_save_image_path
+/// The next free `{prefix}_{counter:05}_.{ext}` in `dir`, as ComfyUI's get_save_image_path
 /// counts: one more than the highest counter already there for that prefix.
-pub fn next_file_name(dir: &Path, prefix: &str) -> String {
+pub fn next_file_name(dir: &Path, prefix: &str, ext: &str) -> String {
     let mut max = 0u64;
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -70,5 +90,5 @@ pub fn next_file_name(dir: &Path, prefix: &str) -> String {
             }
         }
     }
-    format!("{prefix}_{:05}_.png", max + 1)
+    format!("{prefix}_{:05}_.{ext}", max + 1)
 }

@@ -7,7 +7,7 @@
 mod engine;
 pub mod faults;
 mod http;
-mod image;
+pub mod image;
 pub mod nodes;
 pub mod validate;
 

@@ -45,14 +45,18 @@ impl Catalog {
         Catalog { info }
     }
 
-    /// `GET /object_info`, with `input_files` as the LoadImage lists.
+    /// `GET /object_info`, with `input_files` as the LoadImage and LoadAudio lists.
     pub fn object_info(&self, input_files: &[String]) -> IndexMap<String, Value> {
         let files: Vec<Value> = input_files.iter().cloned().map(Value::String).collect();
         let mut info = self.info.clone();
-        for class in ["LoadImage", "LoadImageMask"] {
+        for (class, input) in [
+            ("LoadImage", "image"),
+            ("LoadImageMask", "image"),
+            ("LoadAudio", "audio"),
+        ] {
             if let Some(slot) = info
                 .get_mut(class)
-                .and_then(|c| c.pointer_mut("/input/required/image/0"))
+                .and_then(|c| c.pointer_mut(&format!("/input/required/{input}/0")))
             {
                 *slot = Value::Array(files.clone());
             }
@@ -131,10 +135,12 @@ impl Catalog {
     }
 
     /// Classes whose own VALIDATE_INPUTS checks these inputs (the generic range and list
-    /// checks are then skipped, as in ComfyUI).
-    pub fn custom_validated_inputs(class: &str) -> &'static [&'static str] {
+    /// checks are then skipped, as in ComfyUI): the input, and the kind of file its
+    /// message names ("Invalid image file: NAME").
+    pub fn custom_validated_inputs(class: &str) -> &'static [(&'static str, &'static str)] {
         match class {
-            "LoadImage" | "LoadImageMask" => &["image"],
+            "LoadImage" | "LoadImageMask" => &[("image", "image")],
+            "LoadAudio" => &[("audio", "audio")],
             _ => &[],
         }
     }

@@ -40,7 +40,8 @@ const TB_INNER: &str = "  File \"/opt/ComfyUI/execution.py\", line 808, in valid
 const TB_PROMPT: &str = "  File \"/opt/ComfyUI/execution.py\", line 1010, in validate_prompt\n    m = await validate_inputs(prompt_id, prompt, o, validated)\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n";
 const TB_KEY: &str = "  File \"/opt/ComfyUI/execution.py\", line 788, in validate_inputs\n    o_class_type = prompt[o_id]['class_type']\n                   ~~~~~~^^^^^^\n";
 
-/// Validates a graph against the catalog. `input_files` are the names LoadImage accepts.
+/// Validates a graph against the catalog. `input_files` are the files of the input
+/// folder, with their subfolder (`sub/name`), that LoadImage and LoadAudio accept.
 pub fn validate_prompt(
     prompt: &Map<String, Value>,
     catalog: &Catalog,
@@ -293,7 +294,7 @@ impl Validator<'_> {
             {
                 *slot = val.clone();
             }
-            if custom.contains(&name.as_str()) {
+            if custom.iter().any(|(input, _)| *input == name) {
                 continue;
             }
             if let (Some(min), Some(x)) = (spec.options.get("min"), val.as_f64()) {
@@ -335,16 +336,18 @@ impl Validator<'_> {
                 }
             }
         }
-        for name in custom {
+        for (name, what) in custom {
             let Some(file) = inputs.get(*name) else {
                 continue;
             };
             let file = python_str(file);
-            if !self.input_files.contains(&file) {
+            // folder_paths.exists_annotated_filepath: "name [input]" names the input folder.
+            let path = file.strip_suffix(" [input]").unwrap_or(&file);
+            if !self.input_files.iter().any(|f| f == path) {
                 errors.push(json!({
                     "type": "custom_validation_failed",
                     "message": "Custom validation failed for node",
-                    "details": format!("{name} - Invalid image file: {file}"),
+                    "details": format!("{name} - Invalid {what} file: {file}"),
                     "extra_info": {"input_name": name},
                 }));
             }
