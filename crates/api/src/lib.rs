@@ -60,6 +60,42 @@ pub struct SubmitRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
+    /// Input files the workflow names (`"image": "face.png"` in a LoadImage): each is
+    /// uploaded to the backend before each attempt and the workflow's inputs renamed to
+    /// where the backend put it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<AttachmentRequest>,
+}
+
+/// An input file of a job: the hash `POST /v1/files` answered, or its bytes inline.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachmentRequest {
+    /// The value the workflow's file inputs use for it; at most 255 bytes, no `/`.
+    pub name: String,
+    /// The SHA-256 (hex) that `POST /v1/files` answered. Exactly one of `sha256` and
+    /// `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The file's bytes in base64 (standard alphabet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+}
+
+/// A file gantry keeps by content: the answer of `POST /v1/files`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StoredFile {
+    /// SHA-256 of the bytes, hex: what a job's attachment refers to.
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// A job's input file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobAttachment {
+    pub name: String,
+    pub sha256: String,
+    pub size: u64,
 }
 
 impl SubmitRequest {
@@ -72,6 +108,7 @@ impl SubmitRequest {
         "timeouts",
         "idempotency_key",
         "metadata",
+        "attachments",
     ];
 }
 
@@ -107,6 +144,9 @@ pub struct Job {
     /// Backends this job will not go to again, and why.
     pub excluded: Vec<Exclusion>,
     pub outputs: Vec<Output>,
+    /// Input files uploaded to each backend before each attempt.
+    #[serde(default)]
+    pub attachments: Vec<JobAttachment>,
     /// Why the job failed, once it has.
     pub error: Option<JobError>,
     /// Something to know that is not an error ("cancel came too late").

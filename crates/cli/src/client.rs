@@ -169,6 +169,11 @@ pub struct SubmitArgs {
     /// value is JSON, or a string when it is not JSON. Repeatable.
     #[arg(long = "set", value_name = "NODE.INPUT=VALUE")]
     sets: Vec<String>,
+    /// Attach an input file to the job and name it in a node's input, e.g.
+    /// 1.image=face.png for a LoadImage: gantry uploads it to whichever backend runs the
+    /// job. Repeatable.
+    #[arg(long = "attach", value_name = "NODE.INPUT=PATH")]
+    attach: Vec<String>,
     /// How many attempts the job may take.
     #[arg(long)]
     max_attempts: Option<u32>,
@@ -290,11 +295,33 @@ pub fn exit(done: Result<ExitCode, Error>) -> ExitCode {
 }
 
 pub async fn submit(a: SubmitArgs) -> Result<ExitCode, Error> {
-    let body = match request_body(&a) {
+    let mut body = match request_body(&a) {
         Ok(body) => body,
         Err(message) => return Ok(fail(USAGE, message)),
     };
+    let files = match attachments(&a.attach, &mut body) {
+        Ok(files) => files,
+        Err(message) => return Ok(fail(USAGE, message)),
+    };
     let client = a.opts.client()?;
+    for (name, path, bytes) in files {
+        let stored = match client.upload_file(bytes).await {
+            Ok(stored) => stored,
+            Err(Error::Api(r)) if r.status == 400 || r.status == 413 => {
+                return Ok(fail(
+                    USAGE,
+                    format!("the server refused {}: {}", path.display(), r.message),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        body.attachments
+            .push(gantry_client::wire::AttachmentRequest {
+                name,
+                sha256: Some(stored.sha256),
+                data: None,
+            });
+    }
     let accepted = match client.submit(&body).await {
         Ok(accepted) => accepted,
         Err(Error::Api(r)) if r.status == 400 || r.status == 413 => {
@@ -413,6 +440,40 @@ fn request_body(a: &SubmitArgs) -> Result<SubmitRequest, String> {
         timeouts,
         ..SubmitRequest::default()
     })
+}
+
+/// `--attach NODE.INPUT=PATH`: reads each file, names it in the workflow's input by its
+/// file name (made unique), and answers (name, path, bytes) to upload.
+fn attachments(
+    specs: &[String],
+    body: &mut SubmitRequest,
+) -> Result<Vec<(String, PathBuf, Vec<u8>)>, String> {
+    let mut out: Vec<(String, PathBuf, Vec<u8>)> = Vec::new();
+    for spec in specs {
+        let usage = || format!("--attach {spec}: write NODE.INPUT=PATH, e.g. 1.image=face.png");
+        let (target, path) = spec.split_once('=').ok_or_else(usage)?;
+        if !target.contains('.') || path.is_empty() {
+            return Err(usage());
+        }
+        let path = PathBuf::from(path);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| format!("--attach {spec}: cannot read {}: {e}", path.display()))?;
+        let base = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "file".into());
+        let mut name = base.clone();
+        let mut n = 1;
+        while out.iter().any(|(other, _, _)| *other == name) {
+            n += 1;
+            name = format!("{n}-{base}");
+        }
+        let value = serde_json::to_string(&name).map_err(|e| e.to_string())?;
+        apply_set(&mut body.workflow, &format!("{target}={value}"))
+            .map_err(|e| e.replacen("--set", "--attach", 1))?;
+        out.push((name, path, bytes));
+    }
+    Ok(out)
 }
 
 /// `NODE.INPUT=VALUE` on the graph: the value is JSON, or a string when it is not.

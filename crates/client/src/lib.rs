@@ -364,6 +364,16 @@ impl Client {
         })
     }
 
+    /// `POST /v1/files`: stores an input file for jobs to attach by the hash answered.
+    pub async fn upload_file(&self, bytes: Vec<u8>) -> Result<wire::StoredFile> {
+        let r = self
+            .request(reqwest::Method::POST, "/v1/files")
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(bytes);
+        let response = self.send("uploading a file", r).await?;
+        self.json("uploading a file", response).await
+    }
+
     /// Download an output (its `url` from the job) into `dest`; answers its size.
     pub async fn download(&self, url_path: &str, dest: &Path) -> Result<u64> {
         let what = format!("downloading {url_path}");

@@ -146,6 +146,19 @@ pub struct JobSpec {
     /// that token (or an admin one) may cancel it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Input files the workflow names by `name`; uploaded to each backend before each
+    /// attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
+}
+
+/// An input file a job carries, kept by content in gantry's data dir.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The value the workflow's inputs use for it (`"image": "face.png"`).
+    pub name: String,
+    pub sha256: String,
+    pub size: u64,
 }
 
 /// Why a job or an attempt failed, in the API's error shape.

@@ -204,6 +204,7 @@ mod tests {
                 idempotency_key: None,
                 metadata: Default::default(),
                 owner: None,
+                attachments: Vec::new(),
             },
             0,
         )

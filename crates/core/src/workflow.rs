@@ -248,6 +248,43 @@ impl Workflow {
     }
 
     /// The model files it loads, in node order (what `models` names, without where).
+    /// The (node, input) pairs whose value is exactly the string `value`: where an
+    /// attachment of that name is used.
+    pub fn inputs_naming(&self, value: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (id, node) in self.0.iter() {
+            let Some(inputs) = node.get("inputs").and_then(Value::as_object) else {
+                continue;
+            };
+            for (input, v) in inputs {
+                if v.as_str() == Some(value) {
+                    out.push((id.clone(), input.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The graph with every string input equal to a key of `names` replaced by its
+    /// value: attachments renamed to where a backend's upload route put them.
+    pub fn with_names(
+        &self,
+        names: &std::collections::HashMap<String, String>,
+    ) -> Map<String, Value> {
+        let mut graph = (*self.0).clone();
+        for node in graph.values_mut() {
+            let Some(inputs) = node.get_mut("inputs").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for v in inputs.values_mut() {
+                if let Some(new) = v.as_str().and_then(|s| names.get(s)) {
+                    *v = Value::String(new.clone());
+                }
+            }
+        }
+        graph
+    }
+
     pub fn model_files(&self) -> Vec<String> {
         self.models().into_iter().map(|m| m.file).collect()
     }

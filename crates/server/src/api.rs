@@ -49,6 +49,11 @@ pub enum ApiError {
     TooLarge {
         limit: usize,
     },
+    /// An attachment over `max_attachment_bytes`.
+    FileTooLarge {
+        message: String,
+        limit: u64,
+    },
     /// The store cannot be reached: nothing was accepted or changed.
     Unavailable(String),
     /// No token, or one that is not (or no longer) valid.
@@ -110,6 +115,12 @@ impl IntoResponse for ApiError {
                 format!("the request body is larger than the limit of {limit} bytes"),
                 json!({ "limit_bytes": limit }),
             ),
+            ApiError::FileTooLarge { message, limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "attachment_too_large",
+                message,
+                json!({ "limit_bytes": limit }),
+            ),
             ApiError::Unavailable(message) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
@@ -160,9 +171,12 @@ struct ApiDoc;
 
 /// Every documented route, each with its handler: the router and `/v1/openapi.json` are
 /// both made from this, so a route cannot exist without being in the document.
-fn documented() -> OpenApiRouter<Engine> {
+fn documented(files_limit: usize) -> OpenApiRouter<Engine> {
+    use utoipa_axum::router::UtoipaMethodRouterExt;
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(list_jobs, create_job))
+        // Files have their own limit (the inner layer is the one extractors see).
+        .routes(routes!(upload_file).layer(DefaultBodyLimit::max(files_limit)))
         .routes(routes!(get_job, cancel_job))
         .routes(routes!(job_events))
         .routes(routes!(get_request))
@@ -184,12 +198,16 @@ fn documented() -> OpenApiRouter<Engine> {
 
 /// The OpenAPI 3.1 document of this API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    documented().split_for_parts().1
+    documented(0).split_for_parts().1
 }
 
 pub fn router(engine: Engine) -> Router {
     let limit = engine.config().max_body_bytes;
-    let (router, _) = documented().split_for_parts();
+    // A multipart form around the largest file: its boundaries and headers.
+    let files_limit = usize::try_from(engine.config().max_attachment_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(64 * 1024);
+    let (router, _) = documented(files_limit).split_for_parts();
     router
         .merge(crate::ui::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -266,7 +284,18 @@ pub fn job_view(job: &Job) -> wire::Job {
             url: format!("/v1/jobs/{}/outputs/{}", job.id, segment(&o.name)),
         })
         .collect();
+    let attachments = job
+        .spec
+        .attachments
+        .iter()
+        .map(|a| wire::JobAttachment {
+            name: a.name.clone(),
+            sha256: a.sha256.clone(),
+            size: a.size,
+        })
+        .collect();
     wire::Job {
+        attachments,
         id: job.id.to_string(),
         state: job.state,
         phase: job.live_attempt().map(|a| a.status),
@@ -437,7 +466,141 @@ fn parse_submit(body: &Value, default_attempts: u32) -> Result<JobSpec, ApiError
         idempotency_key,
         metadata,
         owner: None,
+        attachments: Vec::new(),
     })
+}
+
+/// An attachment of a submit, checked but not yet stored.
+enum Attaching {
+    Stored(String),
+    Inline(Vec<u8>),
+}
+
+/// The `attachments` field: names that the workflow uses, each once, each by hash or
+/// inline. Storing and the existence check come after (`resolve_attachments`).
+fn parse_attachments(
+    value: Option<&Value>,
+    workflow: &Workflow,
+    max_bytes: u64,
+) -> Result<Vec<(String, Attaching)>, ApiError> {
+    use base64::Engine as _;
+    let items = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(v) => {
+            return Err(ApiError::bad(
+                "invalid_field",
+                format!("attachments: must be an array of {{name, sha256 | data}}, got {v}"),
+                json!({"field": "attachments"}),
+            ))
+        }
+    };
+    let mut out: Vec<(String, Attaching)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let field = format!("attachments[{i}]");
+        let bad = |message: String| {
+            ApiError::bad(
+                "invalid_field",
+                format!("{field}: {message}"),
+                json!({"field": field}),
+            )
+        };
+        let a: wire::AttachmentRequest =
+            serde_json::from_value(item.clone()).map_err(|e| bad(e.to_string()))?;
+        if a.name.is_empty() || a.name.len() > 255 || a.name.contains(['/', '\\']) {
+            return Err(bad(format!(
+                "name must be 1 to 255 bytes without / or \\, got {:?}",
+                a.name
+            )));
+        }
+        if out.iter().any(|(n, _)| *n == a.name) {
+            return Err(bad(format!("name {:?} is attached twice", a.name)));
+        }
+        if workflow.inputs_naming(&a.name).is_empty() {
+            return Err(ApiError::bad(
+                "unused_attachment",
+                format!(
+                    "{field}: no input of the workflow names {:?}; a LoadImage-style input must \
+                     have it as its value (\"image\": {:?})",
+                    a.name, a.name
+                ),
+                json!({"field": field, "name": a.name}),
+            ));
+        }
+        let source = match (a.sha256, a.data) {
+            (Some(hash), None) => {
+                let hash = hash.to_ascii_lowercase();
+                if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(bad(format!("sha256 must be 64 hex digits, got {hash:?}")));
+                }
+                Attaching::Stored(hash)
+            }
+            (None, Some(data)) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(data.trim())
+                    .map_err(|e| bad(format!("data is not base64: {e}")))?;
+                if bytes.len() as u64 > max_bytes {
+                    return Err(ApiError::FileTooLarge {
+                        message: format!(
+                            "{field}: {:?} is {} bytes, over the limit of {max_bytes} (max_attachment_bytes)",
+                            a.name,
+                            bytes.len()
+                        ),
+                        limit: max_bytes,
+                    });
+                }
+                Attaching::Inline(bytes)
+            }
+            _ => return Err(bad("give exactly one of sha256 and data".into())),
+        };
+        out.push((a.name, source));
+    }
+    Ok(out)
+}
+
+/// Checks that each attachment by hash is stored here and within the size limit, and
+/// stores the inline ones. Nothing about the job is written before this succeeds.
+async fn resolve_attachments(
+    engine: &Engine,
+    pending: Vec<(String, Attaching)>,
+) -> Result<Vec<gantry_core::Attachment>, ApiError> {
+    let max = engine.config().max_attachment_bytes;
+    let mut out = Vec::new();
+    for (name, source) in pending {
+        let (sha256, size) = match source {
+            Attaching::Stored(hash) => {
+                let size = match engine.attachments().size(&hash).await {
+                    Some(size) => size,
+                    None => {
+                        return Err(ApiError::bad(
+                            "missing_attachment",
+                            format!(
+                                "attachment {name:?}: no file {hash} here; upload it first with POST /v1/files"
+                            ),
+                            json!({"name": name, "sha256": hash}),
+                        ))
+                    }
+                };
+                if size > max {
+                    return Err(ApiError::FileTooLarge {
+                        message: format!("attachment {name:?} is {size} bytes, over the limit of {max} (max_attachment_bytes)"),
+                        limit: max,
+                    });
+                }
+                (hash, size)
+            }
+            Attaching::Inline(bytes) => {
+                let size = bytes.len() as u64;
+                let hash = engine.attachments().put(bytes.into()).await.map_err(|e| {
+                    tracing::error!(error = %e, "cannot store an attachment");
+                    ApiError::Unavailable(format!("cannot store attachment {name:?}: {e}"))
+                })?;
+                (hash, size)
+            }
+        };
+        out.push(gantry_core::Attachment { name, sha256, size });
+    }
+    Ok(out)
 }
 
 /// Submit a workflow. It is durable once answered: 202 for a new job; 200 with the
@@ -480,6 +643,11 @@ async fn create_job(
         )
     })?;
     let mut spec = parse_submit(&value, engine.config().max_attempts)?;
+    let attaching = parse_attachments(
+        value.get("attachments"),
+        &spec.workflow,
+        engine.config().max_attachment_bytes,
+    )?;
     spec.owner = principal.map(|Extension(p)| p.id);
     // ComfyUI answers an unknown class with an error that names neither node nor class,
     // so check against what the backends said they have.
@@ -490,6 +658,7 @@ async fn create_job(
             json!({"node": node, "class_type": class}),
         ));
     }
+    spec.attachments = resolve_attachments(&engine, attaching).await?;
     let request_hash = hex::encode(Sha256::digest(&body));
     match engine.submit(spec, &request_hash).await? {
         Created::New(event) => Ok((
@@ -563,6 +732,15 @@ async fn get_request(
         timeouts: Some(spec.timeouts.clone()),
         idempotency_key: None,
         metadata: Some(spec.metadata.clone()),
+        attachments: spec
+            .attachments
+            .iter()
+            .map(|a| wire::AttachmentRequest {
+                name: a.name.clone(),
+                sha256: Some(a.sha256.clone()),
+                data: None,
+            })
+            .collect(),
     }))
 }
 
@@ -1219,6 +1397,83 @@ async fn catch_up(engine: &Engine, tx: &mpsc::Sender<Bytes>, last: &mut i64) -> 
             return true;
         }
     }
+}
+
+/// Store an input file for jobs to attach by its hash: the raw body, or the first file
+/// of a multipart form. The same bytes give the same hash; storing them again is harmless.
+#[utoipa::path(post, path = "/v1/files", tag = "jobs",
+    request_body(content = Vec<u8>, description = "The file: a raw body (any content type), or multipart/form-data with one file field", content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Stored; attach it to a job as {\"name\", \"sha256\"}", body = wire::StoredFile),
+        (status = 400, description = "No file in the form, or an empty file", body = wire::ErrorBody),
+        (status = 413, description = "Over max_attachment_bytes; nothing was stored", body = wire::ErrorBody),
+    ))]
+async fn upload_file(
+    State(engine): State<Engine>,
+    request: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    use axum::extract::FromRequest;
+    let max = engine.config().max_attachment_bytes;
+    let too_large = || ApiError::FileTooLarge {
+        message: format!(
+            "the file is over the limit of {max} bytes (max_attachment_bytes); nothing was stored"
+        ),
+        limit: max,
+    };
+    let is_form = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("multipart/form-data"));
+    let bytes = if is_form {
+        let mut form = axum::extract::Multipart::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::bad("invalid_request", e.body_text(), json!({})))?;
+        let mut found = None;
+        loop {
+            match form.next_field().await {
+                Ok(Some(field)) if field.file_name().is_some() => {
+                    found = Some(field.bytes().await.map_err(|e| {
+                        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                            too_large()
+                        } else {
+                            ApiError::bad("invalid_request", e.body_text(), json!({}))
+                        }
+                    })?);
+                    break;
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_large()),
+                Err(e) => return Err(ApiError::bad("invalid_request", e.body_text(), json!({}))),
+            }
+        }
+        found.ok_or_else(|| {
+            ApiError::bad(
+                "missing_file",
+                "the form has no file field (a part with a filename)",
+                json!({}),
+            )
+        })?
+    } else {
+        match Bytes::from_request(request, &()).await {
+            Ok(b) => b,
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => return Err(too_large()),
+            Err(r) => return Err(ApiError::bad("invalid_request", r.body_text(), json!({}))),
+        }
+    };
+    if bytes.len() as u64 > max {
+        return Err(too_large());
+    }
+    if bytes.is_empty() {
+        return Err(ApiError::bad("empty_file", "the file is empty", json!({})));
+    }
+    let size = bytes.len() as u64;
+    let sha256 = engine.attachments().put(bytes).await.map_err(|e| {
+        tracing::error!(error = %e, "cannot store an uploaded file");
+        ApiError::Unavailable(format!("cannot store the file: {e}"))
+    })?;
+    Ok((StatusCode::CREATED, Json(wire::StoredFile { sha256, size })).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/outputs/{name}", tag = "jobs",

@@ -6,11 +6,17 @@ use gantry_comfy::rest::{NodeError, PromptError};
 use gantry_core::{Exclusion, ExclusionReason, Failure, FailureKind, JobError, Workflow};
 use indexmap::IndexMap;
 use serde_json::{json, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Classify a rejected `POST /prompt` (a 400, or a 200 with node_errors).
+///
+/// `uploaded` maps the job's attachments to the names this backend was given them under:
+/// a file-input node that names one of those and is still refused means the backend lost
+/// what it was just sent (its fault); naming any other file it lacks means the job did
+/// not attach a file it needs (the workflow's fault, never a missing model).
 pub fn rejection(
     workflow: &Workflow,
+    uploaded: &HashMap<String, String>,
     backend: &str,
     classes: Option<&HashSet<String>>,
     error: Option<&PromptError>,
@@ -43,6 +49,9 @@ pub fn rejection(
                 };
             }
         }
+    }
+    if let Some(failure) = missing_input_files(uploaded, backend, node_errors, &details) {
+        return failure;
     }
     // Only missing model files: another backend may have them.
     let mut missing = Vec::new();
@@ -102,6 +111,78 @@ pub fn rejection(
         error: JobError::new("rejected", message).with_details(details),
         exclude: None,
     }
+}
+
+/// The input file a `custom_validation_failed` names, from ComfyUI's
+/// `"image - Invalid image file: NAME"`: (input, file).
+fn invalid_file(details: &str) -> Option<(&str, &str)> {
+    let (input, rest) = details.split_once(" - Invalid ")?;
+    let (_, file) = rest.split_once(" file: ")?;
+    Some((input, file))
+}
+
+/// When every validation error is a file input naming a file the backend lacks.
+fn missing_input_files(
+    uploaded: &HashMap<String, String>,
+    backend: &str,
+    node_errors: &IndexMap<String, NodeError>,
+    details: &Value,
+) -> Option<Failure> {
+    let mut files = Vec::new();
+    for (node, ne) in node_errors {
+        for ve in &ne.errors {
+            match invalid_file(&ve.details) {
+                Some((input, file)) if ve.kind == "custom_validation_failed" => {
+                    files.push((node.as_str(), ne.class_type.as_str(), input, file));
+                }
+                _ => return None,
+            }
+        }
+    }
+    if files.is_empty() {
+        return None;
+    }
+    let sent: HashSet<&str> = uploaded.values().map(String::as_str).collect();
+    let list = |fs: &[(&str, &str, &str, &str)]| {
+        fs.iter()
+            .map(|(node, class, input, file)| {
+                format!("node {node} ({class}) input {input}: {file}")
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let (lost, missing): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .partition(|(_, _, _, file)| sent.contains(file));
+    if missing.is_empty() {
+        return Some(Failure::backend(
+            JobError::new(
+                "attachment_lost",
+                format!(
+                    "{backend} refused attachments it had just been sent: {}",
+                    list(&lost)
+                ),
+            )
+            .with_details(details.clone()),
+        ));
+    }
+    let hint = missing
+        .first()
+        .map(|(node, _, input, _)| format!("{node}.{input}"))
+        .unwrap_or_default();
+    Some(Failure {
+        kind: FailureKind::Workflow,
+        error: JobError::new(
+            "missing_attachment",
+            format!(
+                "the workflow names input files the job does not attach and {backend} does not have: {}; \
+                 attach them (\"attachments\" in the request, or gantry submit --attach {hint}=PATH)",
+                list(&missing)
+            ),
+        )
+        .with_details(details.clone()),
+        exclude: None,
+    })
 }
 
 /// Classify a node's exception during execution. Out of memory is the backend's fault; an
@@ -177,6 +258,7 @@ mod tests {
         );
         let f = rejection(
             &workflow(),
+            &HashMap::new(),
             "gpu-1",
             None,
             Some(&error(
@@ -203,6 +285,7 @@ mod tests {
         );
         let f = rejection(
             &workflow(),
+            &HashMap::new(),
             "gpu-1",
             None,
             Some(&error(
@@ -220,10 +303,66 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_input_file_is_a_missing_attachment_and_a_lost_upload_the_backends_fault() {
+        let ne = |file: &str| {
+            node_errors(
+                json!({"1": {"errors": [{"type": "custom_validation_failed", "message": "Custom validation failed for node", "details": format!("image - Invalid image file: {file}"), "extra_info": {"input_name": "image"}}], "dependent_outputs": ["9"], "class_type": "LoadImage"}}),
+            )
+        };
+        let e = error(
+            "prompt_outputs_failed_validation",
+            "Prompt outputs failed validation",
+        );
+        let f = rejection(
+            &workflow(),
+            &HashMap::new(),
+            "gpu-1",
+            None,
+            Some(&e),
+            &ne("face.png"),
+        );
+        assert_eq!(
+            (f.kind, &f.error.code[..]),
+            (FailureKind::Workflow, "missing_attachment")
+        );
+        assert!(
+            f.error
+                .message
+                .contains("node 1 (LoadImage) input image: face.png"),
+            "{}",
+            f.error.message
+        );
+        assert!(
+            f.error.message.contains("--attach 1.image=PATH"),
+            "{}",
+            f.error.message
+        );
+        assert!(
+            f.exclude.is_none(),
+            "not a missing model: no backend is excluded"
+        );
+        let sent: HashMap<String, String> =
+            [("face.png".to_owned(), "gantry/0123-face.png".to_owned())].into();
+        let f = rejection(
+            &workflow(),
+            &sent,
+            "gpu-1",
+            None,
+            Some(&e),
+            &ne("gantry/0123-face.png"),
+        );
+        assert_eq!(
+            (f.kind, &f.error.code[..]),
+            (FailureKind::Backend, "attachment_lost")
+        );
+    }
+
+    #[test]
     fn an_unknown_class_is_named() {
         let known: HashSet<String> = ["SaveImage".to_owned()].into();
         let f = rejection(
             &workflow(),
+            &HashMap::new(),
             "gpu-1",
             Some(&known),
             Some(&error(

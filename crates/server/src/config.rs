@@ -153,6 +153,9 @@ pub struct Config {
     pub health: HealthPolicy,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Largest input file a job may attach (`POST /v1/files`, or inline in a submit,
+    /// where the body limit applies too).
+    pub max_attachment_bytes: u64,
     /// A client of `/v1/events` this many events behind is told to `resync` (fetch
     /// `/v1/state` again) rather than sent the backlog.
     pub resync_gap: i64,
@@ -238,6 +241,7 @@ impl Config {
             node_class: Arc::default(),
             health: HealthPolicy::default(),
             max_body_bytes: 32 * 1024 * 1024,
+            max_attachment_bytes: 64 * 1024 * 1024,
             cancel_grace: Duration::from_secs(10),
             liveness: Duration::from_secs(10),
             resync_gap: 10_000,
@@ -280,6 +284,9 @@ impl Config {
         }
         if let Some(size) = file.max_body_bytes {
             self.max_body_bytes = size;
+        }
+        if let Some(size) = file.max_attachment_bytes {
+            self.max_attachment_bytes = size;
         }
         if let Some(n) = file.max_attempts {
             self.max_attempts = n;
@@ -499,6 +506,7 @@ struct FileConfig {
     coordinator: Option<String>,
     lease: Option<String>,
     max_body_bytes: Option<usize>,
+    max_attachment_bytes: Option<u64>,
     max_attempts: Option<u32>,
     cancel_grace: Option<String>,
     liveness: Option<String>,

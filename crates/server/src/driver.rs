@@ -12,11 +12,11 @@ use gantry_comfy::ws::ServerMessage;
 use gantry_core::profile::Observed;
 use gantry_core::watchdog::{Expired, Limits, Phase, Timer, Watch};
 use gantry_core::{
-    Attempt, AttemptStatus, Exclusion, Failure, FailureKind, Input, Job, JobError, JobId, Millis,
-    Output, Workflow,
+    Attachment, Attempt, AttemptStatus, Exclusion, Failure, FailureKind, Input, Job, JobError,
+    JobId, Millis, Output, Workflow,
 };
 use serde_json::{json, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -51,6 +51,10 @@ pub struct Assignment {
     pub prompt_id: String,
     pub workflow: Workflow,
     pub models: Vec<String>,
+    /// Input files to upload before the submit; `uploaded` maps each attachment's name
+    /// to where this backend put it, once uploaded.
+    pub attachments: Vec<Attachment>,
+    pub uploaded: HashMap<String, String>,
     pub limits: Limits,
     /// The job's deadline on the wall clock, and its length.
     pub deadline: Option<(Millis, u64)>,
@@ -70,6 +74,8 @@ impl Assignment {
             prompt_id: attempt.prompt_id.clone(),
             workflow: job.spec.workflow.clone(),
             models: job.spec.workflow.model_files(),
+            attachments: job.spec.attachments.clone(),
+            uploaded: HashMap::new(),
             deadline: limits
                 .deadline()
                 .map(|ms| (job.created_at + ms as Millis, ms)),
@@ -278,6 +284,59 @@ fn f64_of(n: &serde_json::Number) -> f64 {
 }
 
 /// Every file reference in a history entry's UI outputs, with the node that wrote it.
+/// Uploads each attachment through the backend's own route, into its `gantry` input
+/// subfolder under a name made from the content hash (so two jobs' `face.png` never
+/// collide and the same bytes are never uploaded under two names), and answers each
+/// attachment's name -> the value the workflow must use there (`subfolder/name`, as the
+/// backend answered it).
+async fn upload_all(
+    engine: &Engine,
+    client: &Client,
+    attachments: &[Attachment],
+) -> Result<HashMap<String, String>, String> {
+    let mut names = HashMap::new();
+    for a in attachments {
+        let bytes = engine.attachments().read(&a.sha256).await.map_err(|e| {
+            format!(
+                "attachment {} ({}) is not readable here: {e}",
+                a.name, a.sha256
+            )
+        })?;
+        let file = backend_file_name(a);
+        let at = client
+            .upload(&file, bytes, UPLOAD_SUBFOLDER, true)
+            .await
+            .map_err(|e| format!("{}: {e}", a.name))?;
+        let value = if at.subfolder.is_empty() {
+            at.filename
+        } else {
+            format!("{}/{}", at.subfolder, at.filename)
+        };
+        names.insert(a.name.clone(), value);
+    }
+    Ok(names)
+}
+
+/// The input subfolder gantry uploads attachments into.
+const UPLOAD_SUBFOLDER: &str = "gantry";
+
+/// `<first 16 hex of the hash>-<the name's last segment, made safe>`: keeps the
+/// extension, which ComfyUI's file lists filter on.
+fn backend_file_name(a: &Attachment) -> String {
+    let base = a.name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let safe: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{}-{safe}", &a.sha256[..16.min(a.sha256.len())])
+}
+
 fn files_of(entry: &HistoryEntry) -> Vec<(String, FileRef)> {
     let mut out = Vec::new();
     for (node, ui) in &entry.outputs {
@@ -921,13 +980,54 @@ impl Driver {
         let client_id = session.client_id().to_owned();
         let mono = self.mono();
         let Some(cur) = &mut self.current else { return };
+        cur.watch.submitting(mono);
+        if !cur.a.attachments.is_empty() {
+            let limit = cur.watch.timer().map(|t| Duration::from_millis(t.limit_ms));
+            let attachments = cur.a.attachments.clone();
+            let upload = upload_all(&self.engine, &client, &attachments);
+            let uploaded = match limit {
+                Some(limit) => tokio::time::timeout(limit, upload)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "uploading them took longer than the submit limit ({} ms)",
+                            limit.as_millis()
+                        ))
+                    }),
+                None => upload.await,
+            };
+            match uploaded {
+                Ok(names) => {
+                    self.contact();
+                    let Some(cur) = &mut self.current else { return };
+                    cur.a.uploaded = names;
+                    // The submit limit counts from here, not from before the uploads.
+                    let mono = self.mono();
+                    let Some(cur) = &mut self.current else { return };
+                    cur.watch.submitting(mono);
+                }
+                Err(e) => {
+                    let failure = Failure::backend(JobError::new(
+                        "attachment_upload_failed",
+                        format!("cannot upload the job's attachments to {}: {e}", self.name),
+                    ));
+                    self.fail(failure, false).await;
+                    return;
+                }
+            }
+        }
+        let Some(cur) = &mut self.current else { return };
+        let prompt = if cur.a.uploaded.is_empty() {
+            cur.a.workflow.graph().clone()
+        } else {
+            cur.a.workflow.with_names(&cur.a.uploaded)
+        };
         let request = PromptRequest {
-            prompt: cur.a.workflow.graph().clone(),
+            prompt,
             client_id: Some(client_id),
             prompt_id: Some(cur.a.prompt_id.clone()),
             ..Default::default()
         };
-        cur.watch.submitting(mono);
         let answer = match cur.watch.timer() {
             Some(Timer { limit_ms, .. }) => {
                 tokio::time::timeout(Duration::from_millis(limit_ms), client.submit(&request))
@@ -971,6 +1071,7 @@ impl Driver {
                 let Some(cur) = &self.current else { return };
                 let failure = classify::rejection(
                     &cur.a.workflow,
+                    &cur.a.uploaded,
                     &self.name,
                     classes.as_deref(),
                     error,

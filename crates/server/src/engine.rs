@@ -24,7 +24,7 @@ use crate::bus::{BackendEvent, Bus, BusEvent, LiveEvent, LiveKind};
 use crate::cluster::Cluster;
 use crate::config::{BackendConfig, Config};
 use crate::driver::{self, Assignment, Command};
-use crate::outputs::OutputStore;
+use crate::outputs::ContentStore;
 
 /// Wall-clock now, for timestamps that are stored and shown.
 pub fn now_ms() -> Millis {
@@ -400,7 +400,8 @@ struct Inner {
     bus: Bus,
     policy: Policy,
     config: Config,
-    outputs: OutputStore,
+    outputs: ContentStore,
+    attachments: ContentStore,
     http: reqwest::Client,
     backends: Mutex<IndexMap<String, BackendState>>,
     queue: Mutex<QueueIndex>,
@@ -512,7 +513,12 @@ impl Engine {
                 store,
                 bus: Bus::new(4096),
                 policy,
-                outputs: OutputStore::new(config.artifacts.as_deref().unwrap_or(&config.data_dir)),
+                outputs: ContentStore::outputs(
+                    config.artifacts.as_deref().unwrap_or(&config.data_dir),
+                ),
+                attachments: ContentStore::attachments(
+                    config.artifacts.as_deref().unwrap_or(&config.data_dir),
+                ),
                 config,
                 http,
                 backends: Mutex::new(backends),
@@ -913,7 +919,12 @@ impl Engine {
         &self.inner.config
     }
 
-    pub fn outputs(&self) -> &OutputStore {
+    /// Jobs' input files, shared by every coordinator that shares the artifacts folder.
+    pub fn attachments(&self) -> &ContentStore {
+        &self.inner.attachments
+    }
+
+    pub fn outputs(&self) -> &ContentStore {
         &self.inner.outputs
     }
 

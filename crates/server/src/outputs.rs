@@ -1,20 +1,51 @@
-//! Output files, kept by content (SHA-256) in the data dir so they outlive the backend
-//! that made them, and so a cached rerun that names an earlier run's file still gets the
-//! bytes it had (PROTOCOL.md pitfall 13).
+//! Files kept by content (SHA-256) in the data dir (or the shared artifacts folder):
+//! outputs, so they outlive the backend that made them and a cached rerun that names an
+//! earlier run's file still gets the bytes it had (PROTOCOL.md pitfall 13); and jobs'
+//! input attachments, stored once however many jobs use them.
 
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug)]
-pub struct OutputStore {
+pub struct ContentStore {
     dir: PathBuf,
 }
 
-impl OutputStore {
-    pub fn new(data_dir: &Path) -> OutputStore {
-        OutputStore {
-            dir: data_dir.join("outputs"),
+impl ContentStore {
+    /// Output files, under `root/outputs`.
+    pub fn outputs(root: &Path) -> ContentStore {
+        ContentStore {
+            dir: root.join("outputs"),
         }
+    }
+
+    /// Input attachments, under `root/inputs`.
+    pub fn attachments(root: &Path) -> ContentStore {
+        ContentStore {
+            dir: root.join("inputs"),
+        }
+    }
+
+    /// Whether a file with this hash is stored (a well-formed hash, and on disk).
+    pub async fn has(&self, sha256: &str) -> bool {
+        match self.path(sha256) {
+            Some(p) => tokio::fs::try_exists(&p).await.unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// The size of a stored file; `None` when there is none with this hash.
+    pub async fn size(&self, sha256: &str) -> Option<u64> {
+        let path = self.path(&sha256.to_ascii_lowercase())?;
+        tokio::fs::metadata(path).await.ok().map(|m| m.len())
+    }
+
+    /// The bytes of a stored file.
+    pub async fn read(&self, sha256: &str) -> std::io::Result<bytes::Bytes> {
+        let path = self.path(sha256).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a SHA-256 hash")
+        })?;
+        tokio::fs::read(path).await.map(bytes::Bytes::from)
     }
 
     /// Where a file with this hash lives; `None` for anything that is not a hash.

@@ -723,6 +723,7 @@ mod tests {
                 idempotency_key: key.map(String::from),
                 metadata: Default::default(),
                 owner: None,
+                attachments: Vec::new(),
             },
             now,
         )

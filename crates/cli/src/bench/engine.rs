@@ -49,6 +49,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         idempotency_key: None,
         metadata: Default::default(),
         owner: None,
+        attachments: Vec::new(),
     };
     let t0 = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));

@@ -124,6 +124,65 @@ fn stderr(o: &Output) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_attach_uploads_the_file_and_names_it_in_the_input() {
+    let farm = farm(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let graph = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "placeholder.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "att"}}
+    });
+    let file = write(dir.path(), "w.json", &graph);
+    let png = gantry_sim::image::Picture::from_color(12, 10, 0x204060)
+        .png()
+        .unwrap();
+    let face = dir.path().join("face.png");
+    std::fs::write(&face, &png).unwrap();
+    let out = dir.path().join("out");
+    let o = run(farm.gantry(&[
+        "submit",
+        &file,
+        "--attach",
+        &format!("1.image={}", face.display()),
+        "--out",
+        out.to_str().unwrap(),
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    // The backend loaded the attached picture, not a placeholder.
+    let got = gantry_sim::image::Picture::from_png(&std::fs::read(&files[0]).unwrap()).unwrap();
+    assert_eq!(
+        (got.width, got.height, got.rgb),
+        (12, 10, [0x20, 0x40, 0x60])
+    );
+
+    let missing = dir.path().join("nope.png");
+    let o = run(farm.gantry(&[
+        "submit",
+        &file,
+        "--attach",
+        &format!("9.image={}", face.display()),
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--attach 9.image="), "{}", stderr(&o));
+    assert!(stderr(&o).contains("has no node 9"), "{}", stderr(&o));
+    let o = run(farm.gantry(&[
+        "submit",
+        &file,
+        "--attach",
+        &format!("1.image={}", missing.display()),
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot read"), "{}", stderr(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_watch_runs_to_success_with_edits_and_outputs_on_disk() {
     let farm = farm(&[]).await;
     let dir = tempfile::tempdir().unwrap();

@@ -2,6 +2,7 @@
 //! backends on ephemeral ports.
 
 mod api;
+mod attachments;
 mod auth;
 mod backends;
 mod chaos;

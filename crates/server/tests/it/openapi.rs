@@ -15,6 +15,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/jobs/{id}/events"),
     ("GET", "/v1/jobs/{id}/request"),
     ("GET", "/v1/jobs/{id}/outputs/{name}"),
+    ("POST", "/v1/files"),
     ("GET", "/v1/events"),
     ("GET", "/v1/backends"),
     ("POST", "/v1/backends"),
@@ -156,6 +157,7 @@ async fn the_openapi_document_validates_lists_every_route_and_matches_every_answ
                 .http
                 .post(&url)
                 .json(&json!({"workflow": tiny_workflow("openapi2"), "priority": 3})),
+            "POST" if *path == "/v1/files" => app.http.post(&url).body(b"an input file".to_vec()),
             "POST" if *path == "/v1/backends" => app
                 .http
                 .post(&url)

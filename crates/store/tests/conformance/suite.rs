@@ -26,6 +26,7 @@ pub fn job(key: Option<&str>, priority: i32, now: Millis) -> Job {
             idempotency_key: key.map(String::from),
             metadata: Default::default(),
             owner: None,
+            attachments: Vec::new(),
         },
         now,
     )
