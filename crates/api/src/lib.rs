@@ -65,6 +65,59 @@ pub struct SubmitRequest {
     /// where the backend put it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<AttachmentRequest>,
+    /// A webhook for this job, instead of the server's default one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<CallbackRequest>,
+}
+
+/// Where gantry POSTs a job's outcome: a JSON body, signed with HMAC-SHA256 of the body
+/// in `X-Gantry-Signature: sha256=HEX` when `secret` is set, retried with backoff on
+/// failure or a non-2xx answer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackRequest {
+    /// http or https, to a host in the server's `[callback] allow_hosts` (loopback only
+    /// when that list is empty).
+    pub url: String,
+    /// Any of `succeeded`, `failed`, `cancelled`, `progress`; the three terminal ones
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// A job's webhook as `GET /v1/jobs/{id}` shows it (never its secret).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobCallback {
+    pub url: String,
+    pub events: Vec<String>,
+    /// Whether deliveries are signed.
+    pub signed: bool,
+    /// The server's default callback, not the job's own.
+    pub default: bool,
+}
+
+/// One attempt to deliver a webhook.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Delivery {
+    /// The same for every attempt of one delivery (also sent as `X-Gantry-Delivery`).
+    pub delivery_id: String,
+    pub event: String,
+    /// From 1.
+    pub attempt: u32,
+    #[schema(format = DateTime)]
+    pub at: String,
+    pub url: String,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// Why the attempt did not count as delivered.
+    pub error: Option<String>,
+    pub duration_ms: u64,
+    pub delivered: bool,
+    /// No more attempts will be made (delivered, or given up after the retry window).
+    #[serde(rename = "final")]
+    pub last: bool,
 }
 
 /// An input file of a job: the hash `POST /v1/files` answered, or its bytes inline.
@@ -109,6 +162,7 @@ impl SubmitRequest {
         "idempotency_key",
         "metadata",
         "attachments",
+        "callback",
     ];
 }
 
@@ -147,6 +201,12 @@ pub struct Job {
     /// Input files uploaded to each backend before each attempt.
     #[serde(default)]
     pub attachments: Vec<JobAttachment>,
+    /// The webhook this job's events go to, if any.
+    #[serde(default)]
+    pub callback: Option<JobCallback>,
+    /// Every attempt to deliver the webhook, oldest first.
+    #[serde(default)]
+    pub deliveries: Vec<Delivery>,
     /// Why the job failed, once it has.
     pub error: Option<JobError>,
     /// Something to know that is not an error ("cancel came too late").

@@ -150,6 +150,29 @@ pub struct JobSpec {
     /// attempt.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attachments: Vec<Attachment>,
+    /// Where to POST the job's outcome (and progress, if asked); the server's default
+    /// callback applies when this is `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
+}
+
+/// A webhook: the URL gantry POSTs to on the listed events, signed when `secret` is set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Callback {
+    pub url: String,
+    /// Any of `succeeded`, `failed`, `cancelled`, `progress`.
+    pub events: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl Callback {
+    /// The events a callback can ask for.
+    pub const EVENTS: [&'static str; 4] = ["succeeded", "failed", "cancelled", "progress"];
+
+    pub fn wants(&self, event: &str) -> bool {
+        self.events.iter().any(|e| e == event)
+    }
 }
 
 /// An input file a job carries, kept by content in gantry's data dir.

@@ -205,6 +205,7 @@ mod tests {
                 metadata: Default::default(),
                 owner: None,
                 attachments: Vec::new(),
+                callback: None,
             },
             0,
         )

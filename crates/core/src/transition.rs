@@ -674,6 +674,7 @@ mod tests {
                 metadata: Default::default(),
                 owner: None,
                 attachments: Vec::new(),
+                callback: None,
             },
             0,
         )

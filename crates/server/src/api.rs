@@ -296,6 +296,13 @@ pub fn job_view(job: &Job) -> wire::Job {
         .collect();
     wire::Job {
         attachments,
+        callback: job.spec.callback.as_ref().map(|c| wire::JobCallback {
+            url: c.url.clone(),
+            events: c.events.clone(),
+            signed: c.secret.is_some(),
+            default: false,
+        }),
+        deliveries: Vec::new(),
         id: job.id.to_string(),
         state: job.state,
         phase: job.live_attempt().map(|a| a.status),
@@ -467,6 +474,7 @@ fn parse_submit(body: &Value, default_attempts: u32) -> Result<JobSpec, ApiError
         metadata,
         owner: None,
         attachments: Vec::new(),
+        callback: None,
     })
 }
 
@@ -648,6 +656,24 @@ async fn create_job(
         &spec.workflow,
         engine.config().max_attachment_bytes,
     )?;
+    spec.callback = match value.get("callback") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let bad = |message: String| {
+                ApiError::bad(
+                    "invalid_callback",
+                    format!("callback: {message}"),
+                    json!({"field": "callback"}),
+                )
+            };
+            let req: wire::CallbackRequest =
+                serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?;
+            Some(
+                crate::callbacks::parse(&req, &engine.config().callbacks.allow_hosts)
+                    .map_err(bad)?,
+            )
+        }
+    };
     spec.owner = principal.map(|Extension(p)| p.id);
     // ComfyUI answers an unknown class with an error that names neither node nor class,
     // so check against what the backends said they have.
@@ -707,7 +733,29 @@ async fn get_job(
     State(engine): State<Engine>,
     Path(id): Path<String>,
 ) -> Result<Json<wire::Job>, ApiError> {
-    Ok(Json(job_view(&load(&engine, &id).await?)))
+    let job = load(&engine, &id).await?;
+    let mut view = job_view(&job);
+    if view.callback.is_none() {
+        view.callback = engine
+            .config()
+            .callbacks
+            .default
+            .as_ref()
+            .map(|c| wire::JobCallback {
+                url: c.url.clone(),
+                events: c.events.clone(),
+                signed: c.secret.is_some(),
+                default: true,
+            });
+    }
+    view.deliveries = engine
+        .store()
+        .deliveries(&job.id)
+        .await?
+        .into_iter()
+        .filter_map(|d| serde_json::from_value(d).ok())
+        .collect();
+    Ok(Json(view))
 }
 
 /// The job's request as it was accepted, in the body shape of `POST /v1/jobs` (without
@@ -741,6 +789,12 @@ async fn get_request(
                 data: None,
             })
             .collect(),
+        // The secret is not shown back: a resubmit names its own.
+        callback: spec.callback.as_ref().map(|c| wire::CallbackRequest {
+            url: c.url.clone(),
+            events: Some(c.events.clone()),
+            secret: None,
+        }),
     }))
 }
 

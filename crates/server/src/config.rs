@@ -153,6 +153,11 @@ pub struct Config {
     pub health: HealthPolicy,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Webhooks: the default callback, the hosts callbacks may name, retries.
+    pub callbacks: crate::callbacks::CallbackConfig,
+    /// This server's URL as clients reach it (outputs' URLs in callbacks); the address it
+    /// listens on when unset.
+    pub public_url: Option<String>,
     /// Largest input file a job may attach (`POST /v1/files`, or inline in a submit,
     /// where the body limit applies too).
     pub max_attachment_bytes: u64,
@@ -242,6 +247,8 @@ impl Config {
             health: HealthPolicy::default(),
             max_body_bytes: 32 * 1024 * 1024,
             max_attachment_bytes: 64 * 1024 * 1024,
+            callbacks: crate::callbacks::CallbackConfig::default(),
+            public_url: None,
             cancel_grace: Duration::from_secs(10),
             liveness: Duration::from_secs(10),
             resync_gap: 10_000,
@@ -288,12 +295,44 @@ impl Config {
         if let Some(size) = file.max_attachment_bytes {
             self.max_attachment_bytes = size;
         }
-        if let Some(n) = file.max_attempts {
-            self.max_attempts = n;
+        if let Some(url) = file.public_url {
+            self.public_url = Some(url.trim_end_matches('/').to_owned());
         }
         let d = |key: &str, v: &Option<String>| -> Result<Option<Duration>, Error> {
             v.as_deref().map(|s| parse_duration(key, s)).transpose()
         };
+        if let Some(c) = file.callback {
+            let key = |k: &str| format!("callback.{k}");
+            if let Some(hosts) = c.allow_hosts {
+                self.callbacks.allow_hosts = hosts;
+            }
+            if let Some(v) = d(&key("retry_for"), &c.retry_for)? {
+                self.callbacks.retry_for = v;
+            }
+            if let Some(v) = d(&key("backoff"), &c.backoff)? {
+                self.callbacks.backoff = v;
+            }
+            if let Some(v) = d(&key("timeout"), &c.timeout)? {
+                self.callbacks.timeout = v;
+            }
+            if let Some(url) = c.url {
+                let req = gantry_api::CallbackRequest {
+                    url,
+                    events: c.events,
+                    secret: c.secret,
+                };
+                let cb = crate::callbacks::parse(&req, &self.callbacks.allow_hosts)
+                    .map_err(|e| Error::Toml(format!("[callback] {e}")))?;
+                self.callbacks.default = Some(cb);
+            } else if c.events.is_some() || c.secret.is_some() {
+                return Err(Error::Toml(
+                    "[callback] events and secret need a url (the default callback's)".into(),
+                ));
+            }
+        }
+        if let Some(n) = file.max_attempts {
+            self.max_attempts = n;
+        }
         if let Some(v) = d("cancel_grace", &file.cancel_grace)? {
             self.cancel_grace = v;
         }
@@ -507,6 +546,8 @@ struct FileConfig {
     lease: Option<String>,
     max_body_bytes: Option<usize>,
     max_attachment_bytes: Option<u64>,
+    public_url: Option<String>,
+    callback: Option<FileCallback>,
     max_attempts: Option<u32>,
     cancel_grace: Option<String>,
     liveness: Option<String>,
@@ -533,6 +574,18 @@ struct FileAdaptive {
     factor: Option<f64>,
     floor: Option<String>,
     min_samples: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileCallback {
+    url: Option<String>,
+    events: Option<Vec<String>>,
+    secret: Option<String>,
+    allow_hosts: Option<Vec<String>>,
+    retry_for: Option<String>,
+    backoff: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -606,6 +659,38 @@ mod tests {
         assert_eq!(b.name, "gpu-1");
         assert!(BackendConfig::parse("gpu=ftp://h").is_err());
         assert!(BackendConfig::parse("=http://h").is_err());
+    }
+
+    #[test]
+    fn the_callback_table_sets_a_checked_default_and_the_retry_policy() {
+        let mut c = Config::new("127.0.0.1:0".parse().unwrap(), "d".into());
+        let err = c
+            .apply_toml("[callback]\nurl = \"http://10.0.0.1/hook\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[callback]") && err.contains("loopback"),
+            "{err}"
+        );
+        c.apply_toml(
+            "public_url = \"https://gantry.example.com/\"\n[callback]\nurl = \"https://hooks.example.com/in\"\n\
+             events = [\"failed\"]\nsecret = \"k\"\nallow_hosts = [\"hooks.example.com\"]\n\
+             retry_for = \"2m\"\nbackoff = \"250ms\"\ntimeout = \"3s\"",
+        )
+        .unwrap();
+        let d = c.callbacks.default.as_ref().unwrap();
+        assert_eq!(
+            (d.events.as_slice(), d.secret.as_deref()),
+            (&["failed".to_owned()][..], Some("k"))
+        );
+        assert_eq!(c.callbacks.retry_for, Duration::from_secs(120));
+        assert_eq!(c.callbacks.backoff, Duration::from_millis(250));
+        assert_eq!(c.public_url.as_deref(), Some("https://gantry.example.com"));
+        let err = c
+            .apply_toml("[callback]\nsecret = \"k\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("need a url"), "{err}");
     }
 
     #[test]

@@ -432,6 +432,10 @@ struct Inner {
     progress: Mutex<HashMap<JobId, gantry_api::Progress>>,
     /// Wakes the monitor's backend feed (`monitor::backend_feed`).
     changed: Notify,
+    /// Terminal jobs and progress for the webhook deliverer (`callbacks::run`).
+    callbacks: mpsc::UnboundedSender<crate::callbacks::Notice>,
+    /// Running jobs whose callback asks for progress.
+    progress_hooks: Mutex<HashMap<JobId, Arc<gantry_core::Callback>>>,
 }
 
 /// A backend whose median for a class is this many times the farm's is slow for it.
@@ -500,8 +504,11 @@ impl Engine {
         }
         let auth = crate::auth::Auth::new(store.clone()).await?;
         let (stats_tx, stats_rx) = mpsc::unbounded_channel();
+        let (callbacks_tx, callbacks_rx) = mpsc::unbounded_channel();
         let engine = Engine {
             inner: Arc::new(Inner {
+                callbacks: callbacks_tx,
+                progress_hooks: Mutex::new(HashMap::new()),
                 auth,
                 late: Mutex::new(Vec::new()),
                 profiles: Mutex::new(HashMap::new()),
@@ -571,6 +578,9 @@ impl Engine {
         tasks.spawn(async move { e.auth().refresh_loop(e.shutdown_token().clone()).await });
         let e = engine.clone();
         tasks.spawn(async move { e.stats_loop(stats_rx).await });
+        let e = engine.clone();
+        let base_url = e.inner.config.public_url.clone().unwrap_or_default();
+        tasks.spawn(async move { crate::callbacks::run(e, callbacks_rx, base_url).await });
         {
             let week = gantry_store::stats::StatsFilter {
                 since: Some(now_ms() - 7 * 24 * 3_600_000),
@@ -1456,6 +1466,7 @@ impl Engine {
                                 self.lock_progress().remove(id);
                             }
                             self.publish_persisted(events);
+                            self.hooks_after(&applied.job, &applied.events);
                             self.carry_out(&applied.job, applied.effects);
                             if applied.job.state != JobState::Running {
                                 self.wake_scheduler();
@@ -1507,7 +1518,74 @@ impl Engine {
         }
     }
 
+    /// Tells the webhook deliverer about a job that just ended here, and keeps the set of
+    /// running jobs whose callback wants progress.
+    fn hooks_after(&self, job: &Job, events: &[EventKind]) {
+        let Some((callback, _)) = crate::callbacks::effective(job, &self.inner.config.callbacks)
+        else {
+            return;
+        };
+        let ended = events.iter().any(|k| {
+            matches!(
+                k,
+                EventKind::Succeeded { .. }
+                    | EventKind::Failed { .. }
+                    | EventKind::Cancelled { .. }
+            )
+        });
+        if job.state == JobState::Running && callback.wants("progress") {
+            let mut hooks = self
+                .inner
+                .progress_hooks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            hooks
+                .entry(job.id.clone())
+                .or_insert_with(|| Arc::new(callback.clone()));
+        } else if job.state.is_terminal() {
+            self.inner
+                .progress_hooks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&job.id);
+        }
+        if ended && job.state.is_terminal() {
+            let _ = self
+                .inner
+                .callbacks
+                .send(crate::callbacks::Notice::Ended(Arc::new(job.clone())));
+        }
+    }
+
     pub fn publish_live(&self, event: LiveEvent) {
+        if let LiveKind::Progress { node, value, max } = &event.kind {
+            let hook = self
+                .inner
+                .progress_hooks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&event.job_id)
+                .cloned();
+            if let Some(callback) = hook {
+                let body = serde_json::json!({
+                    "event": "progress",
+                    "job_id": event.job_id.to_string(),
+                    "attempt": event.attempt,
+                    "backend": event.backend,
+                    "node": node,
+                    "value": value,
+                    "max": max,
+                });
+                let _ = self
+                    .inner
+                    .callbacks
+                    .send(crate::callbacks::Notice::Progress {
+                        job_id: event.job_id.clone(),
+                        callback,
+                        body,
+                    });
+            }
+        }
         {
             let mut progress = self.lock_progress();
             let p = progress

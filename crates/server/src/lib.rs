@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod bus;
+pub mod callbacks;
 mod classify;
 pub mod cluster;
 pub mod config;
@@ -104,6 +105,10 @@ impl Server {
         })?;
         // Backends added at run time before (a name in the config wins).
         let mut config = config;
+        // Callbacks name outputs by absolute URL: this server's, unless told otherwise.
+        if config.public_url.is_none() {
+            config.public_url = Some(format!("http://{addr}"));
+        }
         for b in store.added_backends().await? {
             if config.backends.iter().any(|c| c.name == b.name) {
                 tracing::warn!(backend = %b.name, "a backend added at run time has the name of a configured one; the configured one is used");

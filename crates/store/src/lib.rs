@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use gantry_core::auth::Scope;
 use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use serde::Serialize;
+use serde_json::Value;
 
 pub use postgres::{
     DispatchRecord, Lease, PgStore, EVENTS_CHANNEL, SCHEMA_VERSION as PG_SCHEMA_VERSION,
@@ -243,4 +244,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Drop the aggregates of hours that ended before `before`; answers how many.
     async fn purge_node_stats(&self, before: Millis) -> Result<u64>;
+
+    /// Records one attempt to deliver a job's callback (a JSON document the server
+    /// shapes); kept with the job and purged with it.
+    async fn record_delivery(&self, job: &JobId, at: Millis, delivery: &Value) -> Result<()>;
+
+    /// A job's callback delivery attempts, oldest first.
+    async fn deliveries(&self, job: &JobId) -> Result<Vec<Value>>;
 }

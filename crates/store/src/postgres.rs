@@ -11,6 +11,7 @@
 
 use async_trait::async_trait;
 use gantry_core::{EventKind, Job, JobId, JobState, Millis};
+use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 use std::collections::{HashMap, HashSet};
@@ -117,6 +118,15 @@ CREATE TABLE node_stats (
     sketch TEXT NOT NULL,
     PRIMARY KEY (class, workflow, backend, hour)
 );
+"#,
+    r#"
+CREATE TABLE deliveries (
+    id BIGSERIAL PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX deliveries_by_job ON deliveries (job_id, id);
 "#,
 ];
 
@@ -730,7 +740,8 @@ async fn purge(tx: &mut sqlx::PgConnection, before: Millis, limit: u32) -> Resul
         "WITH gone AS (DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
          WHERE state IN ('succeeded', 'failed', 'cancelled') AND updated_at < $1 \
          ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id), \
-         ev AS (DELETE FROM events WHERE job_id IN (SELECT id FROM gone)) \
+         ev AS (DELETE FROM events WHERE job_id IN (SELECT id FROM gone)), \
+         dl AS (DELETE FROM deliveries WHERE job_id IN (SELECT id FROM gone)) \
          SELECT count(*) FROM gone",
     )
     .bind(before)
@@ -1000,6 +1011,27 @@ impl Store for PgStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn record_delivery(&self, job: &JobId, at: Millis, delivery: &Value) -> Result<()> {
+        sqlx::query("INSERT INTO deliveries (job_id, at, data) VALUES ($1, $2, $3)")
+            .bind(job.as_str())
+            .bind(at)
+            .bind(delivery.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn deliveries(&self, job: &JobId) -> Result<Vec<Value>> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT data FROM deliveries WHERE job_id = $1 ORDER BY id")
+                .bind(job.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|d| serde_json::from_str(d).map_err(Error::from))
+            .collect()
     }
 
     async fn purge_node_stats(&self, before: Millis) -> Result<u64> {

@@ -10,6 +10,7 @@
 
 use async_trait::async_trait;
 use gantry_core::{EventKind, Job, JobId, JobState, Millis};
+use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use std::path::Path;
@@ -90,6 +91,15 @@ CREATE TABLE node_stats (
     sketch TEXT NOT NULL,
     PRIMARY KEY (class, workflow, backend, hour)
 );
+"#,
+    r#"
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX deliveries_by_job ON deliveries (job_id, id);
 "#,
 ];
 
@@ -287,7 +297,11 @@ async fn purge(tx: &mut sqlx::SqliteConnection, before: Millis, limit: u32) -> R
     .await?;
     for chunk in ids.chunks(500) {
         let marks = vec!["?"; chunk.len()].join(", ");
-        for table in ["events WHERE job_id", "jobs WHERE id"] {
+        for table in [
+            "events WHERE job_id",
+            "deliveries WHERE job_id",
+            "jobs WHERE id",
+        ] {
             let sql = format!("DELETE FROM {table} IN ({marks})");
             let mut q = sqlx::query(&sql);
             for id in chunk {
@@ -656,6 +670,27 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn record_delivery(&self, job: &JobId, at: Millis, delivery: &Value) -> Result<()> {
+        sqlx::query("INSERT INTO deliveries (job_id, at, data) VALUES (?, ?, ?)")
+            .bind(job.as_str())
+            .bind(at)
+            .bind(delivery.to_string())
+            .execute(&self.admin)
+            .await?;
+        Ok(())
+    }
+
+    async fn deliveries(&self, job: &JobId) -> Result<Vec<Value>> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT data FROM deliveries WHERE job_id = ? ORDER BY id")
+                .bind(job.as_str())
+                .fetch_all(&self.reader)
+                .await?;
+        rows.iter()
+            .map(|d| serde_json::from_str(d).map_err(Error::from))
+            .collect()
+    }
+
     async fn purge_node_stats(&self, before: Millis) -> Result<u64> {
         let done = sqlx::query("DELETE FROM node_stats WHERE hour <= ?")
             .bind(before - stats::HOUR_MS)
@@ -724,6 +759,7 @@ mod tests {
                 metadata: Default::default(),
                 owner: None,
                 attachments: Vec::new(),
+                callback: None,
             },
             now,
         )

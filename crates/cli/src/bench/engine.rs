@@ -50,6 +50,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         metadata: Default::default(),
         owner: None,
         attachments: Vec::new(),
+        callback: None,
     };
     let t0 = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));

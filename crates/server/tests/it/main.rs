@@ -5,6 +5,7 @@ mod api;
 mod attachments;
 mod auth;
 mod backends;
+mod callbacks;
 mod chaos;
 mod engine;
 mod failover;

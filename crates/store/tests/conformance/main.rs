@@ -22,7 +22,7 @@ macro_rules! conformance {
                 every_transition_is_stored_as_applied,
                 idempotency_keys_answer_the_existing_job,
                 queue_order_is_priority_then_submission_and_pages_walk_back,
-                finished_jobs_are_purged_with_their_events_and_live_ones_kept
+                finished_jobs_are_purged_with_their_events_and_deliveries_and_live_ones_kept
             );
             conformance!(@each $make, $n;
                 concurrent_writes_share_commits_but_keep_their_own_outcomes,

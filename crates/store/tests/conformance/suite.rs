@@ -27,6 +27,7 @@ pub fn job(key: Option<&str>, priority: i32, now: Millis) -> Job {
             metadata: Default::default(),
             owner: None,
             attachments: Vec::new(),
+            callback: None,
         },
         now,
     )
@@ -359,7 +360,7 @@ pub async fn every_transition_is_stored_as_applied(stores: Vec<Arc<dyn Store>>) 
     }
 }
 
-pub async fn finished_jobs_are_purged_with_their_events_and_live_ones_kept(
+pub async fn finished_jobs_are_purged_with_their_events_and_deliveries_and_live_ones_kept(
     stores: Vec<Arc<dyn Store>>,
 ) {
     let store = &stores[0];
@@ -388,9 +389,24 @@ pub async fn finished_jobs_are_purged_with_their_events_and_live_ones_kept(
     .unwrap();
     store.update_job(&r.job, &r.events).await.unwrap();
 
+    for (j, n) in [(&old, 1), (&recent, 2)] {
+        for attempt in 1..=n {
+            let d = serde_json::json!({"event": "cancelled", "attempt": attempt});
+            store.record_delivery(&j.id, 900, &d).await.unwrap();
+        }
+    }
+    let kept = store.deliveries(&recent.id).await.unwrap();
+    assert_eq!(kept.len(), 2);
+    assert_eq!(kept[1]["attempt"], 2, "oldest first");
+
     assert_eq!(store.purge_finished(500, 100).await.unwrap(), 1);
     assert_eq!(store.job(&old.id).await.unwrap(), None);
     assert!(store.job_events(&old.id, 0).await.unwrap().is_empty());
+    assert!(
+        store.deliveries(&old.id).await.unwrap().is_empty(),
+        "purged with the job"
+    );
+    assert_eq!(store.deliveries(&recent.id).await.unwrap().len(), 2);
     for (j, n_events) in [(&recent, 2), (&queued, 1), (&running, 2)] {
         assert!(store.job(&j.id).await.unwrap().is_some());
         assert_eq!(store.job_events(&j.id, 0).await.unwrap().len(), n_events);
