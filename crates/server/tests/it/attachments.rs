@@ -2,7 +2,7 @@
 //! backend's own `POST /upload/image` before each attempt, named in the workflow by the
 //! name the backend answered; refused at submit when missing or too large.
 
-use crate::support::{assert_error, spawn_app};
+use crate::support::{assert_error, sim_config, spawn_app, spawn_app_with};
 use base64::Engine as _;
 use gantry_sim::image::Picture;
 use serde_json::{json, Value};
@@ -263,5 +263,46 @@ async fn an_audio_output_is_collected_and_served_with_its_content_type() {
         .unwrap();
     assert_eq!(r.headers()["content-type"], "audio/flac");
     assert_eq!(r.bytes().await.unwrap().as_ref(), &wav[..]);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_backend_that_cannot_take_the_upload_is_skipped_for_another() {
+    // On a, the input subfolder gantry uploads into is a file: its upload route fails
+    // (500), as a full disk would.
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(broken.path().join("input")).unwrap();
+    std::fs::write(broken.path().join("input/gantry"), b"not a folder").unwrap();
+    let a = gantry_sim::SimConfig {
+        data_dir: Some(broken.path().to_path_buf()),
+        ..sim_config()
+    };
+    let app = spawn_app_with(vec![a, sim_config()], |c| {
+        c.backends[0].priority = 10;
+        c.backoff_base = std::time::Duration::from_millis(10);
+    })
+    .await;
+    let png = Picture::from_color(4, 4, 0x00ff00).png().unwrap();
+    let id = app
+        .submit_ok(&json!({
+            "workflow": img2img("g.png"),
+            "attachments": [{"name": "g.png", "data": b64(&png)}],
+        }))
+        .await;
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["attempts"][0]["backend"], "a");
+    assert_eq!(
+        job["attempts"][0]["error"]["code"], "attachment_upload_failed",
+        "{job:#}"
+    );
+    assert!(
+        job["attempts"][0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("g.png"),
+        "{job:#}"
+    );
+    assert_eq!(job["attempts"][1]["backend"], "b");
     app.shutdown().await;
 }
