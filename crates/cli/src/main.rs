@@ -41,6 +41,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a ComfyUI simulator that speaks the real protocol, with injectable faults.
     Sim(SimArgs),
+    /// On a GPU machine: connect out to a coordinator and serve it the local ComfyUI
+    /// (no port opened here; works behind NAT).
+    Agent(AgentArgs),
     /// Measure what gantry costs and how it scales (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// Submit a workflow; with --watch, follow it live (Ctrl+C cancels it on the server).
@@ -67,6 +70,25 @@ enum Command {
     Token(token::TokenArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The coordinator, http(s)://host:port.
+    #[arg(long)]
+    server: String,
+    /// An admin token of the coordinator (when it asks for tokens).
+    #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// This machine's backend name on the coordinator.
+    #[arg(long)]
+    name: String,
+    /// A tag jobs may ask for; repeatable.
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// The local ComfyUI.
+    #[arg(long, default_value = "http://127.0.0.1:8188")]
+    comfyui: String,
 }
 
 #[derive(clap::Args)]
@@ -166,6 +188,7 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Sim(args) => sim(args).await,
+        Command::Agent(args) => agent(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Token(args) => token::run(args).await,
         // The client commands answer their own exit codes (see client.rs).
@@ -192,6 +215,38 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let config = gantry_server::agent::AgentConfig {
+        server: args.server,
+        token: args.token,
+        name: args.name,
+        tags: args.tags,
+        comfyui: args.comfyui,
+        max_backoff: std::time::Duration::from_secs(30),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    // Ctrl+C, or systemd's SIGTERM: close the link and exit.
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        on_signal.cancel();
+    });
+    gantry_server::agent::run(config, stop)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

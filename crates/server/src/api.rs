@@ -194,6 +194,28 @@ fn documented(files_limit: usize) -> OpenApiRouter<Engine> {
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
         .routes(routes!(get_session, sign_in, sign_out))
+        .routes(routes!(agent_connect))
+}
+
+/// An agent's link: a WebSocket the agent opens from its GPU machine, carrying the
+/// coordinator's connections to its local ComfyUI (see `gantry agent`). The agent is
+/// registered as a backend named `name`.
+#[utoipa::path(get, path = "/v1/agents/connect", tag = "backends",
+    params(
+        ("name" = String, Query, description = "The agent's backend name"),
+        ("tags" = Option<String>, Query, description = "Comma-separated tags"),
+    ),
+    responses(
+        (status = 101, description = "The link (WebSocket, binary frames)"),
+        (status = 400, description = "Not a WebSocket request, or a bad name", body = wire::ErrorBody),
+        (status = 409, description = "The name belongs to a configured URL backend", body = wire::ErrorBody),
+    ))]
+async fn agent_connect(
+    state: State<Engine>,
+    query: Query<crate::agents::ConnectQuery>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Response {
+    crate::agents::connect(state, query, ws).await
 }
 
 /// The OpenAPI 3.1 document of this API.

@@ -130,9 +130,15 @@ pub fn required(method: &Method, path: &str) -> Option<Scope> {
     {
         return None;
     }
+    // An agent's link carries whole backends: admin, until agents get a scope of their
+    // own (issue 11).
+    if path == "/v1/agents/connect" {
+        return Some(Scope::Admin);
+    }
     match *method {
         Method::GET | Method::HEAD => Some(Scope::Read),
-        Method::POST if path == "/v1/jobs" => Some(Scope::Submit),
+        // Input files are part of submitting.
+        Method::POST if path == "/v1/jobs" || path == "/v1/files" => Some(Scope::Submit),
         Method::DELETE if path.starts_with("/v1/jobs/") => Some(Scope::Submit),
         _ => Some(Scope::Admin),
     }

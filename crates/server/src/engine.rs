@@ -436,6 +436,8 @@ struct Inner {
     callbacks: mpsc::UnboundedSender<crate::callbacks::Notice>,
     /// Running jobs whose callback asks for progress.
     progress_hooks: Mutex<HashMap<JobId, Arc<gantry_core::Callback>>>,
+    /// Agents' listeners and links.
+    agents: crate::agents::Agents,
 }
 
 /// A backend whose median for a class is this many times the farm's is slow for it.
@@ -509,6 +511,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 callbacks: callbacks_tx,
                 progress_hooks: Mutex::new(HashMap::new()),
+                agents: crate::agents::Agents::default(),
                 auth,
                 late: Mutex::new(Vec::new()),
                 profiles: Mutex::new(HashMap::new()),
@@ -927,6 +930,10 @@ impl Engine {
 
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    pub fn agents(&self) -> &crate::agents::Agents {
+        &self.inner.agents
     }
 
     /// Jobs' input files, shared by every coordinator that shares the artifacts folder.

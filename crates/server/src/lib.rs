@@ -2,6 +2,8 @@
 //! `Store`, and the v1 HTTP API in front of it. `start` runs it all on one listener
 //! until the shutdown token fires.
 
+pub mod agent;
+pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod bus;
@@ -16,6 +18,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod outputs;
 pub mod profiling;
+pub mod tunnel;
 pub mod ui;
 
 use gantry_store::{PgStore, SqliteStore, Store};

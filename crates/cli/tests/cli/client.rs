@@ -947,3 +947,97 @@ async fn stats_suggests_stall_limits_from_history() {
     assert!(!out.contains("SaveImage"), "filtered by class: {out}");
     farm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gantry_agent_serves_its_local_comfyui_until_sigterm() {
+    let farm = farm(&[]).await;
+    let gpu = gantry_sim::spawn(gantry_sim::SimConfig {
+        speed: 20.0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut agent = farm
+        .gantry(&[
+            "agent",
+            "--server",
+            &farm.server.url(),
+            "--name",
+            "gpu-2",
+            "--tag",
+            "remote",
+            "--comfyui",
+            &gpu.url(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status_of = |farm: &Farm| {
+        let http = farm.http.clone();
+        let url = format!("{}/v1/backends", farm.server.url());
+        async move {
+            let list: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            list["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["name"] == "gpu-2")
+                .map(|b| b["status"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_of(&farm).await.as_deref() != Some("idle") {
+        assert!(
+            Instant::now() < deadline,
+            "the agent's backend never became idle"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "w.json",
+        &json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "remote"}}
+        }),
+    );
+    let o = run(farm.gantry(&["submit", &file, "--tag", "remote", "--wait", "--json"])).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let runs: Value = farm
+        .http
+        .get(format!("{}/sim/runs", gpu.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        runs["runs"].as_array().unwrap().len(),
+        1,
+        "it ran on the agent's ComfyUI"
+    );
+
+    // SIGTERM (what systemd sends): the agent exits cleanly; its backend goes offline.
+    let pid = agent.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let exit = tokio::task::spawn_blocking(move || agent.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_of(&farm).await.as_deref() != Some("offline") {
+        assert!(
+            Instant::now() < deadline,
+            "the agent's backend never went offline"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let o = run(farm.gantry(&["agent", "--server", "ftp://x", "--name", "n"])).await;
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("use http or https"), "{}", stderr(&o));
+}

@@ -113,6 +113,14 @@ async fn each_route_needs_its_scope_once_a_token_exists() {
     );
     let lift = call(&app, "DELETE", "/v1/backends/a/blocks/x", Some(&read), None).await;
     assert_eq!(lift.0, 403, "{lift:?}");
+    // Input files are part of submitting: a submit token stores one, a read token cannot.
+    let file = call(&app, "POST", "/v1/files", Some(&read), Some(json!("x"))).await;
+    assert_eq!(file.0, 403, "{file:?}");
+    let file = call(&app, "POST", "/v1/files", Some(&alice), Some(json!("x"))).await;
+    assert_eq!(file.0, 201, "{file:?}");
+    // An agent's link needs an admin token.
+    let link = call(&app, "GET", "/v1/agents/connect?name=g", Some(&alice), None).await;
+    assert_eq!(link.0, 403, "{link:?}");
 
     // A read token reads, and cannot submit: refused, and no job is made.
     assert_eq!(

@@ -1,6 +1,7 @@
 //! gantry-server end to end: the v1 API over real HTTP, in front of simulated ComfyUI
 //! backends on ephemeral ports.
 
+mod agents;
 mod api;
 mod attachments;
 mod auth;

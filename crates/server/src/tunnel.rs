@@ -1,0 +1,189 @@
+//! The agent link: TCP connections multiplexed over one WebSocket that the agent opens
+//! from the GPU machine (nothing listens there, so NAT is no obstacle). On the
+//! coordinator each agent gets a loopback listener; every connection made to it (the
+//! driver's HTTP requests and its ComfyUI WebSocket) becomes a stream the agent pipes to
+//! its local ComfyUI. The driver, the watchdog and reconcile are the very code used for
+//! URL backends: an agent backend is a URL backend whose URL is that listener.
+//!
+//! Frames are binary WebSocket messages: a 4-byte stream id (big endian), a 1-byte op,
+//! the payload. Streams are opened by the coordinator only. Flow control is the link's
+//! own: a stream whose reader lags holds the link (fine for ComfyUI's traffic).
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+const OPEN: u8 = 1;
+const DATA: u8 = 2;
+const FIN: u8 = 3;
+const RESET: u8 = 4;
+
+/// Largest payload of one DATA frame.
+const CHUNK: usize = 32 * 1024;
+
+/// Frames a stream has not consumed yet, before the link waits for it.
+const STREAM_BUFFER: usize = 64;
+
+/// What one stream receives from the link.
+enum Inbound {
+    Data(Bytes),
+    Fin,
+}
+
+/// One end of a link: the streams it carries and the way out.
+#[derive(Clone)]
+pub struct Mux {
+    out: mpsc::Sender<Vec<u8>>,
+    streams: Arc<Mutex<HashMap<u32, mpsc::Sender<Inbound>>>>,
+    next: Arc<AtomicU32>,
+}
+
+fn frame(id: u32, op: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(5 + payload.len());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.push(op);
+    f.extend_from_slice(payload);
+    f
+}
+
+impl Mux {
+    /// A mux writing its frames to `out`; feed it what arrives with `dispatch`.
+    pub fn new(out: mpsc::Sender<Vec<u8>>) -> Mux {
+        Mux {
+            out,
+            streams: Arc::default(),
+            next: Arc::new(AtomicU32::new(1)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, mpsc::Sender<Inbound>>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Carries `tcp` over a new stream (the coordinator's end).
+    pub async fn open(&self, tcp: TcpStream) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let rx = self.register(id);
+        if self.out.send(frame(id, OPEN, &[])).await.is_err() {
+            return;
+        }
+        tokio::spawn(pipe(self.clone(), id, tcp, rx));
+    }
+
+    fn register(&self, id: u32) -> mpsc::Receiver<Inbound> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        self.lock().insert(id, tx);
+        rx
+    }
+
+    /// Handles one frame from the other end. `connect` makes the local connection for a
+    /// stream the other end opened (the agent's end); `None` refuses opens.
+    pub async fn dispatch<F, Fut>(&self, f: &[u8], connect: Option<&F>)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<TcpStream>>,
+    {
+        if f.len() < 5 {
+            return;
+        }
+        let id = u32::from_be_bytes([f[0], f[1], f[2], f[3]]);
+        let payload = &f[5..];
+        match f[4] {
+            OPEN => {
+                let Some(connect) = connect else {
+                    let _ = self.out.send(frame(id, RESET, &[])).await;
+                    return;
+                };
+                let rx = self.register(id);
+                match connect().await {
+                    Ok(tcp) => {
+                        tokio::spawn(pipe(self.clone(), id, tcp, rx));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "agent: cannot reach the local ComfyUI");
+                        self.lock().remove(&id);
+                        let _ = self.out.send(frame(id, RESET, &[])).await;
+                    }
+                }
+            }
+            DATA => {
+                let tx = self.lock().get(&id).cloned();
+                if let Some(tx) = tx {
+                    if tx
+                        .send(Inbound::Data(Bytes::copy_from_slice(payload)))
+                        .await
+                        .is_err()
+                    {
+                        self.lock().remove(&id);
+                    }
+                }
+            }
+            FIN => {
+                let tx = self.lock().get(&id).cloned();
+                if let Some(tx) = tx {
+                    let _ = tx.send(Inbound::Fin).await;
+                }
+            }
+            RESET => {
+                // Dropping the sender ends the stream's writer; its reader notices the
+                // closed socket.
+                self.lock().remove(&id);
+            }
+            _ => {}
+        }
+    }
+
+    /// The link is gone: every stream it carried ends.
+    pub fn close_all(&self) {
+        self.lock().clear();
+    }
+}
+
+/// Copies between a local TCP connection and stream `id` until both directions end.
+async fn pipe(mux: Mux, id: u32, tcp: TcpStream, mut rx: mpsc::Receiver<Inbound>) {
+    let (mut read, mut write) = tcp.into_split();
+    let out = mux.out.clone();
+    let upstream = async move {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) => {
+                    let _ = out.send(frame(id, FIN, &[])).await;
+                    return;
+                }
+                Ok(n) => {
+                    if out.send(frame(id, DATA, &buf[..n])).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = out.send(frame(id, RESET, &[])).await;
+                    return;
+                }
+            }
+        }
+    };
+    let downstream = async move {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                Inbound::Data(b) => {
+                    if write.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+                Inbound::Fin => {
+                    let _ = write.shutdown().await;
+                    return;
+                }
+            }
+        }
+        // Reset or link gone: close our side now.
+        let _ = write.shutdown().await;
+    };
+    tokio::join!(upstream, downstream);
+    mux.lock().remove(&id);
+}

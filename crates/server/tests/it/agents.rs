@@ -1,0 +1,148 @@
+//! Agents: a GPU machine's process that connects out to the coordinator and carries its
+//! connections to the local ComfyUI. Here the agent runs in-process against a simulator
+//! the coordinator has no URL for.
+
+use crate::support::{poll_until, sim_config, sleep_workflow, tiny_workflow, TestApp};
+use gantry_server::agent::{self, AgentConfig};
+use gantry_server::config::Config;
+use gantry_server::Server;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn agent_config(server: &str, comfyui: &str) -> AgentConfig {
+    AgentConfig {
+        server: server.to_owned(),
+        token: None,
+        name: "gpu-behind-nat".into(),
+        tags: vec!["nat".into()],
+        comfyui: comfyui.to_owned(),
+        max_backoff: Duration::from_millis(200),
+    }
+}
+
+async fn backend_status(app: &TestApp, name: &str) -> Result<Value, Value> {
+    let list = app.get_json("/v1/backends").await;
+    list["backends"]
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["name"] == name).cloned())
+        .ok_or(list)
+}
+
+async fn wait_status(app: &TestApp, name: &str, status: &str) -> Value {
+    poll_until(
+        &format!("backend {name} {status}"),
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        || async {
+            match backend_status(app, name).await {
+                Ok(b) if b["status"] == status => Ok(b),
+                other => Err(other),
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_agent_registers_as_a_backend_and_runs_jobs_through_its_link() {
+    let sim = gantry_sim::spawn(sim_config()).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), data.path().join("d"));
+    config.liveness = Duration::from_millis(300);
+    let app = TestApp::attach(Server::start(config).await.unwrap());
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(agent::run(agent_config(&app.url, &sim.url()), stop.clone()));
+
+    let b = wait_status(&app, "gpu-behind-nat", "idle").await;
+    assert_eq!(b["tags"], json!(["nat"]));
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            app.submit_ok(&json!({"workflow": tiny_workflow(&format!("nat{i}")), "tags": ["nat"]}))
+                .await,
+        );
+    }
+    // A prompt with progress, so the WebSocket through the link carries frames.
+    ids.push(
+        app.submit_ok(&json!({"workflow": sleep_workflow(1.0, 5, 9), "tags": ["nat"]}))
+            .await,
+    );
+    for id in &ids {
+        let job = app.wait_terminal(id).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        assert_eq!(job["attempts"][0]["backend"], "gpu-behind-nat");
+        let png = app
+            .http
+            .get(format!(
+                "{}{}",
+                app.url,
+                job["outputs"][0]["url"].as_str().unwrap()
+            ))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(png.starts_with(b"\x89PNG"));
+    }
+    let runs = app
+        .http
+        .get(format!("{}/sim/runs", sim.url()))
+        .send()
+        .await
+        .unwrap();
+    let runs: Value = runs.json().await.unwrap();
+    assert_eq!(
+        runs["runs"].as_array().unwrap().len(),
+        4,
+        "every prompt ran on the agent's ComfyUI"
+    );
+
+    // The agent goes away: its backend goes offline, and a job for it waits.
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    wait_status(&app, "gpu-behind-nat", "offline").await;
+    let waiting = app
+        .submit_ok(&json!({"workflow": tiny_workflow("after"), "tags": ["nat"]}))
+        .await;
+    assert_eq!(app.get_job(&waiting).await["state"], "queued");
+
+    // It comes back under the same name: same backend, the job runs.
+    let stop = CancellationToken::new();
+    let again = tokio::spawn(agent::run(agent_config(&app.url, &sim.url()), stop.clone()));
+    let job = app.wait_terminal(&waiting).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let list = app.get_json("/v1/backends").await;
+    assert_eq!(list["backends"].as_array().unwrap().len(), 1, "{list:#}");
+    stop.cancel();
+    again.await.unwrap().unwrap();
+    app.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_agent_cannot_take_the_name_of_a_url_backend() {
+    let sim = gantry_sim::spawn(sim_config()).await.unwrap();
+    let app = crate::support::spawn_app(1, |_| {}).await;
+    let url = format!(
+        "{}/v1/agents/connect?name=a",
+        app.url.replacen("http", "ws", 1)
+    );
+    let refused = tokio_tungstenite::connect_async(url).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 409),
+        other => panic!("a taken name must be refused: {other:?}"),
+    }
+    let bad = format!(
+        "{}/v1/agents/connect?name=no%20spaces",
+        app.url.replacen("http", "ws", 1)
+    );
+    match tokio_tungstenite::connect_async(bad).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 400),
+        other => panic!("a bad name must be refused: {other:?}"),
+    }
+    app.shutdown().await;
+    sim.shutdown().await;
+}
