@@ -19,6 +19,9 @@ use crate::config::BackendConfig;
 use crate::engine::Engine;
 use crate::tunnel::Mux;
 
+/// How an agent's backend is stored: its URL is made anew (a loopback port) at each start.
+pub const AGENT_SCHEME: &str = "agent://";
+
 /// Every agent this coordinator has seen, by name.
 #[derive(Default)]
 pub struct Agents {
@@ -87,7 +90,7 @@ pub async fn connect(
         );
     }
     let known_url = engine.backends().get(&q.name).map(|b| b.config.url.clone());
-    let slot = match engine.agents().slot(&engine, &q.name).await {
+    let slot = match engine.agents().slot(&q.name, engine.shutdown_token()).await {
         Ok(slot) => slot,
         Err(e) => {
             return refuse(
@@ -124,8 +127,22 @@ pub async fn connect(
 }
 
 impl Agents {
+    /// Makes the listener of a stored agent backend at start; answers its URL.
+    pub async fn reserve(
+        &self,
+        name: &str,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<String> {
+        let slot = self.slot(name, stop).await?;
+        Ok(format!("http://127.0.0.1:{}", slot.port))
+    }
+
     /// The slot of `name`, with its listener made on first use.
-    async fn slot(&self, engine: &Engine, name: &str) -> std::io::Result<Arc<Slot>> {
+    async fn slot(
+        &self,
+        name: &str,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<Arc<Slot>> {
         let mut slots = self.slots.lock().await;
         if let Some(s) = slots.get(name) {
             return Ok(s.clone());
@@ -136,7 +153,7 @@ impl Agents {
             link: Mutex::new(None),
         });
         let s = slot.clone();
-        let stop = engine.shutdown_token().clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -172,14 +189,31 @@ async fn serve_link(
     if let Some((_, old)) = slot.lock().replace((id, mux.clone())) {
         old.close_all();
     }
-    if !engine.backends().contains_key(&name) {
-        match BackendConfig::parse(&format!("{name}={url}")) {
+    let known_tags = engine.backends().get(&name).map(|b| b.config.tags.clone());
+    match known_tags {
+        None => match BackendConfig::parse(&format!("{name}={url}")) {
             Ok(mut config) => {
-                config.tags = tags;
+                config.tags = tags.clone();
+                // Kept, so that after a restart its running jobs are recovered onto it.
+                let record = gantry_store::BackendRecord {
+                    name: name.clone(),
+                    url: format!("{AGENT_SCHEME}{name}"),
+                    tags,
+                    priority: 0,
+                    added_at: crate::engine::now_ms(),
+                };
+                if let Err(e) = engine.store().add_backend(&record).await {
+                    tracing::warn!(error = %e, agent = %name, "agent backend not stored");
+                }
                 engine.add_backend(config);
             }
             Err(e) => tracing::error!(error = %e, agent = %name, "agent backend not added"),
+        },
+        // Seed 002: a re-registration never overwrites what is known.
+        Some(known) if !tags.is_empty() && known != tags => {
+            tracing::warn!(agent = %name, ?known, offered = ?tags, "agent offers other tags; the known ones are kept");
         }
+        Some(_) => {}
     }
     tracing::info!(agent = %name, "agent connected");
     let (mut sink, mut stream) = socket.split();

@@ -81,6 +81,7 @@ impl From<engine::Error> for ApiError {
         match e {
             engine::Error::NotFound(id) => ApiError::NotFound(format!("no job {id}")),
             engine::Error::Store(e) => e.into(),
+            engine::Error::Agent(m) => ApiError::Internal(m),
         }
     }
 }

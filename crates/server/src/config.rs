@@ -70,6 +70,17 @@ impl BackendConfig {
     /// A backend added at run time, as the store keeps it; `None` (with a warning) when
     /// its stored URL is no longer valid.
     pub fn added(b: &gantry_store::BackendRecord) -> Option<BackendConfig> {
+        // An agent's backend: its loopback listener is made at start (`Agents::reserve`).
+        if b.url.starts_with(crate::agents::AGENT_SCHEME) {
+            return Some(BackendConfig {
+                name: b.name.clone(),
+                url: b.url.clone(),
+                tags: b.tags.clone(),
+                priority: b.priority,
+                timeouts: Timeouts::default(),
+                instant: None,
+            });
+        }
         match BackendConfig::parse(&format!("{}={}", b.name, b.url)) {
             Ok(mut config) => {
                 config.tags = b.tags.clone();

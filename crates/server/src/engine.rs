@@ -40,6 +40,8 @@ pub enum Error {
     Store(#[from] gantry_store::Error),
     #[error("no job {0}")]
     NotFound(JobId),
+    #[error("{0}")]
+    Agent(String),
 }
 
 impl Error {
@@ -476,12 +478,23 @@ impl Engine {
     /// As `start`; with a `cluster`, backends are driven only while this coordinator
     /// holds their lease (`cluster.rs`), and the event tail publishes every event.
     pub async fn start_with(
-        config: Config,
+        mut config: Config,
         store: Arc<dyn Store>,
         cluster: Option<Cluster>,
         shutdown: CancellationToken,
         tasks: &mut tokio::task::JoinSet<()>,
     ) -> Result<Engine, Error> {
+        // Agents known from before get their listeners first, so that their running jobs
+        // are recovered onto them and adopted once the agent is back.
+        let agents = crate::agents::Agents::default();
+        for b in &mut config.backends {
+            if b.url.starts_with(crate::agents::AGENT_SCHEME) {
+                b.url = agents
+                    .reserve(&b.name, &shutdown)
+                    .await
+                    .map_err(|e| Error::Agent(format!("agent {}: {e}", b.name)))?;
+            }
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()
@@ -511,7 +524,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 callbacks: callbacks_tx,
                 progress_hooks: Mutex::new(HashMap::new()),
-                agents: crate::agents::Agents::default(),
+                agents,
                 auth,
                 late: Mutex::new(Vec::new()),
                 profiles: Mutex::new(HashMap::new()),

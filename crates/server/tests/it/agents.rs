@@ -146,3 +146,62 @@ async fn an_agent_cannot_take_the_name_of_a_url_backend() {
     app.shutdown().await;
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_coordinator_restarted_while_a_job_runs_on_an_agent_ends_it_succeeded_once() {
+    let sim = gantry_sim::spawn(sim_config()).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let config = |listen: &str| {
+        let mut c = Config::new(listen.parse().unwrap(), data.path().join("d"));
+        c.liveness = Duration::from_millis(300);
+        c
+    };
+    let first = Server::start(config("127.0.0.1:0")).await.unwrap();
+    let addr = first.url().trim_start_matches("http://").to_owned();
+    let app = TestApp::attach(first);
+    // One agent process for both lives of the coordinator: it reconnects by itself.
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(agent::run(agent_config(&app.url, &sim.url()), stop.clone()));
+    wait_status(&app, "gpu-behind-nat", "idle").await;
+    let id = app
+        .submit_ok(&json!({"workflow": sleep_workflow(20.0, 40, 5)}))
+        .await;
+    poll_until(
+        "the job executing on the agent",
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        || async {
+            let job = app.get_job(&id).await;
+            if job["phase"] == "executing" {
+                Ok(())
+            } else {
+                Err(job)
+            }
+        },
+    )
+    .await;
+    app.shutdown().await;
+
+    // The same data and address: the agent's backend is known from the store before the
+    // agent is back, so the running attempt is recovered onto it and adopted.
+    let app = TestApp::attach(Server::start(config(&addr)).await.unwrap());
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "{job:#}");
+    let runs: Value = app
+        .http
+        .get(format!("{}/sim/runs", sim.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(runs["runs"].as_array().unwrap().len(), 1, "it ran once");
+    let list = app.get_json("/v1/backends").await;
+    assert_eq!(list["backends"][0]["tags"], json!(["nat"]), "{list:#}");
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    app.shutdown().await;
+    sim.shutdown().await;
+}
