@@ -98,6 +98,24 @@ pub struct JobCallback {
     pub default: bool,
 }
 
+/// An agent's supervised ComfyUI: its state, its recent output, its restarts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BackendLogs {
+    pub name: String,
+    /// The agent's link is up.
+    pub linked: bool,
+    /// The agent runs ComfyUI as its child (`--spawn`).
+    pub supervised: bool,
+    /// The child's latest state (`starting`, `ready`, `crash_looping`, ...).
+    #[schema(value_type = Object)]
+    pub child: Value,
+    /// Its latest output lines, oldest first.
+    pub lines: Vec<String>,
+    /// Each restart with its reason, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub restarts: Vec<Value>,
+}
+
 /// One attempt to deliver a webhook.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Delivery {
@@ -349,10 +367,12 @@ pub enum BackendStatus {
     /// longer than twice `liveness`: what it shows may be out of date.
     Stale,
     Offline,
+    /// An agent's supervised ComfyUI keeps exiting soon after its start.
+    CrashLooping,
 }
 
 impl BackendStatus {
-    pub const ALL: [BackendStatus; 10] = [
+    pub const ALL: [BackendStatus; 11] = [
         BackendStatus::Connecting,
         BackendStatus::Idle,
         BackendStatus::Blocked,
@@ -363,6 +383,7 @@ impl BackendStatus {
         BackendStatus::Stuck,
         BackendStatus::Stale,
         BackendStatus::Offline,
+        BackendStatus::CrashLooping,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -377,6 +398,7 @@ impl BackendStatus {
             BackendStatus::Stuck => "stuck",
             BackendStatus::Stale => "stale",
             BackendStatus::Offline => "offline",
+            BackendStatus::CrashLooping => "crash_looping",
         }
     }
 }

@@ -89,6 +89,13 @@ struct AgentArgs {
     /// The local ComfyUI.
     #[arg(long, default_value = "http://127.0.0.1:8188")]
     comfyui: String,
+    /// Start ComfyUI as this agent's child with this command (run by sh, in its own
+    /// process group); restarted when it exits or when the coordinator finds it stuck.
+    #[arg(long, value_name = "COMMAND")]
+    spawn: Option<String>,
+    /// The child's working directory.
+    #[arg(long, value_name = "DIR", requires = "spawn")]
+    cwd: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -223,6 +230,13 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         token: args.token,
         name: args.name,
         tags: args.tags,
+        spawn: args
+            .spawn
+            .map(|command| gantry_server::supervise::SpawnConfig {
+                command,
+                cwd: args.cwd,
+                comfyui: args.comfyui.clone(),
+            }),
         comfyui: args.comfyui,
         max_backoff: std::time::Duration::from_secs(30),
     };

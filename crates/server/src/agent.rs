@@ -5,6 +5,7 @@
 //! (queue, then history, then the output files) once the link is back.
 
 use futures_util::{SinkExt, StreamExt};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -24,6 +25,14 @@ pub struct AgentConfig {
     pub comfyui: String,
     /// The longest wait between two connection attempts.
     pub max_backoff: Duration,
+    /// Run ComfyUI as this agent's child (`--spawn`), restarted when it exits or hangs.
+    pub spawn: Option<crate::supervise::SpawnConfig>,
+}
+
+/// The supervisor's side as the link sees it.
+struct Supervision {
+    shared: crate::supervise::Shared,
+    restart: mpsc::UnboundedSender<crate::supervise::Restart>,
 }
 
 /// The link's URL: `ws(s)://.../v1/agents/connect?name=...&tags=...`.
@@ -67,11 +76,42 @@ fn comfyui_addr(c: &AgentConfig) -> Result<String, String> {
 pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), String> {
     let url = link_url(&config)?;
     let local = comfyui_addr(&config)?;
+    // The current link, for the supervisor's reports.
+    let current: Arc<Mutex<Option<Mux>>> = Arc::default();
+    let mut supervised = None;
+    let mut child = None;
+    if let Some(spawn) = &config.spawn {
+        let shared = crate::supervise::Shared::default();
+        let (reports_tx, mut reports_rx) = mpsc::unbounded_channel();
+        let (restart_tx, restart_rx) = mpsc::unbounded_channel();
+        child = Some(tokio::spawn(crate::supervise::run(
+            spawn.clone(),
+            shared.clone(),
+            reports_tx,
+            restart_rx,
+            stop.clone(),
+        )));
+        let link = current.clone();
+        tokio::spawn(async move {
+            while let Some(report) = reports_rx.recv().await {
+                let mux = link.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                // Unlinked, a report is dropped: the next link's hello has the state
+                // and the latest lines.
+                if let Some(mux) = mux {
+                    mux.send_control(&report).await;
+                }
+            }
+        });
+        supervised = Some(Supervision {
+            shared,
+            restart: restart_tx,
+        });
+    }
     let mut backoff = Duration::from_millis(100);
     loop {
         let linked = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            linked = link(&config, &url, &local, &stop) => linked,
+            _ = stop.cancelled() => break,
+            linked = link(&config, &url, &local, &stop, &current, supervised.as_ref()) => linked,
         };
         match linked {
             Ok(()) => {
@@ -83,11 +123,16 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Str
             }
         }
         tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => break,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(config.max_backoff);
     }
+    // The child goes down with the agent (SIGTERM to its group, then SIGKILL).
+    if let Some(child) = child {
+        let _ = child.await;
+    }
+    Ok(())
 }
 
 /// One life of the link: connect, then carry streams until it closes.
@@ -96,6 +141,8 @@ async fn link(
     url: &url::Url,
     local: &str,
     stop: &CancellationToken,
+    current: &Arc<Mutex<Option<Mux>>>,
+    supervised: Option<&Supervision>,
 ) -> Result<(), String> {
     let mut request = url
         .as_str()
@@ -113,7 +160,36 @@ async fn link(
     tracing::info!(server = %config.server, name = %config.name, "agent: linked");
     let (mut sink, mut stream) = socket.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(256);
-    let mux = Mux::new(out_tx);
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<serde_json::Value>();
+    let mux = Mux::new(out_tx).with_control(ctl_tx);
+    let hello = match supervised {
+        Some(s) => {
+            let lines = s.shared.lines();
+            let tail = &lines[lines.len().saturating_sub(200)..];
+            serde_json::json!({"type": "hello", "supervised": true, "child": s.shared.state(), "lines": tail})
+        }
+        None => serde_json::json!({"type": "hello", "supervised": false}),
+    };
+    mux.send_control(&hello).await;
+    *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(mux.clone());
+    let restart = supervised.map(|s| s.restart.clone());
+    let controls = async {
+        while let Some(m) = ctl_rx.recv().await {
+            if m["type"] == "restart" {
+                let prompt = m["prompt_id"].as_str().unwrap_or_default().to_owned();
+                match &restart {
+                    Some(r) => {
+                        tracing::warn!(prompt_id = %prompt, "agent: the coordinator finds ComfyUI stuck; restarting it");
+                        let _ = r.send(crate::supervise::Restart::Stuck(prompt));
+                    }
+                    None => {
+                        tracing::warn!(prompt_id = %prompt, "agent: ComfyUI is stuck, and this agent does not supervise it (--spawn)")
+                    }
+                }
+            }
+        }
+        std::future::pending::<()>().await
+    };
     let writer = async {
         while let Some(f) = out_rx.recv().await {
             if sink.send(Message::Binary(f.into())).await.is_err() {
@@ -134,8 +210,10 @@ async fn link(
     tokio::select! {
         _ = writer => {}
         _ = reader => {}
+        _ = controls => {}
         _ = stop.cancelled() => {}
     }
+    *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
     mux.close_all();
     Ok(())
 }

@@ -25,7 +25,7 @@ pub const AGENT_SCHEME: &str = "agent://";
 /// Every agent this coordinator has seen, by name.
 #[derive(Default)]
 pub struct Agents {
-    slots: tokio::sync::Mutex<HashMap<String, Arc<Slot>>>,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
     links: AtomicU64,
 }
 
@@ -33,7 +33,21 @@ pub struct Agents {
 struct Slot {
     port: u16,
     link: Mutex<Option<(u64, Mux)>>,
+    /// What the agent said of its supervised ComfyUI.
+    child: Mutex<Child>,
 }
+
+/// An agent's supervised ComfyUI as last reported.
+#[derive(Default)]
+struct Child {
+    supervised: bool,
+    state: serde_json::Value,
+    lines: std::collections::VecDeque<String>,
+    restarts: std::collections::VecDeque<serde_json::Value>,
+}
+
+/// Restarts kept per agent.
+const RESTARTS_KEPT: usize = 100;
 
 impl Slot {
     fn link(&self) -> Option<Mux> {
@@ -143,15 +157,23 @@ impl Agents {
         name: &str,
         stop: &tokio_util::sync::CancellationToken,
     ) -> std::io::Result<Arc<Slot>> {
-        let mut slots = self.slots.lock().await;
-        if let Some(s) = slots.get(name) {
-            return Ok(s.clone());
+        if let Some(s) = self.get(name) {
+            return Ok(s);
         }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let slot = Arc::new(Slot {
             port: listener.local_addr()?.port(),
             link: Mutex::new(None),
+            child: Mutex::default(),
         });
+        {
+            let mut slots = self.lock();
+            // Two first links of one name at once: the first one's slot wins.
+            if let Some(s) = slots.get(name) {
+                return Ok(s.clone());
+            }
+            slots.insert(name.to_owned(), slot.clone());
+        }
         let s = slot.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -168,8 +190,85 @@ impl Agents {
                 }
             }
         });
-        slots.insert(name.to_owned(), slot.clone());
         Ok(slot)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Slot>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Slot>> {
+        self.lock().get(name).cloned()
+    }
+
+    /// The coordinator found `prompt_id` stuck on agent `name` past its interrupt: ask
+    /// the agent to restart its ComfyUI (it does if it supervises one).
+    pub fn on_stuck(&self, name: &str, prompt_id: &str) {
+        let Some(mux) = self.get(name).and_then(|s| s.link()) else {
+            return;
+        };
+        let message = serde_json::json!({"type": "restart", "prompt_id": prompt_id});
+        tokio::spawn(async move {
+            mux.send_control(&message).await;
+        });
+    }
+
+    /// Whether agent `name` reports its ComfyUI crash-looping.
+    pub fn crash_looping(&self, name: &str) -> bool {
+        self.get(name).is_some_and(|s| {
+            s.child.lock().unwrap_or_else(|p| p.into_inner()).state["state"] == "crash_looping"
+        })
+    }
+
+    /// `GET /v1/backends/{name}/logs`: `None` when `name` is not an agent.
+    pub fn logs(&self, name: &str) -> Option<gantry_api::BackendLogs> {
+        let slot = self.get(name)?;
+        let c = slot.child.lock().unwrap_or_else(|p| p.into_inner());
+        Some(gantry_api::BackendLogs {
+            name: name.to_owned(),
+            linked: slot.link().is_some(),
+            supervised: c.supervised,
+            child: c.state.clone(),
+            lines: c.lines.iter().cloned().collect(),
+            restarts: c.restarts.iter().cloned().collect(),
+        })
+    }
+}
+
+/// A control message from an agent.
+fn on_control(name: &str, slot: &Slot, m: serde_json::Value) {
+    let mut c = slot.child.lock().unwrap_or_else(|p| p.into_inner());
+    match m["type"].as_str() {
+        Some("hello") => {
+            c.supervised = m["supervised"] == true;
+            c.state = m["child"].clone();
+            c.lines = m["lines"]
+                .as_array()
+                .map(|l| {
+                    l.iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+        Some("child") => c.state = m,
+        Some("log") => {
+            if c.lines.len() >= crate::supervise::LOG_LINES {
+                c.lines.pop_front();
+            }
+            c.lines
+                .push_back(m["line"].as_str().unwrap_or_default().to_owned());
+        }
+        Some("restart") => {
+            tracing::warn!(agent = %name, reason = %m["reason"], "agent restarted its ComfyUI");
+            if c.restarts.len() >= RESTARTS_KEPT {
+                c.restarts.pop_front();
+            }
+            let mut event = m;
+            event["at"] = serde_json::json!(crate::api::rfc3339(crate::engine::now_ms()));
+            c.restarts.push_back(event);
+        }
+        _ => {}
     }
 }
 
@@ -183,7 +282,15 @@ async fn serve_link(
 ) {
     let id = engine.agents().links.fetch_add(1, Ordering::Relaxed);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(256);
-    let mux = Mux::new(out_tx);
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
+    let mux = Mux::new(out_tx).with_control(ctl_tx);
+    let s = slot.clone();
+    let agent = name.clone();
+    tokio::spawn(async move {
+        while let Some(m) = ctl_rx.recv().await {
+            on_control(&agent, &s, m);
+        }
+    });
     // A newer link of the same agent replaces the older one (a reconnect that raced the
     // old socket's close).
     if let Some((_, old)) = slot.lock().replace((id, mux.clone())) {

@@ -196,6 +196,25 @@ fn documented(files_limit: usize) -> OpenApiRouter<Engine> {
         .routes(routes!(openapi_json))
         .routes(routes!(get_session, sign_in, sign_out))
         .routes(routes!(agent_connect))
+        .routes(routes!(backend_logs))
+}
+
+/// An agent's supervised ComfyUI: its state, its last output lines, its restarts.
+#[utoipa::path(get, path = "/v1/backends/{name}/logs", tag = "backends",
+    params(("name" = String, Path, description = "The agent's backend name")),
+    responses(
+        (status = 200, body = wire::BackendLogs),
+        (status = 404, description = "No agent of that name", body = wire::ErrorBody),
+    ))]
+async fn backend_logs(
+    State(engine): State<Engine>,
+    Path(name): Path<String>,
+) -> Result<Json<wire::BackendLogs>, ApiError> {
+    engine.agents().logs(&name).map(Json).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no agent {name}: logs are kept for agents' supervised ComfyUI"
+        ))
+    })
 }
 
 /// An agent's link: a WebSocket the agent opens from its GPU machine, carrying the
@@ -1606,6 +1625,13 @@ pub(crate) fn backend_rows(engine: &Engine) -> Vec<(wire::Backend, Option<Millis
         .map(|(mut v, seen, current)| {
             if let Some((job, n)) = current {
                 v.progress = engine.progress_of(&job).filter(|p| p.attempt == n);
+            }
+            let unreachable = matches!(
+                v.status,
+                wire::BackendStatus::Offline | wire::BackendStatus::Connecting
+            );
+            if unreachable && engine.agents().crash_looping(&v.name) {
+                v.status = wire::BackendStatus::CrashLooping;
             }
             (v, seen)
         })

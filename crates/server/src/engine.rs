@@ -1156,6 +1156,8 @@ impl Engine {
                 (Some(pid), None) => {
                     let since = now_ms();
                     b.stuck = Some((pid.to_owned(), since));
+                    // An agent that supervises its ComfyUI restarts it (issue 11).
+                    self.inner.agents.on_stuck(backend, pid);
                     HealthEvent::BackendStuck {
                         prompt_id: pid.to_owned(),
                         since,

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod outputs;
 pub mod profiling;
+pub mod supervise;
 pub mod tunnel;
 pub mod ui;
 

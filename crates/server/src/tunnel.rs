@@ -6,7 +6,9 @@
 //! URL backends: an agent backend is a URL backend whose URL is that listener.
 //!
 //! Frames are binary WebSocket messages: a 4-byte stream id (big endian), a 1-byte op,
-//! the payload. Streams are opened by the coordinator only. Flow control is the link's
+//! the payload. Streams are opened by the coordinator only. Stream 0 is the control
+//! channel: DATA frames of JSON messages (the agent's child state, log lines, restarts;
+//! the coordinator's restart requests). Flow control is the link's
 //! own: a stream whose reader lags holds the link (fine for ComfyUI's traffic).
 
 use bytes::Bytes;
@@ -40,6 +42,7 @@ pub struct Mux {
     out: mpsc::Sender<Vec<u8>>,
     streams: Arc<Mutex<HashMap<u32, mpsc::Sender<Inbound>>>>,
     next: Arc<AtomicU32>,
+    control: Option<mpsc::UnboundedSender<serde_json::Value>>,
 }
 
 fn frame(id: u32, op: u8, payload: &[u8]) -> Vec<u8> {
@@ -57,7 +60,20 @@ impl Mux {
             out,
             streams: Arc::default(),
             next: Arc::new(AtomicU32::new(1)),
+            control: None,
         }
+    }
+
+    /// Control messages from the other end go to `control`.
+    pub fn with_control(mut self, control: mpsc::UnboundedSender<serde_json::Value>) -> Mux {
+        self.control = Some(control);
+        self
+    }
+
+    /// Sends a control message; false when the link is gone.
+    pub async fn send_control(&self, message: &serde_json::Value) -> bool {
+        let bytes = serde_json::to_vec(message).unwrap_or_default();
+        self.out.send(frame(0, DATA, &bytes)).await.is_ok()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, mpsc::Sender<Inbound>>> {
@@ -92,6 +108,17 @@ impl Mux {
         }
         let id = u32::from_be_bytes([f[0], f[1], f[2], f[3]]);
         let payload = &f[5..];
+        if id == 0 {
+            if let (Some(control), DATA) = (&self.control, f[4]) {
+                match serde_json::from_slice(payload) {
+                    Ok(message) => {
+                        let _ = control.send(message);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "link: a control message is not JSON"),
+                }
+            }
+            return;
+        }
         match f[4] {
             OPEN => {
                 let Some(connect) = connect else {

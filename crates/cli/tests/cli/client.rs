@@ -15,6 +15,10 @@ struct Farm {
 }
 
 async fn farm(faults: &[&str]) -> Farm {
+    farm_with(faults, |_| {}).await
+}
+
+async fn farm_with(faults: &[&str], tweak: impl FnOnce(&mut gantry_server::Config)) -> Farm {
     let sim = gantry_sim::spawn(gantry_sim::SimConfig {
         speed: 20.0,
         faults: faults.iter().map(|f| f.to_string()).collect(),
@@ -27,6 +31,7 @@ async fn farm(faults: &[&str]) -> Farm {
         gantry_server::Config::new("127.0.0.1:0".parse().unwrap(), data.path().join("d"));
     config.backends =
         vec![gantry_server::BackendConfig::parse(&format!("a={}", sim.url())).unwrap()];
+    tweak(&mut config);
     let server = gantry_server::Server::start(config).await.unwrap();
     Farm {
         server,
@@ -1040,4 +1045,157 @@ async fn gantry_agent_serves_its_local_comfyui_until_sigterm() {
     let o = run(farm.gantry(&["agent", "--server", "ftp://x", "--name", "n"])).await;
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("use http or https"), "{}", stderr(&o));
+}
+
+/// The processes whose parent is `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        if rest.split_whitespace().nth(1) == Some(&pid.to_string()) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gantry_agent_spawn_restarts_a_killed_comfyui_and_the_job_succeeds_on_retry() {
+    // The dead backend's block for this workflow is short: the retry waits for it.
+    let farm = farm_with(&[], |c| {
+        c.health.block_ms = 300;
+        c.backoff_base = Duration::from_millis(50);
+    })
+    .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let comfyui = format!("http://127.0.0.1:{port}");
+    let child_cmd = format!(
+        "env RUST_LOG=info {} sim --listen 127.0.0.1:{port} --speed 20",
+        env!("CARGO_BIN_EXE_gantry")
+    );
+    let mut agent = farm
+        .gantry(&[
+            "agent",
+            "--server",
+            &farm.server.url(),
+            "--name",
+            "gpu-3",
+            "--tag",
+            "supervised",
+            "--comfyui",
+            &comfyui,
+            "--spawn",
+            &child_cmd,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent_pid = agent.id();
+    let http = farm.http.clone();
+    let logs_url = format!("{}/v1/backends/gpu-3/logs", farm.server.url());
+    let logs = || {
+        let (http, url) = (http.clone(), logs_url.clone());
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            if r.status() == 200 {
+                r.json::<Value>().await.unwrap()
+            } else {
+                Value::Null
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while logs().await["child"]["state"] != "ready" {
+        assert!(
+            Instant::now() < deadline,
+            "the child never became ready: {}",
+            logs().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first_child = children_of(agent_pid);
+    assert_eq!(first_child.len(), 1, "one child: {first_child:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "w.json", &sleep_graph(40.0, 40));
+    // Follow the job while the child is killed mid-run.
+    let mut watch = farm
+        .gantry(&["submit", &file, "--tag", "supervised", "--wait"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs: Value = farm
+            .http
+            .get(format!("{}/v1/jobs?state=running", farm.server.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if jobs["jobs"][0]["phase"] == "executing" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never ran: {jobs}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let killed = Command::new("kill")
+        .args(["-KILL", &first_child[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::task::spawn_blocking(move || {
+        let status = watch.wait().unwrap();
+        (status, watch)
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.0.code(), Some(0), "the job succeeded on retry");
+    let l = logs().await;
+    let restarts = l["restarts"].as_array().unwrap();
+    assert!(
+        restarts.iter().any(|r| r["reason"] == "exited (signal 9)"),
+        "{l:#}"
+    );
+    assert!(
+        !l["lines"].as_array().unwrap().is_empty(),
+        "the child's output is kept: {l:#}"
+    );
+    let second_child = children_of(agent_pid);
+    assert_eq!(second_child.len(), 1, "{second_child:?}");
+    assert_ne!(second_child, first_child, "a new child");
+
+    // SIGTERM to the agent takes its child down too: no orphan.
+    Command::new("kill")
+        .args(["-TERM", &agent_pid.to_string()])
+        .status()
+        .unwrap();
+    let exit = tokio::task::spawn_blocking(move || agent.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", second_child[0])).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", second_child[0]))
+                .is_ok_and(|s| s.contains(") Z ")),
+        "the child is gone with the agent"
+    );
 }

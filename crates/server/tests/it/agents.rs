@@ -18,6 +18,7 @@ fn agent_config(server: &str, comfyui: &str) -> AgentConfig {
         tags: vec!["nat".into()],
         comfyui: comfyui.to_owned(),
         max_backoff: Duration::from_millis(200),
+        spawn: None,
     }
 }
 

@@ -33,6 +33,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/session"),
     ("DELETE", "/v1/session"),
     ("GET", "/v1/agents/connect"),
+    ("GET", "/v1/backends/{name}/logs"),
 ];
 
 /// The value at a local `$ref` (`#/components/schemas/Job`).
