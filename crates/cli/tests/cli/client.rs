@@ -1199,3 +1199,114 @@ async fn gantry_agent_spawn_restarts_a_killed_comfyui_and_the_job_succeeds_on_re
         "the child is gone with the agent"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gantry_agent_spawn_restarts_a_comfyui_stuck_past_its_interrupt_and_the_job_fails_over() {
+    let farm = farm_with(&[], |c| {
+        c.cancel_grace = Duration::from_millis(300);
+        c.backoff_base = Duration::from_millis(50);
+    })
+    .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let comfyui = format!("http://127.0.0.1:{port}");
+    // A node blocked in one call: the interrupt never lands (PROTOCOL.md capture d3).
+    let child_cmd = format!(
+        "{} sim --listen 127.0.0.1:{port} --speed 20 --fault stall:at=50,uninterruptible",
+        env!("CARGO_BIN_EXE_gantry")
+    );
+    let mut agent = farm
+        .gantry(&[
+            "agent",
+            "--server",
+            &farm.server.url(),
+            "--name",
+            "gpu-4",
+            "--comfyui",
+            &comfyui,
+            "--spawn",
+            &child_cmd,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = farm.server.url();
+    let http = farm.http.clone();
+    let get = |path: String| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let r = http.get(format!("{base}{path}")).send().await.unwrap();
+            r.json::<Value>().await.unwrap_or(Value::Null)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get("/v1/backends/gpu-4/logs".into()).await["child"]["state"] != "ready" {
+        assert!(Instant::now() < deadline, "the child never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Only gpu-4 takes the job at first.
+    let drained = http
+        .post(format!("{base}/v1/backends/a/drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drained.status(), 200);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "w.json", &sleep_graph(40.0, 40));
+    let o = run(farm.gantry(&["submit", &file, "--timeout", "node_stall=1s"])).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(format!("/v1/jobs/{id}")).await["attempts"][0]["backend"] != "gpu-4" {
+        assert!(Instant::now() < deadline, "the job never went to gpu-4");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    http.post(format!("{base}/v1/backends/a/resume"))
+        .send()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let job = get(format!("/v1/jobs/{id}")).await;
+        if job["state"] == "succeeded" || job["state"] == "failed" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "the job never ended: {job:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["attempts"][0]["backend"], "gpu-4");
+    assert_eq!(job["attempts"][1]["backend"], "a", "failed over: {job:#}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = get("/v1/backends/gpu-4/logs".into()).await;
+        let stuck = logs["restarts"].as_array().is_some_and(|r| {
+            r.iter().any(|x| {
+                x["reason"].as_str().is_some_and(|s| {
+                    s.starts_with("stuck: prompt") && s.contains("after its interrupt")
+                })
+            })
+        });
+        if stuck {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no restart for the stuck prompt: {logs:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status()
+        .unwrap();
+    let exit = tokio::task::spawn_blocking(move || agent.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
