@@ -52,7 +52,7 @@ enum TokenAction {
 }
 
 fn parse_scope(s: &str) -> Result<Scope, String> {
-    Scope::parse(s).ok_or_else(|| format!("no scope {s:?}: use read, submit or admin"))
+    Scope::parse(s).ok_or_else(|| format!("no scope {s:?}: use read, submit, admin or agent"))
 }
 
 async fn open(a: &TokenArgs) -> anyhow::Result<Arc<dyn Store>> {

@@ -130,10 +130,9 @@ pub fn required(method: &Method, path: &str) -> Option<Scope> {
     {
         return None;
     }
-    // An agent's link carries whole backends: admin, until agents get a scope of their
-    // own (issue 11).
+    // An agent's link: an agent token (or an admin one); an agent token does nothing else.
     if path == "/v1/agents/connect" {
-        return Some(Scope::Admin);
+        return Some(Scope::Agent);
     }
     match *method {
         Method::GET | Method::HEAD => Some(Scope::Read),

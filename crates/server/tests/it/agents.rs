@@ -206,3 +206,72 @@ async fn a_coordinator_restarted_while_a_job_runs_on_an_agent_ends_it_succeeded_
     app.shutdown().await;
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn with_tokens_an_agent_links_with_an_agent_token_and_not_with_a_submit_one() {
+    use gantry_core::auth::Scope;
+    let sim = gantry_sim::spawn(sim_config()).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let config = Config::new("127.0.0.1:0".parse().unwrap(), data.path().join("d"));
+    let app = TestApp::attach(Server::start(config).await.unwrap());
+    let store = app.server.engine.store().clone();
+    let (agent_token, agent_record) = gantry_server::auth::issue(Scope::Agent, "gpus", 1);
+    store.create_token(&agent_record).await.unwrap();
+    let (submit_token, submit_record) = gantry_server::auth::issue(Scope::Submit, "app", 1);
+    store.create_token(&submit_record).await.unwrap();
+    app.server.engine.auth().refresh().await;
+
+    // A submit token is refused at the handshake: the agent keeps trying, never linked.
+    let stop = CancellationToken::new();
+    let mut wrong = agent_config(&app.url, &sim.url());
+    wrong.name = "wrong-token".into();
+    wrong.token = Some(submit_token.clone());
+    let refused = tokio::spawn(agent::run(wrong, stop.clone()));
+    let mut right = agent_config(&app.url, &sim.url());
+    right.token = Some(agent_token);
+    let linked = tokio::spawn(agent::run(right, stop.clone()));
+    let b = poll_until(
+        "the agent with its token registered",
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        || async {
+            let r = app
+                .http
+                .get(format!("{}/v1/backends", app.url))
+                .bearer_auth(&submit_token)
+                .send()
+                .await
+                .unwrap();
+            let list: Value = r.json().await.unwrap();
+            let found = list["backends"].as_array().and_then(|l| {
+                l.iter()
+                    .find(|b| b["name"] == "gpu-behind-nat" && b["status"] == "idle")
+                    .cloned()
+            });
+            found.ok_or(list)
+        },
+    )
+    .await;
+    assert_eq!(b["tags"], json!(["nat"]));
+    let r = app
+        .http
+        .get(format!("{}/v1/backends", app.url))
+        .bearer_auth(&submit_token)
+        .send()
+        .await
+        .unwrap();
+    let list: Value = r.json().await.unwrap();
+    assert!(
+        list["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["name"] != "wrong-token"),
+        "{list:#}"
+    );
+    stop.cancel();
+    refused.await.unwrap().unwrap();
+    linked.await.unwrap().unwrap();
+    app.shutdown().await;
+    sim.shutdown().await;
+}

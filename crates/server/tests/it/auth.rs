@@ -118,9 +118,31 @@ async fn each_route_needs_its_scope_once_a_token_exists() {
     assert_eq!(file.0, 403, "{file:?}");
     let file = call(&app, "POST", "/v1/files", Some(&alice), Some(json!("x"))).await;
     assert_eq!(file.0, 201, "{file:?}");
-    // An agent's link needs an admin token.
+    // An agent's link needs an agent (or admin) token, and an agent token opens nothing
+    // else.
     let link = call(&app, "GET", "/v1/agents/connect?name=g", Some(&alice), None).await;
     assert_eq!(link.0, 403, "{link:?}");
+    let (agent_token, _) = token(&app, Scope::Agent, "gpu-farm").await;
+    for (method, path) in [
+        ("GET", "/v1/jobs"),
+        ("GET", "/v1/state"),
+        ("POST", "/v1/files"),
+    ] {
+        let r = call(&app, method, path, Some(&agent_token), Some(json!("x"))).await;
+        assert_eq!(r.0, 403, "{method} {path}: {r:?}");
+    }
+    // With its token the link is past the guard (a plain GET is then refused as not a
+    // WebSocket upgrade, not for want of a scope).
+    let link = call(
+        &app,
+        "GET",
+        "/v1/agents/connect?name=g",
+        Some(&agent_token),
+        None,
+    )
+    .await;
+    assert_ne!(link.0, 403, "{link:?}");
+    assert_ne!(link.0, 401, "{link:?}");
 
     // A read token reads, and cannot submit: refused, and no job is made.
     assert_eq!(
