@@ -27,7 +27,7 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct SpawnConfig {
-    /// Run by `sh -c` (so it may carry arguments and redirections), as `exec`.
+    /// Run by `sh -c` (so it may carry arguments, redirections and `;`).
     pub command: String,
     pub cwd: Option<std::path::PathBuf>,
     /// Where the child serves, for readiness.
@@ -203,7 +203,7 @@ fn describe(status: &std::process::ExitStatus) -> String {
 fn spawn(config: &SpawnConfig) -> std::io::Result<Child> {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
-        .arg(format!("exec {}", config.command))
+        .arg(&config.command)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

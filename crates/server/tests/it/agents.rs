@@ -275,3 +275,41 @@ async fn with_tokens_an_agent_links_with_an_agent_token_and_not_with_a_submit_on
     app.shutdown().await;
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_spawned_comfyui_that_keeps_exiting_shows_crash_looping_with_each_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let config = Config::new("127.0.0.1:0".parse().unwrap(), data.path().join("d"));
+    let app = TestApp::attach(Server::start(config).await.unwrap());
+    let stop = CancellationToken::new();
+    let mut c = agent_config(&app.url, "http://127.0.0.1:9");
+    c.spawn = Some(gantry_server::supervise::SpawnConfig {
+        command: "echo starting up; echo no GPU found >&2; false".into(),
+        cwd: None,
+        comfyui: "http://127.0.0.1:9".into(),
+    });
+    let running = tokio::spawn(agent::run(c, stop.clone()));
+    let b = wait_status(&app, "gpu-behind-nat", "crash_looping").await;
+    assert_eq!(b["current_job"], Value::Null);
+    let logs = app.get_json("/v1/backends/gpu-behind-nat/logs").await;
+    assert_eq!(logs["supervised"], true);
+    assert_eq!(logs["child"]["state"], "crash_looping", "{logs:#}");
+    let restarts = logs["restarts"].as_array().unwrap();
+    assert!(restarts.len() >= 3, "{logs:#}");
+    assert!(
+        restarts
+            .iter()
+            .all(|r| r["reason"] == "exited (exit code 1)"),
+        "{logs:#}"
+    );
+    let lines = logs["lines"].as_array().unwrap();
+    assert!(
+        lines.contains(&json!("no GPU found")),
+        "stderr is kept: {logs:#}"
+    );
+    let (status, _) = app.get("/v1/backends/nobody/logs").await;
+    assert_eq!(status, 404);
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    app.shutdown().await;
+}
