@@ -313,3 +313,55 @@ async fn a_spawned_comfyui_that_keeps_exiting_shows_crash_looping_with_each_rest
     running.await.unwrap().unwrap();
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_link_that_drops_while_a_prompt_runs_ends_with_the_job_succeeded_once() {
+    let sim = gantry_sim::spawn(sim_config()).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), data.path().join("d"));
+    config.liveness = Duration::from_millis(300);
+    let app = TestApp::attach(Server::start(config).await.unwrap());
+    let stop = CancellationToken::new();
+    let first = tokio::spawn(agent::run(agent_config(&app.url, &sim.url()), stop.clone()));
+    wait_status(&app, "gpu-behind-nat", "idle").await;
+    let id = app
+        .submit_ok(&json!({"workflow": sleep_workflow(30.0, 30, 21)}))
+        .await;
+    poll_until(
+        "the job executing on the agent",
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        || async {
+            let job = app.get_job(&id).await;
+            if job["phase"] == "executing" {
+                Ok(())
+            } else {
+                Err(job)
+            }
+        },
+    )
+    .await;
+    // The link goes (the agent stops); ComfyUI runs on; the agent comes back.
+    stop.cancel();
+    first.await.unwrap().unwrap();
+    wait_status(&app, "gpu-behind-nat", "offline").await;
+    let stop = CancellationToken::new();
+    let second = tokio::spawn(agent::run(agent_config(&app.url, &sim.url()), stop.clone()));
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "{job:#}");
+    let runs: Value = app
+        .http
+        .get(format!("{}/sim/runs", sim.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(runs["runs"].as_array().unwrap().len(), 1, "run once");
+    stop.cancel();
+    second.await.unwrap().unwrap();
+    app.shutdown().await;
+    sim.shutdown().await;
+}
