@@ -80,9 +80,13 @@ struct AgentArgs {
     /// An admin token of the coordinator (when it asks for tokens).
     #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// This machine's backend name on the coordinator.
+    /// This machine's backend name on the coordinator (kept in the state file; needed
+    /// on the first run).
     #[arg(long)]
-    name: String,
+    name: Option<String>,
+    /// Where the agent keeps its name and identity.
+    #[arg(long, value_name = "FILE", default_value = "gantry-agent.json")]
+    state: std::path::PathBuf,
     /// A tag jobs may ask for; repeatable.
     #[arg(long = "tag", value_name = "TAG")]
     tags: Vec<String>,
@@ -225,10 +229,15 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    gantry_server::agent::check_urls(&args.server, &args.comfyui)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let (name, id) = gantry_server::agent::identity(&args.state, args.name.as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?;
     let config = gantry_server::agent::AgentConfig {
         server: args.server,
         token: args.token,
-        name: args.name,
+        name,
+        id: Some(id),
         tags: args.tags,
         spawn: args
             .spawn

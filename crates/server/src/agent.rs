@@ -20,6 +20,9 @@ pub struct AgentConfig {
     pub server: String,
     pub token: Option<String>,
     pub name: String,
+    /// This machine's identity (from its state file): the coordinator refuses another
+    /// machine that takes a registered name.
+    pub id: Option<String>,
     pub tags: Vec<String>,
     /// The local ComfyUI, `http://host:port`.
     pub comfyui: String,
@@ -52,10 +55,15 @@ fn link_url(c: &AgentConfig) -> Result<url::Url, String> {
     url.set_scheme(scheme)
         .map_err(|()| format!("--server {}: cannot make a WebSocket URL", c.server))?;
     url.set_path("/v1/agents/connect");
-    url.query_pairs_mut()
-        .clear()
-        .append_pair("name", &c.name)
-        .append_pair("tags", &c.tags.join(","));
+    {
+        let mut q = url.query_pairs_mut();
+        q.clear()
+            .append_pair("name", &c.name)
+            .append_pair("tags", &c.tags.join(","));
+        if let Some(id) = &c.id {
+            q.append_pair("id", id);
+        }
+    }
     Ok(url)
 }
 
@@ -70,6 +78,70 @@ fn comfyui_addr(c: &AgentConfig) -> Result<String, String> {
         .port_or_known_default()
         .ok_or_else(|| format!("--comfyui {}: no port", c.comfyui))?;
     Ok(format!("{host}:{port}"))
+}
+
+/// Checks the coordinator's and ComfyUI's URLs before anything is written.
+pub fn check_urls(server: &str, comfyui: &str) -> Result<(), String> {
+    let c = AgentConfig {
+        server: server.to_owned(),
+        token: None,
+        name: "check".into(),
+        id: None,
+        tags: Vec::new(),
+        comfyui: comfyui.to_owned(),
+        max_backoff: Duration::from_secs(1),
+        spawn: None,
+    };
+    link_url(&c)?;
+    comfyui_addr(&c)?;
+    Ok(())
+}
+
+/// The agent's state file: its name and identity, kept across restarts. With no file, a
+/// new identity is made and written (`name` is then required); a file naming another
+/// agent is an error (two agents must not share one).
+pub fn identity(path: &std::path::Path, name: Option<&str>) -> Result<(String, String), String> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct State {
+        name: String,
+        id: String,
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let state: State = serde_json::from_str(&text)
+                .map_err(|e| format!("state file {}: {e}", path.display()))?;
+            match name {
+                Some(n) if n != state.name => Err(format!(
+                    "state file {} is agent {:?}'s: pass --name {:?}, or another --state for a new agent",
+                    path.display(),
+                    state.name,
+                    state.name
+                )),
+                _ => Ok((state.name, state.id)),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let name = name.ok_or_else(|| {
+                format!(
+                    "no state file {} yet: give this agent a --name",
+                    path.display()
+                )
+            })?;
+            let state = State {
+                name: name.to_owned(),
+                id: uuid::Uuid::new_v4().to_string(),
+            };
+            let text = serde_json::to_string_pretty(&state).map_err(|e| e.to_string())?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+            }
+            std::fs::write(path, text)
+                .map_err(|e| format!("cannot write state file {}: {e}", path.display()))?;
+            Ok((state.name, state.id))
+        }
+        Err(e) => Err(format!("state file {}: {e}", path.display())),
+    }
 }
 
 /// Runs until `stop`; answers an error only for a configuration that can never work.

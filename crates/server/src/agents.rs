@@ -32,6 +32,9 @@ pub struct Agents {
 /// One agent's listener and its current link.
 struct Slot {
     port: u16,
+    /// The identity of the agent that registered the name (from its state file); a link
+    /// with another one is refused.
+    id: Mutex<Option<String>>,
     link: Mutex<Option<(u64, Mux)>>,
     /// What the agent said of its supervised ComfyUI.
     child: Mutex<Child>,
@@ -65,6 +68,22 @@ pub struct ConnectQuery {
     /// Comma-separated.
     #[serde(default)]
     tags: Option<String>,
+    /// The agent's identity from its state file.
+    #[serde(default)]
+    id: Option<String>,
+}
+
+/// `agent://NAME?id=ID`: how an agent backend is stored.
+fn stored_url(name: &str, id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!("{AGENT_SCHEME}{name}?id={id}"),
+        None => format!("{AGENT_SCHEME}{name}"),
+    }
+}
+
+/// The id in a stored `agent://NAME?id=ID`.
+pub fn stored_id(url: &str) -> Option<String> {
+    url.split_once("?id=").map(|(_, id)| id.to_owned())
 }
 
 /// A name a backend can have: 1 to 64 of `A-Za-z0-9._-`.
@@ -115,6 +134,24 @@ pub async fn connect(
         }
     };
     let url = format!("http://127.0.0.1:{}", slot.port);
+    {
+        let mut known = slot.id.lock().unwrap_or_else(|p| p.into_inner());
+        match (known.as_deref(), q.id.as_deref()) {
+            (Some(k), Some(offered)) if k != offered => {
+                return refuse(
+                    axum::http::StatusCode::CONFLICT,
+                    "name_taken",
+                    format!(
+                        "backend {} belongs to another agent (id {k}, this one is {offered}): give this machine another --name",
+                        q.name
+                    ),
+                );
+            }
+            // Seed 002: an unknown id never replaces a known one.
+            (None, Some(offered)) => *known = Some(offered.to_owned()),
+            _ => {}
+        }
+    }
     if let Some(known) = known_url {
         if known != url {
             return refuse(
@@ -137,7 +174,8 @@ pub async fn connect(
         .map(str::to_owned)
         .collect();
     let name = q.name.clone();
-    ws.on_upgrade(move |socket| serve_link(engine, name, tags, url, slot, socket))
+    let id = q.id.clone();
+    ws.on_upgrade(move |socket| serve_link(engine, name, id, tags, url, slot, socket))
 }
 
 impl Agents {
@@ -145,9 +183,11 @@ impl Agents {
     pub async fn reserve(
         &self,
         name: &str,
+        id: Option<String>,
         stop: &tokio_util::sync::CancellationToken,
     ) -> std::io::Result<String> {
         let slot = self.slot(name, stop).await?;
+        *slot.id.lock().unwrap_or_else(|p| p.into_inner()) = id;
         Ok(format!("http://127.0.0.1:{}", slot.port))
     }
 
@@ -163,6 +203,7 @@ impl Agents {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let slot = Arc::new(Slot {
             port: listener.local_addr()?.port(),
+            id: Mutex::new(None),
             link: Mutex::new(None),
             child: Mutex::default(),
         });
@@ -275,6 +316,7 @@ fn on_control(name: &str, slot: &Slot, m: serde_json::Value) {
 async fn serve_link(
     engine: Engine,
     name: String,
+    agent_id: Option<String>,
     tags: Vec<String>,
     url: String,
     slot: Arc<Slot>,
@@ -304,7 +346,7 @@ async fn serve_link(
                 // Kept, so that after a restart its running jobs are recovered onto it.
                 let record = gantry_store::BackendRecord {
                     name: name.clone(),
-                    url: format!("{AGENT_SCHEME}{name}"),
+                    url: stored_url(&name, agent_id.as_deref()),
                     tags,
                     priority: 0,
                     added_at: crate::engine::now_ms(),

@@ -489,8 +489,9 @@ impl Engine {
         let agents = crate::agents::Agents::default();
         for b in &mut config.backends {
             if b.url.starts_with(crate::agents::AGENT_SCHEME) {
+                let id = crate::agents::stored_id(&b.url);
                 b.url = agents
-                    .reserve(&b.name, &shutdown)
+                    .reserve(&b.name, id, &shutdown)
                     .await
                     .map_err(|e| Error::Agent(format!("agent {}: {e}", b.name)))?;
             }

@@ -956,6 +956,8 @@ async fn stats_suggests_stall_limits_from_history() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gantry_agent_serves_its_local_comfyui_until_sigterm() {
     let farm = farm(&[]).await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("agent.json");
     let gpu = gantry_sim::spawn(gantry_sim::SimConfig {
         speed: 20.0,
         ..Default::default()
@@ -965,6 +967,8 @@ async fn gantry_agent_serves_its_local_comfyui_until_sigterm() {
     let mut agent = farm
         .gantry(&[
             "agent",
+            "--state",
+            state.to_str().unwrap(),
             "--server",
             &farm.server.url(),
             "--name",
@@ -1042,9 +1046,45 @@ async fn gantry_agent_serves_its_local_comfyui_until_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let o = run(farm.gantry(&["agent", "--server", "ftp://x", "--name", "n"])).await;
+    // The state file keeps the name and identity: a restart needs no --name, another
+    // name with this file is refused.
+    let kept: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(kept["name"], "gpu-2");
+    assert!(
+        kept["id"].as_str().is_some_and(|id| id.len() == 36),
+        "{kept}"
+    );
+    let st = state.to_str().unwrap();
+    let o = run(farm.gantry(&[
+        "agent",
+        "--state",
+        st,
+        "--server",
+        "http://127.0.0.1:9",
+        "--name",
+        "other",
+    ]))
+    .await;
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("is agent \"gpu-2\"'s"),
+        "{}",
+        stderr(&o)
+    );
+    let fresh = state_dir.path().join("never.json");
+    let o = run(farm.gantry(&[
+        "agent",
+        "--state",
+        fresh.to_str().unwrap(),
+        "--server",
+        "ftp://x",
+        "--name",
+        "n",
+    ]))
+    .await;
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("use http or https"), "{}", stderr(&o));
+    assert!(!fresh.exists(), "a refused start writes nothing");
 }
 
 /// The processes whose parent is `pid` (from /proc).
@@ -1086,9 +1126,13 @@ async fn gantry_agent_spawn_restarts_a_killed_comfyui_and_the_job_succeeds_on_re
         "env RUST_LOG=info {} sim --listen 127.0.0.1:{port} --speed 20",
         env!("CARGO_BIN_EXE_gantry")
     );
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("agent.json");
     let mut agent = farm
         .gantry(&[
             "agent",
+            "--state",
+            state.to_str().unwrap(),
             "--server",
             &farm.server.url(),
             "--name",
@@ -1218,9 +1262,13 @@ async fn gantry_agent_spawn_restarts_a_comfyui_stuck_past_its_interrupt_and_the_
         "{} sim --listen 127.0.0.1:{port} --speed 20 --fault stall:at=50,uninterruptible",
         env!("CARGO_BIN_EXE_gantry")
     );
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("agent.json");
     let mut agent = farm
         .gantry(&[
             "agent",
+            "--state",
+            state.to_str().unwrap(),
             "--server",
             &farm.server.url(),
             "--name",

@@ -15,6 +15,7 @@ fn agent_config(server: &str, comfyui: &str) -> AgentConfig {
         server: server.to_owned(),
         token: None,
         name: "gpu-behind-nat".into(),
+        id: Some("machine-1".into()),
         tags: vec!["nat".into()],
         comfyui: comfyui.to_owned(),
         max_backoff: Duration::from_millis(200),
@@ -136,6 +137,21 @@ async fn an_agent_cannot_take_the_name_of_a_url_backend() {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 409),
         other => panic!("a taken name must be refused: {other:?}"),
     }
+    // A name registered by one machine (its state file's id) is refused to another.
+    let ws = app.url.replacen("http", "ws", 1);
+    let (first, _) =
+        tokio_tungstenite::connect_async(format!("{ws}/v1/agents/connect?name=gpu-x&id=machine-1"))
+            .await
+            .unwrap();
+    match tokio_tungstenite::connect_async(format!(
+        "{ws}/v1/agents/connect?name=gpu-x&id=machine-2"
+    ))
+    .await
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 409),
+        other => panic!("another machine must not take gpu-x: {other:?}"),
+    }
+    drop(first);
     let bad = format!(
         "{}/v1/agents/connect?name=no%20spaces",
         app.url.replacen("http", "ws", 1)
