@@ -562,7 +562,7 @@ async fn tokens_made_by_the_cli_guard_the_api_by_scope() {
     let bad = run(farm.gantry(&["token", "create", "--scope", "root", "--data-dir", data])).await;
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert!(
-        stderr(&bad).contains("use read, submit or admin"),
+        stderr(&bad).contains("use read, submit, admin or agent"),
         "{}",
         stderr(&bad)
     );
