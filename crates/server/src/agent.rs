@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::tunnel::Mux;
 
+/// How long opening a connection to the local ComfyUI may take.
+const LOCAL_CONNECT: Duration = Duration::from_secs(5);
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// The coordinator, `http(s)://host:port`.
@@ -269,7 +272,16 @@ async fn link(
             }
         }
     };
-    let connect = || TcpStream::connect(local.to_owned());
+    // Bounded: an OPEN is handled on the link's reader, which a hung connect would hold.
+    let connect = || async {
+        match tokio::time::timeout(LOCAL_CONNECT, TcpStream::connect(local.to_owned())).await {
+            Ok(done) => done,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from {local} within {LOCAL_CONNECT:?}"),
+            )),
+        }
+    };
     let reader = async {
         while let Some(Ok(msg)) = stream.next().await {
             match msg {
