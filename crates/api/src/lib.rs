@@ -8,7 +8,8 @@
 pub use gantry_core::auth::Scope;
 pub use gantry_core::profile::{AttemptProfile, NodeProfile, NodeStatus};
 pub use gantry_core::{
-    AttemptStatus, EventKind, Exclusion, ExclusionReason, JobError, JobState, Timeouts,
+    AttemptStatus, CommandResult, EventKind, Exclusion, ExclusionReason, JobError, JobState,
+    Timeouts,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -32,13 +33,21 @@ pub struct ErrorDetail {
     pub details: Value,
 }
 
-/// The body of `POST /v1/jobs`. Only `workflow` is required.
+/// The body of `POST /v1/jobs`. Only `workflow` is required (`command` instead, for a
+/// job of kind `command`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
+    /// `workflow` (the default) or `command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<JobKind>,
     /// An API-format ComfyUI workflow: node id → `{class_type, inputs}`.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
     #[schema(value_type = Object)]
     pub workflow: Map<String, Value>,
+    /// What a command job runs, on an agent that allows its program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandRequest>,
     /// Higher runs first; 0 by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
@@ -169,10 +178,43 @@ pub struct JobAttachment {
     pub size: u64,
 }
 
+/// What a job runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// A ComfyUI workflow.
+    #[default]
+    Workflow,
+    /// A program run by an agent (`gantry agent --allow PROGRAM`).
+    Command,
+}
+
+/// A command job's program: run without a shell, in its own process group, killed with
+/// its whole group (SIGTERM, then SIGKILL) on cancel or timeout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRequest {
+    /// The program, as the agent's allow-list names it, then its arguments.
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Where it runs (absolute); the agent's own directory when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Picks the limit in the server's `[timeouts.command]` (`model_download`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// The job's own limit on the run, over the operation's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
 impl SubmitRequest {
     /// The body's field names, in the order the document lists them.
     pub const FIELDS: &'static [&'static str] = &[
+        "kind",
         "workflow",
+        "command",
         "priority",
         "max_attempts",
         "tags",
@@ -195,6 +237,8 @@ pub struct Accepted {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Job {
     pub id: String,
+    #[serde(default)]
+    pub kind: JobKind,
     pub state: JobState,
     /// The live attempt's status, while there is one.
     pub phase: Option<AttemptStatus>,
@@ -233,6 +277,12 @@ pub struct Job {
     #[serde(default)]
     pub owner: Option<String>,
     pub profile: Profile,
+    /// A command job's program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandRequest>,
+    /// A command job's exit code and last lines of output, once it ended (failed too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<CommandResult>,
 }
 
 impl Job {
@@ -344,6 +394,8 @@ pub enum LiveKind {
     Node { node: String, class_type: String },
     /// A node's own step counter.
     Progress { node: String, value: f64, max: f64 },
+    /// A line a command job's program wrote, on `stdout` or `stderr`.
+    Log { stream: String, line: String },
 }
 
 /// What a backend is doing, from live facts.

@@ -638,8 +638,15 @@ async fn finish(
     if json_out {
         println!(
             "{}",
-            json!({"id": job.id, "state": job.state, "error": job.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})), "files": files})
+            json!({"id": job.id, "state": job.state, "error": job.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})), "files": files, "result": job.result})
         );
+    }
+    if let (Some(r), false) = (&job.result, json_out) {
+        match (r.exit_code, r.signal) {
+            (Some(code), _) => eprintln!("command exited with code {code}"),
+            (None, Some(sig)) => eprintln!("command killed by signal {sig}"),
+            _ => {}
+        }
     }
     match job.state {
         JobState::Succeeded => {
@@ -800,6 +807,8 @@ impl Ui {
                 s("until")
             )),
             "cancel_requested" => self.line("cancel requested"),
+            // A command job's output, as its program wrote it.
+            "log" => self.line(&format!("[{}] {}", s("stream"), s("line"))),
             _ => {}
         }
     }

@@ -100,6 +100,10 @@ struct AgentArgs {
     /// The child's working directory.
     #[arg(long, value_name = "DIR", requires = "spawn")]
     cwd: Option<std::path::PathBuf>,
+    /// A program command jobs may run here, by absolute path (a job's argv[0] must be
+    /// exactly this); repeatable. With none, this agent runs no commands.
+    #[arg(long = "allow", value_name = "PROGRAM")]
+    allow: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -231,6 +235,13 @@ async fn main() -> std::process::ExitCode {
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     gantry_server::agent::check_urls(&args.server, &args.comfyui)
         .map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(p) = args
+        .allow
+        .iter()
+        .find(|p| !std::path::Path::new(p).is_absolute())
+    {
+        anyhow::bail!("--allow {p}: give the program's absolute path (a name would be looked up in PATH, which a job cannot be trusted with)");
+    }
     let (name, id) = gantry_server::agent::identity(&args.state, args.name.as_deref())
         .map_err(|e| anyhow::anyhow!(e))?;
     let config = gantry_server::agent::AgentConfig {
@@ -248,6 +259,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             }),
         comfyui: args.comfyui,
         max_backoff: std::time::Duration::from_secs(30),
+        allow: args.allow,
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let on_signal = stop.clone();

@@ -154,6 +154,45 @@ pub struct JobSpec {
     /// callback applies when this is `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<Callback>,
+    /// A command job (`kind: command`): a program run by an agent that allows it, instead
+    /// of a workflow (whose graph is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<CommandSpec>,
+}
+
+/// A program an agent runs for a command job (a model download, a worker install).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandSpec {
+    /// The program (`argv[0]`, matched exactly against each agent's allow-list) and its
+    /// arguments; no shell is involved.
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Names the operation's timeout in `[timeouts.command]` (`model_download`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    /// The job's own limit on the run, over the operation's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl CommandSpec {
+    pub fn program(&self) -> &str {
+        self.argv.first().map_or("", String::as_str)
+    }
+}
+
+/// How a command ended: its exit code (or the signal that ended it) and the last lines
+/// it wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CommandResult {
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Its last lines of output, stdout and stderr interleaved as written, oldest first.
+    pub tail: Vec<String>,
 }
 
 /// A webhook: the URL gantry POSTs to on the listed events, signed when `secret` is set.
@@ -245,6 +284,8 @@ pub enum ExclusionReason {
         node: String,
         exception_type: String,
     },
+    /// The agent refused to run the command's program (not on its allow-list).
+    NotAllowed { program: String },
 }
 
 impl fmt::Display for ExclusionReason {
@@ -263,6 +304,9 @@ impl fmt::Display for ExclusionReason {
                 node,
                 exception_type,
             } => write!(f, "node {node} raised {exception_type}"),
+            ExclusionReason::NotAllowed { program } => {
+                write!(f, "does not allow program {program:?}")
+            }
         }
     }
 }
@@ -341,6 +385,9 @@ pub struct Job {
     pub outputs: Vec<Output>,
     /// Something a client should know that is not an error ("cancel came too late").
     pub note: Option<String>,
+    /// A command job's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<CommandResult>,
 }
 
 impl Job {
@@ -359,6 +406,7 @@ impl Job {
             error: None,
             outputs: Vec::new(),
             note: None,
+            result: None,
         }
     }
 

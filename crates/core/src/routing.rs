@@ -29,6 +29,10 @@ pub struct Candidate<'a> {
     /// Much slower than the farm for a class this job uses (from history): used only
     /// when no other backend is idle.
     pub slow: bool,
+    /// The programs it runs for command jobs: an agent's allow-list, `None` while an
+    /// agent has not said (unlinked since this coordinator started), empty for a URL
+    /// backend.
+    pub programs: Option<&'a [String]>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -60,7 +64,9 @@ impl Waiting {
             Waiting::Blocked => {
                 "every eligible backend is blocked for this workflow or unhealthy, until a block lifts"
             }
-            Waiting::Capabilities => "waiting to learn the backends' node classes",
+            Waiting::Capabilities => {
+                "waiting to learn what the backends run (node classes, agents' programs)"
+            }
             Waiting::NoBackends => "no backend is configured",
         }
     }
@@ -77,6 +83,22 @@ pub fn never_reason(job: &Job, backend: &Candidate<'_>) -> Option<String> {
         .collect();
     if !missing_tags.is_empty() {
         return Some(format!("lacks tag {}", missing_tags.join(", ")));
+    }
+    if let (Some(command), Some(programs)) = (&job.spec.command, backend.programs) {
+        if !programs.iter().any(|p| p == command.program()) {
+            return Some(if programs.is_empty() {
+                format!(
+                    "runs no commands (not an agent with --allow), so not {:?}",
+                    command.program()
+                )
+            } else {
+                format!(
+                    "does not allow program {:?} (allows {})",
+                    command.program(),
+                    programs.join(", ")
+                )
+            });
+        }
     }
     if let Some(classes) = backend.classes {
         let missing: Vec<String> = job
@@ -127,7 +149,12 @@ pub fn choose(job: &Job, backends: &[Candidate<'_>]) -> Choice {
             never.push((b.name, reason));
             continue;
         }
-        if b.classes.is_none() {
+        // A command job needs to know the programs, a workflow the node classes.
+        let unknown = match &job.spec.command {
+            Some(_) => b.programs.is_none(),
+            None => b.classes.is_none(),
+        };
+        if unknown {
             capabilities_unknown = true;
             continue;
         }
@@ -206,9 +233,23 @@ mod tests {
                 owner: None,
                 attachments: Vec::new(),
                 callback: None,
+                command: None,
             },
             0,
         )
+    }
+
+    fn command_job(program: &str) -> Job {
+        let mut j = job(&[]);
+        j.spec.workflow = Workflow::none();
+        j.spec.command = Some(crate::job::CommandSpec {
+            argv: vec![program.to_owned(), "--fast".to_owned()],
+            env: Default::default(),
+            cwd: None,
+            operation: None,
+            timeout_ms: None,
+        });
+        j
     }
 
     struct B {
@@ -221,6 +262,7 @@ mod tests {
         last_used: Millis,
         blocked: bool,
         slow: bool,
+        programs: Option<Vec<String>>,
     }
 
     fn b(name: &'static str) -> B {
@@ -239,6 +281,7 @@ mod tests {
             last_used: 0,
             blocked: false,
             slow: false,
+            programs: Some(vec![]),
         }
     }
 
@@ -255,6 +298,7 @@ mod tests {
                 last_used: b.last_used,
                 blocked: b.blocked,
                 slow: b.slow,
+                programs: b.programs.as_deref(),
             })
             .collect();
         match choose(job, &candidates) {
@@ -388,7 +432,7 @@ mod tests {
                     ..b("a")
                 }]
             ),
-            "wait: waiting to learn the backends' node classes"
+            "wait: waiting to learn what the backends run (node classes, agents' programs)"
         );
         assert_eq!(pick(&job(&[]), &[]), "wait: no backend is configured");
     }
@@ -467,5 +511,37 @@ mod tests {
             },
         ];
         assert_eq!(pick(&j, &bs), "b");
+    }
+
+    #[test]
+    fn a_command_goes_only_to_an_agent_that_allows_its_program() {
+        let j = command_job("/usr/bin/huggingface-cli");
+        let agent = |name, allow: &[&str]| B {
+            programs: Some(allow.iter().map(|p| p.to_string()).collect()),
+            ..b(name)
+        };
+        let bs = [
+            b("url"),
+            agent("a", &["/bin/true"]),
+            agent("b", &["/usr/bin/huggingface-cli"]),
+        ];
+        assert_eq!(pick(&j, &bs), "b");
+        let bs = [b("url"), agent("a", &["/bin/true"])];
+        assert_eq!(
+            pick(&j, &bs),
+            "never: no backend can run this job: url: runs no commands (not an agent with --allow), so not \"/usr/bin/huggingface-cli\"; a: does not allow program \"/usr/bin/huggingface-cli\" (allows /bin/true)"
+        );
+        // An agent that has not said what it allows may: wait for it.
+        let bs = [
+            b("url"),
+            B {
+                programs: None,
+                ..b("a")
+            },
+        ];
+        assert_eq!(
+            pick(&j, &bs),
+            "wait: waiting to learn what the backends run (node classes, agents' programs)"
+        );
     }
 }

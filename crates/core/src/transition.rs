@@ -11,8 +11,8 @@ use utoipa::ToSchema;
 use crate::profile::AttemptProfile;
 
 use crate::job::{
-    Attempt, AttemptStatus, Exclusion, ExclusionReason, Job, JobError, JobId, JobState, Millis,
-    Output,
+    Attempt, AttemptStatus, CommandResult, Exclusion, ExclusionReason, Job, JobError, JobId,
+    JobState, Millis, Output,
 };
 
 /// How retries are spaced.
@@ -111,6 +111,8 @@ pub enum Input {
     Succeeded {
         attempt: u32,
         outputs: Vec<Output>,
+        /// A command job's exit code and last lines.
+        result: Option<CommandResult>,
     },
     Failed {
         attempt: u32,
@@ -385,7 +387,11 @@ pub fn transition(
                 }
             }
         }
-        Input::Succeeded { attempt, outputs } => {
+        Input::Succeeded {
+            attempt,
+            outputs,
+            result,
+        } => {
             if job.state.is_terminal() {
                 return Err(late(Some(attempt)));
             }
@@ -430,6 +436,7 @@ pub fn transition(
             a.submitted_at.get_or_insert(now);
             next.state = JobState::Succeeded;
             next.outputs = outputs;
+            next.result = result;
             next.error = None;
             let mut notes = Vec::new();
             if let Some(error) = given_up {
@@ -675,6 +682,7 @@ mod tests {
                 owner: None,
                 attachments: Vec::new(),
                 callback: None,
+                command: None,
             },
             0,
         )
@@ -724,6 +732,7 @@ mod tests {
             Input::Succeeded {
                 attempt: 1,
                 outputs: vec![],
+                result: None,
             },
         );
         let got: Vec<String> = [&j, &j1, &j2, &j3, &j4].iter().map(|j| trace(j)).collect();
@@ -747,6 +756,7 @@ mod tests {
             Input::Succeeded {
                 attempt: 1,
                 outputs: vec![],
+                result: None,
             },
             10,
             &Policy::default(),
@@ -862,6 +872,7 @@ mod tests {
             Input::Succeeded {
                 attempt: 1,
                 outputs: vec![],
+                result: None,
             },
             80,
             &Policy::default(),
@@ -969,6 +980,7 @@ mod tests {
             Input::Succeeded {
                 attempt: 1,
                 outputs: vec![],
+                result: None,
             },
             30,
             &Policy::default(),
@@ -1003,6 +1015,7 @@ mod tests {
             Input::Succeeded {
                 attempt: 2,
                 outputs: vec![],
+                result: None,
             },
             40,
             &Policy::default(),
@@ -1050,6 +1063,7 @@ mod tests {
             Input::Succeeded {
                 attempt: 1,
                 outputs: vec![],
+                result: None,
             },
         );
         assert_eq!(succeeded.state, JobState::Succeeded);

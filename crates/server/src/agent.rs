@@ -33,6 +33,9 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// Run ComfyUI as this agent's child (`--spawn`), restarted when it exits or hangs.
     pub spawn: Option<crate::supervise::SpawnConfig>,
+    /// The programs command jobs may run here (`--allow`, matched exactly against
+    /// `argv[0]`); none when empty.
+    pub allow: Vec<String>,
 }
 
 /// The supervisor's side as the link sees it.
@@ -94,6 +97,7 @@ pub fn check_urls(server: &str, comfyui: &str) -> Result<(), String> {
         comfyui: comfyui.to_owned(),
         max_backoff: Duration::from_secs(1),
         spawn: None,
+        allow: Vec::new(),
     };
     link_url(&c)?;
     comfyui_addr(&c)?;
@@ -210,6 +214,56 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Str
     Ok(())
 }
 
+/// Runs one command job's program (`process::run`) and reports it on the link: its
+/// start, each line, and how it ended.
+async fn run_command(
+    m: serde_json::Value,
+    allow: Vec<String>,
+    mux: Mux,
+    cancel: CancellationToken,
+) {
+    let (job, attempt) = (m["job"].clone(), m["attempt"].clone());
+    let exit = match serde_json::from_value::<crate::process::Spec>(m) {
+        Err(e) => crate::process::Exit {
+            outcome: "spawn_failed",
+            message: format!("the coordinator's command message is malformed: {e}"),
+            ..Default::default()
+        },
+        Ok(spec) => {
+            tracing::info!(job_id = %job, program = ?spec.argv.first(), "agent: command");
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let forward = {
+                let mux = mux.clone();
+                let (job, attempt) = (job.clone(), attempt.clone());
+                tokio::spawn(async move {
+                    while let Some(e) = rx.recv().await {
+                        let m = match e {
+                            crate::process::Event::Started { pid } => serde_json::json!({
+                                "type": "command_started", "job": job, "attempt": attempt, "pid": pid
+                            }),
+                            crate::process::Event::Line { stream, line } => serde_json::json!({
+                                "type": "command_output", "job": job, "attempt": attempt,
+                                "stream": stream, "line": line
+                            }),
+                        };
+                        mux.send_control(&m).await;
+                    }
+                })
+            };
+            let exit = crate::process::run(&spec, &allow, tx, cancel.clone()).await;
+            // Every line goes before the end.
+            let _ = forward.await;
+            exit
+        }
+    };
+    cancel.cancel();
+    let mut report = serde_json::to_value(&exit).unwrap_or_default();
+    report["type"] = "command_exit".into();
+    report["job"] = job;
+    report["attempt"] = attempt;
+    mux.send_control(&report).await;
+}
+
 /// One life of the link: connect, then carry streams until it closes.
 async fn link(
     config: &AgentConfig,
@@ -241,15 +295,44 @@ async fn link(
         Some(s) => {
             let lines = s.shared.lines();
             let tail = &lines[lines.len().saturating_sub(200)..];
-            serde_json::json!({"type": "hello", "supervised": true, "child": s.shared.state(), "lines": tail})
+            serde_json::json!({"type": "hello", "supervised": true, "child": s.shared.state(), "lines": tail, "allow": config.allow})
         }
-        None => serde_json::json!({"type": "hello", "supervised": false}),
+        None => serde_json::json!({"type": "hello", "supervised": false, "allow": config.allow}),
     };
     mux.send_control(&hello).await;
     *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(mux.clone());
     let restart = supervised.map(|s| s.restart.clone());
+    // This link's commands: they stop when it drops (the coordinator counts them lost).
+    let commands = stop.child_token();
+    let _stop_commands = commands.clone().drop_guard();
+    let mut running: std::collections::HashMap<(String, u64), CancellationToken> =
+        std::collections::HashMap::new();
     let controls = async {
         while let Some(m) = ctl_rx.recv().await {
+            let key = || {
+                (
+                    m["job"].as_str().unwrap_or_default().to_owned(),
+                    m["attempt"].as_u64().unwrap_or_default(),
+                )
+            };
+            if m["type"] == "command" {
+                running.retain(|_, c| !c.is_cancelled());
+                let cancel = commands.child_token();
+                running.insert(key(), cancel.clone());
+                tokio::spawn(run_command(
+                    m.clone(),
+                    config.allow.clone(),
+                    mux.clone(),
+                    cancel,
+                ));
+                continue;
+            }
+            if m["type"] == "command_cancel" {
+                if let Some(c) = running.remove(&key()) {
+                    c.cancel();
+                }
+                continue;
+            }
             if m["type"] == "restart" {
                 let prompt = m["prompt_id"].as_str().unwrap_or_default().to_owned();
                 match &restart {

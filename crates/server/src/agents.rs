@@ -38,7 +38,15 @@ struct Slot {
     link: Mutex<Option<(u64, Mux)>>,
     /// What the agent said of its supervised ComfyUI.
     child: Mutex<Child>,
+    /// The programs its `--allow` list names, from its latest hello; `None` until then.
+    programs: Mutex<Option<Arc<Vec<String>>>>,
+    /// The command attempts running there, each with the channel its messages go to.
+    /// The link id is the one it was started over: only that link's end loses it.
+    runs: Mutex<HashMap<(String, u32), (u64, RunSender)>>,
 }
+
+/// Where a command attempt's messages go.
+type RunSender = mpsc::UnboundedSender<serde_json::Value>;
 
 /// An agent's supervised ComfyUI as last reported.
 #[derive(Default)]
@@ -206,6 +214,8 @@ impl Agents {
             id: Mutex::new(None),
             link: Mutex::new(None),
             child: Mutex::default(),
+            programs: Mutex::new(None),
+            runs: Mutex::default(),
         });
         {
             let mut slots = self.lock();
@@ -254,6 +264,64 @@ impl Agents {
         });
     }
 
+    /// The programs backend `name` runs for command jobs: an agent's allow-list (`None`
+    /// until it has said), none for a backend that is not an agent.
+    pub fn programs_of(&self, name: &str) -> Option<Arc<Vec<String>>> {
+        match self.get(name) {
+            Some(slot) => slot
+                .programs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            None => Some(Arc::default()),
+        }
+    }
+
+    /// Asks agent `name` to run a command attempt; its messages (`command_started`,
+    /// `command_output`, `command_exit`, and `command_lost` when the link drops) come on
+    /// the answered channel.
+    pub async fn start_command(
+        &self,
+        name: &str,
+        request: serde_json::Value,
+    ) -> Result<mpsc::UnboundedReceiver<serde_json::Value>, String> {
+        let slot = self
+            .get(name)
+            .ok_or_else(|| format!("{name} is not an agent"))?;
+        let (link, mux) = slot
+            .lock()
+            .clone()
+            .ok_or_else(|| format!("agent {name} is not linked"))?;
+        let key = run_key(&request);
+        let (tx, rx) = mpsc::unbounded_channel();
+        slot.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, (link, tx));
+        if !mux.send_control(&request).await {
+            return Err(format!("the link to agent {name} closed"));
+        }
+        Ok(rx)
+    }
+
+    /// Asks agent `name` to stop a command attempt (its process group: SIGTERM, then
+    /// SIGKILL after `grace_ms`).
+    pub async fn cancel_command(&self, name: &str, job: &str, attempt: u32) {
+        if let Some(mux) = self.get(name).and_then(|s| s.link()) {
+            let m = serde_json::json!({"type": "command_cancel", "job": job, "attempt": attempt});
+            mux.send_control(&m).await;
+        }
+    }
+
+    pub fn forget_command(&self, name: &str, job: &str, attempt: u32) {
+        if let Some(slot) = self.get(name) {
+            slot.runs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(job.to_owned(), attempt));
+        }
+    }
+
     /// Whether agent `name` reports its ComfyUI crash-looping.
     pub fn crash_looping(&self, name: &str) -> bool {
         self.get(name).is_some_and(|s| {
@@ -276,8 +344,44 @@ impl Agents {
     }
 }
 
+/// Which command attempt a control message is about.
+fn run_key(m: &serde_json::Value) -> (String, u32) {
+    (
+        m["job"].as_str().unwrap_or_default().to_owned(),
+        m["attempt"].as_u64().unwrap_or_default() as u32,
+    )
+}
+
 /// A control message from an agent.
-fn on_control(name: &str, slot: &Slot, m: serde_json::Value) {
+fn on_control(engine: &Engine, name: &str, slot: &Slot, m: serde_json::Value) {
+    if m["type"]
+        .as_str()
+        .is_some_and(|t| t.starts_with("command_"))
+    {
+        let runs = slot.runs.lock().unwrap_or_else(|p| p.into_inner());
+        // An agent reports only the attempts it was given over this coordinator's
+        // link: anything else is dropped.
+        if let Some((_, tx)) = runs.get(&run_key(&m)) {
+            let _ = tx.send(m);
+        }
+        return;
+    }
+    if m["type"] == "hello" {
+        let programs: Vec<String> = m["allow"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let programs = Arc::new(programs);
+        *slot.programs.lock().unwrap_or_else(|p| p.into_inner()) = Some(programs.clone());
+        if let Some(b) = engine.backends().get_mut(name) {
+            b.programs = Some(programs);
+        }
+        engine.wake_scheduler();
+    }
     let mut c = slot.child.lock().unwrap_or_else(|p| p.into_inner());
     match m["type"].as_str() {
         Some("hello") => {
@@ -328,9 +432,10 @@ async fn serve_link(
     let mux = Mux::new(out_tx).with_control(ctl_tx);
     let s = slot.clone();
     let agent = name.clone();
+    let e = engine.clone();
     tokio::spawn(async move {
         while let Some(m) = ctl_rx.recv().await {
-            on_control(&agent, &s, m);
+            on_control(&e, &agent, &s, m);
         }
     });
     // A newer link of the same agent replaces the older one (a reconnect that raced the
@@ -401,5 +506,17 @@ async fn serve_link(
         }
     }
     mux.close_all();
+    // The agent stops the commands of a link that dropped; their attempts are lost.
+    slot.runs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(job, attempt), (link, tx)| {
+            if *link != id {
+                return true;
+            }
+            let lost = serde_json::json!({"type": "command_lost", "job": job, "attempt": attempt});
+            let _ = tx.send(lost);
+            false
+        });
     tracing::info!(agent = %name, "agent disconnected");
 }

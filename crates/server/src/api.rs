@@ -365,6 +365,17 @@ pub fn job_view(job: &Job) -> wire::Job {
         note: job.note.clone(),
         owner: job.spec.owner.clone(),
         profile: profile_of(job),
+        kind: if job.spec.command.is_some() {
+            wire::JobKind::Command
+        } else {
+            wire::JobKind::Workflow
+        },
+        command: job.spec.command.as_ref().map(command_view),
+        // A failed command's result is in its error's details.
+        result: job.result.clone().or_else(|| {
+            job.spec.command.as_ref()?;
+            serde_json::from_value(job.error.as_ref()?.details.get("result")?.clone()).ok()
+        }),
     }
 }
 
@@ -432,20 +443,60 @@ fn parse_submit(body: &Value, default_attempts: u32) -> Result<JobSpec, ApiError
             json!({"field": field}),
         )
     };
-    let workflow_value = obj.get("workflow").ok_or_else(|| {
-        ApiError::bad(
-            "missing_field",
-            "the request has no \"workflow\" field (an API-format ComfyUI workflow)",
-            json!({"field": "workflow"}),
-        )
-    })?;
-    let workflow = Workflow::parse(workflow_value).map_err(|e| {
-        let mut details = json!({"field": "workflow"});
-        if let Some(node) = e.node() {
-            details["node"] = json!(node);
+    let kind = match obj.get("kind") {
+        None | Some(Value::Null) => wire::JobKind::Workflow,
+        Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+            field_err(
+                "kind",
+                format!("must be \"workflow\" or \"command\", got {v}"),
+            )
+        })?,
+    };
+    let (workflow, command) = match kind {
+        wire::JobKind::Workflow => {
+            if obj.contains_key("command") {
+                return Err(field_err(
+                    "command",
+                    "is for a job of kind \"command\"; add \"kind\": \"command\" (and no workflow)"
+                        .into(),
+                ));
+            }
+            let workflow_value = obj.get("workflow").ok_or_else(|| {
+                ApiError::bad(
+                    "missing_field",
+                    "the request has no \"workflow\" field (an API-format ComfyUI workflow)",
+                    json!({"field": "workflow"}),
+                )
+            })?;
+            let workflow = Workflow::parse(workflow_value).map_err(|e| {
+                let mut details = json!({"field": "workflow"});
+                if let Some(node) = e.node() {
+                    details["node"] = json!(node);
+                }
+                ApiError::bad(e.code(), e.to_string(), details)
+            })?;
+            (workflow, None)
         }
-        ApiError::bad(e.code(), e.to_string(), details)
-    })?;
+        wire::JobKind::Command => {
+            for field in ["workflow", "attachments"] {
+                if obj.contains_key(field) {
+                    return Err(field_err(
+                        field,
+                        "a job of kind \"command\" runs a program, not a workflow: leave it out"
+                            .into(),
+                    ));
+                }
+            }
+            let v = obj.get("command").ok_or_else(|| {
+                ApiError::bad(
+                    "missing_field",
+                    "a job of kind \"command\" needs a \"command\" field ({\"argv\": [...]})",
+                    json!({"field": "command"}),
+                )
+            })?;
+            (Workflow::none(), Some(parse_command(v, &field_err)?))
+        }
+    };
     let priority = match obj.get("priority") {
         None | Some(Value::Null) => 0,
         Some(v) => v
@@ -517,7 +568,76 @@ fn parse_submit(body: &Value, default_attempts: u32) -> Result<JobSpec, ApiError
         owner: None,
         attachments: Vec::new(),
         callback: None,
+        command,
     })
+}
+
+/// The `command` field of a command job.
+fn parse_command(
+    v: &Value,
+    field_err: &dyn Fn(&str, String) -> ApiError,
+) -> Result<gantry_core::CommandSpec, ApiError> {
+    let req: wire::CommandRequest =
+        serde_json::from_value(v.clone()).map_err(|e| field_err("command", e.to_string()))?;
+    let has_nul = |s: &str| s.contains('\0');
+    match req.argv.first() {
+        None => {
+            return Err(field_err(
+                "command.argv",
+                "must name the program to run".into(),
+            ))
+        }
+        Some(p) if p.is_empty() => {
+            return Err(field_err(
+                "command.argv",
+                "argv[0] (the program) is empty".into(),
+            ))
+        }
+        _ => {}
+    }
+    if let Some(i) = req.argv.iter().position(|a| has_nul(a)) {
+        return Err(field_err(
+            "command.argv",
+            format!("argv[{i}] holds a NUL byte"),
+        ));
+    }
+    if let Some(k) = req
+        .env
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.contains('=') || has_nul(k) || has_nul(v))
+        .map(|(k, _)| k)
+    {
+        return Err(field_err(
+            "command.env",
+            format!("{k:?}: a variable's name must be non-empty, without '=' or NUL, and its value without NUL"),
+        ));
+    }
+    if let Some(cwd) = &req.cwd {
+        if !std::path::Path::new(cwd).is_absolute() || has_nul(cwd) {
+            return Err(field_err(
+                "command.cwd",
+                format!("{cwd:?} must be an absolute path"),
+            ));
+        }
+    }
+    Ok(gantry_core::CommandSpec {
+        argv: req.argv,
+        env: req.env,
+        cwd: req.cwd,
+        operation: req.operation,
+        timeout_ms: req.timeout_ms,
+    })
+}
+
+/// A command spec as the wire shows it.
+fn command_view(c: &gantry_core::CommandSpec) -> wire::CommandRequest {
+    wire::CommandRequest {
+        argv: c.argv.clone(),
+        env: c.env.clone(),
+        cwd: c.cwd.clone(),
+        operation: c.operation.clone(),
+        timeout_ms: c.timeout_ms,
+    }
 }
 
 /// An attachment of a submit, checked but not yet stored.
@@ -719,6 +839,15 @@ async fn create_job(
     spec.owner = principal.map(|Extension(p)| p.id);
     // ComfyUI answers an unknown class with an error that names neither node nor class,
     // so check against what the backends said they have.
+    if let Some(command) = &spec.command {
+        if let Some(refusal) = engine.command_refusal(&spec) {
+            return Err(ApiError::bad(
+                "command_not_allowed",
+                refusal,
+                json!({"program": command.program(), "field": "command.argv"}),
+            ));
+        }
+    }
     if let Some((node, class)) = engine.unknown_class(&spec.workflow) {
         return Err(ApiError::bad(
             "unknown_class",
@@ -815,6 +944,8 @@ async fn get_request(
     let job = load(&engine, &id).await?;
     let spec = &job.spec;
     Ok(Json(wire::SubmitRequest {
+        kind: spec.command.as_ref().map(|_| wire::JobKind::Command),
+        command: spec.command.as_ref().map(command_view),
         workflow: spec.workflow.graph().clone(),
         priority: Some(spec.priority),
         max_attempts: Some(spec.max_attempts),
@@ -1217,6 +1348,8 @@ async fn all_events(
                         });
                         feed.flush().await && feed.tx.send(bytes).await.is_ok()
                     }
+                    // A command's output goes to its job's stream only.
+                    Ok(BusEvent::Live(l)) if matches!(l.kind, wire::LiveKind::Log { .. }) => true,
                     Ok(BusEvent::Live(l)) => feed.live(&l),
                     Ok(_) => true,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -1459,6 +1592,7 @@ fn live_kind(l: &crate::bus::LiveEvent) -> &'static str {
     match l.kind {
         wire::LiveKind::Node { .. } => "node",
         wire::LiveKind::Progress { .. } => "progress",
+        wire::LiveKind::Log { .. } => "log",
     }
 }
 

@@ -160,6 +160,9 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Per node class limits (`[timeouts.node_class]`), between the job's and the backend's.
     pub node_class: Arc<BTreeMap<String, ClassTimeouts>>,
+    /// How long a command job may run, per operation (`[timeouts.command]`; the key
+    /// `default`, 30 s unless set, for the rest); the job's own `timeout_ms` comes first.
+    pub command_timeouts: Arc<BTreeMap<String, Duration>>,
     /// Blocks after a backend fault, and the circuit breaker.
     pub health: HealthPolicy,
     /// Largest request body accepted.
@@ -235,6 +238,21 @@ impl Adaptive {
 }
 
 impl Config {
+    /// How long `command` may run: its own `timeout_ms`, else its operation's limit in
+    /// `[timeouts.command]`, else that table's `default`.
+    pub fn command_timeout(&self, command: &gantry_core::CommandSpec) -> Duration {
+        if let Some(ms) = command.timeout_ms.filter(|ms| *ms > 0) {
+            return Duration::from_millis(ms);
+        }
+        command
+            .operation
+            .as_deref()
+            .and_then(|op| self.command_timeouts.get(op))
+            .or_else(|| self.command_timeouts.get("default"))
+            .copied()
+            .unwrap_or(Duration::from_secs(30))
+    }
+
     pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Config {
         Config {
             listen,
@@ -255,6 +273,10 @@ impl Config {
                 queue_ms: Some(0),
             },
             node_class: Arc::default(),
+            command_timeouts: Arc::new(BTreeMap::from([(
+                "default".to_owned(),
+                Duration::from_secs(30),
+            )])),
             health: HealthPolicy::default(),
             max_body_bytes: 32 * 1024 * 1024,
             max_attachment_bytes: 64 * 1024 * 1024,
@@ -444,6 +466,19 @@ impl Config {
             }
             self.node_class = Arc::new(classes);
         }
+        if !file.timeouts.command.is_empty() {
+            let mut ops = (*self.command_timeouts).clone();
+            for (op, v) in &file.timeouts.command {
+                let limit = parse_duration(&format!("timeouts.command.{op}"), v)?;
+                if limit.is_zero() {
+                    return Err(Error::Toml(format!(
+                        "timeouts.command.{op} = {v:?}: a command must have a limit"
+                    )));
+                }
+                ops.insert(op.clone(), limit);
+            }
+            self.command_timeouts = Arc::new(ops);
+        }
         for b in file.backends {
             let mut parsed = match (&b.url, self.backends.iter().position(|c| c.name == b.name)) {
                 (_, Some(idx)) => self.backends.remove(idx),
@@ -461,9 +496,9 @@ impl Config {
             parsed.tags = b.tags;
             parsed.priority = b.priority;
             if let Some(t) = &b.timeouts {
-                if !t.node_class.is_empty() {
+                if !t.node_class.is_empty() || !t.command.is_empty() {
                     return Err(Error::Toml(format!(
-                        "backend {}: node_class limits are global ([timeouts.node_class])",
+                        "backend {}: node_class and command limits are global ([timeouts.node_class], [timeouts.command])",
                         b.name
                     )));
                 }
@@ -610,6 +645,9 @@ struct FileTimeouts {
     queue: Option<String>,
     #[serde(default)]
     node_class: BTreeMap<String, FileClassTimeout>,
+    /// Operation name -> duration.
+    #[serde(default)]
+    command: BTreeMap<String, String>,
 }
 
 impl FileTimeouts {
@@ -774,6 +812,36 @@ mod tests {
             "{err}"
         );
         assert!(c.apply_toml("colour = 1").is_err());
+    }
+
+    #[test]
+    fn command_timeouts_by_operation_with_the_jobs_own_first() {
+        let mut c = Config::new(DEFAULT_LISTEN.parse().unwrap(), "d".into());
+        c.apply_toml("[timeouts.command]\nmodel_download = \"10m\"\nworker_install = \"15m\"")
+            .unwrap();
+        let spec = |op: Option<&str>, own: Option<u64>| gantry_core::CommandSpec {
+            argv: vec!["x".into()],
+            env: Default::default(),
+            cwd: None,
+            operation: op.map(str::to_owned),
+            timeout_ms: own,
+        };
+        let t = |op, own| c.command_timeout(&spec(op, own));
+        assert_eq!(t(Some("model_download"), None), Duration::from_secs(600));
+        assert_eq!(t(Some("worker_install"), None), Duration::from_secs(900));
+        assert_eq!(t(Some("other"), None), Duration::from_secs(30));
+        assert_eq!(t(None, None), Duration::from_secs(30));
+        assert_eq!(
+            t(Some("model_download"), Some(1500)),
+            Duration::from_millis(1500)
+        );
+        let err = c
+            .apply_toml("[timeouts.command]\nmodel_download = \"0s\"")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("timeouts.command.model_download"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct Assignment {
     /// The job's deadline on the wall clock, and its length.
     pub deadline: Option<(Millis, u64)>,
     pub excluded: Vec<Exclusion>,
+    /// A command job's program, run by the agent instead of a prompt (`command`).
+    pub command: Option<gantry_core::CommandSpec>,
     pub adopt: bool,
     pub status: AttemptStatus,
     /// The attempt's span: what the driver logs while handling it carries the job id,
@@ -81,6 +83,7 @@ impl Assignment {
                 .map(|ms| (job.created_at + ms as Millis, ms)),
             limits,
             excluded: job.excluded.clone(),
+            command: job.spec.command.clone(),
             adopt,
             status: attempt.status,
             span: tracing::info_span!(
@@ -159,6 +162,9 @@ struct Driver {
     /// A write was refused by this coordinator's lease: it no longer drives the backend
     /// and must not touch it again; the driver ends.
     fenced: std::sync::atomic::AtomicBool,
+    /// The command attempt running on this agent (its own task, `command::run`), and
+    /// where its stop requests go.
+    command: Option<((JobId, u32), mpsc::UnboundedSender<bool>)>,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -202,6 +208,7 @@ pub async fn run(
         last_poll: now,
         epoch: now,
         fenced: std::sync::atomic::AtomicBool::new(false),
+        command: None,
     };
     loop {
         let wake = d.next_wake();
@@ -744,6 +751,29 @@ impl Driver {
 
     async fn on_command(&mut self, cmd: Command) {
         match cmd {
+            Command::Run(a) if a.command.is_some() => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.command = Some(((a.job_id.clone(), a.attempt), tx));
+                let span = a.span.clone();
+                tokio::spawn(
+                    crate::command::run(self.engine.clone(), self.name.clone(), a, rx)
+                        .instrument(span),
+                );
+            }
+            Command::Stop {
+                job_id,
+                attempt,
+                confirm,
+                ..
+            } if self
+                .command
+                .as_ref()
+                .is_some_and(|(k, _)| *k == (job_id.clone(), attempt)) =>
+            {
+                if let Some((_, tx)) = &self.command {
+                    let _ = tx.send(confirm);
+                }
+            }
             Command::Run(a) => {
                 if let Some(cur) = &self.current {
                     // Behind a running prompt (or adopted after a restart): queue it on
@@ -1293,8 +1323,15 @@ impl Driver {
         }
         let Some(cur) = &self.current else { return };
         let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
-        self.apply(&job_id, Input::Succeeded { attempt, outputs })
-            .await;
+        self.apply(
+            &job_id,
+            Input::Succeeded {
+                attempt,
+                outputs,
+                result: None,
+            },
+        )
+        .await;
         self.engine.backend_ok(&self.name);
         self.end_attempt();
     }

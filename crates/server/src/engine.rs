@@ -93,6 +93,9 @@ pub struct BackendState {
     pub lease: Option<i64>,
     /// An operator took it out of rotation: it takes no new work; what runs finishes.
     pub draining: bool,
+    /// The programs it runs for command jobs: an agent's `--allow` list (`None` until
+    /// the agent says), empty for a URL backend.
+    pub programs: Option<Arc<Vec<String>>>,
 }
 
 impl BackendState {
@@ -115,6 +118,7 @@ impl BackendState {
             commands,
             lease: Some(0),
             draining: false,
+            programs: Some(Arc::default()),
         }
     }
 
@@ -177,6 +181,7 @@ impl QueueIndex {
         tags.sort();
         tags.hash(&mut h);
         job.spec.workflow.shape_hash().hash(&mut h);
+        job.spec.command.as_ref().map(|c| c.program()).hash(&mut h);
         for m in job.spec.workflow.models() {
             m.file.hash(&mut h);
         }
@@ -339,7 +344,13 @@ impl Scheduling<'_> {
         let mut choice = Err(Choice::Wait(routing::Waiting::Busy));
         let mut behind = false;
         for second in [false, true] {
-            if second && !(self.pipeline && matches!(choice, Err(Choice::Wait(_)))) {
+            // A command is never queued behind a prompt: it runs on the agent, not in
+            // ComfyUI's queue.
+            if second
+                && !(self.pipeline
+                    && job.spec.command.is_none()
+                    && matches!(choice, Err(Choice::Wait(_))))
+            {
                 break;
             }
             let candidates: Vec<Candidate<'_>> = self
@@ -373,6 +384,7 @@ impl Scheduling<'_> {
                             self.slow
                                 .contains(&((*c).to_owned(), b.config.name.clone()))
                         }),
+                    programs: b.programs.as_deref().map(Vec::as_slice),
                 })
                 .collect();
             choice = match routing::choose(job, &candidates) {
@@ -637,6 +649,7 @@ impl Engine {
                 return false;
             }
             let mut state = BackendState::new(config, tx);
+            state.programs = self.agents().programs_of(&name);
             if self.inner.cluster.is_some() {
                 state.lease = None;
                 state.connection = Connection::Offline;
@@ -1041,6 +1054,46 @@ impl Engine {
         workflow
             .nodes()
             .find(|(_, class)| !known.iter().any(|k| k.contains(*class)))
+    }
+
+    /// Why no backend can ever run this command job, when each has said what it allows.
+    pub fn command_refusal(&self, spec: &JobSpec) -> Option<String> {
+        let command = spec.command.as_ref()?;
+        let job = Job::new(JobId::random(), spec.clone(), now_ms());
+        let backends = self.backends();
+        if backends.is_empty() {
+            return Some(format!(
+                "no agent allows program {:?}: no backend is known (run `gantry agent --allow {}`)",
+                command.program(),
+                command.program()
+            ));
+        }
+        let mut reasons = Vec::new();
+        for b in backends.values() {
+            let candidate = Candidate {
+                name: &b.config.name,
+                priority: b.config.priority,
+                tags: &b.config.tags,
+                classes: b.classes.as_deref(),
+                idle: false,
+                warm_models: &[],
+                last_used: 0,
+                blocked: false,
+                slow: false,
+                programs: b.programs.as_deref().map(Vec::as_slice),
+            };
+            // An agent that has not said what it allows yet may allow it
+            // (`never_reason` looks at programs only once they are known).
+            match routing::never_reason(&job, &candidate) {
+                Some(reason) => reasons.push(format!("{}: {reason}", b.config.name)),
+                None => return None,
+            }
+        }
+        Some(format!(
+            "no backend may run program {:?}: {}",
+            command.program(),
+            reasons.join("; ")
+        ))
     }
 
     /// Every source of a job's limits on `backend`: its own, the node classes', the
@@ -1633,6 +1686,7 @@ impl Engine {
                     p.class_type = Some(class_type.clone());
                     (p.value, p.max) = (None, None);
                 }
+                LiveKind::Log { .. } => {}
                 LiveKind::Progress { node, value, max } => {
                     if p.node.as_deref() != Some(node) {
                         p.node = Some(node.clone());

@@ -42,6 +42,7 @@ pub async fn run(engine: Engine, name: String, mut commands: mpsc::UnboundedRece
                     Input::Succeeded {
                         attempt,
                         outputs: Vec::new(),
+                        result: None,
                     },
                 ] {
                     if let Err(e) = engine.apply(&job, input).await {

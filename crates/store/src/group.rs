@@ -304,6 +304,8 @@ pub(crate) fn doc_of(job: &Job) -> Result<String> {
         error: &'a Option<gantry_core::JobError>,
         outputs: &'a [gantry_core::Output],
         note: &'a Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result: &'a Option<gantry_core::CommandResult>,
     }
     // Every field but the spec: a field added to Job must be added here too.
     let Job {
@@ -320,6 +322,7 @@ pub(crate) fn doc_of(job: &Job) -> Result<String> {
         error,
         outputs,
         note,
+        result,
     } = job;
     Ok(serde_json::to_string(&Doc {
         id,
@@ -334,6 +337,7 @@ pub(crate) fn doc_of(job: &Job) -> Result<String> {
         error,
         outputs,
         note,
+        result,
     })?)
 }
 

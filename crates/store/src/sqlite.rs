@@ -760,6 +760,7 @@ mod tests {
                 owner: None,
                 attachments: Vec::new(),
                 callback: None,
+                command: None,
             },
             now,
         )

@@ -51,6 +51,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         owner: None,
         attachments: Vec::new(),
         callback: None,
+        command: None,
     };
     let t0 = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));

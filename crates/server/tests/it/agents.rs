@@ -20,6 +20,7 @@ fn agent_config(server: &str, comfyui: &str) -> AgentConfig {
         comfyui: comfyui.to_owned(),
         max_backoff: Duration::from_millis(200),
         spawn: None,
+        allow: Vec::new(),
     }
 }
 

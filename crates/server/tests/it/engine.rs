@@ -503,6 +503,7 @@ async fn a_runnable_job_is_not_starved_by_thousands_waiting_ahead_of_it() {
         owner: None,
         attachments: Vec::new(),
         callback: None,
+        command: None,
     };
     let parked = 6000;
     let mut tasks = tokio::task::JoinSet::new();

@@ -8,6 +8,7 @@ mod auth;
 mod backends;
 mod callbacks;
 mod chaos;
+mod commands;
 mod engine;
 mod failover;
 mod monitor;

@@ -28,6 +28,7 @@ pub fn job(key: Option<&str>, priority: i32, now: Millis) -> Job {
             owner: None,
             attachments: Vec::new(),
             callback: None,
+            command: None,
         },
         now,
     )
@@ -282,6 +283,7 @@ pub async fn every_transition_is_stored_as_applied(stores: Vec<Arc<dyn Store>>) 
                 Input::Succeeded {
                     attempt: 1,
                     outputs: vec![],
+                    result: None,
                 },
             ],
             JobState::Succeeded,

@@ -1,0 +1,326 @@
+//! Command jobs: a program run by an agent that allows it, its output streamed on the
+//! job's events, its exit code and last lines in the job's result, and its whole
+//! process group gone after a cancel or a timeout. The agent runs in-process; the
+//! programs are real processes.
+
+use crate::support::{assert_error, parse_sse_blocks, poll_until, sim_config, Sse, TestApp};
+use gantry_server::agent::{self, AgentConfig};
+use gantry_server::config::Config;
+use gantry_server::process::group_alive;
+use gantry_server::Server;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const SH: &str = "/bin/sh";
+
+fn agent_config(server: &str, comfyui: &str, allow: &[&str]) -> AgentConfig {
+    AgentConfig {
+        server: server.to_owned(),
+        token: None,
+        name: "gpu-cmd".into(),
+        id: Some("machine-cmd".into()),
+        tags: vec!["cmd".into()],
+        comfyui: comfyui.to_owned(),
+        max_backoff: Duration::from_millis(200),
+        spawn: None,
+        allow: allow.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+/// A coordinator with one agent (allowing `allow`) in front of a simulator.
+struct Farm {
+    app: TestApp,
+    _sim: gantry_sim::SimHandle,
+    stop: CancellationToken,
+    _data: tempfile::TempDir,
+}
+
+async fn farm(allow: &[&str], tweak: impl FnOnce(&mut Config)) -> Farm {
+    let sim = gantry_sim::spawn(sim_config()).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), data.path().join("d"));
+    config.liveness = Duration::from_millis(300);
+    config.cancel_grace = Duration::from_secs(2);
+    tweak(&mut config);
+    let app = TestApp::attach(Server::start(config).await.unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(agent::run(
+        agent_config(&app.url, &sim.url(), allow),
+        stop.clone(),
+    ));
+    poll_until(
+        "agent idle",
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        || async {
+            let list = app.get_json("/v1/backends").await;
+            match list["backends"][0]["status"].as_str() {
+                Some("idle") => Ok(()),
+                _ => Err(list),
+            }
+        },
+    )
+    .await;
+    Farm {
+        app,
+        _sim: sim,
+        stop,
+        _data: data,
+    }
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn command_job(script: &str) -> Value {
+    json!({"kind": "command", "command": {"argv": [SH, "-c", script]}, "tags": ["cmd"]})
+}
+
+/// A named pipe the program blocks on (`read go < FIFO`) until the test writes to it.
+fn gate(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("gate");
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    path
+}
+
+/// Reads the job's stream until `until` holds for an event; answers all so far.
+async fn read_until(
+    response: &mut reqwest::Response,
+    buf: &mut String,
+    events: &mut Vec<Sse>,
+    until: impl Fn(&Sse) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !events.iter().any(&until) {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("stream stalled; got {events:?}"))
+            .unwrap();
+        let Some(chunk) = chunk else {
+            panic!("stream ended; got {events:?}")
+        };
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        parse_sse_blocks(buf, events);
+    }
+}
+
+async fn job_stream(app: &TestApp, id: &str) -> reqwest::Response {
+    app.http
+        .get(format!("{}/v1/jobs/{id}/events", app.url))
+        .send()
+        .await
+        .unwrap()
+}
+
+fn logs(events: &[Sse]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.event == "log")
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.data["stream"].as_str().unwrap(),
+                e.data["line"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_command_job_streams_its_output_and_ends_with_its_exit_code_and_last_lines() {
+    let f = farm(&[SH], |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gate = gate(dir.path());
+    let script = format!(
+        "read go < {}; echo one; echo two >&2; echo \"in $PWD with $GREETING\"",
+        gate.display()
+    );
+    let mut body = command_job(&script);
+    body["command"]["env"] = json!({"GREETING": "hi"});
+    body["command"]["cwd"] = json!(dir.path());
+    let id = f.app.submit_ok(&body).await;
+    let mut stream = job_stream(&f.app, &id).await;
+    let (mut buf, mut events) = (String::new(), Vec::new());
+    // The program has started (the agent said so) and waits at the gate.
+    read_until(&mut stream, &mut buf, &mut events, |e| e.event == "started").await;
+    std::fs::write(&gate, "go\n").unwrap();
+    read_until(&mut stream, &mut buf, &mut events, |e| {
+        e.event == "succeeded"
+    })
+    .await;
+    let mut lines = logs(&events);
+    lines.sort();
+    let pwd = dir.path().canonicalize().unwrap();
+    assert_eq!(
+        lines,
+        [
+            "stderr: two".to_owned(),
+            format!("stdout: in {} with hi", pwd.display()),
+            "stdout: one".to_owned(),
+        ]
+    );
+    let job = f.app.get_job(&id).await;
+    assert_eq!(job["kind"], "command");
+    assert_eq!(job["command"]["argv"][0], SH);
+    assert_eq!(job["result"]["exit_code"], 0, "{job:#}");
+    assert_eq!(
+        job["result"]["tail"].as_array().unwrap().len(),
+        3,
+        "{job:#}"
+    );
+    assert_eq!(job["attempts"][0]["backend"], "gpu-cmd");
+
+    // A failing program fails the job at once, with its code and last lines.
+    let id = f
+        .app
+        .submit_ok(&command_job("echo about to fail; exit 7"))
+        .await;
+    let job = f.app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    assert_eq!(job["error"]["code"], "command_failed");
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exited with code 7"),
+        "{job:#}"
+    );
+    assert_eq!(job["result"]["exit_code"], 7);
+    assert_eq!(job["result"]["tail"], json!(["about to fail"]));
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "not retried");
+
+    // The backend is free for work again.
+    let id = f.app.submit_ok(&command_job("exit 0")).await;
+    assert_eq!(f.app.wait_terminal(&id).await["state"], "succeeded");
+}
+
+#[tokio::test]
+async fn cancelling_a_command_job_leaves_no_process_of_its_group_alive() {
+    let f = farm(&[SH], |_| {}).await;
+    // Children that ignore SIGTERM, and a grandchild: SIGKILL after the grace takes them.
+    let script = "trap '' TERM; echo \"pgid $$\"; sleep 600 & (sleep 600 & wait) & wait";
+    let id = f.app.submit_ok(&command_job(script)).await;
+    let mut stream = job_stream(&f.app, &id).await;
+    let (mut buf, mut events) = (String::new(), Vec::new());
+    read_until(&mut stream, &mut buf, &mut events, |e| e.event == "log").await;
+    let line = logs(&events).remove(0);
+    let pgid: u32 = line
+        .strip_prefix("stdout: pgid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(group_alive(pgid));
+    let (status, _) = f.app.cancel(&id).await;
+    assert!(status == 200 || status == 202, "{status}");
+    let job = f.app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "cancelled", "{job:#}");
+    assert!(
+        !group_alive(pgid),
+        "a process of the command's group survived the cancel"
+    );
+}
+
+#[tokio::test]
+async fn a_command_past_its_operations_limit_is_killed_and_fails() {
+    let f = farm(&[SH], |c| {
+        let mut ops = (*c.command_timeouts).clone();
+        ops.insert("model_download".into(), Duration::from_millis(500));
+        c.command_timeouts = std::sync::Arc::new(ops);
+    })
+    .await;
+    let mut body = command_job("echo \"pgid $$\"; sleep 600");
+    body["command"]["operation"] = json!("model_download");
+    let id = f.app.submit_ok(&body).await;
+    let job = f.app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    assert_eq!(job["error"]["code"], "command_timeout", "{job:#}");
+    assert!(
+        job["error"]["message"].as_str().unwrap().contains("500ms"),
+        "{job:#}"
+    );
+    let pgid: u32 = job["result"]["tail"][0]
+        .as_str()
+        .and_then(|l| l.strip_prefix("pgid "))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{job:#}"));
+    assert!(!group_alive(pgid));
+
+    // The job's own limit comes first.
+    let mut body = command_job("sleep 600");
+    body["command"]["operation"] = json!("model_download");
+    body["command"]["timeout_ms"] = json!(200);
+    let id = f.app.submit_ok(&body).await;
+    let job = f.app.wait_terminal(&id).await;
+    assert_eq!(job["error"]["code"], "command_timeout", "{job:#}");
+    assert!(
+        job["error"]["message"].as_str().unwrap().contains("200ms"),
+        "{job:#}"
+    );
+}
+
+#[tokio::test]
+async fn a_program_outside_the_allow_list_is_refused_and_bad_commands_change_nothing() {
+    let f = farm(&["/bin/echo"], |_| {}).await;
+    let answer = f.app.submit(&command_job("echo hi")).await;
+    assert_error(
+        &answer,
+        400,
+        "command_not_allowed",
+        &[
+            "\"/bin/sh\"",
+            "gpu-cmd: does not allow program \"/bin/sh\" (allows /bin/echo)",
+        ],
+    );
+    // Allowed: it runs.
+    let id = f
+        .app
+        .submit_ok(&json!({"kind": "command", "command": {"argv": ["/bin/echo", "allowed"]}}))
+        .await;
+    let job = f.app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["result"]["tail"], json!(["allowed"]));
+
+    for (body, code, needle) in [
+        (json!({"kind": "command"}), "missing_field", "\"command\""),
+        (
+            json!({"kind": "command", "command": {"argv": []}}),
+            "invalid_field",
+            "command.argv",
+        ),
+        (
+            json!({"kind": "command", "command": {"argv": ["/bin/echo"], "cwd": "rel"}}),
+            "invalid_field",
+            "absolute",
+        ),
+        (
+            json!({"kind": "command", "command": {"argv": ["/bin/echo"]}, "workflow": {"1": {}}}),
+            "invalid_field",
+            "workflow",
+        ),
+        (
+            json!({"kind": "command", "command": {"argv": ["/bin/echo"], "shell": true}}),
+            "invalid_field",
+            "shell",
+        ),
+        (
+            json!({"command": {"argv": ["/bin/echo"]}}),
+            "invalid_field",
+            "kind",
+        ),
+        (
+            json!({"kind": "script"}),
+            "invalid_field",
+            "\"workflow\" or \"command\"",
+        ),
+    ] {
+        let answer = f.app.submit(&body).await;
+        assert_error(&answer, 400, code, &[needle]);
+    }
+    let all = f.app.all_jobs().await;
+    assert_eq!(all.len(), 1, "only the allowed job was accepted");
+}
