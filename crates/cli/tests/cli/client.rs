@@ -1358,3 +1358,139 @@ async fn gantry_agent_spawn_restarts_a_comfyui_stuck_past_its_interrupt_and_the_
         .unwrap();
     assert_eq!(exit.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gantry_watch_streams_a_command_jobs_output_from_an_agent_that_allows_it() {
+    use std::io::BufRead;
+    let farm = farm(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("agent.json");
+    // A program named by a relative path is refused before anything starts.
+    let o = run(farm.gantry(&[
+        "agent",
+        "--state",
+        state.to_str().unwrap(),
+        "--server",
+        &farm.server.url(),
+        "--name",
+        "cmd-1",
+        "--allow",
+        "sh",
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--allow sh: give the program's absolute path"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!state.exists());
+    let mut agent = farm
+        .gantry(&[
+            "agent",
+            "--state",
+            state.to_str().unwrap(),
+            "--server",
+            &farm.server.url(),
+            "--name",
+            "cmd-1",
+            "--tag",
+            "cmd",
+            "--comfyui",
+            &farm.sim.url(),
+            "--allow",
+            "/bin/sh",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let gate = dir.path().join("gate");
+    assert!(Command::new("mkfifo")
+        .arg(&gate)
+        .status()
+        .unwrap()
+        .success());
+    let body = json!({"kind": "command", "tags": ["cmd"], "command": {"argv": [
+        "/bin/sh", "-c", format!("read go < {}; echo downloading; echo 'half way' >&2; exit 0", gate.display())
+    ]}});
+    // Submitted while the agent may still be connecting: it waits for an agent that may
+    // allow it, or is refused until one has said so; retry until accepted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let r = farm
+            .http
+            .post(format!("{}/v1/jobs", farm.server.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        if status == 202 {
+            break v["id"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(v["error"]["code"], "command_not_allowed", "{v}");
+        assert!(
+            Instant::now() < deadline,
+            "the agent never said it allows /bin/sh: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut watch = farm
+        .gantry(&["watch", &id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = watch.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The gate opens once watch has shown the start, so the lines come while it follows.
+    let (rx, _) =
+        tokio::task::spawn_blocking(move || lines_until(rx, &["started on cmd-1"], Vec::new()))
+            .await
+            .unwrap();
+    let g = gate.clone();
+    tokio::task::spawn_blocking(move || std::fs::write(g, "go\n"))
+        .await
+        .unwrap()
+        .unwrap();
+    let needles = [
+        "[stdout] downloading",
+        "[stderr] half way",
+        "command exited with code 0",
+    ];
+    let (_, out) = tokio::task::spawn_blocking(move || lines_until(rx, &needles, Vec::new()))
+        .await
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || watch.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{out:?}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// Reads lines from `rx` into `seen` until each needle is in one of them.
+fn lines_until(
+    rx: std::sync::mpsc::Receiver<String>,
+    needles: &[&str],
+    mut seen: Vec<String>,
+) -> (std::sync::mpsc::Receiver<String>, Vec<String>) {
+    for needle in needles {
+        while !seen.iter().any(|l| l.contains(needle)) {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("{needle:?} never came; got {seen:?}"),
+            }
+        }
+    }
+    (rx, seen)
+}

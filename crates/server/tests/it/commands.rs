@@ -324,3 +324,67 @@ async fn a_program_outside_the_allow_list_is_refused_and_bad_commands_change_not
     let all = f.app.all_jobs().await;
     assert_eq!(all.len(), 1, "only the allowed job was accepted");
 }
+
+#[tokio::test]
+async fn a_link_that_drops_while_a_command_runs_kills_it_and_the_job_runs_again() {
+    let mut f = farm(&[SH], |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gate = gate(dir.path());
+    let script = format!("echo \"pgid $$\"; read go < {}; echo done", gate.display());
+    let id = f.app.submit_ok(&command_job(&script)).await;
+    let mut stream = job_stream(&f.app, &id).await;
+    let (mut buf, mut events) = (String::new(), Vec::new());
+    read_until(&mut stream, &mut buf, &mut events, |e| e.event == "log").await;
+    let pgid: u32 = logs(&events)[0]
+        .strip_prefix("stdout: pgid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    // The agent goes away mid-command: the command goes with it, the attempt is lost.
+    f.stop.cancel();
+    read_until(&mut stream, &mut buf, &mut events, |e| {
+        e.event == "attempt_failed" && e.data["will_retry"] == true
+    })
+    .await;
+    let failed = events.iter().find(|e| e.event == "attempt_failed").unwrap();
+    assert_eq!(
+        failed.data["error"]["code"], "command_lost",
+        "{:?}",
+        failed.data
+    );
+    poll_until(
+        "the first attempt's group gone",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            if group_alive(pgid) {
+                Err(pgid)
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    // It comes back: the second attempt runs there, to the end.
+    f.stop = CancellationToken::new();
+    let sim_url = f._sim.url();
+    tokio::spawn(agent::run(
+        agent_config(&f.app.url, &sim_url, &[SH]),
+        f.stop.clone(),
+    ));
+    read_until(&mut stream, &mut buf, &mut events, |e| {
+        e.event == "log" && e.data["attempt"] == 2
+    })
+    .await;
+    let g = gate.clone();
+    tokio::task::spawn_blocking(move || std::fs::write(g, "go\n"))
+        .await
+        .unwrap()
+        .unwrap();
+    read_until(&mut stream, &mut buf, &mut events, |e| {
+        e.event == "succeeded"
+    })
+    .await;
+    let job = f.app.get_job(&id).await;
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 2, "{job:#}");
+    assert_eq!(job["result"]["tail"][1], "done", "{job:#}");
+}
