@@ -459,6 +459,13 @@ impl BackendStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Backend {
     pub name: String,
+    /// `url` (configured or added) or `agent` (`gantry agent`, linked from its machine).
+    #[serde(default)]
+    pub kind: BackendKind,
+    /// An agent's `--allow` list: the programs its command jobs may run (absent until it
+    /// has said, and for a URL backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
     pub url: String,
     pub tags: Vec<String>,
     /// Higher is preferred.
@@ -483,6 +490,15 @@ pub struct Backend {
     /// Where its current attempt is: node and step, as last heard.
     #[serde(default)]
     pub progress: Option<Progress>,
+}
+
+/// How gantry reaches a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    #[default]
+    Url,
+    Agent,
 }
 
 /// Where a running attempt is, as last heard from its backend.

@@ -277,6 +277,10 @@ impl Agents {
         }
     }
 
+    pub fn is_agent(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
     /// Asks agent `name` to run a command attempt; its messages (`command_started`,
     /// `command_output`, `command_exit`, and `command_lost` when the link drops) come on
     /// the answered channel.

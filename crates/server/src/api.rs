@@ -1781,6 +1781,12 @@ fn backend_view(
     wire::Backend {
         progress: None,
         name: b.config.name.clone(),
+        kind: if b.agent {
+            wire::BackendKind::Agent
+        } else {
+            wire::BackendKind::Url
+        },
+        allow: b.programs.as_ref().filter(|_| b.agent).map(|p| p.to_vec()),
         url: b.config.url.clone(),
         tags: b.config.tags.clone(),
         priority: b.config.priority,

@@ -96,6 +96,8 @@ pub struct BackendState {
     /// The programs it runs for command jobs: an agent's `--allow` list (`None` until
     /// the agent says), empty for a URL backend.
     pub programs: Option<Arc<Vec<String>>>,
+    /// It is an agent's (`/v1/agents/connect`), not a URL the coordinator was given.
+    pub agent: bool,
 }
 
 impl BackendState {
@@ -119,6 +121,7 @@ impl BackendState {
             lease: Some(0),
             draining: false,
             programs: Some(Arc::default()),
+            agent: false,
         }
     }
 
@@ -650,6 +653,7 @@ impl Engine {
             }
             let mut state = BackendState::new(config, tx);
             state.programs = self.agents().programs_of(&name);
+            state.agent = self.agents().is_agent(&name);
             if self.inner.cluster.is_some() {
                 state.lease = None;
                 state.connection = Connection::Offline;

@@ -388,3 +388,76 @@ async fn a_link_that_drops_while_a_command_runs_kills_it_and_the_job_runs_again(
     assert_eq!(job["attempts"].as_array().unwrap().len(), 2, "{job:#}");
     assert_eq!(job["result"]["tail"][1], "done", "{job:#}");
 }
+
+#[tokio::test]
+async fn an_agent_cannot_report_an_attempt_leased_to_another() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let f = farm(&[SH], |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gate = gate(dir.path());
+    let id = f
+        .app
+        .submit_ok(&command_job(&format!(
+            "read go < {}; echo real",
+            gate.display()
+        )))
+        .await;
+    f.app
+        .wait_job(&id, "executing", Duration::from_secs(20), |j| {
+            j["phase"] == "executing"
+        })
+        .await;
+    // Another machine links as agent "evil" and claims the attempt ended.
+    let url = format!(
+        "{}/v1/agents/connect?name=evil&id=evil-1",
+        f.app.url.replacen("http", "ws", 1)
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let control = |m: Value| {
+        let mut frame = vec![0, 0, 0, 0, 2];
+        frame.extend(serde_json::to_vec(&m).unwrap());
+        Message::Binary(frame.into())
+    };
+    let forged = json!({"type": "command_exit", "job": id, "attempt": 1, "outcome": "exited",
+        "exit_code": 0, "tail": ["forged"]});
+    ws.send(control(forged)).await.unwrap();
+    // Its hello, sent after: once the coordinator shows it, the forgery was handled.
+    ws.send(control(
+        json!({"type": "hello", "supervised": false, "allow": ["/forged"]}),
+    ))
+    .await
+    .unwrap();
+    poll_until(
+        "evil's hello",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            let list = f.app.get_json("/v1/backends").await;
+            let evil = list["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["name"] == "evil")
+                .cloned();
+            match evil {
+                Some(b) if b["allow"] == json!(["/forged"]) && b["kind"] == "agent" => Ok(()),
+                _ => Err(list),
+            }
+        },
+    )
+    .await;
+    let job = f.app.get_job(&id).await;
+    assert_eq!(
+        job["state"], "running",
+        "a forged report changed the job: {job:#}"
+    );
+    let g = gate.clone();
+    tokio::task::spawn_blocking(move || std::fs::write(g, "go\n"))
+        .await
+        .unwrap()
+        .unwrap();
+    let job = f.app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["result"]["tail"], json!(["real"]));
+}
