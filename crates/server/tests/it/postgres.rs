@@ -21,7 +21,7 @@ async fn jobs_run_cancel_and_stream_on_postgres() {
     let ids: Vec<String> =
         futures_util::future::join_all(bodies.iter().map(|b| app.submit_ok(b))).await;
     let slow = app
-        .submit_ok(&json!({"workflow": sleep_workflow(200.0, 100, 1)}))
+        .submit_ok(&json!({"workflow": sleep_workflow(4000.0, 2000, 1)}))
         .await;
     for id in &ids {
         let job = app.wait_terminal(id).await;
