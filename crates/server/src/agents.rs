@@ -123,13 +123,6 @@ pub async fn connect(
             ),
         );
     }
-    if engine.cluster().is_some() {
-        return refuse(
-            axum::http::StatusCode::CONFLICT,
-            "agents_unsupported",
-            "agents connect to a coordinator on the embedded store only, for now".into(),
-        );
-    }
     let known_url = engine.backends().get(&q.name).map(|b| b.config.url.clone());
     let slot = match engine.agents().slot(&q.name, engine.shutdown_token()).await {
         Ok(slot) => slot,
@@ -279,6 +272,11 @@ impl Agents {
 
     pub fn is_agent(&self, name: &str) -> bool {
         self.get(name).is_some()
+    }
+
+    /// Whether agent `name` is linked to this coordinator now.
+    pub fn is_linked(&self, name: &str) -> bool {
+        self.get(name).is_some_and(|s| s.link().is_some())
     }
 
     /// Asks agent `name` to run a command attempt; its messages (`command_started`,
@@ -473,6 +471,10 @@ async fn serve_link(
         }
         Some(_) => {}
     }
+    // In a farm only the coordinator an agent links to can drive it: take its lease.
+    if let Some(cluster) = engine.cluster() {
+        cluster.check.notify_one();
+    }
     tracing::info!(agent = %name, "agent connected");
     let (mut sink, mut stream) = socket.split();
     let writer = async {
@@ -522,5 +524,8 @@ async fn serve_link(
             let _ = tx.send(lost);
             false
         });
+    if let Some(cluster) = engine.cluster() {
+        cluster.check.notify_one();
+    }
     tracing::info!(agent = %name, "agent disconnected");
 }

@@ -89,9 +89,29 @@ pub async fn lease_loop(engine: Engine) {
         match cluster.store.added_backends().await {
             Ok(added) => {
                 for b in added {
-                    if let Some(config) = crate::config::BackendConfig::added(&b) {
-                        engine.add_backend(config);
+                    let Some(mut config) = crate::config::BackendConfig::added(&b) else {
+                        continue;
+                    };
+                    if config.url.starts_with(crate::agents::AGENT_SCHEME) {
+                        if engine.backends().contains_key(&config.name) {
+                            continue;
+                        }
+                        // An agent another coordinator registered: this one gets a
+                        // listener too, in case the agent links here later.
+                        let id = crate::agents::stored_id(&config.url);
+                        match engine
+                            .agents()
+                            .reserve(&config.name, id, engine.shutdown_token())
+                            .await
+                        {
+                            Ok(url) => config.url = url,
+                            Err(e) => {
+                                tracing::warn!(agent = %config.name, error = %e, "no listener for an agent");
+                                continue;
+                            }
+                        }
                     }
+                    engine.add_backend(config);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the backends added at run time"),
@@ -127,6 +147,14 @@ async fn lease_pass(
     names: &[String],
 ) -> gantry_store::Result<Duration> {
     let live = cluster.store.heartbeat(&cluster.id, cluster.lease).await?;
+    // Agents' backends are not shared out: each is leased by the coordinator it links to.
+    let (agents, names): (Vec<String>, Vec<String>) = {
+        let backends = engine.backends();
+        names
+            .iter()
+            .cloned()
+            .partition(|n| backends.get(n).is_some_and(|b| b.agent))
+    };
     let share = fair_share(names.len(), live.len());
     for (name, token) in engine.owned_leases() {
         if !cluster
@@ -138,7 +166,46 @@ async fn lease_pass(
             lose(engine, &name).await;
         }
     }
-    let mut owned = engine.owned_leases().len();
+    for name in &agents {
+        let linked = engine.agents().is_linked(name);
+        if engine.leases_backend(name) {
+            // Unlinked here and idle: free for the coordinator the agent links to now.
+            // While an attempt is on it, its driver stays to see it through.
+            let idle_lease = engine
+                .backends()
+                .get(name)
+                .filter(|b| b.current.is_none() && b.next.is_none())
+                .and_then(|b| b.lease);
+            if !linked {
+                if let Some(token) = idle_lease {
+                    tracing::info!(agent = %name, "agent not linked here: its lease goes back");
+                    lose(engine, name).await;
+                    cluster
+                        .store
+                        .release_lease(name, &cluster.id, token)
+                        .await?;
+                }
+            }
+        } else if linked {
+            // Refused while another coordinator still sees an attempt through there;
+            // the next pass asks again.
+            if let Some(token) = cluster
+                .store
+                .acquire_lease(name, &cluster.id, cluster.lease)
+                .await?
+            {
+                tracing::info!(agent = %name, token, "agent linked here: driving it");
+                gain(engine, name, token).await?;
+            }
+        }
+    }
+    let mut owned = {
+        let backends = engine.backends();
+        names
+            .iter()
+            .filter(|n| backends.get(*n).is_some_and(|b| b.lease.is_some()))
+            .count()
+    };
     // Extras go back, idle backends first, so a newcomer gets its share.
     while owned > share {
         let Some((name, token)) = engine.lease_to_give_back() else {

@@ -1345,10 +1345,11 @@ impl Engine {
     }
 
     /// A lease to give back when this coordinator has more than its share: an idle
-    /// backend's if there is one.
+    /// backend's if there is one. Never an agent's: only the coordinator it links to can
+    /// drive it.
     pub fn lease_to_give_back(&self) -> Option<(String, i64)> {
         let backends = self.backends();
-        let owned = || backends.values().filter(|b| b.lease.is_some());
+        let owned = || backends.values().filter(|b| b.lease.is_some() && !b.agent);
         owned()
             .find(|b| b.current.is_none())
             .or_else(|| owned().next())
@@ -1364,10 +1365,12 @@ impl Engine {
             let health = std::mem::take(&mut b.health);
             let warm = std::mem::take(&mut b.warm_models);
             let classes = b.classes.take();
+            let (programs, agent) = (b.programs.take(), b.agent);
             *b = BackendState::new(config, tx);
             b.health = health;
             b.warm_models = warm;
             b.classes = classes;
+            (b.programs, b.agent) = (programs, agent);
             b.lease = Some(token);
         }
         rx

@@ -499,3 +499,128 @@ async fn a_backend_added_on_one_coordinator_joins_the_whole_farm() {
     c2.shutdown().await;
     late.shutdown().await;
 }
+
+/// Who holds the live lease of backend `name`.
+async fn owner(farm: &Farm, name: &str) -> Option<String> {
+    farm.inspect
+        .leases()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|l| l.backend == name && l.remaining_ms > 0)
+        .and_then(|l| l.owner)
+}
+
+/// The row of backend `name` on coordinator `app`.
+async fn backend_row(app: &TestApp, name: &str) -> Option<Value> {
+    let list = app.get_json("/v1/backends").await;
+    list["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["name"] == name)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_links_to_one_coordinator_and_the_whole_farm_uses_it() {
+    use gantry_server::agent::{self, AgentConfig};
+    let Some(farm) = Farm::new(1).await else {
+        return;
+    };
+    let gpu = gantry_sim::spawn(sim_config()).await.unwrap();
+    let c1 = farm.coordinator("c1").await;
+    let c2 = farm.coordinator("c2").await;
+    let agent_to = |server: &str| AgentConfig {
+        server: server.to_owned(),
+        token: None,
+        name: "gpu-nat".into(),
+        id: Some("machine-nat".into()),
+        tags: vec!["nat".into()],
+        comfyui: gpu.url(),
+        max_backoff: Duration::from_millis(200),
+        spawn: None,
+        allow: vec!["/bin/sh".into()],
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(agent::run(agent_to(&c1.url), stop.clone()));
+    poll_until(
+        "c1 leases the agent linked to it",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || async {
+            match owner(&farm, "gpu-nat").await.as_deref() {
+                Some("c1") => Ok(()),
+                other => Err(other.map(str::to_owned)),
+            }
+        },
+    )
+    .await;
+    // c2 learns of it from the store; a job and a command submitted there run on it.
+    poll_until(
+        "c2 knows the agent",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async {
+            match backend_row(&c2, "gpu-nat").await {
+                Some(b) if b["kind"] == "agent" => Ok(()),
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+    let id = c2
+        .submit_ok(&json!({"workflow": tiny_workflow("nat-pg"), "tags": ["nat"]}))
+        .await;
+    let job = c2.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["attempts"][0]["backend"], "gpu-nat");
+    let id = c2
+        .submit_ok(&json!({"kind": "command", "tags": ["nat"],
+            "command": {"argv": ["/bin/sh", "-c", "echo from the agent"]}}))
+        .await;
+    let job = c2.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["result"]["tail"], json!(["from the agent"]));
+
+    // The agent moves to c2 (another route out of its NAT, say): c1 gives the lease
+    // back, c2 takes it, and work submitted to c1 runs there.
+    stop.cancel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(agent::run(agent_to(&c2.url), stop.clone()));
+    poll_until(
+        "c2 leases the agent now linked to it",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || async {
+            match owner(&farm, "gpu-nat").await.as_deref() {
+                Some("c2") => Ok(()),
+                other => Err(other.map(str::to_owned)),
+            }
+        },
+    )
+    .await;
+    let id = c1
+        .submit_ok(&json!({"workflow": tiny_workflow("nat-pg-2"), "tags": ["nat"]}))
+        .await;
+    let job = c1.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["attempts"][0]["backend"], "gpu-nat");
+    let runs: Value = c1
+        .http
+        .get(format!("{}/sim/runs", gpu.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        runs["runs"].as_array().unwrap().len(),
+        2,
+        "both prompts ran on the agent's ComfyUI"
+    );
+    farm.check_dispatch_log().await;
+    stop.cancel();
+    c1.shutdown().await;
+    c2.shutdown().await;
+}
