@@ -295,7 +295,7 @@ async fn link(
         Some(s) => {
             let lines = s.shared.lines();
             let tail = &lines[lines.len().saturating_sub(200)..];
-            serde_json::json!({"type": "hello", "supervised": true, "child": s.shared.state(), "lines": tail, "allow": config.allow})
+            serde_json::json!({"type": "hello", "supervised": true, "child": s.shared.state(), "lines": tail, "restarts": s.shared.restarts(), "allow": config.allow})
         }
         None => serde_json::json!({"type": "hello", "supervised": false, "allow": config.allow}),
     };

@@ -58,7 +58,7 @@ struct Child {
 }
 
 /// Restarts kept per agent.
-const RESTARTS_KEPT: usize = 100;
+const RESTARTS_KEPT: usize = crate::supervise::RESTARTS_KEPT;
 
 impl Slot {
     fn link(&self) -> Option<Mux> {
@@ -324,13 +324,6 @@ impl Agents {
         }
     }
 
-    /// Whether agent `name` reports its ComfyUI crash-looping.
-    pub fn crash_looping(&self, name: &str) -> bool {
-        self.get(name).is_some_and(|s| {
-            s.child.lock().unwrap_or_else(|p| p.into_inner()).state["state"] == "crash_looping"
-        })
-    }
-
     /// `GET /v1/backends/{name}/logs`: `None` when `name` is not an agent.
     pub fn logs(&self, name: &str) -> Option<gantry_api::BackendLogs> {
         let slot = self.get(name)?;
@@ -384,6 +377,18 @@ fn on_control(engine: &Engine, name: &str, slot: &Slot, m: serde_json::Value) {
         }
         engine.wake_scheduler();
     }
+    if matches!(m["type"].as_str(), Some("hello" | "child")) {
+        let state = if m["type"] == "hello" {
+            &m["child"]
+        } else {
+            &m
+        };
+        let looping = state["state"] == "crash_looping";
+        if let Some(b) = engine.backends().get_mut(name) {
+            b.crash_looping = looping;
+        }
+        engine.backends_changed();
+    }
     let mut c = slot.child.lock().unwrap_or_else(|p| p.into_inner());
     match m["type"].as_str() {
         Some("hello") => {
@@ -397,6 +402,10 @@ fn on_control(engine: &Engine, name: &str, slot: &Slot, m: serde_json::Value) {
                         .collect()
                 })
                 .unwrap_or_default();
+            // The agent keeps its restarts, those made while unlinked too.
+            if let Some(r) = m["restarts"].as_array() {
+                c.restarts = r.iter().rev().take(RESTARTS_KEPT).rev().cloned().collect();
+            }
         }
         Some("child") => c.state = m,
         Some("log") => {
@@ -412,7 +421,10 @@ fn on_control(engine: &Engine, name: &str, slot: &Slot, m: serde_json::Value) {
                 c.restarts.pop_front();
             }
             let mut event = m;
-            event["at"] = serde_json::json!(crate::api::rfc3339(crate::engine::now_ms()));
+            // Stamped by the agent; by this coordinator only if the agent did not.
+            if event["at"].is_null() {
+                event["at"] = serde_json::json!(crate::api::rfc3339(crate::engine::now_ms()));
+            }
             c.restarts.push_back(event);
         }
         _ => {}

@@ -1760,13 +1760,6 @@ pub(crate) fn backend_rows(engine: &Engine) -> Vec<(wire::Backend, Option<Millis
             if let Some((job, n)) = current {
                 v.progress = engine.progress_of(&job).filter(|p| p.attempt == n);
             }
-            let unreachable = matches!(
-                v.status,
-                wire::BackendStatus::Offline | wire::BackendStatus::Connecting
-            );
-            if unreachable && engine.agents().crash_looping(&v.name) {
-                v.status = wire::BackendStatus::CrashLooping;
-            }
             (v, seen)
         })
         .collect()

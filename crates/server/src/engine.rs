@@ -98,6 +98,8 @@ pub struct BackendState {
     pub programs: Option<Arc<Vec<String>>>,
     /// It is an agent's (`/v1/agents/connect`), not a URL the coordinator was given.
     pub agent: bool,
+    /// The agent reports its supervised ComfyUI exiting soon after each start.
+    pub crash_looping: bool,
 }
 
 impl BackendState {
@@ -122,6 +124,7 @@ impl BackendState {
             draining: false,
             programs: Some(Arc::default()),
             agent: false,
+            crash_looping: false,
         }
     }
 
@@ -1365,12 +1368,12 @@ impl Engine {
             let health = std::mem::take(&mut b.health);
             let warm = std::mem::take(&mut b.warm_models);
             let classes = b.classes.take();
-            let (programs, agent) = (b.programs.take(), b.agent);
+            let (programs, agent, looping) = (b.programs.take(), b.agent, b.crash_looping);
             *b = BackendState::new(config, tx);
             b.health = health;
             b.warm_models = warm;
             b.classes = classes;
-            (b.programs, b.agent) = (programs, agent);
+            (b.programs, b.agent, b.crash_looping) = (programs, agent, looping);
             b.lease = Some(token);
         }
         rx

@@ -21,6 +21,8 @@ pub fn status_of(b: &BackendState, now: Millis, stale_after: Millis) -> wire::Ba
         _ if b.stuck.is_some() => S::Stuck,
         (_, Some(_)) if b.draining => S::Draining,
         _ if b.draining => S::Drained,
+        // An agent's supervised ComfyUI keeps exiting: why it cannot be reached.
+        (Connection::Connecting | Connection::Offline, _) if b.crash_looping => S::CrashLooping,
         (Connection::Connecting, _) => S::Connecting,
         // Never reached yet from here, while this coordinator drives it: still coming up,
         // as far as anyone knows. (One driven by another coordinator is offline here.)

@@ -37,37 +37,65 @@ pub struct SpawnConfig {
 /// What the supervisor reports (as control messages on the link).
 pub type Report = Value;
 
-/// The supervisor's shared view: recent lines and the child's state.
+/// Restarts kept, newest last.
+pub const RESTARTS_KEPT: usize = 100;
+
+/// The supervisor's shared view: recent lines, the child's state and its restarts (kept
+/// here, so those made while the link was down reach the coordinator in the next hello).
 #[derive(Clone, Default)]
 pub struct Shared {
-    inner: Arc<Mutex<(VecDeque<String>, Value)>>,
+    inner: Arc<Mutex<Kept>>,
+}
+
+#[derive(Default)]
+struct Kept {
+    lines: VecDeque<String>,
+    state: Value,
+    restarts: VecDeque<Value>,
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<String>, Value)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn line(&self, line: String) {
         let mut g = self.lock();
-        if g.0.len() == LOG_LINES {
-            g.0.pop_front();
+        if g.lines.len() == LOG_LINES {
+            g.lines.pop_front();
         }
-        g.0.push_back(line);
+        g.lines.push_back(line);
     }
 
     /// The last lines, oldest first.
     pub fn lines(&self) -> Vec<String> {
-        self.lock().0.iter().cloned().collect()
+        self.lock().lines.iter().cloned().collect()
     }
 
     /// The child's latest state message.
     pub fn state(&self) -> Value {
-        self.lock().1.clone()
+        self.lock().state.clone()
     }
 
     fn set_state(&self, v: Value) {
-        self.lock().1 = v;
+        self.lock().state = v;
+    }
+
+    /// The last restarts, oldest first, each with its time on this machine's clock.
+    pub fn restarts(&self) -> Vec<Value> {
+        self.lock().restarts.iter().cloned().collect()
+    }
+
+    /// Keeps a restart (stamped with `at`) and answers it, to report.
+    fn restart(&self, reason: &str, pid: Option<u32>) -> Value {
+        let v = json!({"type": "restart", "reason": reason, "pid": pid,
+            "at": crate::api::rfc3339(crate::engine::now_ms())});
+        let mut g = self.lock();
+        if g.restarts.len() == RESTARTS_KEPT {
+            g.restarts.pop_front();
+        }
+        g.restarts.push_back(v.clone());
+        v
     }
 }
 
@@ -143,7 +171,7 @@ pub async fn run(
                     match asked {
                         Some(Restart::Stuck(prompt)) => {
                             reason = format!("stuck: prompt {prompt} still running after its interrupt");
-                            let _ = reports.send(json!({"type": "restart", "reason": reason, "pid": pid}));
+                            let _ = reports.send(shared.restart(&reason, pid));
                             stop_group(&mut child).await;
                             // Asked for: not a crash.
                             quick_exits = 0;
@@ -177,7 +205,7 @@ pub async fn run(
             backoff = Duration::from_millis(500);
         }
         reason = format!("exited ({code})");
-        let _ = reports.send(json!({"type": "restart", "reason": reason, "pid": pid}));
+        let _ = reports.send(shared.restart(&reason, pid));
         if quick_exits >= LOOP_AFTER {
             state("crash_looping", json!({"quick_exits": quick_exits}));
         }

@@ -332,6 +332,73 @@ async fn a_spawned_comfyui_that_keeps_exiting_shows_crash_looping_with_each_rest
 }
 
 #[tokio::test]
+async fn restarts_made_while_the_link_is_down_reach_the_coordinator() {
+    // A port nothing listens on yet: the agent cannot link while its child crash-loops.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = format!("http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let starts = dir.path().join("starts");
+    let stop = CancellationToken::new();
+    let mut c = agent_config(&server, "http://127.0.0.1:9");
+    c.spawn = Some(gantry_server::supervise::SpawnConfig {
+        command: format!("echo start >> {}; false", starts.display()),
+        cwd: None,
+        comfyui: "http://127.0.0.1:9".into(),
+    });
+    let running = tokio::spawn(agent::run(c, stop.clone()));
+    poll_until(
+        "three starts while unlinked",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || async {
+            let n = std::fs::read_to_string(&starts)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            if n >= 3 {
+                Ok(())
+            } else {
+                Err(n)
+            }
+        },
+    )
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let config = Config::new(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        data.path().join("d"),
+    );
+    let app = TestApp::attach(Server::start(config).await.unwrap());
+    let logs = poll_until(
+        "the agent's hello",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || async {
+            let (status, logs) = app.get("/v1/backends/gpu-behind-nat/logs").await;
+            if status == 200 && logs["supervised"] == true {
+                Ok(logs)
+            } else {
+                Err(logs)
+            }
+        },
+    )
+    .await;
+    // The hello itself carries them (the next exit is seconds of backoff away), each
+    // with the agent's own time of it.
+    assert!(logs["restarts"].as_array().unwrap().len() >= 2, "{logs:#}");
+    for r in logs["restarts"].as_array().unwrap() {
+        assert_eq!(r["reason"], "exited (exit code 1)", "{logs:#}");
+        crate::support::assert_rfc3339_ms(&r["at"]);
+    }
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_link_that_drops_while_a_prompt_runs_ends_with_the_job_succeeded_once() {
     let sim = gantry_sim::spawn(sim_config()).await.unwrap();
     let data = tempfile::tempdir().unwrap();
