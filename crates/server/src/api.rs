@@ -338,12 +338,7 @@ pub fn job_view(job: &Job) -> wire::Job {
         .collect();
     wire::Job {
         attachments,
-        callback: job.spec.callback.as_ref().map(|c| wire::JobCallback {
-            url: c.url.clone(),
-            events: c.events.clone(),
-            signed: c.secret.is_some(),
-            default: false,
-        }),
+        callback: job.spec.callback.as_ref().map(|c| callback_view(c, false)),
         deliveries: Vec::new(),
         id: job.id.to_string(),
         state: job.state,
@@ -629,6 +624,17 @@ fn parse_command(
     })
 }
 
+/// A job's webhook as the wire shows it (never its secret); `default` when it is the
+/// server's, not the job's own.
+fn callback_view(c: &gantry_core::Callback, default: bool) -> wire::JobCallback {
+    wire::JobCallback {
+        url: c.url.clone(),
+        events: c.events.clone(),
+        signed: c.secret.is_some(),
+        default,
+    }
+}
+
 /// A command spec as the wire shows it.
 fn command_view(c: &gantry_core::CommandSpec) -> wire::CommandRequest {
     wire::CommandRequest {
@@ -912,12 +918,7 @@ async fn get_job(
             .callbacks
             .default
             .as_ref()
-            .map(|c| wire::JobCallback {
-                url: c.url.clone(),
-                events: c.events.clone(),
-                signed: c.secret.is_some(),
-                default: true,
-            });
+            .map(|c| callback_view(c, true));
     }
     view.deliveries = engine
         .store()
@@ -1722,11 +1723,9 @@ async fn get_output(
         .iter()
         .find(|o| o.name == name)
         .ok_or_else(|| ApiError::NotFound(format!("job {} has no output {name:?}", job.id)))?;
-    let path = engine
+    let bytes = engine
         .outputs()
-        .path(&output.sha256)
-        .ok_or_else(|| ApiError::Internal(format!("output {name} has a bad hash")))?;
-    let bytes = tokio::fs::read(&path)
+        .read(&output.sha256)
         .await
         .map_err(|e| ApiError::Internal(format!("output {name} is not readable: {e}")))?;
     Ok((

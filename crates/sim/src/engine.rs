@@ -235,7 +235,18 @@ pub struct Sim {
     pub crash_tx: mpsc::UnboundedSender<Option<Duration>>,
 }
 
+/// The input folder's file a node's value names: `name`, or `name [input]`
+/// (ComfyUI's `folder_paths.exists_annotated_filepath`).
+pub fn input_name(value: &str) -> &str {
+    value.strip_suffix(" [input]").unwrap_or(value)
+}
+
 impl Sim {
+    /// Where the input file a node's value names lives.
+    pub fn input_path(&self, value: &str) -> PathBuf {
+        self.input_dir.join(input_name(value))
+    }
+
     pub fn new(
         catalog: Catalog,
         speed: f64,
@@ -1018,9 +1029,7 @@ impl Run<'_> {
                         // Validation saw the file; a picture it cannot decode still loads
                         // as grey (the real node would raise, which no test needs).
                         let file = inputs.get("image").and_then(Value::as_str).unwrap_or("");
-                        let path = sim
-                            .input_dir
-                            .join(file.strip_suffix(" [input]").unwrap_or(file));
+                        let path = sim.input_path(file);
                         let pic = std::fs::read(&path)
                             .ok()
                             .and_then(|b| Picture::from_png(&b))
@@ -1029,9 +1038,7 @@ impl Run<'_> {
                     }
                     "LoadAudio" => {
                         let file = inputs.get("audio").and_then(Value::as_str).unwrap_or("");
-                        let path = sim
-                            .input_dir
-                            .join(file.strip_suffix(" [input]").unwrap_or(file));
+                        let path = sim.input_path(file);
                         match std::fs::read(&path) {
                             Ok(bytes) => vec![Data::Audio(std::sync::Arc::new(bytes))],
                             Err(e) => return Err(fail(format!("{e}\n"), "FileNotFoundError")),

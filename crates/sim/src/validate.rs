@@ -341,8 +341,7 @@ impl Validator<'_> {
                 continue;
             };
             let file = python_str(file);
-            // folder_paths.exists_annotated_filepath: "name [input]" names the input folder.
-            let path = file.strip_suffix(" [input]").unwrap_or(&file);
+            let path = crate::engine::input_name(&file);
             if !self.input_files.iter().any(|f| f == path) {
                 errors.push(json!({
                     "type": "custom_validation_failed",
