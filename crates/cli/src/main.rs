@@ -104,6 +104,10 @@ struct AgentArgs {
     /// exactly this); repeatable. With none, this agent runs no commands.
     #[arg(long = "allow", value_name = "PROGRAM")]
     allow: Vec<String>,
+    /// How often the link is pinged; three silent ones and it is made anew (a NAT that
+    /// dropped it says nothing).
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    heartbeat: String,
 }
 
 #[derive(clap::Args)]
@@ -242,6 +246,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     {
         anyhow::bail!("--allow {p}: give the program's absolute path (a name would be looked up in PATH, which a job cannot be trusted with)");
     }
+    let heartbeat = gantry_server::config::parse_duration("--heartbeat", &args.heartbeat)?;
+    if heartbeat.is_zero() {
+        anyhow::bail!("--heartbeat 0s: the link needs a heartbeat");
+    }
     let (name, id) = gantry_server::agent::identity(&args.state, args.name.as_deref())
         .map_err(|e| anyhow::anyhow!(e))?;
     let config = gantry_server::agent::AgentConfig {
@@ -260,6 +268,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         comfyui: args.comfyui,
         max_backoff: std::time::Duration::from_secs(30),
         allow: args.allow,
+        heartbeat,
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let on_signal = stop.clone();

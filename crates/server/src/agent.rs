@@ -36,6 +36,9 @@ pub struct AgentConfig {
     /// The programs command jobs may run here (`--allow`, matched exactly against
     /// `argv[0]`); none when empty.
     pub allow: Vec<String>,
+    /// The link is pinged this often and dropped (then made anew) after three silent
+    /// ones.
+    pub heartbeat: Duration,
 }
 
 /// The supervisor's side as the link sees it.
@@ -98,6 +101,7 @@ pub fn check_urls(server: &str, comfyui: &str) -> Result<(), String> {
         max_backoff: Duration::from_secs(1),
         spawn: None,
         allow: Vec::new(),
+        heartbeat: Duration::from_secs(5),
     };
     link_url(&c)?;
     comfyui_addr(&c)?;
@@ -348,9 +352,18 @@ async fn link(
         }
         std::future::pending::<()>().await
     };
+    let heard = crate::tunnel::Heard::default();
     let writer = async {
-        while let Some(f) = out_rx.recv().await {
-            if sink.send(Message::Binary(f.into())).await.is_err() {
+        let mut ping = tokio::time::interval(config.heartbeat);
+        loop {
+            let sent = tokio::select! {
+                f = out_rx.recv() => match f {
+                    Some(f) => sink.send(Message::Binary(f.into())).await,
+                    None => return,
+                },
+                _ = ping.tick() => sink.send(Message::Ping(Default::default())).await,
+            };
+            if sent.is_err() {
                 return;
             }
         }
@@ -367,6 +380,7 @@ async fn link(
     };
     let reader = async {
         while let Some(Ok(msg)) = stream.next().await {
+            heard.now();
             match msg {
                 Message::Binary(b) => mux.dispatch(&b, Some(&connect)).await,
                 Message::Close(_) => return,
@@ -378,6 +392,9 @@ async fn link(
         _ = writer => {}
         _ = reader => {}
         _ = controls => {}
+        _ = crate::tunnel::silence(&heard, config.heartbeat) => {
+            tracing::warn!(server = %config.server, "agent: nothing from the coordinator for three heartbeats; linking anew");
+        }
         _ = stop.cancelled() => {}
     }
     *current.lock().unwrap_or_else(|p| p.into_inner()) = None;

@@ -489,15 +489,26 @@ async fn serve_link(
     }
     tracing::info!(agent = %name, "agent connected");
     let (mut sink, mut stream) = socket.split();
+    let heartbeat = engine.config().agent_heartbeat;
+    let heard = crate::tunnel::Heard::default();
     let writer = async {
-        while let Some(f) = out_rx.recv().await {
-            if sink.send(Message::Binary(f.into())).await.is_err() {
+        let mut ping = tokio::time::interval(heartbeat);
+        loop {
+            let sent = tokio::select! {
+                f = out_rx.recv() => match f {
+                    Some(f) => sink.send(Message::Binary(f.into())).await,
+                    None => return,
+                },
+                _ = ping.tick() => sink.send(Message::Ping(Default::default())).await,
+            };
+            if sent.is_err() {
                 return;
             }
         }
     };
     let reader = async {
         while let Some(Ok(msg)) = stream.next().await {
+            heard.now();
             match msg {
                 Message::Binary(b) => {
                     mux.dispatch(
@@ -515,6 +526,9 @@ async fn serve_link(
     tokio::select! {
         _ = writer => {}
         _ = reader => {}
+        _ = crate::tunnel::silence(&heard, heartbeat) => {
+            tracing::warn!(agent = %name, "nothing from the agent for three heartbeats: the link is dropped");
+        }
         _ = stop.cancelled() => {}
     }
     {

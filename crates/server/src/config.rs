@@ -182,6 +182,9 @@ pub struct Config {
     pub cancel_grace: Duration,
     /// With an attempt in flight and nothing heard for this long, poll the backend.
     pub liveness: Duration,
+    /// An agent link is pinged this often, and closed when nothing came over it for
+    /// three times as long (a NAT that forgot the connection loses every byte silently).
+    pub agent_heartbeat: Duration,
     pub max_attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -284,6 +287,7 @@ impl Config {
             public_url: None,
             cancel_grace: Duration::from_secs(10),
             liveness: Duration::from_secs(10),
+            agent_heartbeat: Duration::from_secs(5),
             resync_gap: 10_000,
             max_attempts: 3,
             backoff_base: Duration::from_secs(1),
@@ -371,6 +375,14 @@ impl Config {
         }
         if let Some(v) = d("liveness", &file.liveness)? {
             self.liveness = v;
+        }
+        if let Some(v) = d("agent_heartbeat", &file.agent_heartbeat)? {
+            if v.is_zero() {
+                return Err(Error::Toml(
+                    "agent_heartbeat = \"0s\": a link needs a heartbeat".into(),
+                ));
+            }
+            self.agent_heartbeat = v;
         }
         if let Some(v) = file.resync_gap {
             self.resync_gap = i64::from(v.get());
@@ -597,6 +609,7 @@ struct FileConfig {
     max_attempts: Option<u32>,
     cancel_grace: Option<String>,
     liveness: Option<String>,
+    agent_heartbeat: Option<String>,
     resync_gap: Option<std::num::NonZeroU32>,
     block_cooldown: Option<String>,
     circuit_cooldown: Option<String>,

@@ -214,3 +214,42 @@ async fn pipe(mux: Mux, id: u32, tcp: TcpStream, mut rx: mpsc::Receiver<Inbound>
     tokio::join!(upstream, downstream);
     mux.lock().remove(&id);
 }
+
+/// When the link last heard from its peer (set by its reader).
+pub struct Heard {
+    epoch: tokio::time::Instant,
+    ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Heard {
+    fn default() -> Heard {
+        Heard {
+            epoch: tokio::time::Instant::now(),
+            ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heard {
+    pub fn now(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn at(&self) -> tokio::time::Instant {
+        self.epoch + std::time::Duration::from_millis(self.ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Ends once nothing has been heard for three `heartbeat`s. Both ends ping every
+/// `heartbeat`, so a live peer is always heard; this is how a connection that a NAT or
+/// a dead machine dropped without a word is found, rather than after TCP's hours.
+pub async fn silence(heard: &Heard, heartbeat: std::time::Duration) {
+    loop {
+        let until = heard.at() + heartbeat * 3;
+        if tokio::time::Instant::now() >= until {
+            return;
+        }
+        tokio::time::sleep_until(until).await;
+    }
+}

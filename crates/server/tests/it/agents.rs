@@ -21,6 +21,7 @@ fn agent_config(server: &str, comfyui: &str) -> AgentConfig {
         max_backoff: Duration::from_millis(200),
         spawn: None,
         allow: Vec::new(),
+        heartbeat: Duration::from_millis(200),
     }
 }
 
@@ -448,4 +449,94 @@ async fn a_link_that_drops_while_a_prompt_runs_ends_with_the_job_succeeded_once(
     second.await.unwrap().unwrap();
     app.shutdown().await;
     sim.shutdown().await;
+}
+
+/// A TCP proxy that can swallow its open connections: after `swallow`, every byte on
+/// them is dropped and neither end is told (a NAT that forgot the mapping). Connections
+/// made later pass.
+struct BlackHole {
+    addr: std::net::SocketAddr,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl BlackHole {
+    async fn start(upstream: std::net::SocketAddr) -> BlackHole {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let g = generation.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let born = g.load(Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut r, mut w) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    ),
+                    (Box::new(sr), Box::new(cw)),
+                ] {
+                    let g = g.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            // Swallowed: read and dropped, the socket kept open.
+                            if g.load(Ordering::SeqCst) != born {
+                                continue;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        BlackHole { addr, generation }
+    }
+
+    fn swallow(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_link_a_nat_silently_dropped_is_found_by_its_heartbeat_and_made_anew() {
+    let sim = gantry_sim::spawn(sim_config()).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), data.path().join("d"));
+    config.liveness = Duration::from_millis(300);
+    config.agent_heartbeat = Duration::from_millis(200);
+    let app = TestApp::attach(Server::start(config).await.unwrap());
+    let hole = BlackHole::start(app.server.addr).await;
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(agent::run(
+        agent_config(&format!("http://{}", hole.addr), &sim.url()),
+        stop.clone(),
+    ));
+    wait_status(&app, "gpu-behind-nat", "idle").await;
+    // The NAT forgets the link: nothing passes, nobody is told.
+    hole.swallow();
+    wait_status(&app, "gpu-behind-nat", "offline").await;
+    // The agent finds it too, and links anew (a new connection passes).
+    wait_status(&app, "gpu-behind-nat", "idle").await;
+    let id = app
+        .submit_ok(&json!({"workflow": tiny_workflow("after-nat"), "tags": ["nat"]}))
+        .await;
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    app.shutdown().await;
 }

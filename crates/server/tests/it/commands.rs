@@ -25,6 +25,7 @@ fn agent_config(server: &str, comfyui: &str, allow: &[&str]) -> AgentConfig {
         max_backoff: Duration::from_millis(200),
         spawn: None,
         allow: allow.iter().map(|a| a.to_string()).collect(),
+        heartbeat: Duration::from_millis(200),
     }
 }
 

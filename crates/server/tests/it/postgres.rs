@@ -540,6 +540,7 @@ async fn an_agent_links_to_one_coordinator_and_the_whole_farm_uses_it() {
         max_backoff: Duration::from_millis(200),
         spawn: None,
         allow: vec!["/bin/sh".into()],
+        heartbeat: Duration::from_millis(200),
     };
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(agent::run(agent_to(&c1.url), stop.clone()));
