@@ -109,12 +109,14 @@ async fn follow(
         .map(|c| c.program().to_owned())
         .unwrap_or_default();
     let mut give_up = Instant::now() + limit + grace + WORD_SLACK;
-    let deadline = a
+    let mut deadline = a
         .deadline
         .map(|(at, _)| Instant::now() + Duration::from_millis((at - now_ms()).max(0) as u64));
-    // A cancel waits for the agent's word that the group is gone; a stop without
-    // confirmation (the job ended already) only asks.
+    // A cancel waits for the agent's word that the group is gone, and so does a stop
+    // without confirmation (the job ended already: `abandoned`), so that the agent
+    // takes nothing new while the old program's group is still being killed.
     let mut cancelling = false;
+    let mut abandoned = false;
     let failed = |kind: FailureKind, code: &str, message: String, details: Value| Input::Failed {
         attempt: a.attempt,
         failure: Failure {
@@ -128,7 +130,7 @@ async fn follow(
         tokio::select! {
             m = rx.recv() => {
                 let Some(m) = m else {
-                    return Some(failed(FailureKind::Backend, "command_lost", "the agent's link closed".into(), json!({})));
+                    return (!abandoned).then(|| failed(FailureKind::Backend, "command_lost", "the agent's link closed".into(), json!({})));
                 };
                 match m["type"].as_str() {
                     Some("command_started") => {
@@ -143,7 +145,9 @@ async fn follow(
                             line: m["line"].as_str().unwrap_or_default().to_owned(),
                         },
                     }),
+                    Some("command_exit") if abandoned => return None,
                     Some("command_exit") => return Some(ended(a, &program, &m, cancelling)),
+                    Some("command_lost") if abandoned => return None,
                     Some("command_lost") => {
                         return Some(if cancelling {
                             Input::CancelConfirmed { attempt: a.attempt }
@@ -159,25 +163,28 @@ async fn follow(
                     _ => {}
                 }
             }
-            s = stop.recv() => {
-                let confirm = s.unwrap_or(false);
+            s = stop.recv(), if !cancelling && !abandoned => {
                 engine.agents().cancel_command(backend, &job, a.attempt).await;
-                if !confirm {
-                    // Over for gantry already; the agent kills the group on its own.
-                    return None;
+                match s {
+                    Some(true) => cancelling = true,
+                    // Over for gantry already (or the engine let go of this backend).
+                    Some(false) | None => abandoned = true,
                 }
-                cancelling = true;
                 give_up = give_up.min(Instant::now() + grace + WORD_SLACK);
             }
             _ = tokio::time::sleep_until(deadline_at), if deadline.is_some() => {
+                deadline = None;
                 let limit_ms = a.deadline.map_or(0, |(_, ms)| ms);
-                // The transition stops the attempt (a stop without confirmation).
                 let _ = engine.apply_held(&a.job_id, Input::DeadlinePassed { limit_ms }).await;
                 engine.agents().cancel_command(backend, &job, a.attempt).await;
-                return None;
+                abandoned = true;
+                give_up = give_up.min(Instant::now() + grace + WORD_SLACK);
             }
             _ = tokio::time::sleep_until(give_up) => {
                 engine.agents().cancel_command(backend, &job, a.attempt).await;
+                if abandoned {
+                    return None;
+                }
                 return Some(if cancelling {
                     Input::CancelConfirmed { attempt: a.attempt }
                 } else {

@@ -462,3 +462,33 @@ async fn an_agent_cannot_report_an_attempt_leased_to_another() {
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert_eq!(job["result"]["tail"], json!(["real"]));
 }
+
+#[tokio::test]
+async fn a_command_past_the_jobs_deadline_is_stopped_before_the_agent_takes_more() {
+    // A long grace: the program ignores SIGTERM, so its group lives until the SIGKILL.
+    let f = farm(&[SH], |c| c.cancel_grace = Duration::from_secs(5)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pgid");
+    let script = format!("trap '' TERM; echo $$ > {}; sleep 600", pid_file.display());
+    let mut body = command_job(&script);
+    body["timeouts"] = json!({"deadline_ms": 2000});
+    let id = f.app.submit_ok(&body).await;
+    let next = f.app.submit_ok(&command_job("echo next")).await;
+    let job = f.app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "failed", "{job:#}");
+    let pgid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The job is over, its program not yet: the agent stays taken until it is gone.
+    let list = f.app.get_json("/v1/backends").await;
+    assert_eq!(list["backends"][0]["current_job"], json!(id), "{list:#}");
+    assert_eq!(f.app.get_job(&next).await["state"], "queued");
+    let next = f.app.wait_terminal(&next).await;
+    assert_eq!(next["state"], "succeeded", "{next:#}");
+    assert!(
+        !group_alive(pgid),
+        "the first command's group outlived its job"
+    );
+}
