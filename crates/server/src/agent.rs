@@ -4,12 +4,12 @@
 //! running meanwhile keeps running in ComfyUI, and the coordinator's driver finds it
 //! (queue, then history, then the output files) once the link is back.
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
 use crate::tunnel::Mux;
@@ -291,7 +291,7 @@ async fn link(
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(server = %config.server, name = %config.name, "agent: linked");
-    let (mut sink, mut stream) = socket.split();
+    let (sink, stream) = socket.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(256);
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<serde_json::Value>();
     let mux = Mux::new(out_tx).with_control(ctl_tx);
@@ -352,22 +352,6 @@ async fn link(
         }
         std::future::pending::<()>().await
     };
-    let heard = crate::tunnel::Heard::default();
-    let writer = async {
-        let mut ping = tokio::time::interval(config.heartbeat);
-        loop {
-            let sent = tokio::select! {
-                f = out_rx.recv() => match f {
-                    Some(f) => sink.send(Message::Binary(f.into())).await,
-                    None => return,
-                },
-                _ = ping.tick() => sink.send(Message::Ping(Default::default())).await,
-            };
-            if sent.is_err() {
-                return;
-            }
-        }
-    };
     // Bounded: an OPEN is handled on the link's reader, which a hung connect would hold.
     let connect = || async {
         match tokio::time::timeout(LOCAL_CONNECT, TcpStream::connect(local.to_owned())).await {
@@ -378,23 +362,21 @@ async fn link(
             )),
         }
     };
-    let reader = async {
-        while let Some(Ok(msg)) = stream.next().await {
-            heard.now();
-            match msg {
-                Message::Binary(b) => mux.dispatch(&b, Some(&connect)).await,
-                Message::Close(_) => return,
-                _ => {}
+    let carried = crate::tunnel::carry(
+        sink,
+        stream,
+        &mut out_rx,
+        config.heartbeat,
+        &mux,
+        Some(&connect),
+    );
+    tokio::select! {
+        end = carried => {
+            if end == crate::tunnel::LinkEnd::Silent {
+                tracing::warn!(server = %config.server, "agent: nothing from the coordinator for three heartbeats; linking anew");
             }
         }
-    };
-    tokio::select! {
-        _ = writer => {}
-        _ = reader => {}
         _ = controls => {}
-        _ = crate::tunnel::silence(&heard, config.heartbeat) => {
-            tracing::warn!(server = %config.server, "agent: nothing from the coordinator for three heartbeats; linking anew");
-        }
         _ = stop.cancelled() => {}
     }
     *current.lock().unwrap_or_else(|p| p.into_inner()) = None;

@@ -4,10 +4,10 @@
 //! that name. While the link is down the listener refuses every connection, so the
 //! backend goes offline exactly as an unreachable URL backend does.
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -488,46 +488,16 @@ async fn serve_link(
         cluster.check.notify_one();
     }
     tracing::info!(agent = %name, "agent connected");
-    let (mut sink, mut stream) = socket.split();
+    let (sink, stream) = socket.split();
     let heartbeat = engine.config().agent_heartbeat;
-    let heard = crate::tunnel::Heard::default();
-    let writer = async {
-        let mut ping = tokio::time::interval(heartbeat);
-        loop {
-            let sent = tokio::select! {
-                f = out_rx.recv() => match f {
-                    Some(f) => sink.send(Message::Binary(f.into())).await,
-                    None => return,
-                },
-                _ = ping.tick() => sink.send(Message::Ping(Default::default())).await,
-            };
-            if sent.is_err() {
-                return;
-            }
-        }
-    };
-    let reader = async {
-        while let Some(Ok(msg)) = stream.next().await {
-            heard.now();
-            match msg {
-                Message::Binary(b) => {
-                    mux.dispatch(
-                        &b,
-                        None::<&fn() -> std::future::Ready<std::io::Result<tokio::net::TcpStream>>>,
-                    )
-                    .await
-                }
-                Message::Close(_) => return,
-                _ => {}
-            }
-        }
-    };
+    // The coordinator opens streams; the agent may not.
+    let refuse_opens = None::<&fn() -> std::future::Ready<std::io::Result<tokio::net::TcpStream>>>;
     let stop = engine.shutdown_token().clone();
     tokio::select! {
-        _ = writer => {}
-        _ = reader => {}
-        _ = crate::tunnel::silence(&heard, heartbeat) => {
-            tracing::warn!(agent = %name, "nothing from the agent for three heartbeats: the link is dropped");
+        end = crate::tunnel::carry(sink, stream, &mut out_rx, heartbeat, &mux, refuse_opens) => {
+            if end == crate::tunnel::LinkEnd::Silent {
+                tracing::warn!(agent = %name, "nothing from the agent for three heartbeats: the link is dropped");
+            }
         }
         _ = stop.cancelled() => {}
     }

@@ -253,3 +253,112 @@ pub async fn silence(heard: &Heard, heartbeat: std::time::Duration) {
         tokio::time::sleep_until(until).await;
     }
 }
+
+/// A link's WebSocket message, as `carry` sees it: both ends' libraries (axum on the
+/// coordinator, tungstenite on the agent) have their own type.
+pub trait LinkMessage: Sized {
+    fn binary(frame: Vec<u8>) -> Self;
+    fn ping() -> Self;
+    fn into_incoming(self) -> Incoming;
+}
+
+/// What a message from the peer is to the link.
+pub enum Incoming {
+    Frame(Bytes),
+    Close,
+    /// A ping, a pong, text: only a sign of life.
+    Other,
+}
+
+impl LinkMessage for axum::extract::ws::Message {
+    fn binary(frame: Vec<u8>) -> Self {
+        Self::Binary(frame.into())
+    }
+    fn ping() -> Self {
+        Self::Ping(Bytes::new())
+    }
+    fn into_incoming(self) -> Incoming {
+        match self {
+            Self::Binary(b) => Incoming::Frame(b),
+            Self::Close(_) => Incoming::Close,
+            _ => Incoming::Other,
+        }
+    }
+}
+
+impl LinkMessage for tokio_tungstenite::tungstenite::Message {
+    fn binary(frame: Vec<u8>) -> Self {
+        Self::Binary(frame.into())
+    }
+    fn ping() -> Self {
+        Self::Ping(Bytes::new())
+    }
+    fn into_incoming(self) -> Incoming {
+        match self {
+            Self::Binary(b) => Incoming::Frame(b),
+            Self::Close(_) => Incoming::Close,
+            _ => Incoming::Other,
+        }
+    }
+}
+
+/// How a link ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkEnd {
+    /// Closed, or a read or write failed.
+    Closed,
+    /// Nothing from the peer for three heartbeats.
+    Silent,
+}
+
+/// Carries one link until it ends: what `out` holds goes to the peer, with a ping every
+/// `heartbeat`; each binary frame from the peer goes to `mux` (`connect` opens the local
+/// end of a stream the peer opens; `None` refuses them).
+pub async fn carry<M, Si, St, E, F, Fut>(
+    mut sink: Si,
+    mut stream: St,
+    out: &mut mpsc::Receiver<Vec<u8>>,
+    heartbeat: std::time::Duration,
+    mux: &Mux,
+    connect: Option<&F>,
+) -> LinkEnd
+where
+    M: LinkMessage,
+    Si: futures_util::Sink<M> + Unpin,
+    St: futures_util::Stream<Item = Result<M, E>> + Unpin,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<TcpStream>>,
+{
+    use futures_util::{SinkExt, StreamExt};
+    let heard = Heard::default();
+    let writer = async {
+        let mut ping = tokio::time::interval(heartbeat);
+        loop {
+            let sent = tokio::select! {
+                f = out.recv() => match f {
+                    Some(f) => sink.send(M::binary(f)).await,
+                    None => return,
+                },
+                _ = ping.tick() => sink.send(M::ping()).await,
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    };
+    let reader = async {
+        while let Some(Ok(msg)) = stream.next().await {
+            heard.now();
+            match msg.into_incoming() {
+                Incoming::Frame(f) => mux.dispatch(&f, connect).await,
+                Incoming::Other => {}
+                Incoming::Close => return,
+            }
+        }
+    };
+    tokio::select! {
+        _ = writer => LinkEnd::Closed,
+        _ = reader => LinkEnd::Closed,
+        _ = silence(&heard, heartbeat) => LinkEnd::Silent,
+    }
+}
