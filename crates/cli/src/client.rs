@@ -349,6 +349,97 @@ pub async fn submit(a: SubmitArgs) -> Result<ExitCode, Error> {
         nodes,
         a.out.as_deref(),
         a.detach,
+        false,
+    )
+    .await)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    /// The program, by the absolute path an agent allows (`gantry agent --allow`), then
+    /// its arguments (after `--`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROGRAM"
+    )]
+    argv: Vec<String>,
+    #[command(flatten)]
+    opts: ServerOpts,
+    /// A tag the agent must have; repeatable.
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Picks the limit in the server's [timeouts.command] (model_download, ...).
+    #[arg(long)]
+    operation: Option<String>,
+    /// The command's own limit, e.g. 10m, over the operation's.
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// An environment variable for the program; repeatable.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// Where it runs on the agent's machine (absolute).
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<String>,
+    /// On Ctrl+C, stop following and leave the command running instead of killing it.
+    #[arg(long)]
+    detach: bool,
+}
+
+/// `gantry exec`: a command job, followed to its end: the program's stdout and stderr
+/// come out here as they are written, and Ctrl+C kills its process group on the agent.
+pub async fn exec(a: ExecArgs) -> Result<ExitCode, Error> {
+    let mut env = std::collections::BTreeMap::new();
+    for kv in &a.env {
+        match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                env.insert(k.to_owned(), v.to_owned());
+            }
+            _ => return Ok(fail(USAGE, format!("--env {kv}: use NAME=VALUE"))),
+        }
+    }
+    let timeout_ms = match &a.timeout {
+        None => None,
+        Some(t) => match gantry_server::config::parse_duration("--timeout", t) {
+            Ok(d) if !d.is_zero() => Some(d.as_millis() as u64),
+            Ok(_) => return Ok(fail(USAGE, "--timeout 0: a command must have a limit")),
+            Err(e) => return Ok(fail(USAGE, e)),
+        },
+    };
+    let body = SubmitRequest {
+        kind: Some(gantry_client::wire::JobKind::Command),
+        command: Some(gantry_client::wire::CommandRequest {
+            argv: a.argv.clone(),
+            env,
+            cwd: a.cwd.clone(),
+            operation: a.operation.clone(),
+            timeout_ms,
+        }),
+        tags: a.tags.clone(),
+        ..SubmitRequest::default()
+    };
+    let client = a.opts.client()?;
+    let accepted = match client.submit(&body).await {
+        Ok(accepted) => accepted,
+        Err(Error::Api(r)) if r.status == 400 => {
+            return Ok(fail(
+                USAGE,
+                format!("the server refused the command: {}", r.message),
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    eprintln!("job {}", accepted.id);
+    Ok(follow(
+        &client,
+        &accepted.id,
+        &a.opts,
+        true,
+        0,
+        None,
+        a.detach,
+        true,
     )
     .await)
 }
@@ -363,6 +454,7 @@ pub async fn watch(a: WatchArgs) -> Result<ExitCode, Error> {
         0,
         a.out.as_deref(),
         a.detach,
+        false,
     )
     .await)
 }
@@ -505,6 +597,7 @@ fn apply_set(graph: &mut Map<String, Value>, set: &str) -> Result<(), String> {
 
 /// Follow job `id` until it ends, then answer its exit code. Ctrl+C cancels it on the
 /// server (or, with `detach`, leaves it running); a second Ctrl+C exits at once.
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     client: &Client,
     id: &str,
@@ -513,8 +606,9 @@ async fn follow(
     nodes: usize,
     out: Option<&Path>,
     detach: bool,
+    raw_logs: bool,
 ) -> ExitCode {
-    let mut ui = Ui::new(show && !opts.json, nodes);
+    let mut ui = Ui::new(show && !opts.json, nodes, raw_logs);
     let watch_timeout = match opts.settings() {
         Ok(s) => s.watch_timeout,
         Err(e) => return error_exit(&e),
@@ -705,14 +799,17 @@ async fn download_all(client: &Client, job: &Job, dir: &Path) -> Result<Vec<Stri
 /// Progress on stderr: bars on a terminal, one line per event elsewhere.
 struct Ui {
     show: bool,
+    /// A command's output goes to stdout and stderr as its program wrote it (`exec`),
+    /// not as prefixed progress lines.
+    raw_logs: bool,
     bars: Option<(MultiProgress, ProgressBar, ProgressBar)>,
     started: HashSet<String>,
     backend: String,
 }
 
 impl Ui {
-    fn new(show: bool, nodes: usize) -> Ui {
-        let bars = (show && std::io::stderr().is_terminal()).then(|| {
+    fn new(show: bool, nodes: usize, raw_logs: bool) -> Ui {
+        let bars = (show && !raw_logs && std::io::stderr().is_terminal()).then(|| {
             let multi = MultiProgress::new();
             let overall = multi.add(ProgressBar::new(nodes as u64));
             overall.set_style(
@@ -730,6 +827,7 @@ impl Ui {
         });
         Ui {
             show,
+            raw_logs,
             bars,
             started: HashSet::new(),
             backend: String::new(),
@@ -808,6 +906,10 @@ impl Ui {
             )),
             "cancel_requested" => self.line("cancel requested"),
             // A command job's output, as its program wrote it.
+            "log" if self.raw_logs => match d["stream"].as_str() {
+                Some("stderr") => eprintln!("{}", s("line")),
+                _ => println!("{}", s("line")),
+            },
             "log" => self.line(&format!("[{}] {}", s("stream"), s("line"))),
             _ => {}
         }
@@ -949,7 +1051,17 @@ pub async fn retry(a: RetryArgs) -> Result<ExitCode, Error> {
         return Ok(ExitCode::SUCCESS);
     }
     let nodes = body.workflow.len();
-    Ok(follow(&client, &accepted.id, &a.opts, true, nodes, None, false).await)
+    Ok(follow(
+        &client,
+        &accepted.id,
+        &a.opts,
+        true,
+        nodes,
+        None,
+        false,
+        false,
+    )
+    .await)
 }
 
 /// The backends as this server sees them: a table, or `--json`.

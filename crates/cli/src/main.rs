@@ -50,6 +50,9 @@ enum Command {
     Submit(client::SubmitArgs),
     /// Follow a job until it ends (Ctrl+C cancels it on the server).
     Watch(client::WatchArgs),
+    /// Run a program on an agent that allows it, as a command job: its output comes
+    /// here, Ctrl+C kills it there (gantry exec --tag gpu -- /usr/bin/prog args).
+    Exec(client::ExecArgs),
     /// Cancel jobs, down to the backend.
     Cancel(client::CancelArgs),
     /// Show one job: state, attempts, outputs, error.
@@ -213,6 +216,7 @@ async fn main() -> std::process::ExitCode {
         // The client commands answer their own exit codes (see client.rs).
         Command::Submit(args) => return client::exit(client::submit(args).await),
         Command::Watch(args) => return client::exit(client::watch(args).await),
+        Command::Exec(args) => return client::exit(client::exec(args).await),
         Command::Cancel(args) => return client::exit(client::cancel(args).await),
         Command::Show(args) => return client::exit(client::show(args).await),
         Command::Jobs(args) => return client::exit(client::jobs(args).await),

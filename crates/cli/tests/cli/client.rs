@@ -1494,3 +1494,148 @@ fn lines_until(
     }
     (rx, seen)
 }
+
+/// A child process killed (and reaped) when dropped, a failed test included.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `gantry agent` named `name` allowing /bin/sh in front of the farm's simulator,
+/// and waits until the coordinator shows its allow-list.
+async fn command_agent(farm: &Farm, dir: &Path, name: &str) -> Reaped {
+    let state = dir.join(format!("{name}.json"));
+    let agent = Reaped(
+        farm.gantry(&[
+            "agent",
+            "--state",
+            state.to_str().unwrap(),
+            "--server",
+            &farm.server.url(),
+            "--name",
+            name,
+            "--tag",
+            "cmd",
+            "--comfyui",
+            &farm.sim.url(),
+            "--allow",
+            "/bin/sh",
+            "--heartbeat",
+            "1s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list: Value = farm
+            .http
+            .get(format!("{}/v1/backends", farm.server.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let allows = list["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["name"] == name && b["allow"] == json!(["/bin/sh"]));
+        if allows {
+            return agent;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never said what it allows: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gantry_exec_runs_a_program_on_an_agent_and_ctrl_c_kills_its_process_group() {
+    use std::io::BufRead;
+    let farm = farm(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = command_agent(&farm, dir.path(), "exec-1").await;
+    // Its output comes out as written: stdout here on stdout, stderr on stderr.
+    let o = run(farm.gantry(&[
+        "exec",
+        "--tag",
+        "cmd",
+        "--env",
+        "WHO=agent",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo hello from $WHO; echo warning >&2",
+    ]))
+    .await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello from agent\n");
+    assert!(stderr(&o).contains("warning\n"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("command exited with code 0"),
+        "{}",
+        stderr(&o)
+    );
+    // A failing program: exit 1, its code named.
+    let o = run(farm.gantry(&["exec", "--tag", "cmd", "--", "/bin/sh", "-c", "exit 3"])).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("exited with code 3"), "{}", stderr(&o));
+    // A program no agent allows: refused, exit 2.
+    let o = run(farm.gantry(&["exec", "--", "/usr/bin/env"])).await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not allow program \"/usr/bin/env\""),
+        "{}",
+        stderr(&o)
+    );
+    // Ctrl+C reaches the agent and kills the whole group.
+    let mut exec = farm
+        .gantry(&[
+            "exec",
+            "--tag",
+            "cmd",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo $$; sleep 600 & sleep 600; wait",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = exec.stdout.take().unwrap();
+    let pgid: u32 = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line).unwrap();
+        line.trim().parse().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(gantry_server::process::group_alive(pgid));
+    let pid = exec.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || exec.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        !gantry_server::process::group_alive(pgid),
+        "a process of the command's group survived Ctrl+C"
+    );
+}
