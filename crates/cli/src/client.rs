@@ -967,6 +967,21 @@ pub async fn show(a: JobArgs) -> Result<ExitCode, Error> {
     );
     println!("priority  {}", job.priority);
     println!("created   {}", job.created_at);
+    if let Some(c) = &job.command {
+        // Shell-quoted only as far as a reader needs to see the words apart.
+        let words: Vec<String> = c
+            .argv
+            .iter()
+            .map(|w| {
+                if w.is_empty() || w.contains(char::is_whitespace) {
+                    format!("{w:?}")
+                } else {
+                    w.clone()
+                }
+            })
+            .collect();
+        println!("command   {}", words.join(" "));
+    }
     for a in &job.attempts {
         let error = a
             .error
@@ -988,6 +1003,16 @@ pub async fn show(a: JobArgs) -> Result<ExitCode, Error> {
     }
     if let Some(n) = &job.note {
         println!("note      {n}");
+    }
+    if let Some(r) = &job.result {
+        match (r.exit_code, r.signal) {
+            (Some(code), _) => println!("exit code {code}"),
+            (None, Some(sig)) => println!("signal    {sig}"),
+            _ => {}
+        }
+        for line in &r.tail {
+            println!("  | {line}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1119,13 +1144,20 @@ async fn list_backends(client: &Client, json_out: bool) -> Result<ExitCode, Erro
         } else {
             b.tags.join(",")
         };
+        // An agent's URL is a listener on this coordinator: say what it is instead.
+        let reach = match (b.kind, &b.allow) {
+            (gantry_client::wire::BackendKind::Agent, Some(allow)) if !allow.is_empty() => {
+                format!("agent (allows {})", allow.join(", "))
+            }
+            (gantry_client::wire::BackendKind::Agent, _) => "agent".to_owned(),
+            (gantry_client::wire::BackendKind::Url, _) => b.url.clone(),
+        };
         println!(
-            "{:<16}  {:<10}  {:<38}  {:<12}  {}",
+            "{:<16}  {:<10}  {:<38}  {:<12}  {reach}",
             b.name,
             b.status.as_str(),
             b.current_job.as_deref().unwrap_or("-"),
             tags,
-            b.url
         );
     }
     Ok(ExitCode::SUCCESS)

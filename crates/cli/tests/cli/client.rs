@@ -1587,6 +1587,27 @@ async fn gantry_exec_runs_a_program_on_an_agent_and_ctrl_c_kills_its_process_gro
         "{}",
         stderr(&o)
     );
+    let err = stderr(&o);
+    let id = err
+        .lines()
+        .find_map(|l| l.strip_prefix("job "))
+        .unwrap_or_else(|| panic!("{err}"))
+        .to_owned();
+    let o = run(farm.gantry(&["show", &id])).await;
+    let shown = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        shown.contains("command   /bin/sh -c \"echo hello from $WHO; echo warning >&2\""),
+        "{shown}"
+    );
+    assert!(shown.contains("exit code 0"), "{shown}");
+    assert!(shown.contains("  | hello from agent"), "{shown}");
+    let o = run(farm.gantry(&["backends"])).await;
+    let rows = String::from_utf8_lossy(&o.stdout).into_owned();
+    let row = rows
+        .lines()
+        .find(|l| l.starts_with("exec-1"))
+        .unwrap_or_else(|| panic!("{rows}"));
+    assert!(row.ends_with("agent (allows /bin/sh)"), "{rows}");
     // A failing program: exit 1, its code named.
     let o = run(farm.gantry(&["exec", "--tag", "cmd", "--", "/bin/sh", "-c", "exit 3"])).await;
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
