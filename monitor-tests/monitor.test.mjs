@@ -380,3 +380,39 @@ test('with tokens on: the page signs in, and an admin lifts a block from it', as
   await stop(server);
   for (const s of sims) s.child.kill('SIGKILL');
 });
+
+test('an agent shows as one beside URL backends, and a command job shows its program and result', async () => {
+  const port = await freePort();
+  const s = await sim(port);
+  const server = await serve([]);
+  const state = mkdtempSync(join(tmpdir(), 'gantry-agent-'));
+  const agent = spawn(GANTRY, ['agent', '--server', server.url, '--name', 'a0', '--state', join(state, 'agent.json'),
+    '--comfyui', `http://127.0.0.1:${port}`, '--allow', '/bin/sh'], { stdio: 'ignore', env: { ...process.env, RUST_LOG: 'warn' } });
+  children.add(agent);
+  const page = await openPage(server.url);
+  await waitFor('the agent idle', async () => (await badge(page, 'a0').textContent().catch(() => '')) === 'idle');
+  const kind = page.locator('#backends tr[data-backend="a0"] .kind');
+  assert.equal(await kind.textContent(), 'agent');
+  assert.equal(await kind.getAttribute('title'), 'runs commands: /bin/sh');
+  const r = await fetch(`${server.url}/v1/jobs`, { method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ kind: 'command', command: { argv: ['/bin/sh', '-c', 'echo fetched 3 files; exit 0'] } }) });
+  const { id } = await r.json();
+  assert.equal(r.status, 202);
+  await waitFor('the command ends succeeded on the page', async () => (await page.locator(`#recent tr[data-job="${id}"] .badge`).textContent().catch(() => '')) === 'succeeded');
+  await page.locator(`#recent tr[data-job="${id}"] a.job`).click();
+  await waitFor('its program and result drawn', async () => (await page.locator('#job .tail').count()) === 1);
+  assert.equal(await page.locator('#job .command').textContent(), '/bin/sh -c echo fetched 3 files; exit 0');
+  assert.equal(await page.locator('#job .exit').textContent(), 'exit code 0');
+  assert.equal(await page.locator('#job .tail').textContent(), 'fetched 3 files');
+  // A command runs no nodes: no timeline, no "incomplete record".
+  assert.equal(await page.locator('#job .timeline').count(), 0);
+  assert.equal(await page.locator('#job .err').count(), 0);
+  await page.screenshot({ path: join(ARTIFACTS, 'g1-agent-command.png') });
+  assert.deepEqual(page.errors, []);
+  await page.close();
+  agent.kill('SIGTERM');
+  await new Promise((ok) => (agent.exitCode !== null ? ok() : agent.once('exit', ok)));
+  rmSync(state, { recursive: true, force: true });
+  await stop(server);
+  s.child.kill('SIGKILL');
+});

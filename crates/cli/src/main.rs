@@ -323,14 +323,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.insecure {
         config.insecure = true;
     }
-    if config.backends.is_empty() {
-        anyhow::bail!(
-            "no backends: give --backend [NAME=]URL (a ComfyUI server) or [[backends]] in --config"
-        );
-    }
+    let configured = !config.backends.is_empty();
     let server = gantry_server::Server::start(config)
         .await
         .context("cannot start gantry")?;
+    // None configured is a farm of agents (or of backends added at run time): say how
+    // one joins, since jobs wait until then.
+    if !configured && server.engine.backends().is_empty() {
+        tracing::warn!(
+            "no backends yet: jobs wait for one. Give --backend [NAME=]URL (a ComfyUI server) or [[backends]] in --config, add one with `gantry backends add URL`, or link a GPU machine with `gantry agent --server {}`",
+            server.url()
+        );
+    }
     println!("gantry: serving on {}", server.url());
     tokio::signal::ctrl_c()
         .await

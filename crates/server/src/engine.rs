@@ -720,7 +720,9 @@ impl Engine {
                     .attempts
                     .iter()
                     .any(|b| b.number == a.number && b.status.is_live());
-                if was_live && !a.status.is_live() && a.profile.is_none() {
+                // A command runs no nodes: it has no profile.
+                let command = before.spec.command.is_some();
+                if was_live && !a.status.is_live() && a.profile.is_none() && !command {
                     let builder = profiles.get(&(before.id.clone(), a.number));
                     let profile = builder.cloned().unwrap_or_default();
                     a.profile = Some(Box::new(profile.finish(&before.spec.workflow, a)));

@@ -325,7 +325,11 @@ function render() {
       ? `<button data-act="resume" data-name="${esc(b.name)}">undrain</button>`
       : `<button data-act="drain" data-name="${esc(b.name)}">drain</button>`;
     const p = b.progress;
-    rows.push(`<tr data-backend="${esc(b.name)}"><td>${esc(b.name)}</td>`
+    // An agent's URL is a listener on the coordinator; what it allows says more.
+    const kind = b.kind === 'agent'
+      ? ` <span class="kind" title="${esc(b.allow?.length ? `runs commands: ${b.allow.join(', ')}` : 'runs no commands')}">agent</span>`
+      : '';
+    rows.push(`<tr data-backend="${esc(b.name)}"><td>${esc(b.name)}${kind}</td>`
       + `<td><span class="badge" data-status="${esc(b.status)}">${esc(b.status)}</span>${b.circuit?.state === 'open' ? ' circuit open' : ''}</td>`
       + `<td class="id">${jobLink(b.current_job)}</td><td>${esc(p?.node ?? '')} ${esc(p?.class_type ?? '')}</td>`
       + `<td>${bar(p)}</td><td>${blocks}</td><td class="heard">${ago(heard)}</td><td>${drain}</td></tr>`);
@@ -383,11 +387,17 @@ async function refreshJob() {
   const parts = [`<h2 class="mono">${esc(job.id)}</h2>`,
     `<p><span class="badge" data-state="${esc(job.state)}">${esc(job.state)}</span> priority ${esc(job.priority)} · created ${esc(job.created_at)}`
     + (TERMINAL.has(job.state) ? '' : ` <button data-act="cancel" data-job="${esc(job.id)}">cancel</button>`) + '</p>'];
+  if (job.command) parts.push(`<p class="command mono">${esc(job.command.argv.join(' '))}</p>`);
   if (job.error) parts.push(`<p class="err">${esc(job.error.code)}: ${esc(job.error.message)}</p>`);
+  if (job.result) {
+    const how = job.result.exit_code !== null && job.result.exit_code !== undefined
+      ? `exit code ${job.result.exit_code}` : `signal ${job.result.signal}`;
+    parts.push(`<p class="exit">${esc(how)}</p><pre class="tail mono">${esc(job.result.tail.join('\n'))}</pre>`);
+  }
   for (const a of job.attempts) {
     parts.push(`<h3>attempt ${esc(a.number)} on ${esc(a.backend)}: ${esc(a.status)}</h3>`);
     if (a.error) parts.push(`<p class="err">${esc(a.error.code)}: ${esc(a.error.message)}</p>`);
-    if (a.profile) parts.push(timeline(a.profile));
+    if (a.profile && !job.command) parts.push(timeline(a.profile));
   }
   document.getElementById('job-body').innerHTML = parts.join('');
 }
