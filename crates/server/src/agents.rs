@@ -483,6 +483,10 @@ async fn serve_link(
         }
         Some(_) => {}
     }
+    if let Some(b) = engine.backends().get_mut(&name) {
+        b.linked = true;
+    }
+    engine.wake_scheduler();
     // In a farm only the coordinator an agent links to can drive it: take its lease.
     if let Some(cluster) = engine.cluster() {
         cluster.check.notify_one();
@@ -501,10 +505,18 @@ async fn serve_link(
         }
         _ = stop.cancelled() => {}
     }
-    {
+    let ours = {
         let mut link = slot.lock();
-        if link.as_ref().is_some_and(|(i, _)| *i == id) {
+        let ours = link.as_ref().is_some_and(|(i, _)| *i == id);
+        if ours {
             *link = None;
+        }
+        ours
+    };
+    // (A newer link of the same agent keeps it linked.)
+    if ours {
+        if let Some(b) = engine.backends().get_mut(&name) {
+            b.linked = false;
         }
     }
     mux.close_all();

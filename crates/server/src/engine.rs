@@ -100,6 +100,9 @@ pub struct BackendState {
     pub agent: bool,
     /// The agent reports its supervised ComfyUI exiting soon after each start.
     pub crash_looping: bool,
+    /// The agent is linked to this coordinator now: it can run commands, whatever
+    /// state its ComfyUI is in.
+    pub linked: bool,
 }
 
 impl BackendState {
@@ -125,6 +128,7 @@ impl BackendState {
             programs: Some(Arc::default()),
             agent: false,
             crash_looping: false,
+            linked: false,
         }
     }
 
@@ -344,6 +348,7 @@ impl Scheduling<'_> {
     /// queued behind a running prompt there rather than on an idle backend.
     fn choose(&self, job: &Job, only: Option<&str>) -> (Result<String, Choice>, bool) {
         let hash = self.any_blocks.then(|| job.spec.workflow.shape_hash());
+        let command = job.spec.command.is_some();
         let classes: Vec<&str> = job.spec.workflow.nodes().map(|(_, c)| c).collect();
         // An idle backend first; else one whose running prompt can have this one
         // queued behind it.
@@ -363,16 +368,22 @@ impl Scheduling<'_> {
                 .backends
                 .values()
                 .map(|b| Candidate {
-                    blocked: !b.health.accepts_work()
-                        || hash
-                            .as_deref()
-                            .is_some_and(|h| b.health.is_blocked(h, self.now)),
+                    // A command runs on the agent, not in ComfyUI: ComfyUI's health and
+                    // reachability are no matter (a command may be what repairs it).
+                    blocked: !command
+                        && (!b.health.accepts_work()
+                            || hash
+                                .as_deref()
+                                .is_some_and(|h| b.health.is_blocked(h, self.now))),
                     name: &b.config.name,
                     priority: b.config.priority,
                     tags: &b.config.tags,
                     classes: b.classes.as_deref(),
-                    idle: b.connection == Connection::Connected
-                        && !b.draining
+                    idle: if command {
+                        b.linked && b.lease.is_some()
+                    } else {
+                        b.connection == Connection::Connected
+                    } && !b.draining
                         && only.is_none_or(|o| o == b.config.name)
                         && if second {
                             b.current.is_some() && b.accepts_next && b.next.is_none()
@@ -1370,12 +1381,13 @@ impl Engine {
             let health = std::mem::take(&mut b.health);
             let warm = std::mem::take(&mut b.warm_models);
             let classes = b.classes.take();
-            let (programs, agent, looping) = (b.programs.take(), b.agent, b.crash_looping);
+            let (programs, agent, looping, linked) =
+                (b.programs.take(), b.agent, b.crash_looping, b.linked);
             *b = BackendState::new(config, tx);
             b.health = health;
             b.warm_models = warm;
             b.classes = classes;
-            (b.programs, b.agent, b.crash_looping) = (programs, agent, looping);
+            (b.programs, b.agent, b.crash_looping, b.linked) = (programs, agent, looping, linked);
             b.lease = Some(token);
         }
         rx

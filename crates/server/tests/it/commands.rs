@@ -492,3 +492,46 @@ async fn a_command_past_the_jobs_deadline_is_stopped_before_the_agent_takes_more
         "the first command's group outlived its job"
     );
 }
+
+#[tokio::test]
+async fn a_command_runs_on_an_agent_whose_comfyui_is_down_so_it_can_repair_it() {
+    let data = tempfile::tempdir().unwrap();
+    let config = Config::new("127.0.0.1:0".parse().unwrap(), data.path().join("d"));
+    let app = TestApp::attach(Server::start(config).await.unwrap());
+    let stop = CancellationToken::new();
+    // Its ComfyUI cannot start (a missing dependency, say): the backend crash-loops.
+    let mut c = agent_config(&app.url, "http://127.0.0.1:9", &[SH]);
+    c.spawn = Some(gantry_server::supervise::SpawnConfig {
+        command: "echo No module named torch >&2; false".into(),
+        cwd: None,
+        comfyui: "http://127.0.0.1:9".into(),
+    });
+    let running = tokio::spawn(agent::run(c, stop.clone()));
+    poll_until(
+        "crash_looping",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || async {
+            let list = app.get_json("/v1/backends").await;
+            match list["backends"][0]["status"].as_str() {
+                Some("crash_looping") => Ok(()),
+                _ => Err(list),
+            }
+        },
+    )
+    .await;
+    // A workflow waits; the repair command runs at once.
+    let workflow = app
+        .submit_ok(&json!({"workflow": crate::support::tiny_workflow("waits"), "tags": ["cmd"]}))
+        .await;
+    let id = app
+        .submit_ok(&command_job("echo pip install torch: done"))
+        .await;
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["result"]["tail"], json!(["pip install torch: done"]));
+    assert_eq!(app.get_job(&workflow).await["state"], "queued");
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    app.shutdown().await;
+}
