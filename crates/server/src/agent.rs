@@ -235,7 +235,8 @@ async fn run_command(
         },
         Ok(spec) => {
             tracing::info!(job_id = %job, program = ?spec.argv.first(), "agent: command");
-            let (tx, mut rx) = mpsc::unbounded_channel();
+            // Bounded: a program faster than the link loses live lines, not memory.
+            let (tx, mut rx) = mpsc::channel(1024);
             let forward = {
                 let mux = mux.clone();
                 let (job, attempt) = (job.clone(), attempt.clone());

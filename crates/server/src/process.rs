@@ -47,13 +47,19 @@ pub struct Exit {
     pub tail: Vec<String>,
     pub message: String,
     pub timeout_ms: u64,
+    /// Lines the live stream lost (the link was slower than the program).
+    pub dropped: u64,
 }
 
 /// Runs `spec` if `allow` names its program; `events` hears the start and each line.
+/// `events` is bounded: a program that writes faster than the link carries loses lines
+/// from the live stream (never from `Exit::tail`), counted in `Exit::dropped` and told
+/// in a line of gantry's own once there is room again; the pipes are always drained, so
+/// the program never blocks on its output.
 pub async fn run(
     spec: &Spec,
     allow: &[String],
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
     cancel: CancellationToken,
 ) -> Exit {
     let program = spec.argv.first().cloned().unwrap_or_default();
@@ -98,7 +104,7 @@ pub async fn run(
         exit.message = "the process ended before it could be followed".into();
         return exit;
     };
-    let _ = events.send(Event::Started { pid });
+    let _ = events.try_send(Event::Started { pid });
     let (lines_tx, mut lines) = mpsc::unbounded_channel();
     if let Some(out) = child.stdout.take() {
         tokio::spawn(read_lines(out, "stdout", lines_tx.clone()));
@@ -107,12 +113,30 @@ pub async fn run(
         tokio::spawn(read_lines(err, "stderr", lines_tx));
     }
     let mut tail = VecDeque::with_capacity(TAIL_LINES);
+    let (mut dropped, mut untold) = (0u64, 0u64);
     let mut keep = |stream: &'static str, line: String| {
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
         tail.push_back(line.clone());
-        let _ = events.send(Event::Line { stream, line });
+        if untold > 0 {
+            let notice = format!("[gantry: {untold} lines not streamed: the link was slower than the program; the tail has the last ones]");
+            match events.try_send(Event::Line {
+                stream: "stderr",
+                line: notice,
+            }) {
+                Ok(()) => untold = 0,
+                Err(_) => {
+                    dropped += 1;
+                    untold += 1;
+                    return;
+                }
+            }
+        }
+        if events.try_send(Event::Line { stream, line }).is_err() {
+            dropped += 1;
+            untold += 1;
+        }
     };
     let limit = tokio::time::sleep(Duration::from_millis(spec.timeout_ms));
     tokio::pin!(limit);
@@ -157,6 +181,7 @@ pub async fn run(
         exit.signal = status.signal();
     }
     exit.tail = tail.into();
+    exit.dropped = dropped;
     exit
 }
 
@@ -259,7 +284,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_program_off_the_allow_list_never_starts() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(1024);
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("ran");
         let s = spec(
@@ -276,7 +301,7 @@ mod tests {
         );
         assert!(rx.try_recv().is_err(), "nothing started");
         assert!(!marker.exists());
-        let (tx, _rx) = mpsc::unbounded_channel();
+        let (tx, _rx) = mpsc::channel(1024);
         let exit = run(&s, &[], tx, CancellationToken::new()).await;
         assert_eq!(exit.outcome, "refused");
         assert!(exit.message.contains("--allow"), "{}", exit.message);
@@ -284,7 +309,7 @@ mod tests {
 
     #[tokio::test]
     async fn output_lines_and_the_exit_code_are_reported() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(1024);
         let s = spec(
             &[
                 "/bin/sh",
@@ -313,7 +338,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_timeout_kills_the_whole_group() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(1024);
         // A child that ignores SIGTERM, and a grandchild: both must go.
         let s = spec(
             &["/bin/sh", "-c", "trap '' TERM; sleep 600 & sleep 600; wait"],
@@ -329,7 +354,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancel_kills_the_group_and_leftovers_go_at_exit() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(1024);
         let cancel = CancellationToken::new();
         let s = spec(&["/bin/sh", "-c", "sleep 600 & echo started; wait"], 60_000);
         let c = cancel.clone();
@@ -346,7 +371,7 @@ mod tests {
         assert_eq!(exit.outcome, "cancelled");
         assert!(!group_alive(pid));
         // A program that exits leaving a background process behind: it goes too.
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(1024);
         let s = spec(
             &["/bin/sh", "-c", "sleep 600 >/dev/null 2>&1 & exit 0"],
             60_000,
@@ -357,5 +382,35 @@ mod tests {
             panic!("no start")
         };
         assert!(!group_alive(pid));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_output_never_blocks_the_program_and_the_tail_stays_whole() {
+        // Nobody reads the live stream while it runs: it fills, and lines are dropped.
+        let (tx, mut rx) = mpsc::channel(16);
+        let s = spec(
+            &[
+                "/bin/sh",
+                "-c",
+                "i=0; while [ $i -lt 5000 ]; do i=$((i+1)); echo line $i; done",
+            ],
+            60_000,
+        );
+        let exit = run(&s, &allow(&["/bin/sh"]), tx, CancellationToken::new()).await;
+        assert_eq!((exit.outcome, exit.exit_code), ("exited", Some(0)));
+        assert_eq!(exit.tail.len(), TAIL_LINES);
+        assert_eq!(exit.tail.last().map(String::as_str), Some("line 5000"));
+        let mut streamed = 0;
+        while let Ok(e) = rx.try_recv() {
+            if matches!(e, Event::Line { .. }) {
+                streamed += 1;
+            }
+        }
+        assert_eq!(
+            streamed + exit.dropped,
+            5000,
+            "every line streamed or counted"
+        );
+        assert!(exit.dropped > 0);
     }
 }
