@@ -196,9 +196,17 @@ async fn a_command_job_streams_its_output_and_ends_with_its_exit_code_and_last_l
     assert_eq!(job["result"]["tail"], json!(["about to fail"]));
     assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "not retried");
 
-    // The backend is free for work again.
-    let id = f.app.submit_ok(&command_job("exit 0")).await;
+    // The backend is free for work again; and a job's request, submitted again (what
+    // `gantry retry` does), runs the same command.
+    let id = f.app.submit_ok(&command_job("echo again")).await;
     assert_eq!(f.app.wait_terminal(&id).await["state"], "succeeded");
+    let request = f.app.get_json(&format!("/v1/jobs/{id}/request")).await;
+    assert_eq!(request["kind"], "command", "{request:#}");
+    assert!(request.get("workflow").is_none(), "{request:#}");
+    let again = f.app.submit_ok(&request).await;
+    let job = f.app.wait_terminal(&again).await;
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["result"]["tail"], json!(["again"]));
 }
 
 #[tokio::test]
