@@ -1013,6 +1013,9 @@ pub async fn show(a: JobArgs) -> Result<ExitCode, Error> {
         for line in &r.tail {
             println!("  | {line}");
         }
+        if let Some(log) = &r.log {
+            println!("log       /v1/jobs/{}/log ({} bytes)", job.id, log.size);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -193,6 +193,17 @@ pub struct CommandResult {
     pub signal: Option<i32>,
     /// Its last lines of output, stdout and stderr interleaved as written, oldest first.
     pub tail: Vec<String>,
+    /// Its whole output as the coordinator heard it (up to 8 MiB), kept by content:
+    /// `GET /v1/jobs/{id}/log`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<CommandLog>,
+}
+
+/// A command's output file in gantry's content store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CommandLog {
+    pub sha256: String,
+    pub size: u64,
 }
 
 /// A webhook: the URL gantry POSTs to on the listed events, signed when `secret` is set.

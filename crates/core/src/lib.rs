@@ -11,8 +11,8 @@ pub mod watchdog;
 pub mod workflow;
 
 pub use job::{
-    Attachment, Attempt, AttemptStatus, Callback, CommandResult, CommandSpec, Exclusion,
-    ExclusionReason, Job, JobError, JobId, JobSpec, JobState, Millis, Output, Timeouts,
+    Attachment, Attempt, AttemptStatus, Callback, CommandLog, CommandResult, CommandSpec,
+    Exclusion, ExclusionReason, Job, JobError, JobId, JobSpec, JobState, Millis, Output, Timeouts,
 };
 pub use transition::{
     transition, Applied, Effect, EventKind, Failure, FailureKind, Input, Policy, Refused,

@@ -182,6 +182,7 @@ fn documented(files_limit: usize) -> OpenApiRouter<Engine> {
         .routes(routes!(job_events))
         .routes(routes!(get_request))
         .routes(routes!(get_output))
+        .routes(routes!(get_log))
         .routes(routes!(all_events))
         .routes(routes!(list_backends, add_backend))
         .routes(routes!(drain_backend))
@@ -1730,6 +1731,33 @@ async fn get_output(
         .map_err(|e| ApiError::Internal(format!("output {name} is not readable: {e}")))?;
     Ok((
         [(header::CONTENT_TYPE, content_type(&output.filename))],
+        Body::from(bytes),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}/log", tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "A command job's whole output, stdout and stderr interleaved as heard", content_type = "text/plain"),
+        (status = 404, description = "No such job, or no log (not a command job, or it has not ended)", body = wire::ErrorBody),
+    ))]
+async fn get_log(
+    State(engine): State<Engine>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = load(&engine, &id).await?;
+    let log = job_view(&job).result.and_then(|r| r.log).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "job {} has no log: logs are kept for command jobs once they end",
+            job.id
+        ))
+    })?;
+    let bytes = engine.outputs().read(&log.sha256).await.map_err(|e| {
+        ApiError::Internal(format!("the log of job {} is not readable: {e}", job.id))
+    })?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         Body::from(bytes),
     )
         .into_response())

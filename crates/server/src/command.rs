@@ -17,6 +17,50 @@ use crate::engine::{now_ms, Engine};
 /// How long past the time limit and the kill grace the agent may take to say how the
 /// command ended before the attempt counts as lost.
 const WORD_SLACK: Duration = Duration::from_secs(10);
+/// The most of a command's output kept in its log; later lines are counted.
+const MAX_LOG: usize = 8 * 1024 * 1024;
+
+/// A command's whole output as it is heard.
+#[derive(Default)]
+struct Log {
+    bytes: Vec<u8>,
+    cut: u64,
+}
+
+impl Log {
+    fn line(&mut self, line: &str) {
+        if self.bytes.len() + line.len() < MAX_LOG {
+            self.bytes.extend_from_slice(line.as_bytes());
+            self.bytes.push(b'\n');
+        } else {
+            self.cut += 1;
+        }
+    }
+
+    /// Stored in the outputs' content store; `None` (logged) if the disk refuses.
+    async fn keep(mut self, engine: &Engine, dropped: u64) -> Option<gantry_core::CommandLog> {
+        if self.cut > 0 {
+            let note = format!(
+                "[gantry: {} more lines not kept past {MAX_LOG} bytes]\n",
+                self.cut
+            );
+            self.bytes.extend_from_slice(note.as_bytes());
+        }
+        if dropped > 0 {
+            let note =
+                format!("[gantry: {dropped} lines the agent could not stream are missing]\n");
+            self.bytes.extend_from_slice(note.as_bytes());
+        }
+        let size = self.bytes.len() as u64;
+        match engine.outputs().put(self.bytes.into()).await {
+            Ok(sha256) => Some(gantry_core::CommandLog { sha256, size }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot keep a command's log");
+                None
+            }
+        }
+    }
+}
 
 /// Runs command attempt `a` on agent `backend` until it ends; `stop` carries the
 /// engine's stop requests (`true`: a cancel that waits for the agent's confirmation).
@@ -117,6 +161,7 @@ async fn follow(
     // takes nothing new while the old program's group is still being killed.
     let mut cancelling = false;
     let mut abandoned = false;
+    let mut log = Log::default();
     let failed = |kind: FailureKind, code: &str, message: String, details: Value| Input::Failed {
         attempt: a.attempt,
         failure: Failure {
@@ -136,17 +181,26 @@ async fn follow(
                     Some("command_started") => {
                         let _ = engine.apply_held(&a.job_id, Input::Started { attempt: a.attempt }).await;
                     }
-                    Some("command_output") => engine.publish_live(LiveEvent {
-                        job_id: a.job_id.clone(),
-                        attempt: a.attempt,
-                        backend: backend.to_owned(),
-                        kind: LiveKind::Log {
-                            stream: m["stream"].as_str().unwrap_or("stdout").to_owned(),
-                            line: m["line"].as_str().unwrap_or_default().to_owned(),
-                        },
-                    }),
-                    Some("command_exit") if abandoned => return None,
-                    Some("command_exit") => return Some(ended(a, &program, &m, cancelling)),
+                    Some("command_output") => {
+                        let line = m["line"].as_str().unwrap_or_default().to_owned();
+                        log.line(&line);
+                        engine.publish_live(LiveEvent {
+                            job_id: a.job_id.clone(),
+                            attempt: a.attempt,
+                            backend: backend.to_owned(),
+                            kind: LiveKind::Log {
+                                stream: m["stream"].as_str().unwrap_or("stdout").to_owned(),
+                                line,
+                            },
+                        })
+                    }
+                    Some("command_exit") if abandoned || cancelling => {
+                        return (!abandoned).then_some(Input::CancelConfirmed { attempt: a.attempt });
+                    }
+                    Some("command_exit") => {
+                        let kept = log.keep(engine, m["dropped"].as_u64().unwrap_or(0)).await;
+                        return Some(ended(a, &program, &m, kept));
+                    }
                     Some("command_lost") if abandoned => return None,
                     Some("command_lost") => {
                         return Some(if cancelling {
@@ -201,7 +255,7 @@ async fn follow(
 }
 
 /// The input for the agent's `command_exit`.
-fn ended(a: &Assignment, program: &str, m: &Value, cancelling: bool) -> Input {
+fn ended(a: &Assignment, program: &str, m: &Value, log: Option<gantry_core::CommandLog>) -> Input {
     let result = CommandResult {
         exit_code: m["exit_code"].as_i64().map(|c| c as i32),
         signal: m["signal"].as_i64().map(|s| s as i32),
@@ -213,6 +267,7 @@ fn ended(a: &Assignment, program: &str, m: &Value, cancelling: bool) -> Input {
                     .collect()
             })
             .unwrap_or_default(),
+        log,
     };
     let details = json!({"result": result, "program": program});
     let failure = |kind, code: &str, message: String, exclude| Input::Failed {
@@ -225,7 +280,6 @@ fn ended(a: &Assignment, program: &str, m: &Value, cancelling: bool) -> Input {
     };
     let message = m["message"].as_str().unwrap_or_default().to_owned();
     match m["outcome"].as_str() {
-        _ if cancelling => Input::CancelConfirmed { attempt: a.attempt },
         Some("exited") if result.exit_code == Some(0) => Input::Succeeded {
             attempt: a.attempt,
             outputs: Vec::new(),

@@ -176,6 +176,31 @@ async fn a_command_job_streams_its_output_and_ends_with_its_exit_code_and_last_l
         "{job:#}"
     );
     assert_eq!(job["attempts"][0]["backend"], "gpu-cmd");
+    // The whole output is kept.
+    let log = f
+        .app
+        .http
+        .get(format!("{}/v1/jobs/{id}/log", f.app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(log.status(), 200);
+    let mut kept: Vec<String> = log
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [
+            "in ".to_owned() + pwd.to_str().unwrap() + " with hi",
+            "one".into(),
+            "two".into()
+        ]
+    );
 
     // A failing program fails the job at once, with its code and last lines.
     let id = f
@@ -194,6 +219,15 @@ async fn a_command_job_streams_its_output_and_ends_with_its_exit_code_and_last_l
     );
     assert_eq!(job["result"]["exit_code"], 7);
     assert_eq!(job["result"]["tail"], json!(["about to fail"]));
+    let log = f
+        .app
+        .http
+        .get(format!("{}/v1/jobs/{id}/log", f.app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(log.status(), 200, "a failed command's log is kept too");
+    assert_eq!(log.text().await.unwrap(), "about to fail\n");
     assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "not retried");
 
     // The backend is free for work again; and a job's request, submitted again (what

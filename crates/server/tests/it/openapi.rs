@@ -15,6 +15,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/jobs/{id}/events"),
     ("GET", "/v1/jobs/{id}/request"),
     ("GET", "/v1/jobs/{id}/outputs/{name}"),
+    ("GET", "/v1/jobs/{id}/log"),
     ("POST", "/v1/files"),
     ("GET", "/v1/events"),
     ("GET", "/v1/backends"),
