@@ -270,37 +270,31 @@ pub enum Incoming {
     Other,
 }
 
-impl LinkMessage for axum::extract::ws::Message {
-    fn binary(frame: Vec<u8>) -> Self {
-        Self::Binary(frame.into())
-    }
-    fn ping() -> Self {
-        Self::Ping(Bytes::new())
-    }
-    fn into_incoming(self) -> Incoming {
-        match self {
-            Self::Binary(b) => Incoming::Frame(b),
-            Self::Close(_) => Incoming::Close,
-            _ => Incoming::Other,
+/// The two libraries' message types have the same variants.
+macro_rules! link_message {
+    ($($t:ty),*) => {$(
+        impl LinkMessage for $t {
+            fn binary(frame: Vec<u8>) -> Self {
+                Self::Binary(frame.into())
+            }
+            fn ping() -> Self {
+                Self::Ping(Bytes::new())
+            }
+            fn into_incoming(self) -> Incoming {
+                match self {
+                    Self::Binary(b) => Incoming::Frame(b),
+                    Self::Close(_) => Incoming::Close,
+                    _ => Incoming::Other,
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl LinkMessage for tokio_tungstenite::tungstenite::Message {
-    fn binary(frame: Vec<u8>) -> Self {
-        Self::Binary(frame.into())
-    }
-    fn ping() -> Self {
-        Self::Ping(Bytes::new())
-    }
-    fn into_incoming(self) -> Incoming {
-        match self {
-            Self::Binary(b) => Incoming::Frame(b),
-            Self::Close(_) => Incoming::Close,
-            _ => Incoming::Other,
-        }
-    }
-}
+link_message!(
+    axum::extract::ws::Message,
+    tokio_tungstenite::tungstenite::Message
+);
 
 /// How a link ended.
 #[derive(Debug, PartialEq, Eq)]
