@@ -75,24 +75,15 @@ pub async fn run(
     };
     let job = a.job_id.to_string();
     let agents = engine.agents();
-    let fail = |kind: FailureKind, code: &str, message: String, details: Value| Input::Failed {
-        attempt: a.attempt,
-        failure: Failure {
-            kind,
-            error: JobError::new(code, message).with_details(details),
-            exclude: None,
-        },
-    };
     let limit = engine.config().command_timeout(&command);
     let grace = engine.config().cancel_grace;
     let outcome = if a.adopt {
         // The coordinator restarted (or took the backend over) while the command ran:
         // the agent stopped it when the old link dropped.
-        Some(fail(
-            FailureKind::Backend,
+        Some(backend_failure(
+            &a,
             "command_lost",
             format!("the link to agent {backend} was lost while the command ran, and the agent stopped it"),
-            json!({}),
         ))
     } else {
         let request = json!({
@@ -106,11 +97,10 @@ pub async fn run(
             "grace_ms": grace.as_millis() as u64,
         });
         match agents.start_command(&backend, request).await {
-            Err(e) => Some(fail(
-                FailureKind::Backend,
+            Err(e) => Some(backend_failure(
+                &a,
                 "agent_unlinked",
                 format!("cannot start the command: {e}"),
-                json!({}),
             )),
             Ok(rx) => {
                 let _ = engine
@@ -162,20 +152,20 @@ async fn follow(
     let mut cancelling = false;
     let mut abandoned = false;
     let mut log = Log::default();
-    let failed = |kind: FailureKind, code: &str, message: String, details: Value| Input::Failed {
-        attempt: a.attempt,
-        failure: Failure {
-            kind,
-            error: JobError::new(code, message).with_details(details),
-            exclude: None,
-        },
+    // The agent's word did not come: a cancel is over all the same, anything else lost.
+    let unheard = |cancelling: bool, message: String| {
+        if cancelling {
+            Input::CancelConfirmed { attempt: a.attempt }
+        } else {
+            backend_failure(a, "command_lost", message)
+        }
     };
     loop {
         let deadline_at = deadline.unwrap_or(give_up);
         tokio::select! {
             m = rx.recv() => {
                 let Some(m) = m else {
-                    return (!abandoned).then(|| failed(FailureKind::Backend, "command_lost", "the agent's link closed".into(), json!({})));
+                    return (!abandoned).then(|| backend_failure(a, "command_lost", "the agent's link closed".into()));
                 };
                 match m["type"].as_str() {
                     Some("command_started") => {
@@ -203,16 +193,10 @@ async fn follow(
                     }
                     Some("command_lost") if abandoned => return None,
                     Some("command_lost") => {
-                        return Some(if cancelling {
-                            Input::CancelConfirmed { attempt: a.attempt }
-                        } else {
-                            failed(
-                                FailureKind::Backend,
-                                "command_lost",
-                                format!("the link to agent {backend} dropped while the command ran; the agent stops it"),
-                                json!({}),
-                            )
-                        })
+                        return Some(unheard(
+                            cancelling,
+                            format!("the link to agent {backend} dropped while the command ran; the agent stops it"),
+                        ))
                     }
                     _ => {}
                 }
@@ -239,18 +223,20 @@ async fn follow(
                 if abandoned {
                     return None;
                 }
-                return Some(if cancelling {
-                    Input::CancelConfirmed { attempt: a.attempt }
-                } else {
-                    failed(
-                        FailureKind::Backend,
-                        "command_lost",
-                        format!("agent {backend} said nothing of the command within its limit ({limit:?}) and the kill grace"),
-                        json!({}),
-                    )
-                });
+                return Some(unheard(
+                    cancelling,
+                    format!("agent {backend} said nothing of the command within its limit ({limit:?}) and the kill grace"),
+                ));
             }
         }
+    }
+}
+
+/// The attempt failed for the agent's sake (not the command's): retried, counted.
+fn backend_failure(a: &Assignment, code: &str, message: String) -> Input {
+    Input::Failed {
+        attempt: a.attempt,
+        failure: Failure::backend(JobError::new(code, message)),
     }
 }
 
