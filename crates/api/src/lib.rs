@@ -189,25 +189,8 @@ pub enum JobKind {
     Command,
 }
 
-/// A command job's program: run without a shell, in its own process group, killed with
-/// its whole group (SIGTERM, then SIGKILL) on cancel or timeout.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CommandRequest {
-    /// The program, as the agent's allow-list names it, then its arguments.
-    pub argv: Vec<String>,
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub env: std::collections::BTreeMap<String, String>,
-    /// Where it runs (absolute); the agent's own directory when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cwd: Option<String>,
-    /// Picks the limit in the server's `[timeouts.command]` (`model_download`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub operation: Option<String>,
-    /// The job's own limit on the run, over the operation's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_ms: Option<u64>,
-}
+/// A command job's program: core's own type, taken and shown as it is.
+pub type CommandRequest = gantry_core::CommandSpec;
 
 impl SubmitRequest {
     /// The body's field names, in the order the document lists them.

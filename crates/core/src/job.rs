@@ -160,14 +160,18 @@ pub struct JobSpec {
     pub command: Option<CommandSpec>,
 }
 
-/// A program an agent runs for a command job (a model download, a worker install).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A program an agent runs for a command job (a model download, a worker install): run
+/// without a shell, in its own process group, killed with its whole group (SIGTERM,
+/// then SIGKILL) on cancel or timeout. The API takes and shows it as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CommandSpec {
     /// The program (`argv[0]`, matched exactly against each agent's allow-list) and its
-    /// arguments; no shell is involved.
+    /// arguments.
     pub argv: Vec<String>,
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Where it runs (absolute); the agent's own directory when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
     /// Names the operation's timeout in `[timeouts.command]` (`model_download`).

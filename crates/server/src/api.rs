@@ -366,7 +366,7 @@ pub fn job_view(job: &Job) -> wire::Job {
         } else {
             wire::JobKind::Workflow
         },
-        command: job.spec.command.as_ref().map(command_view),
+        command: job.spec.command.as_ref().cloned(),
         // A failed command's result is in its error's details.
         result: job.result.clone().or_else(|| {
             job.spec.command.as_ref()?;
@@ -573,7 +573,7 @@ fn parse_command(
     v: &Value,
     field_err: &dyn Fn(&str, String) -> ApiError,
 ) -> Result<gantry_core::CommandSpec, ApiError> {
-    let req: wire::CommandRequest =
+    let req: gantry_core::CommandSpec =
         serde_json::from_value(v.clone()).map_err(|e| field_err("command", e.to_string()))?;
     let has_nul = |s: &str| s.contains('\0');
     match req.argv.first() {
@@ -616,13 +616,7 @@ fn parse_command(
             ));
         }
     }
-    Ok(gantry_core::CommandSpec {
-        argv: req.argv,
-        env: req.env,
-        cwd: req.cwd,
-        operation: req.operation,
-        timeout_ms: req.timeout_ms,
-    })
+    Ok(req)
 }
 
 /// A job's webhook as the wire shows it (never its secret); `default` when it is the
@@ -633,17 +627,6 @@ fn callback_view(c: &gantry_core::Callback, default: bool) -> wire::JobCallback 
         events: c.events.clone(),
         signed: c.secret.is_some(),
         default,
-    }
-}
-
-/// A command spec as the wire shows it.
-fn command_view(c: &gantry_core::CommandSpec) -> wire::CommandRequest {
-    wire::CommandRequest {
-        argv: c.argv.clone(),
-        env: c.env.clone(),
-        cwd: c.cwd.clone(),
-        operation: c.operation.clone(),
-        timeout_ms: c.timeout_ms,
     }
 }
 
@@ -947,7 +930,7 @@ async fn get_request(
     let spec = &job.spec;
     Ok(Json(wire::SubmitRequest {
         kind: spec.command.as_ref().map(|_| wire::JobKind::Command),
-        command: spec.command.as_ref().map(command_view),
+        command: spec.command.as_ref().cloned(),
         workflow: spec.workflow.graph().clone(),
         priority: Some(spec.priority),
         max_attempts: Some(spec.max_attempts),
