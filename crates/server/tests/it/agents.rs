@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-fn agent_config(server: &str, comfyui: &str) -> AgentConfig {
+/// An in-process agent's config: named `gpu-behind-nat`, tagged `nat`, quick to retry.
+pub(crate) fn agent_config(server: &str, comfyui: &str) -> AgentConfig {
     AgentConfig {
         server: server.to_owned(),
         token: None,
@@ -33,7 +34,7 @@ async fn backend_status(app: &TestApp, name: &str) -> Result<Value, Value> {
         .ok_or(list)
 }
 
-async fn wait_status(app: &TestApp, name: &str, status: &str) -> Value {
+pub(crate) async fn wait_status(app: &TestApp, name: &str, status: &str) -> Value {
     poll_until(
         &format!("backend {name} {status}"),
         Duration::from_secs(15),

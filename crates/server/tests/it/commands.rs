@@ -3,6 +3,7 @@
 //! process group gone after a cancel or a timeout. The agent runs in-process; the
 //! programs are real processes.
 
+use crate::agents::wait_status;
 use crate::support::{assert_error, parse_sse_blocks, poll_until, sim_config, Sse, TestApp};
 use gantry_server::agent::{self, AgentConfig};
 use gantry_server::config::Config;
@@ -16,16 +17,11 @@ const SH: &str = "/bin/sh";
 
 fn agent_config(server: &str, comfyui: &str, allow: &[&str]) -> AgentConfig {
     AgentConfig {
-        server: server.to_owned(),
-        token: None,
         name: "gpu-cmd".into(),
         id: Some("machine-cmd".into()),
         tags: vec!["cmd".into()],
-        comfyui: comfyui.to_owned(),
-        max_backoff: Duration::from_millis(200),
-        spawn: None,
         allow: allow.iter().map(|a| a.to_string()).collect(),
-        heartbeat: Duration::from_millis(200),
+        ..crate::agents::agent_config(server, comfyui)
     }
 }
 
@@ -50,19 +46,7 @@ async fn farm(allow: &[&str], tweak: impl FnOnce(&mut Config)) -> Farm {
         agent_config(&app.url, &sim.url(), allow),
         stop.clone(),
     ));
-    poll_until(
-        "agent idle",
-        Duration::from_secs(15),
-        Duration::from_millis(20),
-        || async {
-            let list = app.get_json("/v1/backends").await;
-            match list["backends"][0]["status"].as_str() {
-                Some("idle") => Ok(()),
-                _ => Err(list),
-            }
-        },
-    )
-    .await;
+    wait_status(&app, "gpu-cmd", "idle").await;
     Farm {
         app,
         _sim: sim,
@@ -549,19 +533,7 @@ async fn a_command_runs_on_an_agent_whose_comfyui_is_down_so_it_can_repair_it() 
         comfyui: "http://127.0.0.1:9".into(),
     });
     let running = tokio::spawn(agent::run(c, stop.clone()));
-    poll_until(
-        "crash_looping",
-        Duration::from_secs(20),
-        Duration::from_millis(20),
-        || async {
-            let list = app.get_json("/v1/backends").await;
-            match list["backends"][0]["status"].as_str() {
-                Some("crash_looping") => Ok(()),
-                _ => Err(list),
-            }
-        },
-    )
-    .await;
+    wait_status(&app, "gpu-cmd", "crash_looping").await;
     // A workflow waits; the repair command runs at once.
     let workflow = app
         .submit_ok(&json!({"workflow": crate::support::tiny_workflow("waits"), "tags": ["cmd"]}))

@@ -532,16 +532,10 @@ async fn an_agent_links_to_one_coordinator_and_the_whole_farm_uses_it() {
     let c1 = farm.coordinator("c1").await;
     let c2 = farm.coordinator("c2").await;
     let agent_to = |server: &str| AgentConfig {
-        server: server.to_owned(),
-        token: None,
         name: "gpu-nat".into(),
         id: Some("machine-nat".into()),
-        tags: vec!["nat".into()],
-        comfyui: gpu.url(),
-        max_backoff: Duration::from_millis(200),
-        spawn: None,
         allow: vec!["/bin/sh".into()],
-        heartbeat: Duration::from_millis(200),
+        ..crate::agents::agent_config(server, &gpu.url())
     };
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(agent::run(agent_to(&c1.url), stop.clone()));
