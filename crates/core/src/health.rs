@@ -112,15 +112,17 @@ impl Health {
         self.circuit == Circuit::Closed
     }
 
-    /// An attempt of `workflow_hash` failed by the backend's fault.
+    /// An attempt failed by the backend's fault; `block` names the workflow shape to
+    /// block there when the failure was that workflow's own trouble on this backend (a
+    /// crash or a lost connection blocks nothing: it only counts towards the breaker).
     pub fn on_fault(
         &mut self,
-        workflow_hash: &str,
+        block: Option<&str>,
         now: Millis,
         p: &HealthPolicy,
     ) -> Vec<HealthEvent> {
         let mut events = Vec::new();
-        if p.block_ms > 0 {
+        if let (Some(workflow_hash), true) = (block, p.block_ms > 0) {
             let until = now + p.block_ms as Millis;
             self.blocks.insert(workflow_hash.to_owned(), until);
             events.push(HealthEvent::BackendBlocked {
@@ -243,7 +245,7 @@ mod tests {
     fn a_block_is_per_workflow_and_lifts_by_itself() {
         let p = policy();
         let mut h = Health::default();
-        let events = h.on_fault("wf-a", 1_000, &p);
+        let events = h.on_fault(Some("wf-a"), 1_000, &p);
         assert_eq!(
             events,
             vec![HealthEvent::BackendBlocked {
@@ -270,12 +272,12 @@ mod tests {
     fn repeated_faults_open_the_circuit_and_a_healthy_probe_closes_it() {
         let p = policy();
         let mut h = Health::default();
-        h.on_fault("a", 0, &p);
+        h.on_fault(Some("a"), 0, &p);
         h.on_success();
-        h.on_fault("b", 10, &p);
-        h.on_fault("c", 20, &p);
+        h.on_fault(Some("b"), 10, &p);
+        h.on_fault(Some("c"), 20, &p);
         assert!(h.accepts_work(), "a success broke the streak");
-        let events = h.on_fault("d", 30, &p);
+        let events = h.on_fault(Some("d"), 30, &p);
         assert!(events.contains(&HealthEvent::BackendCircuitOpen {
             faults: 3,
             probe_at: 30_030
@@ -290,13 +292,13 @@ mod tests {
         );
         assert!(h.accepts_work());
         // Half-open: one more fault reopens it, for twice as long.
-        let events = h.on_fault("e", 70_000, &p);
+        let events = h.on_fault(Some("e"), 70_000, &p);
         assert!(events.contains(&HealthEvent::BackendCircuitOpen {
             faults: 3,
             probe_at: 130_000
         }));
         h.on_probe(true, 130_000, &p);
-        let events = h.on_fault("f", 140_000, &p);
+        let events = h.on_fault(Some("f"), 140_000, &p);
         assert!(
             events.contains(&HealthEvent::BackendCircuitOpen {
                 faults: 3,
@@ -316,9 +318,26 @@ mod tests {
         };
         let mut h = Health::default();
         for t in 0..10 {
-            assert!(h.on_fault("a", t, &p).is_empty());
+            assert!(h.on_fault(Some("a"), t, &p).is_empty());
         }
         assert!(h.accepts_work());
         assert!(!h.is_blocked("a", 5));
+    }
+
+    #[test]
+    fn a_fault_that_blocks_nothing_still_counts_towards_the_breaker() {
+        let p = policy();
+        let mut h = Health::default();
+        assert!(h.on_fault(None, 0, &p).is_empty());
+        assert!(h.on_fault(None, 1, &p).is_empty());
+        assert!(h.blocks().is_empty());
+        assert_eq!(
+            h.on_fault(None, 2, &p),
+            vec![HealthEvent::BackendCircuitOpen {
+                faults: 3,
+                probe_at: 30_002
+            }]
+        );
+        assert!(!h.accepts_work());
     }
 }

@@ -4,8 +4,10 @@
 //! before, least recently used). Also whether a job can never run anywhere, so it fails
 //! instead of waiting forever (DESIGN.md invariant 1).
 
-use std::collections::HashSet;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write;
+use utoipa::ToSchema;
 
 use crate::job::{Job, JobError, Millis};
 
@@ -70,6 +72,201 @@ impl Waiting {
             Waiting::NoBackends => "no backend is configured",
         }
     }
+}
+
+/// What keeps one backend from taking a job at this moment, for telling a waiting job
+/// why it waits (the scheduler itself decides from `Candidate`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// It could take the job now.
+    Free,
+    /// It runs another prompt (or drains one gantry stopped).
+    Busy,
+    /// Not connected: down, restarting, or an agent not linked. `why` is its last error.
+    Offline { why: Option<String> },
+    /// An operator took it out of rotation.
+    Draining,
+    /// Blocked for this job's workflow shape after a failure of it there, until `until`.
+    Blocked { until: Millis },
+    /// Its circuit breaker is open; a probe may close it from `probe_at` on.
+    CircuitOpen { probe_at: Millis },
+    /// Stuck on a prompt gantry stopped that will not go away.
+    Stuck,
+}
+
+/// Why a queued job is not running, in one word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitReason {
+    /// Its retry backoff has not ended.
+    Backoff,
+    /// Every backend that could run it is running something else.
+    Busy,
+    /// The backends that could run it are blocked for its workflow shape after failing it.
+    Blocked,
+    /// The circuit breaker of the backends that could run it is open.
+    CircuitOpen,
+    /// The backends that could run it are offline (down, restarting, not linked).
+    BackendOffline,
+    /// Node classes or an agent's programs are not known yet.
+    Capabilities,
+    /// The backends that could run it are draining.
+    Draining,
+    /// No backend (with its tags) is known at all.
+    NoBackend,
+}
+
+/// Why a queued job waits and, when that is known, until when: a job's view and its
+/// `job_retrying` event say what will really happen.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WaitingFor {
+    pub reason: WaitReason,
+    pub message: String,
+    /// The earliest moment it can start, when something with a known end holds it (its
+    /// backoff, a block, an open breaker's probe); absent when it waits for an event (a
+    /// backend coming back or becoming free).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Millis>,
+    /// What keeps it from each backend that could run it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub backends: BTreeMap<String, String>,
+}
+
+/// What routing says of a queued job, all backends considered.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outlook {
+    /// A backend could take it now.
+    Ready,
+    Wait(WaitingFor),
+    /// No known backend can ever run it.
+    Never(JobError),
+}
+
+/// Where `job` stands, given each backend's `standing` (same order as `backends`) at
+/// `now`. `wall` renders a time for the messages.
+pub fn outlook(
+    job: &Job,
+    backends: &[Candidate<'_>],
+    standings: &[Standing],
+    now: Millis,
+    wall: &dyn Fn(Millis) -> String,
+) -> Outlook {
+    let backoff = (job.not_before > now).then_some(job.not_before);
+    let mut never = Vec::new();
+    let mut held: Vec<(&str, &Standing)> = Vec::new();
+    let mut unknown: Vec<&str> = Vec::new();
+    for (b, standing) in backends.iter().zip(standings) {
+        if let Some(reason) = never_reason(job, b) {
+            never.push((b.name, reason));
+            continue;
+        }
+        let capabilities_unknown = match &job.spec.command {
+            Some(_) => b.programs.is_none(),
+            None => b.classes.is_none(),
+        };
+        if capabilities_unknown {
+            unknown.push(b.name);
+            continue;
+        }
+        held.push((b.name, standing));
+    }
+    if !backends.is_empty() && never.len() == backends.len() {
+        return match choose(job, backends) {
+            Choice::Never(error) => Outlook::Never(error),
+            // `choose` agrees on `never_reason`; kept total rather than assumed.
+            Choice::Run(_) | Choice::Wait(_) => Outlook::Ready,
+        };
+    }
+    let mut explained: BTreeMap<String, String> = BTreeMap::new();
+    for (name, reason) in &never {
+        explained.insert((*name).to_owned(), format!("never: {reason}"));
+    }
+    for name in &unknown {
+        explained.insert(
+            (*name).to_owned(),
+            "not read yet: its node classes (or an agent's programs) are unknown".to_owned(),
+        );
+    }
+    for (name, standing) in &held {
+        let text = match standing {
+            Standing::Free => "free".to_owned(),
+            Standing::Busy => "busy".to_owned(),
+            Standing::Offline { why: Some(why) } => format!("offline ({why})"),
+            Standing::Offline { why: None } => "offline".to_owned(),
+            Standing::Draining => "draining".to_owned(),
+            Standing::Blocked { until } => {
+                format!("blocked for this workflow until {}", wall(*until))
+            }
+            Standing::CircuitOpen { probe_at } => {
+                format!("circuit open, probed from {}", wall(*probe_at))
+            }
+            Standing::Stuck => "stuck on a prompt gantry stopped".to_owned(),
+        };
+        explained.insert((*name).to_owned(), text);
+    }
+    let is = |f: fn(&Standing) -> bool| held.iter().any(|(_, s)| f(s));
+    // The hold with a known end that lifts first, when nothing else may free it.
+    let timed = held
+        .iter()
+        .filter_map(|(_, s)| match s {
+            Standing::Blocked { until } => Some((*until, WaitReason::Blocked)),
+            Standing::CircuitOpen { probe_at } => Some((*probe_at, WaitReason::CircuitOpen)),
+            _ => None,
+        })
+        .min_by_key(|(at, _)| *at);
+    let (reason, until) = if held.is_empty() && unknown.is_empty() {
+        (WaitReason::NoBackend, None)
+    } else if is(|s| *s == Standing::Free) {
+        match backoff {
+            Some(at) => (WaitReason::Backoff, Some(at)),
+            None => return Outlook::Ready,
+        }
+    } else if is(|s| *s == Standing::Busy) {
+        (WaitReason::Busy, None)
+    } else if let Some((at, reason)) = timed {
+        (reason, Some(backoff.map_or(at, |b| b.max(at))))
+    } else if is(|s| matches!(s, Standing::Offline { .. })) {
+        (WaitReason::BackendOffline, None)
+    } else if !unknown.is_empty() {
+        (WaitReason::Capabilities, None)
+    } else {
+        // Draining or stuck: both wait for a person.
+        (WaitReason::Draining, None)
+    };
+    let mut message = match reason {
+        WaitReason::Backoff => "waiting out its retry backoff".to_owned(),
+        WaitReason::Busy => "every backend that can run it is busy".to_owned(),
+        WaitReason::Blocked => {
+            "every backend that can run it and is free is blocked for this workflow".to_owned()
+        }
+        WaitReason::CircuitOpen => {
+            "the circuit breaker of every backend that can run it and is free is open".to_owned()
+        }
+        WaitReason::BackendOffline => {
+            "waiting for a backend that can run it to come back (every one is offline)".to_owned()
+        }
+        WaitReason::Capabilities => {
+            "waiting to learn what the backends run (node classes, agents' programs)".to_owned()
+        }
+        WaitReason::Draining => "every backend that can run it is draining or stuck".to_owned(),
+        WaitReason::NoBackend if job.spec.tags.is_empty() => "no backend is known".to_owned(),
+        WaitReason::NoBackend => {
+            format!("no backend with tag {} is known", job.spec.tags.join(", "))
+        }
+    };
+    if let Some(at) = until {
+        let _ = write!(message, ", until {}", wall(at));
+    }
+    // A known `until` already counts the backoff in.
+    if let (Some(at), None) = (backoff, until) {
+        let _ = write!(message, "; its retry backoff ends at {}", wall(at));
+    }
+    Outlook::Wait(WaitingFor {
+        reason,
+        message,
+        until,
+        backends: explained,
+    })
 }
 
 /// Why `backend` can never run `job`, if it cannot.
@@ -543,5 +740,132 @@ mod tests {
             pick(&j, &bs),
             "wait: waiting to learn what the backends run (node classes, agents' programs)"
         );
+    }
+
+    fn explain(job: &Job, bs: &[(B, Standing)]) -> Outlook {
+        let candidates: Vec<Candidate<'_>> = bs
+            .iter()
+            .map(|(b, _)| Candidate {
+                name: b.name,
+                priority: b.priority,
+                tags: &b.tags,
+                classes: b.classes.as_ref(),
+                idle: b.idle,
+                warm_models: &b.warm,
+                last_used: b.last_used,
+                blocked: b.blocked,
+                slow: b.slow,
+                programs: b.programs.as_deref(),
+            })
+            .collect();
+        let standings: Vec<Standing> = bs.iter().map(|(_, s)| s.clone()).collect();
+        outlook(job, &candidates, &standings, 1_000, &|t| format!("t{t}"))
+    }
+
+    fn waiting(o: Outlook) -> (WaitReason, Option<Millis>, String) {
+        match o {
+            Outlook::Wait(w) => (w.reason, w.until, w.message),
+            other => panic!("not waiting: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_waiting_job_says_why_and_until_when() {
+        let j = job(&[]);
+        let offline = || Standing::Offline {
+            why: Some("connection refused".into()),
+        };
+        assert_eq!(explain(&j, &[(b("a"), Standing::Free)]), Outlook::Ready);
+        let mut backing_off = j.clone();
+        backing_off.not_before = 1_500;
+        assert_eq!(
+            waiting(explain(&backing_off, &[(b("a"), Standing::Free)])),
+            (
+                WaitReason::Backoff,
+                Some(1_500),
+                "waiting out its retry backoff, until t1500".into()
+            )
+        );
+        assert_eq!(
+            waiting(explain(
+                &j,
+                &[(b("a"), Standing::Busy), (b("b"), offline())]
+            ))
+            .0,
+            WaitReason::Busy
+        );
+        // The hold that lifts first, but never before the backoff ends.
+        let held = [
+            (b("a"), Standing::Blocked { until: 9_000 }),
+            (b("b"), Standing::CircuitOpen { probe_at: 5_000 }),
+            (b("c"), offline()),
+        ];
+        assert_eq!(
+            waiting(explain(&j, &held)),
+            (
+                WaitReason::CircuitOpen,
+                Some(5_000),
+                "the circuit breaker of every backend that can run it and is free is open, until t5000".into()
+            )
+        );
+        assert_eq!(
+            waiting(explain(&backing_off, &held[..1])),
+            (
+                WaitReason::Blocked,
+                Some(9_000),
+                "every backend that can run it and is free is blocked for this workflow, until t9000".into()
+            )
+        );
+        let Outlook::Wait(w) = explain(&j, &[(b("a"), offline()), (b("b"), Standing::Draining)])
+        else {
+            panic!("waits")
+        };
+        assert_eq!((w.reason, w.until), (WaitReason::BackendOffline, None));
+        assert_eq!(w.backends["a"], "offline (connection refused)");
+        assert_eq!(w.backends["b"], "draining");
+        assert_eq!(
+            waiting(explain(&j, &[(b("a"), Standing::Draining)])).0,
+            WaitReason::Draining
+        );
+        let unread = B {
+            classes: None,
+            ..b("a")
+        };
+        assert_eq!(
+            waiting(explain(&j, &[(unread, Standing::Free)])).0,
+            WaitReason::Capabilities
+        );
+        assert_eq!(
+            waiting(explain(&job(&["sdxl"]), &[])),
+            (
+                WaitReason::NoBackend,
+                None,
+                "no backend with tag sdxl is known".into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_job_no_backend_can_run_never_waits() {
+        let j = job(&["sdxl"]);
+        match explain(&j, &[(b("a"), Standing::Free), (b("b"), Standing::Busy)]) {
+            Outlook::Never(e) => assert_eq!(
+                e.message,
+                "no backend can run this job: a: lacks tag sdxl; b: lacks tag sdxl"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // A backend that can never run it is named beside the ones it waits for.
+        let tagged = B {
+            tags: vec!["sdxl".into()],
+            ..b("b")
+        };
+        let Outlook::Wait(w) = explain(&j, &[(b("a"), Standing::Free), (tagged, Standing::Busy)])
+        else {
+            panic!("waits for b")
+        };
+        assert_eq!(w.reason, WaitReason::Busy);
+        assert_eq!(w.backends["a"], "never: lacks tag sdxl");
+        assert_eq!(w.backends["b"], "busy");
     }
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::profile::AttemptProfile;
+use crate::routing::{Outlook, WaitingFor};
 
 use crate::job::{
     Attempt, AttemptStatus, CommandResult, Exclusion, ExclusionReason, Job, JobError, JobId,
@@ -57,13 +58,21 @@ impl Policy {
     }
 }
 
-/// Whose fault a failed attempt was, which decides what happens next.
+/// Whose fault a failed attempt was, which decides what happens next (ARCHITECTURE.md,
+/// "Failure kinds", has the whole table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
-    /// The backend's fault (timeout, lost connection, crash, out of memory): retry,
-    /// counting the attempt.
+    /// The workflow failed on this backend (a timeout of its own, out of memory, a node's
+    /// exception not yet seen elsewhere): retry after a backoff, counting the attempt; the
+    /// engine blocks this workflow shape on the backend for a cooldown.
     Backend,
+    /// The backend itself failed, whatever it ran: it crashed or restarted (the prompt
+    /// vanished), refused or reset the connection, went silent. Retry as soon as any
+    /// backend is ready (the same one once it answers again), counting the attempt so a
+    /// workflow that kills every backend still ends; it counts towards the backend's
+    /// circuit breaker and blocks no workflow.
+    Lost,
     /// The workflow's fault (validation, an exception that repeats): fail now.
     Workflow,
     /// The backend lacks something another backend may have: exclude it for this job and
@@ -83,13 +92,37 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// The backend's fault, with nothing to exclude: retry, counting the attempt.
+    /// The workflow failed on this backend, with nothing to exclude: retry after a
+    /// backoff, counting the attempt, and block the shape there for a while.
     pub fn backend(error: JobError) -> Failure {
         Failure {
             kind: FailureKind::Backend,
             error,
             exclude: None,
         }
+    }
+
+    /// The backend itself failed (crashed, unreachable, lost the prompt): retry on the
+    /// first ready backend, counting the attempt; nothing is blocked.
+    pub fn lost(error: JobError) -> Failure {
+        Failure {
+            kind: FailureKind::Lost,
+            error,
+            exclude: None,
+        }
+    }
+
+    /// Whether the failure blocks the attempt's workflow shape on its backend: the
+    /// workflow's own trouble there, unless it already keeps this job away from the
+    /// backend by an exclusion (a node's exception may yet prove to be the workflow's,
+    /// so it blocks no one else).
+    pub fn blocks_workflow(&self) -> bool {
+        self.kind == FailureKind::Backend && self.exclude.is_none()
+    }
+
+    /// Whether the failure counts towards the backend's circuit breaker.
+    pub fn is_backends_fault(&self) -> bool {
+        matches!(self.kind, FailureKind::Backend | FailureKind::Lost)
     }
 }
 
@@ -206,11 +239,16 @@ pub enum EventKind {
         workflow_hash: String,
         until: Millis,
     },
-    /// The job is queued again after a failed attempt, from `not_before` on.
+    /// The job is queued again after a failed attempt. It cannot start before
+    /// `not_before` (`delay_ms` from the failure): the end of its backoff, or later when
+    /// a block or an open breaker with a known end holds every backend that could run it;
+    /// `waiting_for` says what else it waits for (a backend to come back, to be free).
     JobRetrying {
         attempt: u32,
         delay_ms: u64,
         not_before: Millis,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        waiting_for: Option<WaitingFor>,
     },
     CancelRequested {
         attempt: Option<u32>,
@@ -297,6 +335,52 @@ pub enum Refused {
         input: &'static str,
         state: JobState,
     },
+}
+
+/// Amend a transition that put a job back in the queue with what routing knows at
+/// `now` (the engine asks it with the attempt's own backend counted free): a job no
+/// backend can run any more fails now instead of announcing a retry that the next step
+/// would fail for good, and a retry says when it can really start and what it waits for.
+pub fn settle_retry(applied: &mut Applied, outlook: Outlook, now: Millis) {
+    let Some(idx) = applied
+        .events
+        .iter()
+        .position(|e| matches!(e, EventKind::JobRetrying { .. }))
+    else {
+        return;
+    };
+    match outlook {
+        Outlook::Ready => {}
+        Outlook::Wait(waiting) => {
+            if let EventKind::JobRetrying {
+                delay_ms,
+                not_before,
+                waiting_for,
+                ..
+            } = &mut applied.events[idx]
+            {
+                if let Some(until) = waiting.until {
+                    *not_before = (*not_before).max(until);
+                    *delay_ms = (*not_before - now).max(0) as u64;
+                }
+                *waiting_for = Some(waiting);
+            }
+        }
+        Outlook::Never(error) => {
+            applied.events.remove(idx);
+            for e in &mut applied.events {
+                if let EventKind::AttemptFailed { will_retry, .. } = e {
+                    *will_retry = false;
+                }
+            }
+            applied.job.state = JobState::Failed;
+            applied.job.error = Some(error.clone());
+            applied.events.push(EventKind::Failed {
+                error,
+                profile: None,
+            });
+        }
+    }
 }
 
 /// Apply `input` to `job` at `now`.
@@ -468,7 +552,10 @@ pub fn transition(
             a.status = AttemptStatus::Failed;
             a.finished_at = Some(now);
             a.error = Some(failure.error.clone());
-            a.counted = matches!(failure.kind, FailureKind::Backend | FailureKind::Workflow);
+            a.counted = matches!(
+                failure.kind,
+                FailureKind::Backend | FailureKind::Lost | FailureKind::Workflow
+            );
             let backend = a.backend.clone();
             if let Some(reason) = failure.exclude {
                 let exclusion = Exclusion {
@@ -483,7 +570,7 @@ pub fn transition(
             let retry = !cancel_requested
                 && match failure.kind {
                     FailureKind::Workflow => false,
-                    FailureKind::Backend => used < max_attempts,
+                    FailureKind::Backend | FailureKind::Lost => used < max_attempts,
                     FailureKind::Missing | FailureKind::Displaced => true,
                 };
             events.push(EventKind::AttemptFailed {
@@ -500,7 +587,9 @@ pub fn transition(
                 });
             } else if retry {
                 let delay_ms = match failure.kind {
-                    FailureKind::Missing | FailureKind::Displaced => 0,
+                    // A lost backend is waited for by routing (it is offline until it
+                    // answers again), not by a guess at how long that takes.
+                    FailureKind::Missing | FailureKind::Displaced | FailureKind::Lost => 0,
                     FailureKind::Backend | FailureKind::Workflow => {
                         policy.retry_delay_ms(&job.id, used)
                     }
@@ -511,10 +600,11 @@ pub fn transition(
                     attempt,
                     delay_ms,
                     not_before: next.not_before,
+                    waiting_for: None,
                 });
             } else {
                 let mut error = failure.error;
-                if failure.kind == FailureKind::Backend {
+                if matches!(failure.kind, FailureKind::Backend | FailureKind::Lost) {
                     error.message = format!(
                         "{} (gave up after {used} of {max_attempts} attempts)",
                         error.message
@@ -815,7 +905,8 @@ mod tests {
             Some(&EventKind::JobRetrying {
                 attempt: 1,
                 delay_ms: delay as u64,
-                not_before: applied.job.not_before
+                not_before: applied.job.not_before,
+                waiting_for: None,
             })
         );
         let j = dispatch(&applied.job, "b");
@@ -1098,5 +1189,132 @@ mod tests {
         let p = Policy::default();
         let got: Vec<u64> = (1..=7).map(|n| p.backoff_ms(n)).collect();
         assert_eq!(got, [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000]);
+    }
+
+    #[test]
+    fn a_lost_backend_is_retried_at_once_and_counted() {
+        let j = dispatch(&job(2), "a");
+        let j = apply(
+            &j,
+            Input::Failed {
+                attempt: 1,
+                failure: Failure::lost(JobError::new("backend_lost", "gone")),
+            },
+        );
+        assert_eq!(j.state, JobState::Queued);
+        assert_eq!(
+            j.not_before, 10,
+            "no backoff: routing waits for a ready backend"
+        );
+        assert!(
+            j.attempts[0].counted,
+            "a workflow that kills every backend still ends"
+        );
+        let j = dispatch(&j, "a");
+        let j = apply(
+            &j,
+            Input::Failed {
+                attempt: 2,
+                failure: Failure::lost(JobError::new("backend_lost", "gone")),
+            },
+        );
+        assert_eq!(j.state, JobState::Failed);
+        assert_eq!(
+            j.error.unwrap().message,
+            "gone (gave up after 2 of 2 attempts)"
+        );
+    }
+
+    #[test]
+    fn only_the_workflows_own_trouble_on_a_backend_blocks_it() {
+        let blocks = |f: Failure| (f.blocks_workflow(), f.is_backends_fault());
+        assert_eq!(blocks(fail(FailureKind::Backend)), (true, true));
+        assert_eq!(blocks(fail(FailureKind::Lost)), (false, true));
+        assert_eq!(blocks(fail(FailureKind::Workflow)), (false, false));
+        assert_eq!(blocks(fail(FailureKind::Missing)), (false, false));
+        assert_eq!(blocks(fail(FailureKind::Displaced)), (false, false));
+        let excluded = Failure {
+            exclude: Some(ExclusionReason::NodeFailed {
+                node: "1".into(),
+                exception_type: "E".into(),
+            }),
+            ..fail(FailureKind::Backend)
+        };
+        assert_eq!(blocks(excluded), (false, true));
+    }
+
+    fn retried(kind: FailureKind) -> Applied {
+        let j = dispatch(&job(3), "a");
+        transition(
+            &j,
+            Input::Failed {
+                attempt: 1,
+                failure: fail(kind),
+            },
+            100,
+            &Policy::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_retry_that_routing_says_can_never_run_fails_now() {
+        let mut applied = retried(FailureKind::Missing);
+        let error = JobError::new("unroutable", "no backend can run this job: a: lacks it");
+        settle_retry(&mut applied, Outlook::Never(error.clone()), 100);
+        assert_eq!(applied.job.state, JobState::Failed);
+        assert_eq!(applied.job.error.as_ref(), Some(&error));
+        let names: Vec<&str> = applied.events.iter().map(EventKind::name).collect();
+        assert_eq!(names, ["attempt_failed", "failed"]);
+        assert!(matches!(
+            applied.events[0],
+            EventKind::AttemptFailed {
+                will_retry: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_retry_says_when_it_can_really_start() {
+        let waiting = |until| WaitingFor {
+            reason: crate::routing::WaitReason::Blocked,
+            message: "blocked".into(),
+            until,
+            backends: Default::default(),
+        };
+        let mut applied = retried(FailureKind::Backend);
+        let backoff_end = applied.job.not_before;
+        settle_retry(&mut applied, Outlook::Wait(waiting(Some(60_100))), 100);
+        assert_eq!(
+            applied.events.last(),
+            Some(&EventKind::JobRetrying {
+                attempt: 1,
+                delay_ms: 60_000,
+                not_before: 60_100,
+                waiting_for: Some(waiting(Some(60_100))),
+            })
+        );
+        assert_eq!(
+            applied.job.not_before, backoff_end,
+            "the job itself may go as soon as the hold lifts early (an unblock, a new backend)"
+        );
+        // Waiting for an event with no known end: the backoff still stands.
+        let mut applied = retried(FailureKind::Lost);
+        settle_retry(&mut applied, Outlook::Wait(waiting(None)), 100);
+        assert!(matches!(
+            applied.events.last(),
+            Some(EventKind::JobRetrying {
+                delay_ms: 0,
+                not_before: 100,
+                waiting_for: Some(_),
+                ..
+            })
+        ));
+        // Ready: nothing changes.
+        let mut applied = retried(FailureKind::Backend);
+        let before = applied.clone();
+        settle_retry(&mut applied, Outlook::Ready, 100);
+        assert_eq!(applied, before);
     }
 }

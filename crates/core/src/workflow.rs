@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Inputs that name a model file, by the names ComfyUI's loaders use.
 const MODEL_INPUTS: &[&str] = &[
@@ -106,6 +106,75 @@ pub struct ModelRef {
     pub node: String,
     pub input: String,
     pub file: String,
+}
+
+/// The files a backend offers for each model input of each node class, as its
+/// `/object_info` lists them (a combo's values): what lets gantry refuse at submit a
+/// workflow whose checkpoint no backend has.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelChoices(HashMap<(String, String), HashSet<String>>);
+
+impl ModelChoices {
+    /// Read from `/object_info` (or `/object_info/{class}`): every input named like a
+    /// model input whose spec is a combo, as `[[values], {...}]` or ComfyUI's newer
+    /// `["COMBO", {"options": [values]}]`. Anything else is skipped, never guessed.
+    pub fn from_object_info<'a>(info: impl IntoIterator<Item = (&'a String, &'a Value)>) -> Self {
+        let mut out = HashMap::new();
+        for (class, spec) in info {
+            for group in ["required", "optional"] {
+                let Some(inputs) = spec
+                    .get("input")
+                    .and_then(|i| i.get(group))
+                    .and_then(Value::as_object)
+                else {
+                    continue;
+                };
+                for (input, def) in inputs {
+                    if !(MODEL_INPUTS.contains(&input.as_str()) || input.ends_with("_name")) {
+                        continue;
+                    }
+                    let values = match def.get(0) {
+                        Some(Value::Array(values)) => Some(values),
+                        Some(Value::String(kind)) if kind == "COMBO" => def
+                            .get(1)
+                            .and_then(|o| o.get("options"))
+                            .and_then(Value::as_array),
+                        _ => None,
+                    };
+                    if let Some(values) = values {
+                        let set = values
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_owned)
+                            .collect();
+                        out.insert((class.clone(), input.clone()), set);
+                    }
+                }
+            }
+        }
+        ModelChoices(out)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Take what a fresher read says of the classes it covers.
+    pub fn update(&mut self, fresher: ModelChoices) {
+        self.0.extend(fresher.0);
+    }
+
+    /// The first model the workflow names that this backend does not offer (listed
+    /// values for that input, without this one); inputs it says nothing of are not
+    /// judged.
+    pub fn first_missing(&self, workflow: &Workflow) -> Option<ModelRef> {
+        workflow.models().into_iter().find(|m| {
+            let class = workflow.class_of(&m.node).unwrap_or_default();
+            self.0
+                .get(&(class.to_owned(), m.input.clone()))
+                .is_some_and(|offered| !offered.contains(&m.file))
+        })
+    }
 }
 
 /// A checked API-format workflow. Immutable once checked, and shared: a job, its
@@ -424,5 +493,58 @@ mod tests {
         let hash = |v: &Value| Workflow::parse(v).unwrap().shape_hash();
         assert_eq!(hash(&a), hash(&b));
         assert_ne!(hash(&a), hash(&c));
+    }
+
+    #[test]
+    fn model_choices_come_from_object_info_combos() {
+        let info: serde_json::Map<String, Value> = serde_json::from_value(json!({
+            "CheckpointLoaderSimple": {"input": {"required": {
+                "ckpt_name": [["a.safetensors", "b.safetensors"], {"tooltip": "x"}]}}},
+            "LoraLoader": {"input": {"required": {
+                "model": ["MODEL", {}],
+                "lora_name": ["COMBO", {"options": ["l.safetensors"]}],
+                "strength_model": ["FLOAT", {"default": 1.0}]}}},
+            "Odd": {"input": {"required": {"vae_name": "not a spec"}}, "optional": 3}
+        }))
+        .unwrap();
+        let choices = ModelChoices::from_object_info(&info);
+        let w = |ckpt: &str, lora: &str| {
+            Workflow::parse(&json!({
+                "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+                "5": {"class_type": "LoraLoader", "inputs": {"lora_name": lora, "model": ["4", 0]}},
+                "6": {"class_type": "Odd", "inputs": {"vae_name": "v.safetensors"}}
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            choices.first_missing(&w("a.safetensors", "l.safetensors")),
+            None
+        );
+        assert_eq!(
+            choices.first_missing(&w("nope.safetensors", "l.safetensors")),
+            Some(ModelRef {
+                node: "4".into(),
+                input: "ckpt_name".into(),
+                file: "nope.safetensors".into()
+            })
+        );
+        assert_eq!(
+            choices
+                .first_missing(&w("b.safetensors", "x.safetensors"))
+                .map(|m| m.input),
+            Some("lora_name".into())
+        );
+        // A fresher read of one class replaces what was known of it.
+        let mut updated = choices.clone();
+        let fresher: serde_json::Map<String, Value> = serde_json::from_value(json!({
+            "CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [["nope.safetensors"], {}]}}}
+        }))
+        .unwrap();
+        updated.update(ModelChoices::from_object_info(&fresher));
+        assert_eq!(
+            updated.first_missing(&w("nope.safetensors", "l.safetensors")),
+            None
+        );
+        assert!(ModelChoices::from_object_info(&serde_json::Map::new()).is_empty());
     }
 }
