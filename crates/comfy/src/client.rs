@@ -49,6 +49,18 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// The connection failed (refused, reset, timed out, closed mid-answer) rather than
+    /// the server answering something gantry cannot use: a sign of the server itself
+    /// being down or restarting, whatever was asked of it.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            Error::Http { .. } | Error::WebSocket { .. } => true,
+            Error::Url { .. } | Error::Status { .. } | Error::Decode { .. } => false,
+        }
+    }
+}
+
 /// The answer to `POST /prompt`: queued (perhaps partly, see `node_errors`) or rejected.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Submitted {
@@ -209,6 +221,21 @@ impl Client {
     /// `GET /queue`.
     pub async fn queue(&self) -> Result<Queue, Error> {
         self.get("queue").await
+    }
+
+    /// `GET /object_info/{class}`: one class's spec (its model lists as they are now, so
+    /// a file installed since `/object_info` was read shows); empty for an unknown class.
+    pub async fn object_info_of(&self, class: &str) -> Result<ObjectInfo, Error> {
+        let path = format!("object_info/{class}");
+        let mut url = self.url("object_info")?;
+        url.path_segments_mut()
+            .map_err(|()| Error::Url {
+                url: self.base.to_string(),
+                reason: "cannot be a base".into(),
+            })?
+            .push(class);
+        let resp = self.send("GET", &path, self.http.get(url)).await?;
+        Self::read_json("GET", &path, resp).await
     }
 
     /// `GET /history/{id}`; `None` while queued or running, and once deleted or lost.

@@ -217,7 +217,11 @@ enum Stop {
 
 /// The shared simulator: state behind one lock, plus what the worker needs.
 pub struct Sim {
-    pub catalog: Catalog,
+    /// The node specs with the model files installed now; replaced whole when a model
+    /// is installed (ComfyUI lists its model folders anew on every read).
+    catalog: std::sync::RwLock<Arc<Catalog>>,
+    /// The model files every loader lists.
+    models: Mutex<Vec<String>>,
     pub speed: f64,
     pub output_dir: PathBuf,
     pub input_dir: PathBuf,
@@ -248,14 +252,15 @@ impl Sim {
     }
 
     pub fn new(
-        catalog: Catalog,
+        models: Vec<String>,
         speed: f64,
         data_dir: PathBuf,
         faults: FaultSet,
         crash_tx: mpsc::UnboundedSender<Option<Duration>>,
     ) -> Sim {
         Sim {
-            catalog,
+            catalog: std::sync::RwLock::new(Arc::new(Catalog::new(&models))),
+            models: Mutex::new(models),
             speed,
             output_dir: data_dir.join("output"),
             input_dir: data_dir.join("input"),
@@ -268,6 +273,24 @@ impl Sim {
             next_conn: AtomicU64::new(1),
             crash_tx,
         }
+    }
+
+    /// The node specs as they are now.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A model file appears in the models folder: loaders list and accept it from now on.
+    pub fn install_model(&self, file: &str) {
+        let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        if !models.iter().any(|m| m == file) {
+            models.push(file.to_owned());
+        }
+        let catalog = Arc::new(Catalog::new(&models));
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = catalog;
     }
 
     /// The state lock. A panic while holding it is a simulator bug; the state is still
@@ -886,7 +909,7 @@ impl Run<'_> {
             node: id.to_string(),
             message,
             kind: kind.to_string(),
-            inputs: current_inputs(&self.sim.catalog, &class, &inputs),
+            inputs: current_inputs(&self.sim.catalog(), &class, &inputs),
         };
 
         let first_work = !self.first_node_done;

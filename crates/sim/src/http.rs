@@ -151,7 +151,12 @@ async fn post_prompt(State(app): State<App>, body: Bytes) -> Response {
     let partial: Option<Vec<String>> = json
         .get("partial_execution_targets")
         .and_then(|v| serde_json::from_value(v.clone()).ok());
-    let verdict = validate_prompt(prompt, &sim.catalog, &sim.input_paths(), partial.as_deref());
+    let verdict = validate_prompt(
+        prompt,
+        &sim.catalog(),
+        &sim.input_paths(),
+        partial.as_deref(),
+    );
     let mut extra_data = json
         .get("extra_data")
         .and_then(Value::as_object)
@@ -295,12 +300,12 @@ async fn post_history(State(app): State<App>, body: Bytes) -> Response {
 }
 
 async fn get_object_info(State(app): State<App>) -> Response {
-    let info = app.sim.catalog.object_info(&app.sim.input_files());
+    let info = app.sim.catalog().object_info(&app.sim.input_files());
     ok_json(&serde_json::to_value(info).unwrap_or_default())
 }
 
 async fn get_object_info_one(State(app): State<App>, Path(class): Path<String>) -> Response {
-    let info = app.sim.catalog.object_info(&app.sim.input_files());
+    let info = app.sim.catalog().object_info(&app.sim.input_files());
     let mut out = Map::new();
     if let Some(v) = info.get(&class) {
         out.insert(class, v.clone());

@@ -146,7 +146,7 @@ pub async fn spawn(config: SimConfig) -> Result<SimHandle, Error> {
     })?;
     let (crash_tx, mut crash_rx) = mpsc::unbounded_channel();
     let mut sim = Sim::new(
-        nodes::Catalog::new(&config.models),
+        config.models.clone(),
         config.speed,
         dir,
         FaultSet::new(faults, config.seed),
@@ -271,6 +271,12 @@ impl SimHandle {
             .collect::<Result<Vec<_>, _>>()?;
         self.inner.sim.replace_faults(faults);
         Ok(())
+    }
+
+    /// Puts a model file in the models folder: every loader lists and accepts it from
+    /// now on, as a real ComfyUI does once the file is there.
+    pub fn install_model(&self, file: &str) {
+        self.inner.sim.install_model(file);
     }
 
     /// Where SaveImage writes.
