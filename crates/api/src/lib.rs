@@ -7,6 +7,7 @@
 
 pub use gantry_core::auth::Scope;
 pub use gantry_core::profile::{AttemptProfile, NodeProfile, NodeStatus};
+pub use gantry_core::routing::WaitReason;
 pub use gantry_core::{
     AttemptStatus, CommandResult, EventKind, Exclusion, ExclusionReason, JobError, JobState,
     Timeouts,
@@ -256,6 +257,10 @@ pub struct Job {
     pub error: Option<JobError>,
     /// Something to know that is not an error ("cancel came too late").
     pub note: Option<String>,
+    /// Why a queued job is not running yet, and until when if that is known; absent
+    /// when it is not queued or a backend can take it now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<WaitingFor>,
     /// The id of the token that submitted it, when the server asks for tokens.
     #[serde(default)]
     pub owner: Option<String>,
@@ -272,6 +277,24 @@ impl Job {
     pub fn is_terminal(&self) -> bool {
         self.state.is_terminal()
     }
+}
+
+/// Why a queued job waits.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct WaitingFor {
+    pub reason: WaitReason,
+    /// The same, for a person, with the times.
+    pub message: String,
+    /// The earliest it can start, when a hold with a known end keeps it (its retry
+    /// backoff, a block, an open breaker); absent when it waits for an event (a backend
+    /// coming back or becoming free).
+    #[schema(format = DateTime)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// What keeps it from each backend, by name (`busy`, `offline (...)`, `blocked for
+    /// this workflow until ...`, `never: lacks tag sdxl`, ...).
+    #[serde(default)]
+    pub backends: std::collections::BTreeMap<String, String>,
 }
 
 /// One try of a job on one backend.

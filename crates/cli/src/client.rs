@@ -1004,6 +1004,12 @@ pub async fn show(a: JobArgs) -> Result<ExitCode, Error> {
     if let Some(n) = &job.note {
         println!("note      {n}");
     }
+    if let Some(w) = &job.waiting_for {
+        println!("waiting   {}", w.message);
+        for (backend, why) in &w.backends {
+            println!("          {backend}: {why}");
+        }
+    }
     if let Some(r) = &job.result {
         match (r.exit_code, r.signal) {
             (Some(code), _) => println!("exit code {code}"),

@@ -10,7 +10,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use bytes::Bytes;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::DateTime;
 use gantry_core::{EventKind, Job, JobId, JobSpec, JobState, Millis, Refused, Timeouts, Workflow};
 use gantry_store::{Created, Event, JobFilter};
 use serde::Deserialize;
@@ -271,11 +271,7 @@ async fn openapi_json() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], doc.as_str()).into_response()
 }
 
-pub fn rfc3339(ms: Millis) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Millis, true)
-}
+pub use crate::clock::rfc3339;
 
 pub(crate) fn opt_time(ms: Option<Millis>) -> Option<String> {
     ms.map(rfc3339)
@@ -359,6 +355,7 @@ pub fn job_view(job: &Job) -> wire::Job {
         outputs,
         error: job.error.clone(),
         note: job.note.clone(),
+        waiting_for: None,
         owner: job.spec.owner.clone(),
         profile: profile_of(job),
         kind: if job.spec.command.is_some() {
@@ -373,6 +370,17 @@ pub fn job_view(job: &Job) -> wire::Job {
             serde_json::from_value(job.error.as_ref()?.details.get("result")?.clone()).ok()
         }),
     }
+}
+
+/// Why a queued job waits, as the engine sees the farm now.
+fn waiting_view(engine: &Engine, job: &Job) -> Option<wire::WaitingFor> {
+    let w = engine.waiting_for(job)?;
+    Some(wire::WaitingFor {
+        reason: w.reason,
+        message: w.message,
+        until: opt_time(w.until),
+        backends: w.backends,
+    })
 }
 
 /// Timings of the job as a whole and of each attempt (each attempt's per-node profile
@@ -845,6 +853,35 @@ async fn create_job(
             json!({"node": node, "class_type": class}),
         ));
     }
+    // A loader naming a file no backend offers would be dispatched only to be refused by
+    // validation everywhere: refuse it now, on fresh lists.
+    if spec.command.is_none() && engine.missing_model(&spec).is_some() {
+        engine.refresh_models(&spec.workflow).await;
+        if let Some((model, backends)) = engine.missing_model(&spec) {
+            let class = spec.workflow.class_of(&model.node).unwrap_or_default();
+            let checked: Vec<String> = backends
+                .iter()
+                .map(|(name, reason)| format!("{name}: {reason}"))
+                .collect();
+            return Err(ApiError::bad(
+                "missing_model",
+                format!(
+                    "node {} ({class}): input {} names {:?}, which no backend offers (checked {})",
+                    model.node,
+                    model.input,
+                    model.file,
+                    checked.join("; ")
+                ),
+                json!({
+                    "node": model.node,
+                    "class_type": class,
+                    "input": model.input,
+                    "value": model.file,
+                    "backends": backends,
+                }),
+            ));
+        }
+    }
     spec.attachments = resolve_attachments(&engine, attaching).await?;
     let request_hash = hex::encode(Sha256::digest(&body));
     match engine.submit(spec, &request_hash).await? {
@@ -896,6 +933,7 @@ async fn get_job(
 ) -> Result<Json<wire::Job>, ApiError> {
     let job = load(&engine, &id).await?;
     let mut view = job_view(&job);
+    view.waiting_for = waiting_view(&engine, &job);
     if view.callback.is_none() {
         view.callback = engine
             .config()
@@ -1020,7 +1058,14 @@ async fn list_jobs(
         })
         .await?;
     Ok(Json(wire::JobPage {
-        jobs: page.jobs.iter().map(job_view).collect(),
+        jobs: page
+            .jobs
+            .iter()
+            .map(|job| wire::Job {
+                waiting_for: waiting_view(&engine, job),
+                ..job_view(job)
+            })
+            .collect(),
         next_cursor: page.next.map(|n| n.to_string()),
     }))
 }

@@ -155,7 +155,7 @@ fn missing_input_files(
         .into_iter()
         .partition(|(_, _, _, file)| sent.contains(file));
     if missing.is_empty() {
-        return Some(Failure::backend(
+        return Some(Failure::lost(
             JobError::new(
                 "attachment_lost",
                 format!(
@@ -353,7 +353,7 @@ mod tests {
         );
         assert_eq!(
             (f.kind, &f.error.code[..]),
-            (FailureKind::Backend, "attachment_lost")
+            (FailureKind::Lost, "attachment_lost")
         );
     }
 

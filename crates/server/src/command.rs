@@ -236,7 +236,7 @@ async fn follow(
 fn backend_failure(a: &Assignment, code: &str, message: String) -> Input {
     Input::Failed {
         attempt: a.attempt,
-        failure: Failure::backend(JobError::new(code, message)),
+        failure: Failure::lost(JobError::new(code, message)),
     }
 }
 
@@ -302,7 +302,7 @@ fn ended(a: &Assignment, program: &str, m: &Value, log: Option<gantry_core::Comm
             }),
         ),
         Some("cancelled") => failure(
-            FailureKind::Backend,
+            FailureKind::Lost,
             "command_lost",
             "the agent stopped the command".to_owned(),
             None,

@@ -168,7 +168,9 @@ struct Driver {
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Short: a backend that crashed is usually back within seconds, and its jobs wait for
+/// it (a refused connection costs it nothing).
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Drive backend `name` until `stop` (shutdown, or the end of this coordinator's lease
 /// on it); stopping leaves whatever runs on the backend for the next driver to adopt.
@@ -300,20 +302,23 @@ async fn upload_all(
     engine: &Engine,
     client: &Client,
     attachments: &[Attachment],
-) -> Result<HashMap<String, String>, String> {
+) -> Result<HashMap<String, String>, (String, bool)> {
     let mut names = HashMap::new();
     for a in attachments {
         let bytes = engine.attachments().read(&a.sha256).await.map_err(|e| {
-            format!(
-                "attachment {} ({}) is not readable here: {e}",
-                a.name, a.sha256
+            (
+                format!(
+                    "attachment {} ({}) is not readable here: {e}",
+                    a.name, a.sha256
+                ),
+                false,
             )
         })?;
         let file = backend_file_name(a);
         let at = client
             .upload(&file, bytes, UPLOAD_SUBFOLDER, true)
             .await
-            .map_err(|e| format!("{}: {e}", a.name))?;
+            .map_err(|e| (format!("{}: {e}", a.name), e.is_connection()))?;
         let value = if at.subfolder.is_empty() {
             at.filename
         } else {
@@ -517,7 +522,7 @@ impl Driver {
             return;
         }
         if now >= self.last_contact + 2 * self.liveness() {
-            let failure = Failure::backend(JobError::new(
+            let failure = Failure::lost(JobError::new(
                 "backend_unreachable",
                 format!(
                     "lost contact with {} for {} ms while the prompt was in flight",
@@ -586,8 +591,9 @@ impl Driver {
         match result {
             Ok((info, session)) => {
                 let classes: HashSet<String> = info.keys().cloned().collect();
+                let models = gantry_core::workflow::ModelChoices::from_object_info(&info);
                 if let Some(b) = self.engine.backends().get_mut(&self.name) {
-                    if !b.learn_classes(classes) {
+                    if !b.learn_classes(classes, models) {
                         tracing::warn!(backend = %self.name, "object_info listed no node classes; keeping what was known");
                     }
                     b.last_error = None;
@@ -794,7 +800,7 @@ impl Driver {
                         return;
                     }
                     tracing::error!(backend = %self.name, running = %cur.a.job_id, job_id = %a.job_id, "asked to run a third attempt");
-                    let failure = Failure::backend(JobError::new(
+                    let failure = Failure::lost(JobError::new(
                         "busy",
                         format!("{} was already running an attempt", self.name),
                     ));
@@ -1000,7 +1006,7 @@ impl Driver {
 
     async fn submit(&mut self) {
         let (Some(client), Some(session)) = (self.client.clone(), &self.session) else {
-            let failure = Failure::backend(JobError::new(
+            let failure = Failure::lost(JobError::new(
                 "backend_offline",
                 format!("{} is not connected", self.name),
             ));
@@ -1019,9 +1025,12 @@ impl Driver {
                 Some(limit) => tokio::time::timeout(limit, upload)
                     .await
                     .unwrap_or_else(|_| {
-                        Err(format!(
-                            "uploading them took longer than the submit limit ({} ms)",
-                            limit.as_millis()
+                        Err((
+                            format!(
+                                "uploading them took longer than the submit limit ({} ms)",
+                                limit.as_millis()
+                            ),
+                            false,
                         ))
                     }),
                 None => upload.await,
@@ -1036,11 +1045,18 @@ impl Driver {
                     let Some(cur) = &mut self.current else { return };
                     cur.watch.submitting(mono);
                 }
-                Err(e) => {
-                    let failure = Failure::backend(JobError::new(
+                Err((e, connection)) => {
+                    let error = JobError::new(
                         "attachment_upload_failed",
                         format!("cannot upload the job's attachments to {}: {e}", self.name),
-                    ));
+                    );
+                    // Refused by a backend that answered (a full disk): not there again
+                    // for a while; unreachable: wait for any backend.
+                    let failure = if connection {
+                        Failure::lost(error)
+                    } else {
+                        Failure::backend(error)
+                    };
                     self.fail(failure, false).await;
                     return;
                 }
@@ -1112,14 +1128,16 @@ impl Driver {
             Some(Err(e)) => {
                 // It may have landed anyway: make sure it does not run unwatched.
                 self.stop_on_backend(&pid, None).await;
-                self.fail(
-                    Failure::backend(JobError::new(
-                        "submit_failed",
-                        format!("submit to {} failed: {e}", self.name),
-                    )),
-                    true,
-                )
-                .await;
+                let error = JobError::new(
+                    "submit_failed",
+                    format!("submit to {} failed: {e}", self.name),
+                );
+                let failure = if e.is_connection() {
+                    Failure::lost(error)
+                } else {
+                    Failure::backend(error)
+                };
+                self.fail(failure, true).await;
             }
             None => {
                 let mono = self.mono();
@@ -1182,13 +1200,28 @@ impl Driver {
                     self.cancel_confirmed().await;
                     return;
                 }
-                let failure = Failure::backend(JobError::new(
-                    "prompt_lost",
-                    format!(
-                        "prompt {pid} vanished from {}: in neither its queue nor its history",
-                        self.name
-                    ),
-                ));
+                // After a lost connection that is a restart or a crash (ComfyUI keeps
+                // its queue and history in memory only): the backend's failure, whatever
+                // it ran. Gone while the connection held, it is this backend misbehaving
+                // with this prompt: blocked like a timeout.
+                let reconnected = self.current.as_ref().is_some_and(|c| c.deaf);
+                let failure = if reconnected {
+                    Failure::lost(JobError::new(
+                        "backend_lost",
+                        format!(
+                            "{} lost prompt {pid}: after the connection dropped it is in neither its queue nor its history (the backend restarted or crashed)",
+                            self.name
+                        ),
+                    ))
+                } else {
+                    Failure::backend(JobError::new(
+                        "prompt_lost",
+                        format!(
+                            "prompt {pid} vanished from {}: in neither its queue nor its history",
+                            self.name
+                        ),
+                    ))
+                };
                 self.fail(failure, false).await;
             }
             Err(e) => {
@@ -1284,13 +1317,18 @@ impl Driver {
             let bytes = match client.view(&file).await {
                 Ok(b) => b,
                 Err(e) => {
-                    let failure = Failure::backend(JobError::new(
+                    let error = JobError::new(
                         "output_unavailable",
                         format!(
                             "cannot download output {} of node {node} from {}: {e}",
                             file.filename, self.name
                         ),
-                    ));
+                    );
+                    let failure = if e.is_connection() {
+                        Failure::lost(error)
+                    } else {
+                        Failure::backend(error)
+                    };
                     self.fail(failure, false).await;
                     return;
                 }
@@ -1299,7 +1337,8 @@ impl Driver {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot store an output file");
-                    let failure = Failure::backend(JobError::new(
+                    // gantry's own storage failed, not the workflow: block nothing.
+                    let failure = Failure::lost(JobError::new(
                         "output_unstored",
                         format!("cannot store output {}: {e}", file.filename),
                     ));
@@ -1431,9 +1470,9 @@ impl Driver {
         }
     }
 
-    /// Record the attempt's failure; a backend fault blocks the backend for this workflow
-    /// and counts towards its circuit breaker. With `on_backend`, the prompt may still be
-    /// there: drain it before the backend takes anything new.
+    /// Record the attempt's failure (the engine marks the backend's health with it, see
+    /// `Engine::settle_failure`). With `on_backend`, the prompt may still be there: drain
+    /// it before the backend takes anything new.
     async fn fail(&mut self, failure: Failure, on_backend: bool) {
         let Some(cur) = &self.current else { return };
         if cur.draining.is_some() {
@@ -1442,18 +1481,10 @@ impl Driver {
         }
         let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
         tracing::info!(backend = %self.name, job_id = %job_id, attempt, code = %failure.error.code, "attempt failed: {}", failure.error.message);
-        let fault = failure.kind == FailureKind::Backend;
-        // A node's exception may yet prove to be the workflow's (classify.rs): it keeps
-        // this job away from the backend but blocks no one else.
-        let block = failure.exclude.is_none();
-        let applied = self
-            .apply(&job_id, Input::Failed { attempt, failure })
+        self.apply(&job_id, Input::Failed { attempt, failure })
             .await;
         if self.fenced.load(std::sync::atomic::Ordering::Relaxed) {
             return;
-        }
-        if let (true, Some(Applied::Changed(job))) = (fault, &applied) {
-            self.engine.backend_fault(&self.name, job, block).await;
         }
         if on_backend {
             self.drain(Instant::now());

@@ -6,6 +6,7 @@ use gantry_core::health::{Health, HealthEvent};
 use gantry_core::profile::ProfileBuilder;
 use gantry_core::routing::{self, Candidate, Choice};
 use gantry_core::watchdog::Limits;
+use gantry_core::workflow::{ModelChoices, ModelRef};
 use gantry_core::{
     transition, Effect, EventKind, Input, Job, JobId, JobSpec, JobState, Millis, Policy, Refused,
     Workflow,
@@ -14,7 +15,7 @@ use gantry_store::stats::NodeStats;
 use gantry_store::{Created, Event, Fence, Store};
 use indexmap::IndexMap;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -26,13 +27,7 @@ use crate::config::{BackendConfig, Config};
 use crate::driver::{self, Assignment, Command};
 use crate::outputs::ContentStore;
 
-/// Wall-clock now, for timestamps that are stored and shown.
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or_default()
-}
+pub use crate::clock::now_ms;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -66,6 +61,9 @@ pub struct BackendState {
     pub connection: Connection,
     /// Node classes from `/object_info`.
     pub classes: Option<Arc<HashSet<String>>>,
+    /// The model files its loaders offer, from the same read (and refreshed per class
+    /// before a submit is refused for a model no backend offered).
+    pub models: Option<Arc<ModelChoices>>,
     /// Model files of the latest prompt sent to it: ComfyUI keeps only what its latest
     /// prompt used (PROTOCOL.md section 6), so these are what it holds, or will once
     /// the prompts it has are done.
@@ -112,6 +110,7 @@ impl BackendState {
             config,
             connection: Connection::Connecting,
             classes: None,
+            models: None,
             warm_models: Vec::new(),
             last_used: 0,
             current: None,
@@ -134,11 +133,12 @@ impl BackendState {
 
     /// Take the node classes a (re)connection reported, unless the answer was empty: a
     /// known value is never replaced by an unknown one (DESIGN.md invariant 8, seed 002).
-    pub fn learn_classes(&mut self, classes: HashSet<String>) -> bool {
+    pub fn learn_classes(&mut self, classes: HashSet<String>, models: ModelChoices) -> bool {
         if classes.is_empty() {
             return false;
         }
         self.classes = Some(Arc::new(classes));
+        self.models = Some(Arc::new(models));
         true
     }
 }
@@ -412,6 +412,13 @@ impl Scheduling<'_> {
         }
         (choice, behind)
     }
+}
+
+/// A failed attempt's mark on its backend's health, made once the failure is committed.
+struct HealthChange {
+    backend: String,
+    /// The workflow shape to block there, if the failure was that workflow's own.
+    block: Option<String>,
 }
 
 /// Where the outcome of `apply` left things.
@@ -1076,6 +1083,101 @@ impl Engine {
             .find(|(_, class)| !known.iter().any(|k| k.contains(*class)))
     }
 
+    /// A model the workflow names that no backend offers, judged only when every
+    /// backend has been read: (the model, each backend's reason). A backend that can run
+    /// the job on every other count but offers no list for the input accepts it.
+    pub fn missing_model(&self, spec: &JobSpec) -> Option<(ModelRef, BTreeMap<String, String>)> {
+        let job = Job::new(JobId::random(), spec.clone(), now_ms());
+        let backends = self.backends();
+        let mut first = None;
+        let mut reasons = BTreeMap::new();
+        for b in backends.values() {
+            let candidate = Candidate {
+                name: &b.config.name,
+                priority: b.config.priority,
+                tags: &b.config.tags,
+                classes: b.classes.as_deref(),
+                idle: false,
+                warm_models: &[],
+                last_used: 0,
+                blocked: false,
+                slow: false,
+                programs: b.programs.as_deref().map(Vec::as_slice),
+            };
+            let reason = match (routing::never_reason(&job, &candidate), &b.models) {
+                (Some(never), _) => never,
+                // Not read yet: it may have the model.
+                (None, None) => return None,
+                (None, Some(models)) => {
+                    let missing = models.first_missing(&spec.workflow)?;
+                    let reason = format!(
+                        "does not offer {:?} for node {} input {}",
+                        missing.file, missing.node, missing.input
+                    );
+                    first.get_or_insert(missing);
+                    reason
+                }
+            };
+            reasons.insert(b.config.name.clone(), reason);
+        }
+        Some((first?, reasons))
+    }
+
+    /// Read again the model lists of the classes `workflow` loads models with, from
+    /// every backend that said it lacks one, so a refusal never rests on a list older
+    /// than a file just installed. A backend that does not answer in time keeps its list.
+    pub async fn refresh_models(&self, workflow: &Workflow) {
+        let classes: BTreeSet<String> = workflow
+            .models()
+            .iter()
+            .filter_map(|m| workflow.class_of(&m.node).map(str::to_owned))
+            .collect();
+        let targets: Vec<(String, String)> = self
+            .backends()
+            .values()
+            .filter(|b| {
+                b.models
+                    .as_ref()
+                    .is_some_and(|m| m.first_missing(workflow).is_some())
+            })
+            .map(|b| (b.config.name.clone(), b.config.url.clone()))
+            .collect();
+        let reads = targets.into_iter().map(|(name, url)| {
+            let classes = &classes;
+            async move {
+                let client = gantry_comfy::Client::with_http(&url, self.inner.http.clone()).ok()?;
+                let mut fresher = ModelChoices::default();
+                for class in classes {
+                    let read = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        client.object_info_of(class),
+                    )
+                    .await;
+                    match read {
+                        Ok(Ok(info)) => fresher.update(ModelChoices::from_object_info(&info)),
+                        Ok(Err(e)) => {
+                            tracing::debug!(backend = %name, class, error = %e, "cannot read a class's model list");
+                            return None;
+                        }
+                        Err(_) => return None,
+                    }
+                }
+                Some((name, fresher))
+            }
+        });
+        for (name, fresher) in futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            if let Some(b) = self.backends().get_mut(&name) {
+                let mut models = b.models.as_deref().cloned().unwrap_or_default();
+                models.update(fresher);
+                b.models = Some(Arc::new(models));
+            }
+        }
+    }
+
     /// Why no backend can ever run this command job, when each has said what it allows.
     pub fn command_refusal(&self, spec: &JobSpec) -> Option<String> {
         let command = spec.command.as_ref()?;
@@ -1159,41 +1261,184 @@ impl Engine {
         }
     }
 
-    /// An attempt of `job` failed on `backend` by the backend's fault: count it towards
-    /// the circuit breaker and, with `block`, block the pair (backend, workflow shape) for
-    /// the cooldown, recording the block on the job's own stream.
-    pub async fn backend_fault(&self, backend: &str, job: &Job, block: bool) {
-        let hash = job.spec.workflow.shape_hash();
-        let now = now_ms();
-        let mut policy = self.inner.config.health;
-        if !block {
-            policy.block_ms = 0;
-        }
-        let events = match self.backends().get_mut(backend) {
-            Some(b) => b.health.on_fault(&hash, now, &policy),
-            None => return,
+    /// What a failed attempt does to its backend's health (`Failure::is_backends_fault`),
+    /// settled with the transition that records the failure: the breaker counts it, and
+    /// the workflow's own trouble there (`Failure::blocks_workflow`) blocks its shape on
+    /// the backend, a `backend_blocked` event in the same commit. A retry is then told
+    /// what routing says with that health (`settle_retry`): when it can really start,
+    /// what it waits for, or that no backend can run it any more. Answers the health
+    /// change to make once the commit succeeded.
+    fn settle_failure(
+        &self,
+        job: &Job,
+        input: &Input,
+        applied: &mut gantry_core::Applied,
+        now: Millis,
+    ) -> Option<HealthChange> {
+        let Input::Failed { attempt, failure } = input else {
+            return None;
         };
-        let on_job: Vec<EventKind> = events
+        let backend = job
+            .attempts
             .iter()
-            .filter_map(|e| match e {
-                HealthEvent::BackendBlocked {
+            .find(|a| a.number == *attempt)?
+            .backend
+            .clone();
+        // A command runs on the agent, not in ComfyUI: its failures say nothing of
+        // ComfyUI's health.
+        let change =
+            (failure.is_backends_fault() && job.spec.command.is_none()).then(|| HealthChange {
+                backend: backend.clone(),
+                block: failure
+                    .blocks_workflow()
+                    .then(|| job.spec.workflow.shape_hash()),
+            });
+        let health = change.as_ref().and_then(|c| {
+            let mut health = self.backends().get(&c.backend)?.health.clone();
+            let events = health.on_fault(c.block.as_deref(), now, &self.inner.config.health);
+            for e in events {
+                if let HealthEvent::BackendBlocked {
                     workflow_hash,
                     until,
-                } => Some(EventKind::BackendBlocked {
-                    backend: backend.to_owned(),
-                    workflow_hash: workflow_hash.clone(),
-                    until: *until,
-                }),
-                _ => None,
-            })
-            .collect();
-        if !on_job.is_empty() {
-            match self.inner.store.append_events(job, now, &on_job).await {
-                Ok(persisted) => self.publish_persisted(persisted),
-                Err(e) => tracing::warn!(error = %e, "cannot record a block"),
+                } = e
+                {
+                    // Right after the failure and its retry (which says it waits for
+                    // the block), before a terminal event that must come last.
+                    let at = applied
+                        .events
+                        .iter()
+                        .rposition(|k| {
+                            matches!(
+                                k,
+                                EventKind::AttemptFailed { .. } | EventKind::JobRetrying { .. }
+                            )
+                        })
+                        .map_or(applied.events.len(), |i| i + 1);
+                    applied.events.insert(
+                        at,
+                        EventKind::BackendBlocked {
+                            backend: backend.clone(),
+                            workflow_hash,
+                            until,
+                        },
+                    );
+                }
             }
+            Some(health)
+        });
+        if applied.job.state == JobState::Queued {
+            let outlook = self.outlook(
+                &applied.job,
+                Some((&job.id, *attempt)),
+                health.as_ref().map(|h| (backend.as_str(), h)),
+                now,
+            );
+            gantry_core::transition::settle_retry(applied, outlook, now);
         }
-        self.publish_health(backend, events);
+        change
+    }
+
+    /// Make a committed failure's health change (see `settle_failure`) and publish it.
+    fn change_health(&self, change: HealthChange, now: Millis) {
+        let events = match self.backends().get_mut(&change.backend) {
+            Some(b) => b
+                .health
+                .on_fault(change.block.as_deref(), now, &self.inner.config.health),
+            None => return,
+        };
+        if !events.is_empty() {
+            self.wake_scheduler();
+        }
+        self.publish_health(&change.backend, events);
+    }
+
+    /// Why `job` (queued) is not running now and until when, if it waits; `None` when a
+    /// backend could take it now, or none ever can (the scheduler fails it promptly).
+    pub fn waiting_for(&self, job: &Job) -> Option<routing::WaitingFor> {
+        if job.state != JobState::Queued {
+            return None;
+        }
+        match self.outlook(job, None, None, now_ms()) {
+            routing::Outlook::Wait(w) => Some(w),
+            routing::Outlook::Ready | routing::Outlook::Never(_) => None,
+        }
+    }
+
+    /// What routing says of `job` at `now`, over every backend. `freeing` is an attempt
+    /// that is ending (its backend counts as free of it); `health` stands in for one
+    /// backend's health record (the one the ending attempt's failure is about to make).
+    fn outlook(
+        &self,
+        job: &Job,
+        freeing: Option<(&JobId, u32)>,
+        health: Option<(&str, &Health)>,
+        now: Millis,
+    ) -> routing::Outlook {
+        let backends = self.backends();
+        let hash = job.spec.workflow.shape_hash();
+        let command = job.spec.command.is_some();
+        let pipeline = self.inner.config.pipeline;
+        let mut candidates = Vec::with_capacity(backends.len());
+        let mut standings = Vec::with_capacity(backends.len());
+        for b in backends.values() {
+            let health = match health {
+                Some((name, h)) if name == b.config.name => h,
+                _ => &b.health,
+            };
+            let ending = |slot: &Option<(JobId, u32)>| {
+                slot.as_ref().is_some_and(|(j, n)| freeing == Some((j, *n)))
+            };
+            let current = b.current.is_some() && !ending(&b.current);
+            let standing = if b.draining {
+                routing::Standing::Draining
+            } else if command {
+                if !(b.linked && b.lease.is_some()) {
+                    routing::Standing::Offline { why: None }
+                } else if current {
+                    routing::Standing::Busy
+                } else {
+                    routing::Standing::Free
+                }
+            } else if b.lease.is_none() {
+                // Another coordinator drives it and may well take the job.
+                routing::Standing::Free
+            } else if b.connection != Connection::Connected {
+                routing::Standing::Offline {
+                    why: b.last_error.clone(),
+                }
+            } else if let Some(probe_at) = health.probe_at() {
+                routing::Standing::CircuitOpen { probe_at }
+            } else if let Some(until) = health
+                .blocks()
+                .get(&hash)
+                .copied()
+                .filter(|until| *until > now)
+            {
+                routing::Standing::Blocked { until }
+            } else if b.stuck.is_some() {
+                routing::Standing::Stuck
+            } else if current
+                && !(pipeline && b.accepts_next && b.next.is_none() && !ending(&b.next))
+            {
+                routing::Standing::Busy
+            } else {
+                routing::Standing::Free
+            };
+            standings.push(standing);
+            candidates.push(Candidate {
+                name: &b.config.name,
+                priority: b.config.priority,
+                tags: &b.config.tags,
+                classes: b.classes.as_deref(),
+                idle: false,
+                warm_models: &[],
+                last_used: 0,
+                blocked: false,
+                slow: false,
+                programs: b.programs.as_deref().map(Vec::as_slice),
+            });
+        }
+        routing::outlook(job, &candidates, &standings, now, &crate::clock::rfc3339)
     }
 
     /// An attempt succeeded on `backend`: its fault streak ends.
@@ -1537,6 +1782,7 @@ impl Engine {
             let now = now_ms();
             match transition(&job, input.clone(), now, &self.inner.policy) {
                 Ok(mut applied) => {
+                    let health = self.settle_failure(&job, &input, &mut applied, now);
                     let ended = self.attach_profiles(&job, &mut applied);
                     let stored = match self.fence(&job, &input) {
                         Some(fence) => {
@@ -1554,6 +1800,9 @@ impl Engine {
                     };
                     match stored {
                         Ok(events) => {
+                            if let Some(change) = health {
+                                self.change_health(change, now);
+                            }
                             self.sample_nodes(&applied.job, &ended);
                             if !ended.is_empty() {
                                 let mut profiles = self.lock_profiles();
@@ -1774,7 +2023,7 @@ impl Engine {
             }
         };
         if !sent {
-            let failure = gantry_core::Failure::backend(gantry_core::JobError::new(
+            let failure = gantry_core::Failure::lost(gantry_core::JobError::new(
                 "backend_gone",
                 format!(
                     "backend {} is no longer configured; its attempt cannot be followed",
@@ -2155,9 +2404,9 @@ mod tests {
     fn a_reconnection_never_forgets_known_classes() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let mut b = BackendState::new(BackendConfig::parse("gpu-1=http://h:1").unwrap(), tx);
-        assert!(b.learn_classes(["KSampler".to_owned()].into()));
+        assert!(b.learn_classes(["KSampler".to_owned()].into(), ModelChoices::default()));
         // Seed 002: a re-registration with nothing in it must not blank the record.
-        assert!(!b.learn_classes(HashSet::new()));
+        assert!(!b.learn_classes(HashSet::new(), ModelChoices::default()));
         let classes = b.classes.as_deref().unwrap();
         assert!(classes.contains("KSampler"));
         assert_eq!(b.config.name, "gpu-1");

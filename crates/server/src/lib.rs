@@ -9,6 +9,7 @@ pub mod auth;
 pub mod bus;
 pub mod callbacks;
 mod classify;
+pub mod clock;
 pub mod cluster;
 mod command;
 pub mod config;

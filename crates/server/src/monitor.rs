@@ -201,13 +201,13 @@ mod tests {
             circuit_threshold: 0,
             ..Default::default()
         };
-        b.health.on_fault("shape", 2_000, &policy);
+        b.health.on_fault(Some("shape"), 2_000, &policy);
         assert_eq!(status_of(&b, 2_500, 1_000), S::Blocked);
         // A block that has ended no longer counts, lifted yet or not.
         b.last_seen = Some(5_000);
         assert_eq!(status_of(&b, 5_001, 1_000), S::Idle);
         b.current = Some((gantry_core::JobId::random(), 1));
-        b.health.on_fault("shape", 5_000, &policy);
+        b.health.on_fault(Some("shape"), 5_000, &policy);
         // Busy with blocks beside it shows busy (the blocks are in the row).
         assert_eq!(status_of(&b, 5_500, 1_000), S::Busy);
         b.draining = true;

@@ -278,7 +278,7 @@ async fn a_workflow_the_backend_rejects_fails_at_once_with_its_node_errors() {
 }
 
 #[tokio::test]
-async fn a_backend_missing_the_model_is_skipped_and_nowhere_is_unroutable() {
+async fn a_backend_missing_the_model_is_skipped_for_one_that_has_it() {
     let mut without = sim_config();
     without.models = vec!["other.safetensors".into()];
     let app = spawn_app_with(vec![without, sim_config()], |c| c.backends[0].priority = 10).await;
@@ -317,42 +317,16 @@ async fn a_backend_missing_the_model_is_skipped_and_nowhere_is_unroutable() {
     );
     assert_eq!(job["outputs"].as_array().unwrap().len(), 1);
 
+    // A model that no backend has is refused at submit once both have been read
+    // (tests/it/models.rs); one that only a backend not read yet may have is failed
+    // there, once read.
     let mut nowhere = fixture("workflows/txt2img.json");
     nowhere["4"]["inputs"]["ckpt_name"] = json!("nowhere.safetensors");
-    let id = app
-        .submit_ok(&json!({"workflow": nowhere, "max_attempts": 1}))
+    let answer = app
+        .submit(&json!({"workflow": nowhere, "max_attempts": 1}))
         .await;
-    let job = app.wait_terminal(&id).await;
-    assert_eq!(job["state"], "failed", "{job:#}");
-    let error = &job["error"];
-    assert_eq!(error["code"], "unroutable", "{job:#}");
-    let message = error["message"].as_str().unwrap();
-    for backend in ["a", "b"] {
-        let lacks = format!(
-            "{backend}: model \"nowhere.safetensors\" (node 4 input ckpt_name) not installed"
-        );
-        assert!(message.contains(&lacks), "{lacks:?} not in {message:?}");
-    }
-    assert_eq!(
-        error["details"]["backends"].as_object().unwrap().len(),
-        2,
-        "{error:#}"
-    );
-    let attempts = job["attempts"].as_array().unwrap();
-    let tried: Vec<(&str, &str)> = attempts
-        .iter()
-        .map(|a| {
-            (
-                a["backend"].as_str().unwrap(),
-                a["error"]["code"].as_str().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(
-        tried,
-        [("a", "missing_model"), ("b", "missing_model")],
-        "missing models use up no attempt"
-    );
+    assert_eq!(answer.0, 400, "{answer:?}");
+    assert_eq!(answer.1["error"]["code"], "missing_model");
     app.shutdown().await;
 }
 

@@ -307,7 +307,7 @@ async fn a_backend_that_crashes_and_restarts_mid_run() {
     assert_eq!(backends_of(&job)[0], "a");
     let code = job["attempts"][0]["error"]["code"].as_str().unwrap();
     assert!(
-        ["prompt_lost", "backend_unreachable"].contains(&code),
+        ["backend_lost", "backend_unreachable"].contains(&code),
         "{job:#}"
     );
     poll_until(
