@@ -389,6 +389,10 @@ async function refreshJob() {
     + (TERMINAL.has(job.state) ? '' : ` <button data-act="cancel" data-job="${esc(job.id)}">cancel</button>`) + '</p>'];
   if (job.command) parts.push(`<p class="command mono">${esc(job.command.argv.join(' '))}</p>`);
   if (job.error) parts.push(`<p class="err">${esc(job.error.code)}: ${esc(job.error.message)}</p>`);
+  if (job.waiting_for) {
+    const per = Object.entries(job.waiting_for.backends ?? {}).map(([b, why]) => `<li>${esc(b)}: ${esc(why)}</li>`).join('');
+    parts.push(`<p class="waiting" data-reason="${esc(job.waiting_for.reason)}">waiting: ${esc(job.waiting_for.message)}</p>${per ? `<ul class="waiting-backends">${per}</ul>` : ''}`);
+  }
   if (job.result) {
     const how = job.result.exit_code !== null && job.result.exit_code !== undefined
       ? `exit code ${job.result.exit_code}` : `signal ${job.result.signal}`;
