@@ -396,9 +396,8 @@ pub struct LiveEvent {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum LiveKind {
-    /// A node started executing.
-    Node { node: String, class_type: String },
-    /// A node's own step counter.
+    /// A node's own step counter (a node's start and end are persisted events:
+    /// `node_started`, `node_finished`, `nodes_cached`).
     Progress { node: String, value: f64, max: f64 },
     /// A line a command job's program wrote, on `stdout` or `stderr`.
     Log { stream: String, line: String },

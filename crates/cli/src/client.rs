@@ -857,7 +857,7 @@ impl Ui {
                 ));
             }
             "started" => self.line(&format!("started on {}", self.backend)),
-            "node" => {
+            "node_started" => {
                 self.started.insert(s("node"));
                 let text = format!(
                     "node {} ({}) on {}",
@@ -888,6 +888,31 @@ impl Ui {
                     None => self.line(&format!("  node {} step {value}/{max}", s("node"))),
                 }
             }
+            "node_finished" if self.bars.is_none() => {
+                let took = d["duration_ms"]
+                    .as_u64()
+                    .map(|ms| format!(" in {ms} ms"))
+                    .unwrap_or_default();
+                self.line(&format!(
+                    "node {} ({}) {}{took}",
+                    s("node"),
+                    s("class_type"),
+                    s("status")
+                ));
+            }
+            "nodes_cached" => {
+                let nodes: Vec<&str> = d["nodes"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                for n in &nodes {
+                    self.started.insert((*n).to_owned());
+                }
+                match &self.bars {
+                    Some((_, overall, _)) => overall.set_position(self.started.len() as u64),
+                    None => self.line(&format!("cached: node {}", nodes.join(", "))),
+                }
+            }
             "attempt_failed" => {
                 let will_retry = d["will_retry"].as_bool().unwrap_or(false);
                 self.line(&format!(
@@ -898,7 +923,13 @@ impl Ui {
                     if will_retry { "; retrying" } else { "" }
                 ));
             }
-            "job_retrying" => self.line(&format!("next attempt in {} ms", d["delay_ms"])),
+            "job_retrying" => match d["waiting_for"]["message"].as_str() {
+                Some(why) => self.line(&format!(
+                    "next attempt in at least {} ms: {why}",
+                    d["delay_ms"]
+                )),
+                None => self.line(&format!("next attempt in {} ms", d["delay_ms"])),
+            },
             "backend_blocked" => self.line(&format!(
                 "{} blocked for this workflow until {}",
                 s("backend"),

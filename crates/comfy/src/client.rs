@@ -504,6 +504,11 @@ impl Session {
         self.events.recv().await
     }
 
+    /// The next event if one has already arrived, without waiting.
+    pub fn try_next(&mut self) -> Option<SessionEvent> {
+        self.events.try_recv().ok()
+    }
+
     /// Sends a close frame and waits for the socket to end.
     pub async fn close(mut self) {
         let _ = self.close_tx.send(());

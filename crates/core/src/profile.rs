@@ -193,6 +193,22 @@ impl NodeRecord {
     }
 }
 
+/// A node's step as it was heard, for the job's stored history (`node_started`,
+/// `node_finished`, `nodes_cached` events), so a client that subscribes late is told
+/// every node. Only what was heard live: what `/history` fills in afterwards is in the
+/// attempt's profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeStep {
+    Started(String),
+    Finished {
+        node: String,
+        /// Since it was heard starting, when it was.
+        duration_ms: Option<u64>,
+        status: NodeStatus,
+    },
+    Cached(Vec<String>),
+}
+
 /// The record of one attempt as it runs.
 #[derive(Clone, Debug, Default)]
 pub struct ProfileBuilder {
@@ -205,6 +221,10 @@ pub struct ProfileBuilder {
     gaps: Vec<Gap>,
     /// The backend said which nodes ran (an error's `executed`): the others did not.
     knows_what_ran: bool,
+    /// Node steps heard since `take_news`.
+    news: Vec<NodeStep>,
+    /// Whether what is being recorded was heard live (else recalled from /history).
+    live: bool,
 }
 
 impl ProfileBuilder {
@@ -228,12 +248,31 @@ impl ProfileBuilder {
     /// The node running now, if any, ends at `at` as `status`.
     fn end_current(&mut self, at: Millis, status: NodeStatus) {
         if let Some(id) = self.current.take() {
-            let n = self.node(&id);
-            if n.end.is_none() {
-                n.end = Some(at);
-                n.status = Some(status);
-            }
+            self.end(&id, at, status);
         }
+    }
+
+    /// Node `id` ends at `at` as `status`, unless it had already ended.
+    fn end(&mut self, id: &str, at: Millis, status: NodeStatus) {
+        let n = self.node(id);
+        if n.end.is_some() {
+            return;
+        }
+        n.end = Some(at);
+        n.status = Some(status);
+        let duration_ms = n.start.map(|s| (at - s).max(0) as u64);
+        if self.live {
+            self.news.push(NodeStep::Finished {
+                node: id.to_owned(),
+                duration_ms,
+                status,
+            });
+        }
+    }
+
+    /// The node steps heard since the last call, in order.
+    pub fn take_news(&mut self) -> Vec<NodeStep> {
+        std::mem::take(&mut self.news)
     }
 
     fn hear(&mut self, at: Millis) {
@@ -251,12 +290,14 @@ impl ProfileBuilder {
             self.hear(at);
             self.last_heard = Some(at);
         }
+        self.live = true;
         self.record(at, what);
     }
 
     /// Record what is known from elsewhere (the backend's /history), stamped with the
     /// backend's time: it fills in, and does not close a gap.
     pub fn recall(&mut self, at: Millis, what: Observed<'_>) {
+        self.live = false;
         self.record(at, what);
     }
 
@@ -270,14 +311,23 @@ impl ProfileBuilder {
                     let n = self.node(id);
                     n.status = Some(NodeStatus::Cached);
                 }
+                if self.live && !nodes.is_empty() {
+                    self.news.push(NodeStep::Cached(nodes.to_vec()));
+                }
             }
+            // Said again of the node running now: nothing new.
+            Observed::Executing(id) if self.current.as_deref() == Some(id) => {}
             Observed::Executing(id) => {
                 self.end_current(at, NodeStatus::Completed);
                 self.started_at.get_or_insert(at);
                 let n = self.node(id);
+                let first = n.start.is_none();
                 n.start.get_or_insert(at);
                 n.status = Some(NodeStatus::Executing);
                 self.current = Some(id.to_owned());
+                if self.live && first {
+                    self.news.push(NodeStep::Started(id.to_owned()));
+                }
             }
             Observed::Idle | Observed::Success => {
                 self.end_current(at, NodeStatus::Completed);
@@ -288,10 +338,8 @@ impl ProfileBuilder {
                 n.add_point(ProgressPoint { at, value, max });
             }
             Observed::Executed(id) => {
-                let n = self.node(id);
-                if n.end.is_none() && n.start.is_some() {
-                    n.end = Some(at);
-                    n.status = Some(NodeStatus::Completed);
+                if self.nodes.get(id).is_some_and(|n| n.start.is_some()) {
+                    self.end(id, at, NodeStatus::Completed);
                 }
                 if self.current.as_deref() == Some(id) {
                     self.current = None;
@@ -303,20 +351,17 @@ impl ProfileBuilder {
                 }
                 self.current = None;
                 let n = self.node(node);
-                n.end = Some(at);
-                n.status = Some(NodeStatus::Failed);
+                // The error is the node's end, whatever was recorded before.
+                n.end = None;
                 n.error = Some(message.to_owned());
+                self.end(node, at, NodeStatus::Failed);
                 self.ended_at.get_or_insert(at);
             }
             Observed::Interrupted { node } => {
                 let node = node.map(str::to_owned).or_else(|| self.current.clone());
                 self.current = None;
                 if let Some(id) = node {
-                    let n = self.node(&id);
-                    if n.end.is_none() {
-                        n.end = Some(at);
-                        n.status = Some(NodeStatus::Interrupted);
-                    }
+                    self.end(&id, at, NodeStatus::Interrupted);
                 }
                 self.ended_at.get_or_insert(at);
             }
@@ -581,5 +626,68 @@ mod tests {
             ]
         );
         assert_eq!(p.nodes[0].duration_ms, Some(100));
+    }
+
+    #[test]
+    fn every_node_heard_is_news_once_in_order_and_recalled_ones_are_not() {
+        let mut b = ProfileBuilder::default();
+        b.observe(10, Observed::Start);
+        b.observe(11, Observed::Cached(&["1".to_owned()]));
+        b.observe(12, Observed::Executing("2"));
+        b.observe(13, Observed::Executing("2"));
+        b.observe(
+            14,
+            Observed::Progress {
+                node: "2",
+                value: 1.0,
+                max: 2.0,
+            },
+        );
+        b.observe(40, Observed::Executing("3"));
+        b.observe(45, Observed::Executed("3"));
+        b.observe(50, Observed::Success);
+        b.observe(51, Observed::Idle);
+        assert_eq!(
+            b.take_news(),
+            [
+                NodeStep::Cached(vec!["1".into()]),
+                NodeStep::Started("2".into()),
+                NodeStep::Finished {
+                    node: "2".into(),
+                    duration_ms: Some(28),
+                    status: NodeStatus::Completed
+                },
+                NodeStep::Started("3".into()),
+                NodeStep::Finished {
+                    node: "3".into(),
+                    duration_ms: Some(5),
+                    status: NodeStatus::Completed
+                },
+            ]
+        );
+        assert!(b.take_news().is_empty(), "taken once");
+        // A failing node ends as failed; what /history recalls is not news.
+        let mut b = ProfileBuilder::default();
+        b.observe(10, Observed::Executing("1"));
+        b.observe(
+            20,
+            Observed::Error {
+                node: "1",
+                message: "boom",
+            },
+        );
+        b.recall(5, Observed::Ran(&["2".to_owned()]));
+        b.recall(6, Observed::Cached(&["3".to_owned()]));
+        assert_eq!(
+            b.take_news(),
+            [
+                NodeStep::Started("1".into()),
+                NodeStep::Finished {
+                    node: "1".into(),
+                    duration_ms: Some(10),
+                    status: NodeStatus::Failed
+                },
+            ]
+        );
     }
 }

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::profile::AttemptProfile;
+use crate::profile::{AttemptProfile, NodeStatus};
 use crate::routing::{Outlook, WaitingFor};
 
 use crate::job::{
@@ -225,6 +225,31 @@ pub enum EventKind {
         attempt: u32,
         backend: String,
     },
+    /// A node started running (ComfyUI's `executing`), as gantry heard it. Node events
+    /// are history, like state changes: a client that subscribes late gets them all.
+    NodeStarted {
+        attempt: u32,
+        backend: String,
+        node: String,
+        class_type: String,
+    },
+    /// A node ended (completed, failed or interrupted), `duration_ms` after it was heard
+    /// starting.
+    NodeFinished {
+        attempt: u32,
+        backend: String,
+        node: String,
+        class_type: String,
+        status: NodeStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<u64>,
+    },
+    /// These nodes' outputs come from ComfyUI's cache: they do not run.
+    NodesCached {
+        attempt: u32,
+        backend: String,
+        nodes: Vec<String>,
+    },
     AttemptFailed {
         attempt: u32,
         backend: String,
@@ -286,6 +311,9 @@ impl EventKind {
             EventKind::Dispatched { .. } => "dispatched",
             EventKind::Submitted { .. } => "submitted",
             EventKind::Started { .. } => "started",
+            EventKind::NodeStarted { .. } => "node_started",
+            EventKind::NodeFinished { .. } => "node_finished",
+            EventKind::NodesCached { .. } => "nodes_cached",
             EventKind::AttemptFailed { .. } => "attempt_failed",
             EventKind::JobRetrying { .. } => "job_retrying",
             EventKind::BackendBlocked { .. } => "backend_blocked",

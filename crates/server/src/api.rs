@@ -1133,11 +1133,6 @@ fn sse_of_event(e: &Event) -> SseEvent {
     sse_with(e, &event_data(e))
 }
 
-/// A live event, serialised once for every stream.
-fn sse_of_published(p: &crate::bus::Published) -> SseEvent {
-    sse_with(p, p.wire(event_data))
-}
-
 /// The terminal event itself, not another event of the same transition (an
 /// `attempt_failed` is stored with the job's new state too) nor a late one.
 fn ends_stream(e: &Event) -> bool {
@@ -1160,28 +1155,40 @@ async fn send_persisted(tx: &mpsc::Sender<SseEvent>, events: &[Event], last: &mu
     true
 }
 
-/// The job's events from its first, then live ones (with node and step progress, which
-/// have no `id`), until its terminal event.
+/// The job's history (state changes and each node's start, end and cached mark) from its
+/// first event, or after `since` / `Last-Event-ID`, then live ones (step progress, a
+/// command's output lines, which have no `id`), until its terminal event: a client that
+/// subscribes late, or again, misses nothing and sees it in order.
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "events",
-    params(("id" = String, Path, description = "The job's id")),
+    params(("id" = String, Path, description = "The job's id"), EventsQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "The last `id` this client saw")),
     responses(
         (status = 200, description = "Server-sent events: persisted ones carry `id: seq`", content_type = "text/event-stream", body = wire::StreamEvent),
+        (status = 400, description = "`since` is not a sequence number", body = wire::ErrorBody),
         (status = 404, description = "No such job", body = wire::ErrorBody),
     ))]
 async fn job_events(
     State(engine): State<Engine>,
     Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let job = load(&engine, &id).await?;
-    // Subscribe before reading the backlog, so nothing falls between the two.
+    let since = since_of(q, &headers)?;
+    let id = parse_id(&id)?;
+    // Subscribe before reading the job and its backlog, so nothing falls between.
     let mut live = engine.bus().subscribe();
-    let backlog = engine.store().job_events(&job.id, 0).await?;
+    let job = load(&engine, id.as_str()).await?;
+    let backlog = engine.store().job_events(&job.id, since).await?;
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
     let open = crate::metrics::StreamGuard::new(engine.metrics());
     tokio::spawn(async move {
         let _open = open;
-        let mut last = 0;
+        let mut last = since;
         if !send_persisted(&tx, &backlog, &mut last).await {
+            return;
+        }
+        // Resumed past the end: nothing more will come.
+        if job.state.is_terminal() {
             return;
         }
         loop {
@@ -1191,9 +1198,14 @@ async fn job_events(
                 next = live.recv() => next,
             };
             match next {
+                // Writers on different tasks may publish out of sequence order: what
+                // the store has up to here (everything below a committed number is
+                // committed) goes out in order, so none is skipped.
                 Ok(BusEvent::Persisted(e)) if e.job_id == job.id && e.seq > last => {
-                    last = e.seq;
-                    if tx.send(sse_of_published(&e)).await.is_err() || ends_stream(&e) {
+                    let Ok(missed) = engine.store().job_events(&job.id, last).await else {
+                        return;
+                    };
+                    if !send_persisted(&tx, &missed, &mut last).await {
                         return;
                     }
                 }
@@ -1221,6 +1233,24 @@ async fn job_events(
         }
     });
     Ok(sse_of(rx))
+}
+
+/// Where a stream resumes: `since`, else the `Last-Event-ID` header, else the start.
+fn since_of(q: EventsQuery, headers: &axum::http::HeaderMap) -> Result<i64, ApiError> {
+    let from_header = headers
+        .get("last-event-id")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    match q.since.or(from_header) {
+        None => Ok(0),
+        Some(s) => match s.trim().parse::<i64>() {
+            Ok(n) if n >= 0 => Ok(n),
+            _ => Err(ApiError::bad(
+                "invalid_since",
+                format!("since must be an event sequence number, not {s:?}"),
+                json!({ "since": s }),
+            )),
+        },
+    }
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -1251,20 +1281,7 @@ async fn all_events(
     Query(q): Query<EventsQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let from_header = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let since = match q.since.or(from_header) {
-        None => 0,
-        Some(s) => s.trim().parse::<i64>().map_err(|_| {
-            ApiError::bad(
-                "invalid_since",
-                format!("since must be an event sequence number, not {s:?}"),
-                json!({ "since": s }),
-            )
-        })?,
-    };
+    let since = since_of(q, &headers)?;
     let mut live = engine.bus().subscribe();
     let newest = engine.store().last_seq().await?;
     let (tx, rx) = mpsc::channel::<Bytes>(1024);
@@ -1552,14 +1569,9 @@ impl Feed {
         }
     }
 
-    /// Keep only the latest: a node event replaces the job's pending node and progress
-    /// (progress of an earlier node is over), a progress event the job's pending one.
+    /// Keep only the latest: a progress event replaces the job's pending one (whatever
+    /// its node: a node's start and end are persisted events, never coalesced).
     fn coalesce(&mut self, job: JobId, kind: &'static str, event: Bytes) {
-        if kind == "node" {
-            self.pending.retain(|(j, _, _)| *j != job);
-            self.pending.push((job, kind, event));
-            return;
-        }
         match self
             .pending
             .iter_mut()
@@ -1620,7 +1632,6 @@ fn sse_of(
 /// The SSE event name of a live event.
 fn live_kind(l: &crate::bus::LiveEvent) -> &'static str {
     match l.kind {
-        wire::LiveKind::Node { .. } => "node",
         wire::LiveKind::Progress { .. } => "progress",
         wire::LiveKind::Log { .. } => "log",
     }
@@ -2448,20 +2459,9 @@ mod tests {
             assert!(feed.live(&live(&j, progress("3", f64::from(v)))));
         }
         assert!(feed.live(&live(&k, progress("7", 1.0))));
-        // A new node makes the job's pending progress moot.
-        assert!(feed.live(&live(
-            &j,
-            wire::LiveKind::Node {
-                node: "8".into(),
-                class_type: "VAEDecode".into()
-            }
-        )));
+        // Progress of the next node makes the job's pending progress moot.
         assert!(feed.live(&live(&j, progress("8", 1.0))));
-        assert_eq!(
-            feed.pending.len(),
-            3,
-            "k's progress, j's node and j's new progress"
-        );
+        assert_eq!(feed.pending.len(), 2, "j's latest progress and k's");
         let first = rx.recv().await.unwrap();
         assert!(text(&first).contains("\"value\":1.0"), "{}", text(&first));
         let reader = tokio::spawn(async move {
@@ -2474,13 +2474,12 @@ mod tests {
         assert!(feed.flush().await);
         drop(feed);
         let got = reader.await.unwrap();
-        assert_eq!(got.len(), 3, "{got:#?}");
-        assert!(got[0].contains(&k.to_string()), "{got:#?}");
+        assert_eq!(got.len(), 2, "{got:#?}");
         assert!(
-            got[1].contains("event: node") && got[1].contains("VAEDecode"),
+            got[0].contains(&j.to_string()) && got[0].contains("\"node\":\"8\""),
             "{got:#?}"
         );
-        assert!(got[2].contains("\"node\":\"8\""), "{got:#?}");
+        assert!(got[1].contains(&k.to_string()), "{got:#?}");
         assert!(
             !got.iter().any(|g| g.contains("\"node\":\"3\"")),
             "{got:#?}"

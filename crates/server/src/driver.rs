@@ -168,6 +168,8 @@ struct Driver {
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// How long a prompt that `/history` says is over may take to be heard on its socket.
+const HEAR_GRACE: Duration = Duration::from_millis(100);
 /// Short: a backend that crashed is usually back within seconds, and its jobs wait for
 /// it (a refused connection costs it nothing).
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -286,6 +288,15 @@ fn ahead_of(queue: &Queue, pid: &str) -> Option<Vec<String>> {
             .chain(ahead.into_iter().map(|(_, p)| p))
             .collect(),
     )
+}
+
+/// Why a WebSocket closed, for the backend's `last_error`.
+fn close_reason(code: Option<u16>, error: Option<String>) -> String {
+    match (code, error) {
+        (_, Some(e)) => e,
+        (Some(code), None) => format!("closed with code {code}"),
+        (None, None) => "closed".to_owned(),
+    }
 }
 
 fn f64_of(n: &serde_json::Number) -> f64 {
@@ -632,12 +643,7 @@ impl Driver {
             }
             Some(SessionEvent::Binary(_)) | Some(SessionEvent::Malformed { .. }) => self.contact(),
             Some(SessionEvent::Closed { code, error }) => {
-                let why = match (code, error) {
-                    (_, Some(e)) => e,
-                    (Some(code), None) => format!("closed with code {code}"),
-                    (None, None) => "closed".to_owned(),
-                };
-                self.disconnected(why);
+                self.disconnected(close_reason(code, error));
             }
             None => self.disconnected("the socket ended".to_owned()),
         }
@@ -659,7 +665,6 @@ impl Driver {
     }
 
     async fn on_message(&mut self, m: ServerMessage) {
-        let mono = self.mono();
         let Some(cur) = &mut self.current else { return };
         if let ServerMessage::Status(_) = m {
             // The queue moved: where is our prompt now?
@@ -668,14 +673,41 @@ impl Driver {
             }
             return;
         }
+        self.on_prompt_message(m).await;
+    }
+
+    /// A message other than `status`: about the current prompt, or another's.
+    async fn on_prompt_message(&mut self, m: ServerMessage) {
+        let mono = self.mono();
+        let Some(cur) = &mut self.current else { return };
         if m.prompt_id() != Some(cur.a.prompt_id.as_str()) {
             return;
         }
         let heard = now_ms();
-        self.engine.observe(&cur.a.job_id, cur.a.attempt, |p| {
+        let news = self.engine.observe(&cur.a.job_id, cur.a.attempt, |p| {
             crate::profiling::observe(p, heard, &m)
         });
         let draining = cur.draining.is_some();
+        // Node steps go into the job's history before what the message does next (an
+        // end, a failure), and after the start they belong to; not for an attempt
+        // gantry already gave up on.
+        if !news.is_empty() && !draining {
+            if matches!(
+                m,
+                ServerMessage::ExecutionStart(_)
+                    | ServerMessage::ExecutionCached(_)
+                    | ServerMessage::Executing(_)
+            ) {
+                self.started().await;
+            }
+            let Some(cur) = &self.current else { return };
+            let (job_id, attempt, workflow) =
+                (cur.a.job_id.clone(), cur.a.attempt, cur.a.workflow.clone());
+            self.engine
+                .record_nodes(&job_id, attempt, &self.name, &workflow, news)
+                .await;
+        }
+        let Some(cur) = &mut self.current else { return };
         match m {
             ServerMessage::ExecutionStart(_) => self.started().await,
             ServerMessage::Executing(e) => match e.node {
@@ -691,13 +723,6 @@ impl Driver {
                     if !draining {
                         cur.watch.node_started(&node, &class_type, mono);
                     }
-                    let (job_id, attempt) = (cur.a.job_id.clone(), cur.a.attempt);
-                    self.engine.publish_live(LiveEvent {
-                        job_id,
-                        attempt,
-                        backend: self.name.clone(),
-                        kind: LiveKind::Node { node, class_type },
-                    });
                 }
                 None => self.end_marker().await,
             },
@@ -1097,9 +1122,20 @@ impl Driver {
                     cur.watch.pending(vec![], accepted_at);
                 }
                 self.apply(&job_id, Input::Submitted { attempt }).await;
-                // A cached prompt can finish before its answer is read (pitfall 3); and
-                // the start timer counts from the head of the queue.
-                self.reconcile().await;
+                // A cached prompt can finish before its answer is read (pitfall 3): what
+                // the socket said meanwhile is handled first, in order, so its nodes are
+                // heard rather than only read back from /history. Not while `next` is
+                // swapped in: the messages may be the running prompt's.
+                if !self.swapped {
+                    while let Some(ev) = self.session.as_mut().and_then(|s| s.try_next()) {
+                        self.on_event(Some(ev)).await;
+                    }
+                }
+                // And the start timer counts from the head of the queue.
+                let ours = |c: &Current| c.a.job_id == job_id && c.a.attempt == attempt;
+                if self.current.as_ref().is_some_and(ours) {
+                    self.reconcile().await;
+                }
             }
             Some(Ok(answer)) => {
                 self.contact();
@@ -1194,7 +1230,11 @@ impl Driver {
             return;
         }
         match client.history_of(&pid).await {
-            Ok(Some(entry)) => self.finish_from_history(entry).await,
+            Ok(Some(entry)) => {
+                if !self.hear_the_end().await {
+                    self.finish_from_history(entry).await;
+                }
+            }
             Ok(None) => {
                 if self.current.as_ref().is_some_and(|c| c.stopping.is_some()) {
                     self.cancel_confirmed().await;
@@ -1226,6 +1266,52 @@ impl Driver {
             }
             Err(e) => {
                 tracing::debug!(backend = %self.name, error = %e, "reconcile: history unavailable")
+            }
+        }
+    }
+
+    /// `/history` says the prompt is over, but its messages may still be on their way
+    /// on a socket that hears it (ComfyUI sends them from another task than the one that
+    /// answers HTTP; a cached prompt often ends before its submit is answered): give
+    /// them `HEAR_GRACE`, so its nodes are heard and kept in the job's history rather
+    /// than only read back. True when the attempt ended by what was heard.
+    async fn hear_the_end(&mut self) -> bool {
+        let Some(cur) = &self.current else {
+            return false;
+        };
+        if cur.deaf || self.swapped {
+            return false;
+        }
+        let ours = (cur.a.job_id.clone(), cur.a.attempt);
+        let until = Instant::now() + HEAR_GRACE;
+        loop {
+            let still = |c: &Current| c.a.job_id == ours.0 && c.a.attempt == ours.1;
+            if !self.current.as_ref().is_some_and(still) {
+                return true;
+            }
+            let Some(session) = self.session.as_mut() else {
+                return false;
+            };
+            match tokio::time::timeout_at(until, session.next()).await {
+                Ok(Some(SessionEvent::Message(m))) => {
+                    self.contact();
+                    // The queue's news is not needed: the prompt is known to be over.
+                    if !matches!(m, ServerMessage::Status(_)) {
+                        self.on_prompt_message(m).await;
+                    }
+                }
+                Ok(Some(SessionEvent::Binary(_) | SessionEvent::Malformed { .. })) => {
+                    self.contact()
+                }
+                Ok(Some(SessionEvent::Closed { code, error })) => {
+                    self.disconnected(close_reason(code, error));
+                    return false;
+                }
+                Ok(None) => {
+                    self.disconnected("the socket ended".to_owned());
+                    return false;
+                }
+                Err(_) => return false,
             }
         }
     }

@@ -3,7 +3,7 @@
 //! a job: transition, conditional store update with its events, publish, carry out effects.
 
 use gantry_core::health::{Health, HealthEvent};
-use gantry_core::profile::ProfileBuilder;
+use gantry_core::profile::{NodeStep, ProfileBuilder};
 use gantry_core::routing::{self, Candidate, Choice};
 use gantry_core::watchdog::Limits;
 use gantry_core::workflow::{ModelChoices, ModelRef};
@@ -712,12 +712,96 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Record, in the profile of `job`'s attempt `attempt`, what its backend said.
-    pub fn observe(&self, job: &JobId, attempt: u32, f: impl FnOnce(&mut ProfileBuilder)) {
-        f(self
-            .lock_profiles()
-            .entry((job.clone(), attempt))
-            .or_default());
+    /// Record, in the profile of `job`'s attempt `attempt`, what its backend said;
+    /// answers the node steps it made known (for `record_nodes`).
+    pub fn observe(
+        &self,
+        job: &JobId,
+        attempt: u32,
+        f: impl FnOnce(&mut ProfileBuilder),
+    ) -> Vec<NodeStep> {
+        let mut profiles = self.lock_profiles();
+        let profile = profiles.entry((job.clone(), attempt)).or_default();
+        f(profile);
+        profile.take_news()
+    }
+
+    /// Keep a running attempt's node steps in the job's history (so a client that
+    /// subscribes late is told every node, in order) and publish them; a started node
+    /// is also the job's current progress. Held while the store is unreachable, like a
+    /// state change.
+    pub async fn record_nodes(
+        &self,
+        job: &JobId,
+        attempt: u32,
+        backend: &str,
+        workflow: &Workflow,
+        steps: Vec<NodeStep>,
+    ) {
+        let class = |node: &str| workflow.class_of(node).unwrap_or_default().to_owned();
+        let kinds: Vec<EventKind> = steps
+            .into_iter()
+            .map(|step| match step {
+                NodeStep::Started(node) => EventKind::NodeStarted {
+                    attempt,
+                    backend: backend.to_owned(),
+                    class_type: class(&node),
+                    node,
+                },
+                NodeStep::Finished {
+                    node,
+                    duration_ms,
+                    status,
+                } => EventKind::NodeFinished {
+                    attempt,
+                    backend: backend.to_owned(),
+                    class_type: class(&node),
+                    node,
+                    status,
+                    duration_ms,
+                },
+                NodeStep::Cached(nodes) => EventKind::NodesCached {
+                    attempt,
+                    backend: backend.to_owned(),
+                    nodes,
+                },
+            })
+            .collect();
+        for kind in &kinds {
+            if let EventKind::NodeStarted {
+                node, class_type, ..
+            } = kind
+            {
+                self.note_progress(job, attempt, backend, |p| {
+                    p.node = Some(node.clone());
+                    p.class_type = Some(class_type.clone());
+                    (p.value, p.max) = (None, None);
+                });
+            }
+        }
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self
+                .inner
+                .store
+                .append_events(job, JobState::Running, now_ms(), &kinds)
+                .await
+            {
+                Ok(events) => return self.publish_persisted(events),
+                Err(e) if e.is_unavailable() => {
+                    tracing::warn!(job_id = %job, error = %e, "store unreachable: holding node events");
+                    tokio::select! {
+                        _ = self.inner.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %job, error = %e, "cannot record node events");
+                    return;
+                }
+            }
+        }
     }
 
     /// Forget an attempt's record (its driver let it go without an end being written
@@ -1851,7 +1935,8 @@ impl Engine {
                             .inner
                             .store
                             .append_events(
-                                &job,
+                                &job.id,
+                                job.state,
                                 now,
                                 &[EventKind::Late {
                                     attempt: *attempt,
@@ -1935,43 +2020,49 @@ impl Engine {
                     });
             }
         }
-        {
-            let mut progress = self.lock_progress();
-            let p = progress
-                .entry(event.job_id.clone())
-                .or_insert_with(|| gantry_api::Progress {
-                    job_id: event.job_id.to_string(),
-                    attempt: event.attempt,
-                    backend: event.backend.clone(),
-                    node: None,
-                    class_type: None,
-                    value: None,
-                    max: None,
-                });
-            if p.attempt != event.attempt {
-                p.attempt = event.attempt;
-                p.backend.clone_from(&event.backend);
-                (p.node, p.class_type, p.value, p.max) = (None, None, None, None);
-            }
-            match &event.kind {
-                LiveKind::Node { node, class_type } => {
-                    p.node = Some(node.clone());
-                    p.class_type = Some(class_type.clone());
-                    (p.value, p.max) = (None, None);
-                }
-                LiveKind::Log { .. } => {}
-                LiveKind::Progress { node, value, max } => {
+        match &event.kind {
+            LiveKind::Log { .. } => {}
+            LiveKind::Progress { node, value, max } => {
+                self.note_progress(&event.job_id, event.attempt, &event.backend, |p| {
                     if p.node.as_deref() != Some(node) {
                         p.node = Some(node.clone());
                         p.class_type = None;
                     }
                     (p.value, p.max) = (Some(*value), Some(*max));
-                }
+                });
             }
         }
         self.inner
             .bus
             .publish(BusEvent::Live(Arc::new(crate::bus::Published::new(event))));
+    }
+
+    /// Change what the monitor shows of a running job's progress (`progress_of`).
+    fn note_progress(
+        &self,
+        job: &JobId,
+        attempt: u32,
+        backend: &str,
+        f: impl FnOnce(&mut gantry_api::Progress),
+    ) {
+        let mut progress = self.lock_progress();
+        let p = progress
+            .entry(job.clone())
+            .or_insert_with(|| gantry_api::Progress {
+                job_id: job.to_string(),
+                attempt,
+                backend: backend.to_owned(),
+                node: None,
+                class_type: None,
+                value: None,
+                max: None,
+            });
+        if p.attempt != attempt {
+            p.attempt = attempt;
+            backend.clone_into(&mut p.backend);
+            (p.node, p.class_type, p.value, p.max) = (None, None, None, None);
+        }
+        f(p);
     }
 
     fn carry_out(&self, job: &Job, effects: Vec<Effect>) {

@@ -15,12 +15,11 @@ use prometheus_client::registry::Registry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::broadcast;
 
 use gantry_core::{EventKind, JobId, JobState, Millis};
 
-use crate::bus::{BusEvent, LiveKind};
+use crate::bus::BusEvent;
 use crate::engine::Engine;
 use gantry_api::BackendStatus;
 
@@ -159,11 +158,9 @@ pub async fn render(engine: &Engine) -> Result<String, gantry_store::Error> {
 pub async fn follow(engine: Engine) {
     let m = engine.metrics().clone();
     let mut rx = engine.bus().subscribe();
-    // When each job last became queued, when each attempt was dispatched (wall ms), and
-    // which node of each attempt runs since when.
+    // When each job last became queued and when each attempt was dispatched (wall ms).
     let mut queued_at: HashMap<JobId, Millis> = HashMap::new();
     let mut dispatched_at: HashMap<(JobId, u32), Millis> = HashMap::new();
-    let mut node: HashMap<(JobId, u32), (String, Instant)> = HashMap::new();
     loop {
         let event = tokio::select! {
             _ = engine.shutdown_token().cancelled() => return,
@@ -204,13 +201,23 @@ pub async fn follow(engine: Engine) {
                                 m.timeouts.get_or_create(&label("phase", phase)).inc();
                             }
                         }
-                        end_node(&m, &mut node, &e.job_id, *attempt);
                         dispatched_at.remove(&(e.job_id.clone(), *attempt));
                     }
-                    EventKind::Succeeded { attempt, .. } => {
-                        end_node(&m, &mut node, &e.job_id, *attempt);
+                    EventKind::NodeFinished {
+                        class_type,
+                        duration_ms: Some(ms),
+                        ..
+                    } => {
+                        m.node_duration
+                            .get_or_create(&label("class", class_type))
+                            .observe(*ms as f64 / 1000.0);
                     }
-                    EventKind::Failed { .. } | EventKind::Cancelled { .. } => {}
+                    EventKind::Succeeded { .. }
+                    | EventKind::Failed { .. }
+                    | EventKind::Cancelled { .. }
+                    | EventKind::NodeStarted { .. }
+                    | EventKind::NodeFinished { .. }
+                    | EventKind::NodesCached { .. } => {}
                     EventKind::Started { .. }
                     | EventKind::BackendBlocked { .. }
                     | EventKind::CancelRequested { .. }
@@ -219,31 +226,9 @@ pub async fn follow(engine: Engine) {
                 if e.state.is_terminal() {
                     queued_at.remove(&e.job_id);
                     dispatched_at.retain(|(j, _), _| *j != e.job_id);
-                    node.retain(|(j, _), _| *j != e.job_id);
                 }
             }
-            BusEvent::Live(l) => {
-                if let LiveKind::Node { class_type, .. } = &l.kind {
-                    let key = (l.job_id.clone(), l.attempt);
-                    end_node(&m, &mut node, &l.job_id, l.attempt);
-                    node.insert(key, (class_type.clone(), Instant::now()));
-                }
-            }
-            BusEvent::Backend(_) | BusEvent::BackendState(_) => {}
+            BusEvent::Live(_) | BusEvent::Backend(_) | BusEvent::BackendState(_) => {}
         }
-    }
-}
-
-/// The running node of an attempt ended: observe how long it ran.
-fn end_node(
-    m: &Metrics,
-    node: &mut HashMap<(JobId, u32), (String, Instant)>,
-    job: &JobId,
-    attempt: u32,
-) {
-    if let Some((class, since)) = node.remove(&(job.clone(), attempt)) {
-        m.node_duration
-            .get_or_create(&label("class", class))
-            .observe(since.elapsed().as_secs_f64());
     }
 }

@@ -16,6 +16,8 @@ const JOB_EVENTS = [
   'backend_blocked', 'cancel_requested', 'succeeded', 'failed', 'cancelled', 'late',
 ];
 const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
+/// A running attempt's node steps: part of the job's history (with a seq), shown as its progress.
+const NODE_EVENTS = ['node_started', 'node_finished', 'nodes_cached'];
 
 const M = {
   seq: 0,
@@ -148,7 +150,7 @@ function maxPriority() {
 function liveEvent(kind, e) {
   const s = M.running.get(e.job_id);
   const p = (s && s.progress && s.progress.attempt === e.attempt) ? s.progress : { job_id: e.job_id, attempt: e.attempt, backend: e.backend, node: null, class_type: null, value: null, max: null };
-  if (kind === 'node') {
+  if (kind === 'node_started') {
     p.node = e.node; p.class_type = e.class_type; p.value = null; p.max = null;
   } else {
     if (p.node !== e.node) { p.node = e.node; p.class_type = null; }
@@ -169,7 +171,13 @@ function apply(kind, data) {
     // A row carries no progress between its own changes; keep what the stream said.
     if (!data.progress && old && old.progress && old.current_job === data.current_job) data.progress = old.progress;
     M.backends.set(data.name, data);
-  } else if (kind === 'node' || kind === 'progress') {
+  } else if (NODE_EVENTS.includes(kind)) {
+    if (typeof data.seq === 'number') {
+      if (data.seq <= M.seq) { touch(); return; }
+      M.seq = data.seq;
+    }
+    if (kind === 'node_started') liveEvent(kind, data);
+  } else if (kind === 'progress') {
     liveEvent(kind, data);
   } else if (JOB_EVENTS.includes(kind)) {
     jobEvent(kind, data);
@@ -223,7 +231,7 @@ function connect() {
     try { data = JSON.parse(msg.data); } catch (_) { return; }
     apply(kind, data);
   });
-  for (const k of [...JOB_EVENTS, 'backend', 'node', 'progress']) on(k);
+  for (const k of [...JOB_EVENTS, ...NODE_EVENTS, 'backend', 'progress']) on(k);
   es.addEventListener('resync', () => { es.close(); load(); });
   es.onopen = () => setLink('live');
   // EventSource reconnects by itself with Last-Event-ID; the server then sends every

@@ -58,9 +58,18 @@ pub(crate) struct EventRows {
 
 impl EventRows {
     pub fn of(job: &Job, at: Millis, kinds: &[EventKind]) -> Result<EventRows> {
+        EventRows::about(&job.id, job.state, at, kinds)
+    }
+
+    pub fn about(
+        job_id: &JobId,
+        state: JobState,
+        at: Millis,
+        kinds: &[EventKind],
+    ) -> Result<EventRows> {
         Ok(EventRows {
-            job_id: job.id.clone(),
-            state: job.state,
+            job_id: job_id.clone(),
+            state,
             at,
             kinds: kinds
                 .iter()
@@ -210,9 +219,15 @@ impl Writer {
         events_of(self.write(op).await?)
     }
 
-    pub async fn append(&self, job: &Job, at: Millis, events: &[EventKind]) -> Result<Vec<Event>> {
+    pub async fn append(
+        &self,
+        job: &JobId,
+        state: JobState,
+        at: Millis,
+        events: &[EventKind],
+    ) -> Result<Vec<Event>> {
         let op = Op::Append {
-            events: EventRows::of(job, at, events)?,
+            events: EventRows::about(job, state, at, events)?,
         };
         events_of(self.write(op).await?)
     }

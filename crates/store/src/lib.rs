@@ -183,10 +183,12 @@ pub trait Store: Send + Sync + 'static {
         fence: &Fence,
     ) -> Result<Vec<Event>>;
 
-    /// Record events that change no job (late inputs).
+    /// Record events that change no job (late inputs, a node's steps), stamped with
+    /// the job's state `state`.
     async fn append_events(
         &self,
-        job: &Job,
+        job: &JobId,
+        state: JobState,
         at: Millis,
         events: &[EventKind],
     ) -> Result<Vec<Event>>;

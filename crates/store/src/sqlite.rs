@@ -477,11 +477,12 @@ impl Store for SqliteStore {
 
     async fn append_events(
         &self,
-        job: &Job,
+        job: &JobId,
+        state: JobState,
         at: Millis,
         events: &[EventKind],
     ) -> Result<Vec<Event>> {
-        self.writer.append(job, at, events).await
+        self.writer.append(job, state, at, events).await
     }
 
     async fn purge_finished(&self, before: Millis, limit: u32) -> Result<u64> {

@@ -110,6 +110,15 @@ fn persisted(events: &[Sse]) -> Vec<&Sse> {
     events.iter().filter(|e| e.id.is_some()).collect()
 }
 
+/// The state changes of a stream (persisted, not a node's step).
+fn states<'a>(events: &[&'a Sse]) -> Vec<&'a Sse> {
+    events
+        .iter()
+        .copied()
+        .filter(|e| !e.event.starts_with("node"))
+        .collect()
+}
+
 #[tokio::test]
 async fn the_event_stream_tells_the_story_and_closes() {
     let app = spawn_app(1, |_| {}).await;
@@ -120,8 +129,9 @@ async fn the_event_stream_tells_the_story_and_closes() {
     let live = app.read_sse(&id).await;
 
     let stored = persisted(&live);
+    let changes = states(&stored);
     assert_eq!(
-        names(stored.iter().copied()),
+        names(changes.iter().copied()),
         PERSISTED_SUCCESS,
         "{:?}",
         names(&live)
@@ -139,8 +149,8 @@ async fn the_event_stream_tells_the_story_and_closes() {
         );
         assert_rfc3339_ms(&e.data["at"]);
     }
-    assert_eq!(stored[1].data["backend"], "a");
-    assert_eq!(stored[4].data["state"], "succeeded");
+    assert_eq!(changes[1].data["backend"], "a");
+    assert_eq!(changes[4].data["state"], "succeeded");
 
     // Live events carry no id and come between started and succeeded.
     let all = names(&live);
@@ -152,9 +162,30 @@ async fn the_event_stream_tells_the_story_and_closes() {
         "the stream ends with the terminal event: {all:?}"
     );
     for (i, e) in live.iter().enumerate().filter(|(_, e)| e.id.is_none()) {
-        assert!(matches!(e.event.as_str(), "node" | "progress"), "{all:?}");
+        assert_eq!(e.event, "progress", "{all:?}");
         assert!(started < i && i < succeeded, "{all:?}");
     }
+    // Each node's start and end are stored, in the workflow's order, between the two.
+    let nodes: Vec<(&str, &str)> = live
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.event.starts_with("node_"))
+        .map(|(i, e)| {
+            assert!(started < i && i < succeeded, "{all:?}");
+            (e.event.as_str(), e.data["node"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            ("node_started", "1"),
+            ("node_finished", "1"),
+            ("node_started", "2"),
+            ("node_finished", "2"),
+            ("node_started", "3"),
+            ("node_finished", "3")
+        ]
+    );
     let progress: Vec<&Sse> = live.iter().filter(|e| e.event == "progress").collect();
     assert!(!progress.is_empty(), "no progress event: {all:?}");
     assert_eq!(progress[0].data["node"], "2");
@@ -168,9 +199,12 @@ async fn the_event_stream_tells_the_story_and_closes() {
             .map(|e| e.id.clone().unwrap())
             .collect::<Vec<_>>()
     };
-    assert_eq!(replay.len(), 5, "{:?}", names(&replay));
+    assert_eq!(replay.len(), stored.len(), "{:?}", names(&replay));
     assert_eq!(ids(&persisted(&replay)), ids(&stored));
-    assert_eq!(names(&replay), PERSISTED_SUCCESS);
+    assert_eq!(
+        names(states(&persisted(&replay)).iter().copied()),
+        PERSISTED_SUCCESS
+    );
     app.shutdown().await;
 }
 

@@ -348,7 +348,8 @@ pub async fn every_transition_is_stored_as_applied(stores: Vec<Arc<dyn Store>>) 
         };
         let recorded = store
             .append_events(
-                &j,
+                &j.id,
+                j.state,
                 99,
                 &[EventKind::Late {
                     attempt: Some(1),
