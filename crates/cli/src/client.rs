@@ -576,6 +576,11 @@ fn apply_set(graph: &mut Map<String, Value>, set: &str) -> Result<(), String> {
     let (node, input) = target
         .split_once('.')
         .ok_or_else(|| format!("--set {set}: write NODE.INPUT=VALUE, e.g. 3.seed=42"))?;
+    if input.is_empty() {
+        return Err(format!(
+            "--set {set}: no input name after {node}. (write NODE.INPUT=VALUE, e.g. 3.seed=42)"
+        ));
+    }
     let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
     let Some(entry) = graph.get_mut(node) else {
         let mut ids: Vec<&String> = graph.keys().collect();
@@ -1164,4 +1169,109 @@ async fn list_backends(client: &Client, json_out: bool) -> Result<ExitCode, Erro
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Property tests of `--set`: whatever the expression, it edits exactly the input it
+/// names, or changes nothing and says what is wrong. `PROPTEST_CASES` asks for more.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(24),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// A real prompt, plus a node whose `inputs` is not an object.
+    fn graph() -> Map<String, Value> {
+        let text = include_str!("../../../fixtures/comfyui/workflows/a_normal.json");
+        let mut graph: Map<String, Value> = serde_json::from_str(text).unwrap_or_default();
+        graph.insert("9".into(), json!({"class_type": "X", "inputs": [1]}));
+        graph
+    }
+
+    /// Expressions near the right shape: ids that exist or not, inputs that exist,
+    /// are new or empty, values that are JSON or not, and the separators in odd places.
+    fn expression() -> impl Strategy<Value = String> {
+        let node = prop_oneof![
+            prop::sample::select(vec!["1", "2", "4", "9", "", "7", "2.1"]).prop_map(str::to_owned),
+            "\\PC{0,4}",
+        ];
+        let input = prop_oneof![
+            prop::sample::select(vec!["seed", "width", "", "new", "a.b", "a=b"])
+                .prop_map(str::to_owned),
+            "\\PC{0,6}",
+        ];
+        let value = prop_oneof![
+            prop::sample::select(vec![
+                "42",
+                "-1",
+                "1e400",
+                "18446744073709551616",
+                "\"text\"",
+                "[\"1\", 0]",
+                "{\"a\": 1}",
+                "null",
+                "",
+                "=",
+                "not json",
+                "\"unterminated",
+            ])
+            .prop_map(str::to_owned),
+            "\\PC{0,8}",
+        ];
+        prop_oneof![
+            3 => (node, input, value).prop_map(|(n, i, v)| format!("{n}.{i}={v}")),
+            1 => "\\PC{0,16}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        #[test]
+        fn a_set_edits_the_input_it_names_or_nothing(set in expression()) {
+            let before = graph();
+            let mut after = before.clone();
+            match apply_set(&mut after, &set) {
+                Err(e) => {
+                    prop_assert!(e.starts_with(&format!("--set {set}: ")), "{e}");
+                    prop_assert_eq!(&after, &before, "a refused --set changed the graph");
+                }
+                Ok(()) => {
+                    let (target, raw) = set.split_once('=').unwrap_or_default();
+                    let (node, input) = target.split_once('.').unwrap_or_default();
+                    prop_assert!(!input.is_empty());
+                    let expect = serde_json::from_str(raw)
+                        .unwrap_or_else(|_| Value::String(raw.to_owned()));
+                    prop_assert_eq!(&after[node]["inputs"][input], &expect);
+                    // Nothing else moved.
+                    after[node]["inputs"]
+                        .as_object_mut()
+                        .map(|inputs| match before[node]["inputs"].get(input) {
+                            Some(old) => inputs.insert(input.to_owned(), old.clone()),
+                            None => inputs.remove(input),
+                        });
+                    prop_assert_eq!(&after, &before);
+                }
+            }
+        }
+    }
+
+    /// Found by the property above: `3.=5` set an input named "" that no node has.
+    #[test]
+    fn an_empty_input_name_is_refused() {
+        let mut g = graph();
+        let e = apply_set(&mut g, "2.=5").unwrap_err();
+        assert_eq!(
+            e,
+            "--set 2.=5: no input name after 2. (write NODE.INPUT=VALUE, e.g. 3.seed=42)"
+        );
+        assert_eq!(g, graph());
+    }
 }
