@@ -261,7 +261,63 @@ pub fn router(engine: Engine) -> Router {
             crate::auth::guard,
         ))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(shape_errors))
         .with_state(engine)
+}
+
+/// Refusals axum makes before any handler runs (a path segment or query it cannot
+/// decode, a method the route does not take, a body over the limit, a request that is
+/// not a WebSocket upgrade) come as plain text or nothing: they are put in the one
+/// error shape, so that every 4xx a client gets reads the same.
+async fn shape_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let reason = status
+        .canonical_reason()
+        .unwrap_or("refused")
+        .to_lowercase();
+    let (code, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            (
+                "method_not_allowed",
+                format!("this route does not take {method} (it takes {allowed})"),
+            )
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => ("body_too_large", text),
+        StatusCode::NOT_FOUND => ("not_found", text),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", text),
+        s if s.is_server_error() => ("internal", text),
+        _ => ("invalid_request", text),
+    };
+    let message = if message.is_empty() { reason } else { message };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = json!({"error": {"code": code, "message": message, "details": {}}});
+    let mut shaped = (status, Json(body)).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE {
+            shaped.headers_mut().insert(name, value.clone());
+        }
+    }
+    shaped
 }
 
 /// This document.
