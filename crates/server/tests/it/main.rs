@@ -11,6 +11,7 @@ mod chaos;
 mod commands;
 mod engine;
 mod failover;
+mod fuzz;
 mod monitor;
 mod openapi;
 mod pipeline;
