@@ -449,3 +449,124 @@ async fn bad_requests_to_every_route_get_a_shaped_4xx_and_change_nothing() {
     );
     app.shutdown().await;
 }
+
+/// A control message an agent might send, right or wrong in every field.
+fn control_message(rng: &mut StdRng) -> Value {
+    const TYPES: &[&str] = &[
+        "hello",
+        "child",
+        "log",
+        "restart",
+        "command_started",
+        "command_output",
+        "command_exit",
+        "command_lost",
+        "nonsense",
+    ];
+    if rng.random_bool(0.15) {
+        return any_json(rng, 3);
+    }
+    let mut m = Map::new();
+    m.insert(
+        "type".into(),
+        json!(TYPES[rng.random_range(0..TYPES.len())]),
+    );
+    for key in [
+        "allow",
+        "child",
+        "lines",
+        "restarts",
+        "supervised",
+        "state",
+        "line",
+        "reason",
+        "at",
+        "job",
+        "attempt",
+        "exit_code",
+        "outcome",
+    ] {
+        if rng.random_bool(0.4) {
+            let v = match rng.random_range(0..3) {
+                0 => json!([text(rng, 8), any_json(rng, 1)]),
+                1 => json!("x".repeat(rng.random_range(0..70_000))),
+                _ => any_json(rng, 2),
+            };
+            m.insert(key.into(), v);
+        }
+    }
+    Value::Object(m)
+}
+
+/// An agent's link sends junk: frames too short, unknown ops, control messages that are
+/// not JSON or hold wrong types, lines of any size. The coordinator drops what it cannot
+/// read and goes on: its control task still takes the next good message, and every
+/// route still answers.
+#[tokio::test]
+async fn an_agent_sending_junk_frames_leaves_the_coordinator_serving() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let app = spawn_app(0, |_| {}).await;
+    let seed = env_or("GANTRY_FUZZ_SEED", SEED);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ws = app.url.replacen("http", "ws", 1);
+    let (mut link, _) =
+        tokio_tungstenite::connect_async(format!("{ws}/v1/agents/connect?name=fuzz"))
+            .await
+            .expect("the agent links");
+    let control = |m: &Value| {
+        let mut f = vec![0, 0, 0, 0, 2];
+        f.extend_from_slice(&serde_json::to_vec(m).unwrap());
+        Message::Binary(f.into())
+    };
+    for _ in 0..env_or("GANTRY_FUZZ_REQUESTS", REQUESTS_PER_ROUTE) * 20 {
+        let message = match rng.random_range(0..6) {
+            0 => Message::Binary(
+                (0..rng.random_range(0..8))
+                    .map(|_| rng.random())
+                    .collect::<Vec<u8>>()
+                    .into(),
+            ),
+            1 => {
+                // A frame of a stream nobody opened, or an op that does not exist.
+                let mut f = rng.random::<u32>().to_be_bytes().to_vec();
+                f.push(rng.random_range(0..9));
+                f.extend((0..rng.random_range(0..16)).map(|_| rng.random::<u8>()));
+                Message::Binary(f.into())
+            }
+            2 => {
+                let mut f = vec![0, 0, 0, 0, 2];
+                f.extend(text(&mut rng, 32).into_bytes());
+                Message::Binary(f.into())
+            }
+            3 => Message::Text(text(&mut rng, 16).into()),
+            _ => control(&control_message(&mut rng)),
+        };
+        link.send(message).await.expect("the link takes the frame");
+    }
+    // The control task is alive if a good line sent after all that arrives.
+    let marker = format!("after the junk, seed {seed}");
+    link.send(control(&json!({"type": "log", "line": marker})))
+        .await
+        .unwrap();
+    crate::support::poll_until(
+        "the line sent after the junk",
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(20),
+        || async {
+            let (status, logs) = app.get("/v1/backends/fuzz/logs").await;
+            let lines = logs["lines"].as_array().cloned().unwrap_or_default();
+            if status == 200 && lines.iter().any(|l| l == &json!(marker)) {
+                Ok(())
+            } else {
+                Err((status, logs))
+            }
+        },
+    )
+    .await;
+    for path in ["/healthz", "/v1/backends", "/v1/state"] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+    }
+    app.shutdown().await;
+}
