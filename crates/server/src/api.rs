@@ -340,7 +340,7 @@ pub(crate) fn opt_time(ms: Option<Millis>) -> Option<String> {
 }
 
 /// Percent-encode a path segment.
-fn segment(s: &str) -> String {
+pub(crate) fn segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
