@@ -182,8 +182,7 @@ fn find_cycle(graph: &Map<String, Value>) -> Option<Error> {
         // The path from `start`, each node with the links it has left to follow.
         let mut path: Vec<(&str, Vec<&str>)> = vec![(start, links_of(&graph[start]).collect())];
         marks.insert(start, Mark::OnPath);
-        while let Some((id, pending)) = path.last_mut() {
-            let id: &str = *id;
+        while let Some(&mut (id, ref mut pending)) = path.last_mut() {
             let Some(next) = pending.pop() else {
                 marks.insert(id, Mark::Done);
                 path.pop();

@@ -2751,7 +2751,7 @@ mod fuzz {
             since in prop_oneof![
                 "\\PC{0,16}",
                 (any::<u64>(), prop::sample::select(vec!["ms", "s", "m", "h", "d", "w", "y"])).prop_map(|(n, u)| format!("{n}{u}")),
-                any::<i64>().prop_map(|ms| rfc3339(ms)),
+                any::<i64>().prop_map(rfc3339),
             ],
             now in any::<i64>(),
         ) {
