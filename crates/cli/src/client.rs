@@ -26,14 +26,14 @@ pub struct ServerOpts {
     #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Longest wait for a connection [default: 5s].
-    #[arg(long, env = "GANTRY_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GANTRY_CONNECT_TIMEOUT", value_parser = limit)]
     connect_timeout: Option<Duration>,
     /// Longest wait for one request's answer [default: 30s].
-    #[arg(long, env = "GANTRY_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GANTRY_REQUEST_TIMEOUT", value_parser = limit)]
     request_timeout: Option<Duration>,
     /// Stop watching after this long (the job goes on); none by default, since the
     /// server owns the job's timeouts.
-    #[arg(long, env = "GANTRY_WATCH_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GANTRY_WATCH_TIMEOUT", value_parser = limit)]
     watch_timeout: Option<Duration>,
     /// The client config file (TOML: server, token, connect_timeout, request_timeout,
     /// watch_timeout) [default: $XDG_CONFIG_HOME/gantry/client.toml or
@@ -87,7 +87,7 @@ impl ServerOpts {
         let duration = |key: &str, v: &Option<String>| -> Result<Option<Duration>, Error> {
             v.as_deref()
                 .map(|s| {
-                    humantime::parse_duration(s).map_err(|e| {
+                    limit(s).map_err(|e| {
                         Error::Invalid(format!(
                             "{}: {key} = {s:?}: {e} (write durations like 30s, 5m)",
                             path.as_deref()
@@ -566,6 +566,16 @@ fn attachments(
         out.push((name, path, bytes));
     }
     Ok(out)
+}
+
+/// A client timeout: a human duration of at most ten years, since a deadline adds it to
+/// the clock (`--watch-timeout 500000000000y` overflowed it).
+fn limit(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > Duration::from_millis(gantry_core::MAX_LIMIT_MS) {
+        return Err("longer than the longest limit, 10 years".into());
+    }
+    Ok(d)
 }
 
 /// `NODE.INPUT=VALUE` on the graph: the value is JSON, or a string when it is not.
@@ -1261,6 +1271,18 @@ mod fuzz {
                 }
             }
         }
+    }
+
+    /// A watch deadline is the clock plus the timeout: one past what the clock holds
+    /// panicked as it was added.
+    #[test]
+    fn a_timeout_longer_than_ten_years_is_refused() {
+        assert_eq!(limit("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(
+            limit("500000000000y"),
+            Err("longer than the longest limit, 10 years".to_owned())
+        );
+        assert!(limit("soon").is_err());
     }
 
     /// Found by the property above: `3.=5` set an input named "" that no node has.
