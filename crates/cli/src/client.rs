@@ -26,14 +26,14 @@ pub struct ServerOpts {
     #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Longest wait for a connection [default: 5s].
-    #[arg(long, env = "GANTRY_CONNECT_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GANTRY_CONNECT_TIMEOUT", value_parser = limit)]
     connect_timeout: Option<Duration>,
     /// Longest wait for one request's answer [default: 30s].
-    #[arg(long, env = "GANTRY_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GANTRY_REQUEST_TIMEOUT", value_parser = limit)]
     request_timeout: Option<Duration>,
     /// Stop watching after this long (the job goes on); none by default, since the
     /// server owns the job's timeouts.
-    #[arg(long, env = "GANTRY_WATCH_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GANTRY_WATCH_TIMEOUT", value_parser = limit)]
     watch_timeout: Option<Duration>,
     /// The client config file (TOML: server, token, connect_timeout, request_timeout,
     /// watch_timeout) [default: $XDG_CONFIG_HOME/gantry/client.toml or
@@ -87,7 +87,7 @@ impl ServerOpts {
         let duration = |key: &str, v: &Option<String>| -> Result<Option<Duration>, Error> {
             v.as_deref()
                 .map(|s| {
-                    humantime::parse_duration(s).map_err(|e| {
+                    limit(s).map_err(|e| {
                         Error::Invalid(format!(
                             "{}: {key} = {s:?}: {e} (write durations like 30s, 5m)",
                             path.as_deref()
@@ -568,6 +568,16 @@ fn attachments(
     Ok(out)
 }
 
+/// A client timeout: a human duration of at most ten years, since a deadline adds it to
+/// the clock (`--watch-timeout 500000000000y` overflowed it).
+fn limit(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > Duration::from_millis(gantry_core::MAX_LIMIT_MS) {
+        return Err("longer than the longest limit, 10 years".into());
+    }
+    Ok(d)
+}
+
 /// `NODE.INPUT=VALUE` on the graph: the value is JSON, or a string when it is not.
 fn apply_set(graph: &mut Map<String, Value>, set: &str) -> Result<(), String> {
     let (target, raw) = set
@@ -576,6 +586,11 @@ fn apply_set(graph: &mut Map<String, Value>, set: &str) -> Result<(), String> {
     let (node, input) = target
         .split_once('.')
         .ok_or_else(|| format!("--set {set}: write NODE.INPUT=VALUE, e.g. 3.seed=42"))?;
+    if input.is_empty() {
+        return Err(format!(
+            "--set {set}: no input name after {node}. (write NODE.INPUT=VALUE, e.g. 3.seed=42)"
+        ));
+    }
     let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned()));
     let Some(entry) = graph.get_mut(node) else {
         let mut ids: Vec<&String> = graph.keys().collect();
@@ -1201,4 +1216,121 @@ async fn list_backends(client: &Client, json_out: bool) -> Result<ExitCode, Erro
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Property tests of `--set`: whatever the expression, it edits exactly the input it
+/// names, or changes nothing and says what is wrong. `PROPTEST_CASES` asks for more.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(24),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// A real prompt, plus a node whose `inputs` is not an object.
+    fn graph() -> Map<String, Value> {
+        let text = include_str!("../../../fixtures/comfyui/workflows/a_normal.json");
+        let mut graph: Map<String, Value> = serde_json::from_str(text).unwrap_or_default();
+        graph.insert("9".into(), json!({"class_type": "X", "inputs": [1]}));
+        graph
+    }
+
+    /// Expressions near the right shape: ids that exist or not, inputs that exist,
+    /// are new or empty, values that are JSON or not, and the separators in odd places.
+    fn expression() -> impl Strategy<Value = String> {
+        let node = prop_oneof![
+            prop::sample::select(vec!["1", "2", "4", "9", "", "7", "2.1"]).prop_map(str::to_owned),
+            "\\PC{0,4}",
+        ];
+        let input = prop_oneof![
+            prop::sample::select(vec!["seed", "width", "", "new", "a.b", "a=b"])
+                .prop_map(str::to_owned),
+            "\\PC{0,6}",
+        ];
+        let value = prop_oneof![
+            prop::sample::select(vec![
+                "42",
+                "-1",
+                "1e400",
+                "18446744073709551616",
+                "\"text\"",
+                "[\"1\", 0]",
+                "{\"a\": 1}",
+                "null",
+                "",
+                "=",
+                "not json",
+                "\"unterminated",
+            ])
+            .prop_map(str::to_owned),
+            "\\PC{0,8}",
+        ];
+        prop_oneof![
+            3 => (node, input, value).prop_map(|(n, i, v)| format!("{n}.{i}={v}")),
+            1 => "\\PC{0,16}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        #[test]
+        fn a_set_edits_the_input_it_names_or_nothing(set in expression()) {
+            let before = graph();
+            let mut after = before.clone();
+            match apply_set(&mut after, &set) {
+                Err(e) => {
+                    prop_assert!(e.starts_with(&format!("--set {set}: ")), "{e}");
+                    prop_assert_eq!(&after, &before, "a refused --set changed the graph");
+                }
+                Ok(()) => {
+                    let (target, raw) = set.split_once('=').unwrap_or_default();
+                    let (node, input) = target.split_once('.').unwrap_or_default();
+                    prop_assert!(!input.is_empty());
+                    let expect = serde_json::from_str(raw)
+                        .unwrap_or_else(|_| Value::String(raw.to_owned()));
+                    prop_assert_eq!(&after[node]["inputs"][input], &expect);
+                    // Nothing else moved.
+                    after[node]["inputs"]
+                        .as_object_mut()
+                        .map(|inputs| match before[node]["inputs"].get(input) {
+                            Some(old) => inputs.insert(input.to_owned(), old.clone()),
+                            None => inputs.remove(input),
+                        });
+                    prop_assert_eq!(&after, &before);
+                }
+            }
+        }
+    }
+
+    /// A watch deadline is the clock plus the timeout: one past what the clock holds
+    /// panicked as it was added.
+    #[test]
+    fn a_timeout_longer_than_ten_years_is_refused() {
+        assert_eq!(limit("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(
+            limit("500000000000y"),
+            Err("longer than the longest limit, 10 years".to_owned())
+        );
+        assert!(limit("soon").is_err());
+    }
+
+    /// Found by the property above: `3.=5` set an input named "" that no node has.
+    #[test]
+    fn an_empty_input_name_is_refused() {
+        let mut g = graph();
+        let e = apply_set(&mut g, "2.=5").unwrap_err();
+        assert_eq!(
+            e,
+            "--set 2.=5: no input name after 2. (write NODE.INPUT=VALUE, e.g. 3.seed=42)"
+        );
+        assert_eq!(g, graph());
+    }
 }

@@ -83,6 +83,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .context("cannot start gantry")?;
     let base = server.url();
     println!("gantry demo: API on {base}, data in {}", data_dir.display());
+    println!("  monitor: {base}/  (open it in a browser)");
     for (sim, (name, faults)) in sims.iter().zip(specs) {
         let note = if faults.is_empty() {
             String::new()

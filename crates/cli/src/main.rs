@@ -138,7 +138,7 @@ struct ServeArgs {
     #[arg(long, env = "GANTRY_COORDINATOR", value_name = "ID")]
     coordinator: Option<String>,
     /// How long a backend lease lasts without renewal (postgres store), e.g. 10s.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_lease)]
     lease: Option<std::time::Duration>,
     /// Serve on a non-loopback address even though no API token exists (see `gantry
     /// token create`): anyone who reaches it may submit, cancel and drain.
@@ -177,6 +177,11 @@ struct SimArgs {
     loader_ms: Option<(std::time::Duration, std::time::Duration)>,
 }
 
+/// `--lease`, bounded as the config file's durations are (timers add it to the clock).
+fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
+    gantry_server::config::parse_duration("--lease", s).map_err(|e| e.to_string())
+}
+
 fn parse_loader_ms(s: &str) -> Result<(std::time::Duration, std::time::Duration), String> {
     let (cold, warm) = s
         .split_once(',')
@@ -195,8 +200,10 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal: in a file or a pipe they are noise.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
@@ -389,4 +396,18 @@ async fn sim(args: SimArgs) -> anyhow::Result<()> {
         handle.shutdown().await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Instant + lease` panicked for a lease past what the clock holds.
+    #[test]
+    fn a_lease_over_ten_years_is_refused() {
+        assert_eq!(parse_lease("10s"), Ok(std::time::Duration::from_secs(10)));
+        assert!(parse_lease("500000000000y")
+            .unwrap_err()
+            .contains("longer than the longest limit, 10 years"));
+    }
 }

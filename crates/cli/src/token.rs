@@ -37,9 +37,8 @@ pub struct TokenArgs {
 enum TokenAction {
     /// Make a token and print it (once: only its hash is kept).
     Create {
-        /// read: see jobs, events, backends; submit: also submit and cancel its own
-        /// jobs; admin: also drain backends and cancel anyone's jobs.
-        #[arg(long, value_parser = parse_scope)]
+        /// What the token may do.
+        #[arg(long, value_parser = ScopeParser)]
         scope: Scope,
         /// A name to tell it by (who or what uses it).
         #[arg(long, default_value = "")]
@@ -51,8 +50,52 @@ enum TokenAction {
     Revoke { id: String },
 }
 
-fn parse_scope(s: &str) -> Result<Scope, String> {
-    Scope::parse(s).ok_or_else(|| format!("no scope {s:?}: use read, submit, admin or agent"))
+/// What a token of `scope` may do, for `--help`.
+fn allows(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Read => "see jobs, events, backends and metrics",
+        Scope::Submit => "also submit jobs and cancel its own",
+        Scope::Admin => "also add, drain and resume backends and cancel anyone's jobs",
+        Scope::Agent => "only link a GPU machine (gantry agent), nothing else of the API",
+    }
+}
+
+/// `--scope`: one of `Scope::ALL`, which the help and the error list, so that neither
+/// can leave a scope out.
+#[derive(Clone)]
+struct ScopeParser;
+
+impl clap::builder::TypedValueParser for ScopeParser {
+    type Value = Scope;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Scope, clap::Error> {
+        let s = value.to_string_lossy();
+        Scope::parse(&s).ok_or_else(|| {
+            let names: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+            let list = match names.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+                _ => names.join(""),
+            };
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidValue,
+                format!("no scope {s:?}: use {list}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(Scope::ALL.into_iter().map(|scope| {
+            clap::builder::PossibleValue::new(scope.as_str()).help(allows(scope))
+        })))
+    }
 }
 
 async fn open(a: &TokenArgs) -> anyhow::Result<Arc<dyn Store>> {

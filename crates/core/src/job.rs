@@ -118,7 +118,26 @@ pub struct Timeouts {
     pub queue_ms: Option<u64>,
 }
 
+/// The longest limit gantry takes, in milliseconds: ten years. A longer one is no limit
+/// in practice, and the bound keeps `now + limit` far from overflowing, on the wall
+/// clock (milliseconds in an `i64`) and on the monotonic one.
+pub const MAX_LIMIT_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
 impl Timeouts {
+    /// The first limit over `MAX_LIMIT_MS`, as (its field, its value).
+    pub fn over_max(&self) -> Option<(&'static str, u64)> {
+        [
+            ("submit_ms", self.submit_ms),
+            ("start_ms", self.start_ms),
+            ("first_progress_ms", self.first_progress_ms),
+            ("node_stall_ms", self.node_stall_ms),
+            ("deadline_ms", self.deadline_ms),
+            ("queue_ms", self.queue_ms),
+        ]
+        .into_iter()
+        .find_map(|(field, ms)| ms.filter(|ms| *ms > MAX_LIMIT_MS).map(|ms| (field, ms)))
+    }
+
     /// `self` where set, else `fallback`.
     pub fn or(&self, fallback: &Timeouts) -> Timeouts {
         Timeouts {

@@ -13,6 +13,7 @@ pub mod workflow;
 pub use job::{
     Attachment, Attempt, AttemptStatus, Callback, CommandLog, CommandResult, CommandSpec,
     Exclusion, ExclusionReason, Job, JobError, JobId, JobSpec, JobState, Millis, Output, Timeouts,
+    MAX_LIMIT_MS,
 };
 pub use transition::{
     transition, Applied, Effect, EventKind, Failure, FailureKind, Input, Policy, Refused,

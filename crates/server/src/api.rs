@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use bytes::Bytes;
 use chrono::DateTime;
-use gantry_core::{EventKind, Job, JobId, JobSpec, JobState, Millis, Refused, Timeouts, Workflow};
+use gantry_core::{
+    EventKind, Job, JobId, JobSpec, JobState, Millis, Refused, Timeouts, Workflow, MAX_LIMIT_MS,
+};
 use gantry_store::{Created, Event, JobFilter};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -259,7 +261,63 @@ pub fn router(engine: Engine) -> Router {
             crate::auth::guard,
         ))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(shape_errors))
         .with_state(engine)
+}
+
+/// Refusals axum makes before any handler runs (a path segment or query it cannot
+/// decode, a method the route does not take, a body over the limit, a request that is
+/// not a WebSocket upgrade) come as plain text or nothing: they are put in the one
+/// error shape, so that every 4xx a client gets reads the same.
+async fn shape_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let reason = status
+        .canonical_reason()
+        .unwrap_or("refused")
+        .to_lowercase();
+    let (code, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            (
+                "method_not_allowed",
+                format!("this route does not take {method} (it takes {allowed})"),
+            )
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => ("body_too_large", text),
+        StatusCode::NOT_FOUND => ("not_found", text),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", text),
+        s if s.is_server_error() => ("internal", text),
+        _ => ("invalid_request", text),
+    };
+    let message = if message.is_empty() { reason } else { message };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = json!({"error": {"code": code, "message": message, "details": {}}});
+    let mut shaped = (status, Json(body)).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE {
+            shaped.headers_mut().insert(name, value.clone());
+        }
+    }
+    shaped
 }
 
 /// This document.
@@ -278,7 +336,7 @@ pub(crate) fn opt_time(ms: Option<Millis>) -> Option<String> {
 }
 
 /// Percent-encode a path segment.
-fn segment(s: &str) -> String {
+pub(crate) fn segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -546,6 +604,12 @@ fn parse_submit(body: &Value, default_attempts: u32) -> Result<JobSpec, ApiError
             serde_json::from_value(v.clone()).map_err(|e| field_err("timeouts", e.to_string()))?
         }
     };
+    if let Some((field, ms)) = timeouts.over_max() {
+        return Err(field_err(
+            &format!("timeouts.{field}"),
+            format!("must be at most {MAX_LIMIT_MS} (ten years), got {ms}"),
+        ));
+    }
     let idempotency_key = match obj.get("idempotency_key") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 255 => Some(s.clone()),
@@ -614,6 +678,12 @@ fn parse_command(
         return Err(field_err(
             "command.env",
             format!("{k:?}: a variable's name must be non-empty, without '=' or NUL, and its value without NUL"),
+        ));
+    }
+    if let Some(ms) = req.timeout_ms.filter(|ms| *ms > MAX_LIMIT_MS) {
+        return Err(field_err(
+            "command.timeout_ms",
+            format!("must be at most {MAX_LIMIT_MS} (ten years), got {ms}"),
         ));
     }
     if let Some(cwd) = &req.cwd {
@@ -1173,7 +1243,7 @@ async fn job_events(
     Query(q): Query<EventsQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let since = since_of(q, &headers)?;
+    let since = since_of(q.since.as_deref(), headers.get("last-event-id"))?;
     let id = parse_id(&id)?;
     // Subscribe before reading the job and its backlog, so nothing falls between.
     let mut live = engine.bus().subscribe();
@@ -1235,24 +1305,6 @@ async fn job_events(
     Ok(sse_of(rx))
 }
 
-/// Where a stream resumes: `since`, else the `Last-Event-ID` header, else the start.
-fn since_of(q: EventsQuery, headers: &axum::http::HeaderMap) -> Result<i64, ApiError> {
-    let from_header = headers
-        .get("last-event-id")
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    match q.since.or(from_header) {
-        None => Ok(0),
-        Some(s) => match s.trim().parse::<i64>() {
-            Ok(n) if n >= 0 => Ok(n),
-            _ => Err(ApiError::bad(
-                "invalid_since",
-                format!("since must be an event sequence number, not {s:?}"),
-                json!({ "since": s }),
-            )),
-        },
-    }
-}
-
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct EventsQuery {
@@ -1281,7 +1333,7 @@ async fn all_events(
     Query(q): Query<EventsQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    let since = since_of(q, &headers)?;
+    let since = since_of(q.since.as_deref(), headers.get("last-event-id"))?;
     let mut live = engine.bus().subscribe();
     let newest = engine.store().last_seq().await?;
     let (tx, rx) = mpsc::channel::<Bytes>(1024);
@@ -1428,6 +1480,36 @@ async fn all_events(
         }
     });
     Ok(farm_body(rx))
+}
+
+/// Where a stream starts: `since`, else `Last-Event-ID`, else 0. Either must be a
+/// sequence number (0 or more); the error names the one at fault.
+fn since_of(
+    query: Option<&str>,
+    header: Option<&axum::http::HeaderValue>,
+) -> Result<i64, ApiError> {
+    let (what, text) = match (query, header) {
+        (Some(s), _) => ("since", s.to_owned()),
+        (None, Some(h)) => match h.to_str() {
+            Ok(s) => ("Last-Event-ID", s.to_owned()),
+            Err(_) => {
+                return Err(ApiError::bad(
+                    "invalid_since",
+                    "Last-Event-ID must be an event sequence number, not bytes that are not visible ASCII",
+                    json!({ "field": "Last-Event-ID" }),
+                ))
+            }
+        },
+        (None, None) => return Ok(0),
+    };
+    match text.trim().parse::<i64>() {
+        Ok(n) if n >= 0 => Ok(n),
+        _ => Err(ApiError::bad(
+            "invalid_since",
+            format!("{what} must be an event sequence number (0 or more), not {text:?}"),
+            json!({ "field": what, "since": text }),
+        )),
+    }
 }
 
 /// Where farm streams run: a thread of their own at a lower OS priority, so that with
@@ -2299,22 +2381,7 @@ async fn node_stats(
             by
         }
     };
-    let since = match q.since.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(match DateTime::parse_from_rfc3339(s) {
-            Ok(t) => t.timestamp_millis(),
-            Err(_) => match humantime::parse_duration(s) {
-                Ok(d) => crate::engine::now_ms() - d.as_millis() as i64,
-                Err(_) => {
-                    return Err(ApiError::bad(
-                        "invalid_query",
-                        format!("since={s}: give an RFC 3339 time or a duration ago, like 24h"),
-                        json!({"field": "since"}),
-                    ))
-                }
-            },
-        }),
-    };
+    let since = stats_since(q.since.as_deref(), crate::engine::now_ms())?;
     let rows = engine
         .store()
         .node_stats(&gantry_store::stats::StatsFilter {
@@ -2379,6 +2446,28 @@ async fn node_stats(
         })
         .collect();
     Ok(Json(wire::NodeStatsList { by, stats }))
+}
+
+/// `since` of `/v1/stats/nodes`: an RFC 3339 time, or a duration before `now` (one
+/// longer ago than the clock began means from the beginning).
+fn stats_since(since: Option<&str>, now: Millis) -> Result<Option<Millis>, ApiError> {
+    let s = match since {
+        None | Some("") => return Ok(None),
+        Some(s) => s,
+    };
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(Some(t.timestamp_millis()));
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) => Ok(Some(
+            now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        )),
+        Err(_) => Err(ApiError::bad(
+            "invalid_query",
+            format!("since={s}: give an RFC 3339 time or a duration ago, like 24h"),
+            json!({"field": "since"}),
+        )),
+    }
 }
 
 /// The node-stall limit history gives each class on each backend, and why: in force for
@@ -2484,5 +2573,282 @@ mod tests {
             !got.iter().any(|g| g.contains("\"node\":\"3\"")),
             "{got:#?}"
         );
+    }
+}
+
+/// Property tests of the API's parsers of what clients send: the submit body (with its
+/// workflow, command and attachments), `since` and `Last-Event-ID`, and the stats
+/// query's `since`. Whatever comes, each answers a value or a 4xx naming what is
+/// wrong, and never panics. `tests/it/fuzz.rs` sends the same over HTTP to every route.
+/// `PROPTEST_CASES` asks for more cases.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(24),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "\\PC{0,10}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 32, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::vec(
+                    (prop_oneof![Just("workflow".to_owned()), "\\PC{0,6}"], inner),
+                    0..5
+                )
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Valid submit bodies of every kind, each to be broken one place at a time.
+    fn valid_bodies() -> Vec<Value> {
+        let workflow = json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "face.png"}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+        });
+        vec![
+            json!({"workflow": workflow}),
+            json!({
+                "workflow": workflow, "priority": 5, "max_attempts": 2, "tags": ["gpu"],
+                "timeouts": {"node_stall_ms": 1000, "deadline_ms": 60000},
+                "idempotency_key": "k-1", "metadata": {"who": "me"},
+                "attachments": [{"name": "face.png", "data": "aGVsbG8="}],
+            }),
+            json!({"workflow": workflow, "attachments": [{"name": "face.png", "sha256": "ab".repeat(32)}]}),
+            json!({"kind": "command", "command": {"argv": ["/bin/echo", "hi"], "env": {"A": "1"},
+                "cwd": "/tmp", "timeout_ms": 5000, "operation": "model_download"}}),
+        ]
+    }
+
+    fn mutated_body() -> impl Strategy<Value = Value> {
+        let bodies = valid_bodies();
+        (
+            0..bodies.len(),
+            any::<usize>(),
+            prop_oneof![
+                any_json(),
+                // Huge and odd numbers where numbers go.
+                prop::sample::select(vec![
+                    json!(u64::MAX),
+                    json!(i64::MIN),
+                    json!(1e300),
+                    json!(-0.5),
+                    json!(gantry_core::MAX_LIMIT_MS + 1),
+                    json!(9_223_372_036_854_775_000u64),
+                ]),
+            ],
+            any::<bool>(),
+        )
+            .prop_map(move |(b, at, junk, remove)| {
+                let mut body = bodies[b].clone();
+                mutate(&mut body, at, junk, remove);
+                body
+            })
+    }
+
+    /// Replaces (or removes) the value at one of `v`'s paths, picked by `at`.
+    fn mutate(v: &mut Value, at: usize, junk: Value, remove: bool) {
+        fn count(v: &Value) -> usize {
+            1 + match v {
+                Value::Object(m) => m.values().map(count).sum(),
+                Value::Array(a) => a.iter().map(count).sum(),
+                _ => 0,
+            }
+        }
+        // Walks down to the `n`th value in pre-order and changes it there.
+        fn at_nth(v: &mut Value, n: &mut usize, junk: &mut Option<Value>, remove: bool) -> bool {
+            let children: Vec<String> = match v {
+                Value::Object(m) => m.keys().cloned().collect(),
+                Value::Array(a) => (0..a.len()).map(|i| i.to_string()).collect(),
+                _ => Vec::new(),
+            };
+            for key in children {
+                *n -= 1;
+                if *n == 0 {
+                    match v {
+                        Value::Object(m) if remove => {
+                            m.remove(&key);
+                        }
+                        Value::Array(a) if remove => {
+                            a.remove(key.parse::<usize>().unwrap_or_default());
+                        }
+                        Value::Object(m) => {
+                            m.insert(key, junk.take().unwrap_or_default());
+                        }
+                        Value::Array(a) => {
+                            a[key.parse::<usize>().unwrap_or_default()] =
+                                junk.take().unwrap_or_default();
+                        }
+                        _ => {}
+                    }
+                    return true;
+                }
+                let child = match v {
+                    Value::Object(m) => m.get_mut(&key),
+                    Value::Array(a) => key.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
+                    _ => None,
+                };
+                if let Some(child) = child {
+                    if at_nth(child, n, junk, remove) {
+                        return true;
+                    }
+                }
+            }
+            false
+        }
+        let mut n = at % count(v);
+        if n == 0 {
+            *v = junk;
+            return;
+        }
+        at_nth(v, &mut n, &mut Some(junk), remove);
+    }
+
+    /// A refusal of a parser: a 4xx whose message says something.
+    fn check_refusal(e: &ApiError) -> Result<(), TestCaseError> {
+        match e {
+            ApiError::BadRequest { message, code, .. } => {
+                prop_assert!(!message.is_empty() && !code.is_empty());
+            }
+            ApiError::FileTooLarge { message, .. } => prop_assert!(!message.is_empty()),
+            other => prop_assert!(false, "a parser answered {other:?}"),
+        }
+        Ok(())
+    }
+
+    /// What `create_job` does with a body before it touches the engine.
+    fn check_submit(body: &Value) -> Result<(), TestCaseError> {
+        let spec = match parse_submit(body, 3) {
+            Ok(spec) => spec,
+            Err(e) => return check_refusal(&e),
+        };
+        prop_assert!((1..=100).contains(&spec.max_attempts));
+        prop_assert!(spec.timeouts.over_max().is_none(), "{:?}", spec.timeouts);
+        prop_assert!(spec.tags.iter().all(|t| !t.is_empty()));
+        if let Some(c) = &spec.command {
+            prop_assert!(!c.program().is_empty());
+            prop_assert!(c.timeout_ms.is_none_or(|ms| ms <= MAX_LIMIT_MS));
+        } else {
+            prop_assert!(!spec.workflow.graph().is_empty());
+        }
+        match parse_attachments(body.get("attachments"), &spec.workflow, 1024) {
+            Ok(list) => {
+                for (name, _) in &list {
+                    prop_assert!(!name.is_empty() && !name.contains(['/', '\\']));
+                    prop_assert!(!spec.workflow.inputs_naming(name).is_empty());
+                }
+            }
+            Err(e) => check_refusal(&e)?,
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        #[test]
+        fn any_json_body_is_a_job_or_a_refusal(body in any_json()) {
+            check_submit(&body)?;
+        }
+
+        #[test]
+        fn broken_valid_bodies_are_jobs_or_refusals(body in mutated_body()) {
+            check_submit(&body)?;
+        }
+
+        #[test]
+        fn since_is_a_sequence_number_or_a_refusal(
+            query in prop_oneof![Just(None), "\\PC{0,24}".prop_map(Some), any::<i64>().prop_map(|n| Some(n.to_string()))],
+            header in prop_oneof![Just(None), prop::collection::vec(any::<u8>(), 0..24).prop_map(Some)],
+        ) {
+            let header = header.and_then(|h| axum::http::HeaderValue::from_bytes(&h).ok());
+            match since_of(query.as_deref(), header.as_ref()) {
+                Ok(n) => prop_assert!(n >= 0),
+                Err(e) => check_refusal(&e)?,
+            }
+        }
+
+        #[test]
+        fn stats_since_is_a_time_or_a_refusal(
+            since in prop_oneof![
+                "\\PC{0,16}",
+                (any::<u64>(), prop::sample::select(vec!["ms", "s", "m", "h", "d", "w", "y"])).prop_map(|(n, u)| format!("{n}{u}")),
+                any::<i64>().prop_map(rfc3339),
+            ],
+            now in any::<i64>(),
+        ) {
+            if let Err(e) = stats_since(Some(&since), now) {
+                check_refusal(&e)?;
+            }
+        }
+    }
+
+    /// Found by `broken_valid_bodies_are_jobs_or_refusals`: a deadline near `i64::MAX`
+    /// milliseconds was accepted, and the queue's `created_at + deadline` overflowed.
+    #[test]
+    fn a_timeout_over_ten_years_is_refused_by_field() {
+        let body = json!({"workflow": {"1": {"class_type": "A", "inputs": {}}},
+            "timeouts": {"deadline_ms": 9_223_372_036_854_775_000u64}});
+        let Err(ApiError::BadRequest { message, .. }) = parse_submit(&body, 3) else {
+            panic!("accepted");
+        };
+        assert_eq!(
+            message,
+            "timeouts.deadline_ms: must be at most 315360000000 (ten years), got 9223372036854775000"
+        );
+        let body =
+            json!({"kind": "command", "command": {"argv": ["/bin/true"], "timeout_ms": u64::MAX}});
+        let Err(ApiError::BadRequest { message, .. }) = parse_submit(&body, 3) else {
+            panic!("accepted");
+        };
+        assert!(
+            message.starts_with("command.timeout_ms: must be at most"),
+            "{message}"
+        );
+    }
+
+    /// Found by `stats_since_is_a_time_or_a_refusal`: a duration longer than the clock
+    /// reaches back (`?since=500000000000y`) overflowed the subtraction.
+    #[test]
+    fn a_stats_since_before_the_clock_began_is_from_the_beginning() {
+        let since = stats_since(Some("500000000000y"), 1_700_000_000_000)
+            .ok()
+            .flatten();
+        assert!(since.is_some_and(|ms| ms < 0), "{since:?}");
+    }
+
+    /// `Last-Event-ID` (and `since`) must be a sequence number: negative or garbled
+    /// ones are refused by name.
+    #[test]
+    fn since_names_where_it_came_from() {
+        let header = axum::http::HeaderValue::from_static("-4");
+        let Err(ApiError::BadRequest { message, .. }) = since_of(None, Some(&header)) else {
+            panic!("accepted");
+        };
+        assert_eq!(
+            message,
+            "Last-Event-ID must be an event sequence number (0 or more), not \"-4\""
+        );
+        assert_eq!(since_of(Some(" 12 "), Some(&header)).ok(), Some(12));
+        let opaque = axum::http::HeaderValue::from_bytes(&[0xff]).unwrap();
+        assert!(since_of(None, Some(&opaque)).is_err());
+        assert_eq!(since_of(None, None).ok(), Some(0));
     }
 }

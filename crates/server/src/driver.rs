@@ -340,6 +340,28 @@ async fn upload_all(
     Ok(names)
 }
 
+/// The name a job's output is downloaded by (`/v1/jobs/{id}/outputs/{name}`): its file
+/// name, else `NODE-` before it, else a number too, so that no two outputs of a job
+/// share one (the later one could not be reached) and none is empty (no URL reaches it).
+fn output_name(taken: &[Output], node: &str, filename: &str) -> String {
+    let base = if filename.is_empty() {
+        "output"
+    } else {
+        filename
+    };
+    let free = |name: &str| !taken.iter().any(|o| o.name == name);
+    if free(base) {
+        return base.to_owned();
+    }
+    let mut name = format!("{node}-{base}");
+    let mut n = 2;
+    while !free(&name) {
+        name = format!("{node}-{n}-{base}");
+        n += 1;
+    }
+    name
+}
+
 /// The input subfolder gantry uploads attachments into.
 const UPLOAD_SUBFOLDER: &str = "gantry";
 
@@ -1432,10 +1454,7 @@ impl Driver {
                     return;
                 }
             };
-            let mut name = file.filename.clone();
-            if outputs.iter().any(|o| o.name == name) {
-                name = format!("{node}-{name}");
-            }
+            let name = output_name(&outputs, &node, &file.filename);
             outputs.push(Output {
                 name,
                 node_id: node,
@@ -1709,5 +1728,90 @@ impl Driver {
             }
         }
         self.engine.wake_scheduler();
+    }
+}
+
+/// Property tests of output names: whatever files a backend names, every output of a job
+/// gets its own name, not empty, that its URL gives back. `PROPTEST_CASES` asks for more.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(24),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn output(name: String) -> Output {
+        Output {
+            name,
+            node_id: String::new(),
+            filename: String::new(),
+            subfolder: String::new(),
+            kind: "output".into(),
+            sha256: String::new(),
+            size: 0,
+        }
+    }
+
+    /// Percent-decodes a path segment as the router does.
+    fn decode(s: &str) -> Option<String> {
+        let mut out = Vec::new();
+        let mut bytes = s.bytes();
+        while let Some(b) = bytes.next() {
+            if b == b'%' {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            } else {
+                out.push(b);
+            }
+        }
+        String::from_utf8(out).ok()
+    }
+
+    proptest! {
+        #![proptest_config(config(512))]
+
+        #[test]
+        fn every_output_of_a_job_has_its_own_reachable_name(
+            files in prop::collection::vec(
+                (
+                    prop::sample::select(vec!["9", "10", "9-a.png", ""]),
+                    prop_oneof![
+                        prop::sample::select(vec!["a.png", "9-a.png", "", "10-a.png", "9-2-a.png", "output"])
+                            .prop_map(str::to_owned),
+                        "\\PC{0,8}",
+                    ],
+                ),
+                0..12,
+            ),
+        ) {
+            let mut outputs: Vec<Output> = Vec::new();
+            for (node, filename) in &files {
+                let name = output_name(&outputs, node, filename);
+                prop_assert!(!name.is_empty());
+                prop_assert!(outputs.iter().all(|o| o.name != name), "{name} twice");
+                let url = crate::api::segment(&name);
+                prop_assert_eq!(decode(&url), Some(name.clone()));
+                outputs.push(output(name));
+            }
+        }
+    }
+
+    /// Found by the property above: a third file of the same name from the same node
+    /// took the second one's name, and an empty file name made an output no URL reached.
+    #[test]
+    fn a_third_file_of_one_name_and_an_empty_name_get_names_of_their_own() {
+        let mut outputs = Vec::new();
+        for (node, file) in [("9", "a.png"), ("9", "a.png"), ("9", "a.png"), ("3", "")] {
+            outputs.push(output(output_name(&outputs, node, file)));
+        }
+        let names: Vec<&str> = outputs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["a.png", "9-a.png", "9-2-a.png", "output"]);
     }
 }

@@ -53,6 +53,58 @@ fn frame(id: u32, op: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A frame from the peer, as read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A control message (stream 0, DATA): JSON, checked by the reader.
+    Control(&'a [u8]),
+    Open(u32),
+    Data(u32, &'a [u8]),
+    Fin(u32),
+    Reset(u32),
+}
+
+/// Why a frame from the peer is dropped.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("a link frame of {0} bytes is shorter than its 5-byte header")]
+    Short(usize),
+    #[error("stream {id}: no op {op} (OPEN 1, DATA 2, FIN 3, RESET 4)")]
+    UnknownOp { id: u32, op: u8 },
+    #[error("stream 0 carries control messages (DATA) only, not op {0}")]
+    ControlOp(u8),
+}
+
+impl<'a> Frame<'a> {
+    /// Reads a frame; a payload on OPEN, FIN or RESET means nothing and is ignored.
+    pub fn parse(f: &'a [u8]) -> Result<Frame<'a>, FrameError> {
+        let (Some(head), Some(payload)) = (f.get(..4), f.get(5..)) else {
+            return Err(FrameError::Short(f.len()));
+        };
+        let id = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        match (id, f[4]) {
+            (0, DATA) => Ok(Frame::Control(payload)),
+            (0, op) => Err(FrameError::ControlOp(op)),
+            (id, OPEN) => Ok(Frame::Open(id)),
+            (id, DATA) => Ok(Frame::Data(id, payload)),
+            (id, FIN) => Ok(Frame::Fin(id)),
+            (id, RESET) => Ok(Frame::Reset(id)),
+            (id, op) => Err(FrameError::UnknownOp { id, op }),
+        }
+    }
+
+    /// The frame's bytes on the link.
+    pub fn encode(&self) -> Vec<u8> {
+        match *self {
+            Frame::Control(payload) => frame(0, DATA, payload),
+            Frame::Open(id) => frame(id, OPEN, &[]),
+            Frame::Data(id, payload) => frame(id, DATA, payload),
+            Frame::Fin(id) => frame(id, FIN, &[]),
+            Frame::Reset(id) => frame(id, RESET, &[]),
+        }
+    }
+}
+
 impl Mux {
     /// A mux writing its frames to `out`; feed it what arrives with `dispatch`.
     pub fn new(out: mpsc::Sender<Vec<u8>>) -> Mux {
@@ -103,13 +155,16 @@ impl Mux {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = std::io::Result<TcpStream>>,
     {
-        if f.len() < 5 {
-            return;
-        }
-        let id = u32::from_be_bytes([f[0], f[1], f[2], f[3]]);
-        let payload = &f[5..];
-        if id == 0 {
-            if let (Some(control), DATA) = (&self.control, f[4]) {
+        let read = match Frame::parse(f) {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(error = %e, "link: a frame is malformed; dropped");
+                return;
+            }
+        };
+        match read {
+            Frame::Control(payload) => {
+                let Some(control) = &self.control else { return };
                 match serde_json::from_slice(payload) {
                     Ok(message) => {
                         let _ = control.send(message);
@@ -117,10 +172,7 @@ impl Mux {
                     Err(e) => tracing::warn!(error = %e, "link: a control message is not JSON"),
                 }
             }
-            return;
-        }
-        match f[4] {
-            OPEN => {
+            Frame::Open(id) => {
                 let Some(connect) = connect else {
                     let _ = self.out.send(frame(id, RESET, &[])).await;
                     return;
@@ -137,7 +189,7 @@ impl Mux {
                     }
                 }
             }
-            DATA => {
+            Frame::Data(id, payload) => {
                 let tx = self.lock().get(&id).cloned();
                 if let Some(tx) = tx {
                     if tx
@@ -149,18 +201,17 @@ impl Mux {
                     }
                 }
             }
-            FIN => {
+            Frame::Fin(id) => {
                 let tx = self.lock().get(&id).cloned();
                 if let Some(tx) = tx {
                     let _ = tx.send(Inbound::Fin).await;
                 }
             }
-            RESET => {
+            Frame::Reset(id) => {
                 // Dropping the sender ends the stream's writer; its reader notices the
                 // closed socket.
                 self.lock().remove(&id);
             }
-            _ => {}
         }
     }
 
@@ -354,5 +405,78 @@ where
         _ = writer => LinkEnd::Closed,
         _ = reader => LinkEnd::Closed,
         _ = silence(&heard, heartbeat) => LinkEnd::Silent,
+    }
+}
+
+/// Property tests of the link's frames: whatever bytes the peer sends, a frame is read
+/// whole (and encodes back to the same bytes) or dropped with a reason; never a panic.
+/// `PROPTEST_CASES` asks for more cases.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(24),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(1024))]
+
+        #[test]
+        fn any_bytes_are_a_frame_or_a_reason(bytes in prop::collection::vec(any::<u8>(), 0..24)) {
+            match Frame::parse(&bytes) {
+                // What the frame means encodes to its bytes, less an ignored payload.
+                Ok(frame) => {
+                    let encoded = frame.encode();
+                    prop_assert_eq!(&bytes[..encoded.len()], &encoded[..]);
+                    prop_assert_eq!(Frame::parse(&encoded), Ok(frame));
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn frames_of_every_op_read_back(
+            id in prop_oneof![Just(0u32), Just(1u32), any::<u32>()],
+            op in 0u8..7,
+            payload in prop::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let bytes = frame(id, op, &payload);
+            match Frame::parse(&bytes) {
+                Ok(f) => prop_assert!(matches!(f, Frame::Control(_) | Frame::Data(..)) == (op == DATA)),
+                Err(FrameError::Short(_)) => prop_assert!(false, "a whole header was short"),
+                Err(_) => prop_assert!(id == 0 || !(OPEN..=RESET).contains(&op)),
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_frames_say_why() {
+        let check = |bytes: &[u8], expect: &str| {
+            assert_eq!(
+                Frame::parse(bytes).map(|_| ()).unwrap_err().to_string(),
+                expect
+            );
+        };
+        check(
+            &[0, 0, 1],
+            "a link frame of 3 bytes is shorter than its 5-byte header",
+        );
+        check(
+            &[0, 0, 0, 7, 9],
+            "stream 7: no op 9 (OPEN 1, DATA 2, FIN 3, RESET 4)",
+        );
+        check(
+            &[0, 0, 0, 0, OPEN],
+            "stream 0 carries control messages (DATA) only, not op 1",
+        );
+        assert_eq!(Frame::parse(&[0, 0, 0, 2, FIN, 1]), Ok(Frame::Fin(2)));
+        assert_eq!(Frame::parse(&[0, 0, 0, 0, DATA]), Ok(Frame::Control(&[])));
     }
 }

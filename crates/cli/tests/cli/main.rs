@@ -181,6 +181,118 @@ fn demo_exits_zero_when_every_job_succeeded() {
     );
 }
 
+/// `gantry demo` prints the monitor's address beside the API's, and that address
+/// answers the monitor page.
+#[tokio::test]
+async fn demo_prints_the_monitor_address_and_it_answers_the_page() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args([
+            "demo",
+            "--jobs",
+            "1",
+            "--speed",
+            "50",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let monitor = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if let Some(rest) = line.trim_start().strip_prefix("monitor: ") {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+            seen.push(line);
+        }
+        panic!("no monitor line in {seen:#?}");
+    })
+    .await;
+    let page = match &monitor {
+        Ok(url) => reqwest::get(url.as_str()).await.map(|r| (r.status(), r)),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("{monitor:?}");
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let (status, response) = page.unwrap();
+    assert_eq!(status, 200);
+    let body = response.text().await.unwrap();
+    assert!(body.contains("<title>gantry monitor</title>"), "{body}");
+}
+
+/// Logs carry colour codes only on a terminal: piped, stderr has no ESC byte.
+#[test]
+fn logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    // The demo logs at info (its backends connecting, its jobs running).
+    let out = Command::new(env!("CARGO_BIN_EXE_gantry"))
+        .args([
+            "demo",
+            "--jobs",
+            "2",
+            "--exit-when-done",
+            "--speed",
+            "50",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("INFO"), "no log line to check: {stderr}");
+    assert!(
+        !out.stderr.contains(&0x1b),
+        "colour codes in piped logs: {stderr:?}"
+    );
+}
+
+/// `gantry token create --help` names every scope there is, with what it allows.
+#[test]
+fn token_create_help_lists_every_scope() {
+    let help = |flag: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gantry"))
+            .args(["token", "create", flag])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let long = help("--help");
+    let names: Vec<&str> = gantry_core::auth::Scope::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    assert!(names.contains(&"agent"));
+    for name in &names {
+        assert!(
+            long.contains(&format!("- {name}:")),
+            "{name} missing:\n{long}"
+        );
+    }
+    let short = help("-h");
+    assert!(
+        short.contains(&format!("[possible values: {}]", names.join(", "))),
+        "{short}"
+    );
+}
+
 /// Run `gantry bench ARGS --json FILE` and answer the results document. Benchmarks are
 /// smoke-tested small: they must run end to end and report every job; their numbers are
 /// for BENCHMARKS.md, never asserted against the clock.

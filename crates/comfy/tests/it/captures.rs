@@ -14,7 +14,7 @@ fn captures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/comfyui/captures")
 }
 
-fn captures() -> Vec<(String, Value)> {
+pub(crate) fn captures() -> Vec<(String, Value)> {
     let dir = captures_dir();
     let mut out = Vec::new();
     let entries = std::fs::read_dir(&dir)
@@ -37,7 +37,7 @@ fn captures() -> Vec<(String, Value)> {
     out
 }
 
-fn events(capture: &Value) -> &Vec<Value> {
+pub(crate) fn events(capture: &Value) -> &Vec<Value> {
     capture["events"].as_array().expect("events array")
 }
 

@@ -12,6 +12,7 @@ mod commands;
 mod crashes;
 mod engine;
 mod failover;
+mod fuzz;
 mod history;
 mod models;
 mod monitor;
