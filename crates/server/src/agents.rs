@@ -423,7 +423,7 @@ fn on_control(engine: &Engine, name: &str, slot: &Slot, m: serde_json::Value) {
             let mut event = m;
             // Stamped by the agent; by this coordinator only if the agent did not.
             if event["at"].is_null() {
-                event["at"] = serde_json::json!(crate::api::rfc3339(crate::engine::now_ms()));
+                event["at"] = serde_json::json!(crate::clock::rfc3339(crate::clock::now_ms()));
             }
             c.restarts.push_back(event);
         }
@@ -468,7 +468,7 @@ async fn serve_link(
                     url: stored_url(&name, agent_id.as_deref()),
                     tags,
                     priority: 0,
-                    added_at: crate::engine::now_ms(),
+                    added_at: crate::clock::now_ms(),
                 };
                 if let Err(e) = engine.store().add_backend(&record).await {
                     tracing::warn!(error = %e, agent = %name, "agent backend not stored");

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::ApiError;
+use crate::api::error::ApiError;
 use crate::engine::Engine;
 
 /// The cookie `POST /v1/session` sets.

@@ -15,7 +15,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::engine::{now_ms, Engine};
+use crate::clock::{now_ms, rfc3339};
+use crate::engine::Engine;
 
 /// `[callback]`: the default webhook and how deliveries are made.
 #[derive(Clone, Debug)]
@@ -143,7 +144,7 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
 /// The body of a terminal event: the job's state, outputs with absolute URLs, error and
 /// timings.
 fn ended_body(job: &Job, base_url: &str) -> Value {
-    let view = crate::api::job_view(job);
+    let view = crate::api::views::job_view(job);
     let outputs: Vec<Value> = view
         .outputs
         .iter()
@@ -414,7 +415,7 @@ impl Delivering {
                 delivery_id: delivery_id.clone(),
                 event: self.event.clone(),
                 attempt,
-                at: crate::api::rfc3339(now_ms()),
+                at: rfc3339(now_ms()),
                 url: self.callback.url.clone(),
                 status,
                 error,

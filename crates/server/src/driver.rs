@@ -25,7 +25,8 @@ use tracing::Instrument;
 
 use crate::bus::{LiveEvent, LiveKind};
 use crate::classify;
-use crate::engine::{now_ms, Applied, Connection, Engine};
+use crate::clock::now_ms;
+use crate::engine::{Applied, Connection, Engine};
 
 /// What the engine asks of a driver.
 #[derive(Debug)]
@@ -1547,7 +1548,7 @@ impl Driver {
         // Timestamps in JSON are RFC 3339; the last sign of progress is the one a reader
         // compares with the attempt's `finished_at`.
         if let Some(since) = error.details.get("since").and_then(Value::as_i64) {
-            error.details["since"] = Value::from(crate::api::rfc3339(since));
+            error.details["since"] = Value::from(crate::clock::rfc3339(since));
         }
         let pid = cur.a.prompt_id.clone();
         let stage = match expired.timer.phase {
@@ -1796,7 +1797,7 @@ mod fuzz {
                 let name = output_name(&outputs, node, filename);
                 prop_assert!(!name.is_empty());
                 prop_assert!(outputs.iter().all(|o| o.name != name), "{name} twice");
-                let url = crate::api::segment(&name);
+                let url = crate::outputs::url_segment(&name);
                 prop_assert_eq!(decode(&url), Some(name.clone()));
                 outputs.push(output(name));
             }

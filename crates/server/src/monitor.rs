@@ -3,9 +3,11 @@
 //! what it shows changes (seed 002: a page must never show a status reported once and
 //! never refreshed).
 
-use crate::api::{backend_rows, rfc3339};
+use crate::api::views::backend_rows;
 use crate::bus::{BusEvent, Published};
-use crate::engine::{now_ms, BackendState, Connection, Engine};
+use crate::clock::now_ms;
+use crate::clock::rfc3339;
+use crate::engine::{BackendState, Connection, Engine};
 use gantry_api as wire;
 use gantry_core::{Job, JobState, Millis};
 use gantry_store::JobFilter;

@@ -101,3 +101,16 @@ pub fn content_type(filename: &str) -> &'static str {
         _ => "application/octet-stream",
     }
 }
+
+/// A name as one percent-encoded URL path segment (an output's name in its URL).
+pub fn url_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
