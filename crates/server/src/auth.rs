@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::error::ApiError;
-use crate::engine::Engine;
 
 /// The cookie `POST /v1/session` sets.
 pub const COOKIE: &str = "gantry_token";
@@ -169,8 +168,7 @@ pub fn presented(headers: &HeaderMap) -> Option<String> {
 
 /// The middleware: let the request through with its principal, or refuse it (401
 /// without a valid token, 403 when its scope is too small).
-pub async fn guard(State(engine): State<Engine>, mut req: Request, next: Next) -> Response {
-    let auth = engine.auth();
+pub async fn guard(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
     let Some(need) = required(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };

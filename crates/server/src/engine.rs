@@ -450,8 +450,6 @@ struct Inner {
     shutdown: CancellationToken,
     /// With several coordinators on Postgres: leases and the event tail.
     cluster: Option<Cluster>,
-    metrics: Arc<crate::metrics::Metrics>,
-    auth: crate::auth::Auth,
     /// Drivers of backends added at run time, joined at shutdown.
     late: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// What the drivers heard of each live attempt, made into its profile when the
@@ -554,7 +552,6 @@ impl Engine {
             }
             backends.insert(b.name.clone(), state);
         }
-        let auth = crate::auth::Auth::new(store.clone()).await?;
         let (stats_tx, stats_rx) = mpsc::unbounded_channel();
         let (callbacks_tx, callbacks_rx) = mpsc::unbounded_channel();
         let engine = Engine {
@@ -562,7 +559,6 @@ impl Engine {
                 callbacks: callbacks_tx,
                 progress_hooks: Mutex::new(HashMap::new()),
                 agents,
-                auth,
                 late: Mutex::new(Vec::new()),
                 profiles: Mutex::new(HashMap::new()),
                 stats: stats_tx,
@@ -587,7 +583,6 @@ impl Engine {
                 wake: Notify::new(),
                 shutdown,
                 cluster,
-                metrics: Arc::default(),
             }),
         };
         // Jobs left running by a previous process go back to their backend's driver,
@@ -628,8 +623,6 @@ impl Engine {
         let e = engine.clone();
         tasks.spawn(async move { e.schedule().await });
         let e = engine.clone();
-        tasks.spawn(async move { e.auth().refresh_loop(e.shutdown_token().clone()).await });
-        let e = engine.clone();
         tasks.spawn(async move { e.stats_loop(stats_rx).await });
         let e = engine.clone();
         let base_url = e.inner.config.public_url.clone().unwrap_or_default();
@@ -648,8 +641,6 @@ impl Engine {
                     .merge(&row);
             }
         }
-        let e = engine.clone();
-        tasks.spawn(async move { crate::metrics::follow(e).await });
         let e = engine.clone();
         tasks.spawn(async move { crate::monitor::backend_feed(e).await });
         if !engine.inner.config.retention.is_zero()
@@ -1054,9 +1045,6 @@ impl Engine {
     }
 
     /// Whether the API asks for tokens, and their checks.
-    pub fn auth(&self) -> &crate::auth::Auth {
-        &self.inner.auth
-    }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
@@ -1574,10 +1562,6 @@ impl Engine {
             }
         };
         self.publish_health(backend, vec![event]);
-    }
-
-    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
-        &self.inner.metrics
     }
 
     pub fn cluster(&self) -> Option<&Cluster> {

@@ -63,6 +63,8 @@ pub enum Error {
 pub struct Server {
     pub addr: SocketAddr,
     pub engine: Engine,
+    /// The API's tokens (whether it asks for one, and checking them).
+    pub auth: Arc<auth::Auth>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -125,9 +127,21 @@ impl Server {
         }
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        let auth = Arc::new(auth::Auth::new(store.clone()).await?);
         let engine =
             Engine::start_with(config, store, cluster, shutdown.clone(), &mut tasks).await?;
-        let app = api::router(engine.clone());
+        let metrics = Arc::new(metrics::Metrics::default());
+        {
+            let (a, stop) = (auth.clone(), shutdown.clone());
+            tasks.spawn(async move { a.refresh_loop(stop).await });
+            let (e, m) = (engine.clone(), metrics.clone());
+            tasks.spawn(async move { metrics::follow(e, m).await });
+        }
+        let app = api::router(api::App {
+            engine: engine.clone(),
+            auth: auth.clone(),
+            metrics,
+        });
         let stop = shutdown.clone();
         tasks.spawn(async move {
             let served = axum::serve(listener, app)
@@ -141,6 +155,7 @@ impl Server {
         Ok(Server {
             addr,
             engine,
+            auth,
             shutdown,
             tasks,
         })

@@ -123,8 +123,7 @@ impl Drop for StreamGuard {
 }
 
 /// The scrape: gauges read now, then everything encoded.
-pub async fn render(engine: &Engine) -> Result<String, gantry_store::Error> {
-    let m = engine.metrics();
+pub async fn render(engine: &Engine, m: &Metrics) -> Result<String, gantry_store::Error> {
     let counts = engine.store().count_by_state().await?;
     for state in JobState::ALL {
         let n = counts
@@ -155,8 +154,7 @@ pub async fn render(engine: &Engine) -> Result<String, gantry_store::Error> {
 }
 
 /// Follow the bus and feed the counters and histograms until shutdown.
-pub async fn follow(engine: Engine) {
-    let m = engine.metrics().clone();
+pub async fn follow(engine: Engine, m: Arc<Metrics>) {
     let mut rx = engine.bus().subscribe();
     // When each job last became queued and when each attempt was dispatched (wall ms).
     let mut queued_at: HashMap<JobId, Millis> = HashMap::new();

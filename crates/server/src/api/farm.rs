@@ -4,6 +4,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use std::sync::Arc;
 
 use gantry_api as wire;
 
@@ -31,8 +32,11 @@ pub(crate) async fn farm_state(
         (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String),
         (status = 503, description = "The store cannot be reached", body = wire::ErrorBody),
     ))]
-pub(crate) async fn metrics(State(engine): State<Engine>) -> Result<Response, ApiError> {
-    let text = crate::metrics::render(&engine).await?;
+pub(crate) async fn metrics(
+    State(engine): State<Engine>,
+    State(metrics): State<Arc<crate::metrics::Metrics>>,
+) -> Result<Response, ApiError> {
+    let text = crate::metrics::render(&engine, &metrics).await?;
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -24,6 +24,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde_json::json;
+use std::sync::Arc;
 
 use std::sync::OnceLock;
 use utoipa::OpenApi;
@@ -50,7 +51,7 @@ struct ApiDoc;
 
 /// Every documented route, each with its handler: the router and `/v1/openapi.json` are
 /// both made from this, so a route cannot exist without being in the document.
-fn documented(files_limit: usize) -> OpenApiRouter<Engine> {
+fn documented(files_limit: usize) -> OpenApiRouter<App> {
     use utoipa_axum::router::UtoipaMethodRouterExt;
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(list_jobs, create_job))
@@ -83,7 +84,35 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     documented(0).split_for_parts().1
 }
 
-pub fn router(engine: Engine) -> Router {
+/// What every handler may take (`State<Engine>`, `State<Arc<Auth>>`, ...): the engine,
+/// and what the HTTP surface keeps of its own (tokens, metrics).
+#[derive(Clone)]
+pub struct App {
+    pub engine: Engine,
+    pub auth: Arc<crate::auth::Auth>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl axum::extract::FromRef<App> for Engine {
+    fn from_ref(app: &App) -> Engine {
+        app.engine.clone()
+    }
+}
+
+impl axum::extract::FromRef<App> for Arc<crate::auth::Auth> {
+    fn from_ref(app: &App) -> Arc<crate::auth::Auth> {
+        app.auth.clone()
+    }
+}
+
+impl axum::extract::FromRef<App> for Arc<crate::metrics::Metrics> {
+    fn from_ref(app: &App) -> Arc<crate::metrics::Metrics> {
+        app.metrics.clone()
+    }
+}
+
+pub fn router(app: App) -> Router {
+    let engine = &app.engine;
     let limit = engine.config().max_body_bytes;
     // A multipart form around the largest file: its boundaries and headers.
     let files_limit = usize::try_from(engine.config().max_attachment_bytes)
@@ -94,12 +123,12 @@ pub fn router(engine: Engine) -> Router {
         .merge(crate::ui::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::middleware::from_fn_with_state(
-            engine.clone(),
+            app.auth.clone(),
             crate::auth::guard,
         ))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(shape_errors))
-        .with_state(engine)
+        .with_state(app)
 }
 
 /// Refusals axum makes before any handler runs (a path segment or query it cannot

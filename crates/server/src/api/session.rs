@@ -9,14 +9,15 @@ use serde_json::json;
 
 use gantry_api as wire;
 
+use crate::auth::Auth;
 use crate::auth::Principal;
-use crate::engine::Engine;
+use std::sync::Arc;
 
 use super::error::*;
 
-pub(crate) fn session_of(engine: &Engine, principal: Option<Principal>) -> wire::Session {
+pub(crate) fn session_of(auth: &Auth, principal: Option<Principal>) -> wire::Session {
     wire::Session {
-        auth: engine.auth().required(),
+        auth: auth.required(),
         token: principal.map(|p| wire::TokenInfo {
             id: p.id,
             name: p.name,
@@ -33,14 +34,14 @@ pub(crate) fn session_of(engine: &Engine, principal: Option<Principal>) -> wire:
         (status = 401, description = "The token sent is not valid", body = wire::ErrorBody),
     ))]
 pub(crate) async fn get_session(
-    State(engine): State<Engine>,
+    State(auth): State<Arc<Auth>>,
     headers: axum::http::HeaderMap,
 ) -> Result<Json<wire::Session>, ApiError> {
     let principal = match crate::auth::presented(&headers) {
-        Some(t) => Some(engine.auth().check(&t).await?),
+        Some(t) => Some(auth.check(&t).await?),
         None => None,
     };
-    Ok(Json(session_of(&engine, principal)))
+    Ok(Json(session_of(&auth, principal)))
 }
 
 /// Sign in: a token (bearer header, or `{"token": ...}`) exchanged for the HttpOnly,
@@ -53,7 +54,7 @@ pub(crate) async fn get_session(
         (status = 401, description = "The token is not valid", body = wire::ErrorBody),
     ))]
 pub(crate) async fn sign_in(
-    State(engine): State<Engine>,
+    State(auth): State<Arc<Auth>>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -78,14 +79,14 @@ pub(crate) async fn sign_in(
                 .token
         }
     };
-    let principal = engine.auth().check(&token).await?;
+    let principal = auth.check(&token).await?;
     let cookie = format!(
         "{}={token}; HttpOnly; SameSite=Strict; Path=/",
         crate::auth::COOKIE
     );
     Ok((
         [(header::SET_COOKIE, cookie)],
-        Json(session_of(&engine, Some(principal))),
+        Json(session_of(&auth, Some(principal))),
     )
         .into_response())
 }
@@ -93,14 +94,14 @@ pub(crate) async fn sign_in(
 /// Sign out: the cookie is cleared.
 #[utoipa::path(delete, path = "/v1/session", tag = "operations",
     responses((status = 200, description = "Signed out; the cookie is cleared", body = wire::Session)))]
-pub(crate) async fn sign_out(State(engine): State<Engine>) -> Response {
+pub(crate) async fn sign_out(State(auth): State<Arc<Auth>>) -> Response {
     let cookie = format!(
         "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
         crate::auth::COOKIE
     );
     (
         [(header::SET_COOKIE, cookie)],
-        Json(session_of(&engine, None)),
+        Json(session_of(&auth, None)),
     )
         .into_response()
 }

@@ -88,6 +88,7 @@ pub(crate) async fn send_persisted(
     ))]
 pub(crate) async fn job_events(
     State(engine): State<Engine>,
+    State(metrics): State<Arc<crate::metrics::Metrics>>,
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
     headers: axum::http::HeaderMap,
@@ -99,7 +100,7 @@ pub(crate) async fn job_events(
     let job = load(&engine, id.as_str()).await?;
     let backlog = engine.store().job_events(&job.id, since).await?;
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
-    let open = crate::metrics::StreamGuard::new(engine.metrics());
+    let open = crate::metrics::StreamGuard::new(&metrics);
     tokio::spawn(async move {
         let _open = open;
         let mut last = since;
@@ -179,6 +180,7 @@ pub(crate) struct EventsQuery {
     ))]
 pub(crate) async fn all_events(
     State(engine): State<Engine>,
+    State(metrics): State<Arc<crate::metrics::Metrics>>,
     Query(q): Query<EventsQuery>,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -209,7 +211,7 @@ pub(crate) async fn all_events(
         drop(tx);
         return Ok(farm_body(rx));
     }
-    let open = crate::metrics::StreamGuard::new(engine.metrics());
+    let open = crate::metrics::StreamGuard::new(&metrics);
     streams_runtime().spawn(async move {
         let _open = open;
         let mut last = since;

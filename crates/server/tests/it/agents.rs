@@ -238,7 +238,7 @@ async fn with_tokens_an_agent_links_with_an_agent_token_and_not_with_a_submit_on
     store.create_token(&agent_record).await.unwrap();
     let (submit_token, submit_record) = gantry_server::auth::issue(Scope::Submit, "app", 1);
     store.create_token(&submit_record).await.unwrap();
-    app.server.engine.auth().refresh().await;
+    app.server.auth.refresh().await;
 
     // A submit token is refused at the handshake: the agent keeps trying, never linked.
     let stop = CancellationToken::new();

@@ -68,7 +68,7 @@ async fn each_route_needs_its_scope_once_a_token_exists() {
     let (alice, alice_id) = token(&app, Scope::Submit, "alice").await;
     let (bob, _) = token(&app, Scope::Submit, "bob").await;
     let (admin, _) = token(&app, Scope::Admin, "ops").await;
-    app.server.engine.auth().refresh().await;
+    app.server.auth.refresh().await;
 
     let (status, body) = call(&app, "GET", "/v1/jobs", None, None).await;
     assert_eq!(
@@ -229,7 +229,7 @@ async fn each_route_needs_its_scope_once_a_token_exists() {
 async fn a_browser_signs_in_for_a_cookie_that_opens_the_event_stream() {
     let app = spawn_app(1, |_| {}).await;
     let (read, read_id) = token(&app, Scope::Read, "monitor").await;
-    app.server.engine.auth().refresh().await;
+    app.server.auth.refresh().await;
     let no_cookie = app
         .http
         .get(format!("{}/v1/events", app.url))
