@@ -1044,8 +1044,6 @@ impl Engine {
         }
     }
 
-    /// Whether the API asks for tokens, and their checks.
-
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
     }
