@@ -20,7 +20,7 @@ use crate::engine::Engine;
 use crate::tunnel::Mux;
 
 /// How an agent's backend is stored: its URL is made anew (a loopback port) at each start.
-pub const AGENT_SCHEME: &str = "agent://";
+use crate::config::AGENT_SCHEME;
 
 /// Every agent this coordinator has seen, by name.
 #[derive(Default)]

@@ -92,7 +92,7 @@ pub async fn lease_loop(engine: Engine) {
                     let Some(mut config) = crate::config::BackendConfig::added(&b) else {
                         continue;
                     };
-                    if config.url.starts_with(crate::agents::AGENT_SCHEME) {
+                    if config.url.starts_with(crate::config::AGENT_SCHEME) {
                         if engine.backends().contains_key(&config.name) {
                             continue;
                         }

@@ -13,6 +13,9 @@ use std::time::Duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8700";
 
+/// How an agent's backend URL is stored: `agent://NAME?id=ID` (see `agents`).
+pub const AGENT_SCHEME: &str = "agent://";
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendConfig {
     pub name: String,
@@ -71,7 +74,7 @@ impl BackendConfig {
     /// its stored URL is no longer valid.
     pub fn added(b: &gantry_store::BackendRecord) -> Option<BackendConfig> {
         // An agent's backend: its loopback listener is made at start (`Agents::reserve`).
-        if b.url.starts_with(crate::agents::AGENT_SCHEME) {
+        if b.url.starts_with(AGENT_SCHEME) {
             return Some(BackendConfig {
                 name: b.name.clone(),
                 url: b.url.clone(),
@@ -168,7 +171,7 @@ pub struct Config {
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// Webhooks: the default callback, the hosts callbacks may name, retries.
-    pub callbacks: crate::callbacks::CallbackConfig,
+    pub callbacks: crate::hooks::CallbackConfig,
     /// This server's URL as clients reach it (outputs' URLs in callbacks); the address it
     /// listens on when unset.
     pub public_url: Option<String>,
@@ -283,7 +286,7 @@ impl Config {
             health: HealthPolicy::default(),
             max_body_bytes: 32 * 1024 * 1024,
             max_attachment_bytes: 64 * 1024 * 1024,
-            callbacks: crate::callbacks::CallbackConfig::default(),
+            callbacks: crate::hooks::CallbackConfig::default(),
             public_url: None,
             cancel_grace: Duration::from_secs(10),
             liveness: Duration::from_secs(10),
@@ -366,7 +369,7 @@ impl Config {
                     events: c.events,
                     secret: c.secret,
                 };
-                let cb = crate::callbacks::parse(&req, &self.callbacks.allow_hosts)
+                let cb = crate::hooks::parse(&req, &self.callbacks.allow_hosts)
                     .map_err(|e| Error::Toml(format!("[callback] {e}")))?;
                 self.callbacks.default = Some(cb);
             } else if c.events.is_some() || c.secret.is_some() {

@@ -469,7 +469,10 @@ struct Inner {
     /// Wakes the monitor's backend feed (`monitor::backend_feed`).
     changed: Notify,
     /// Terminal jobs and progress for the webhook deliverer (`callbacks::run`).
-    callbacks: mpsc::UnboundedSender<crate::callbacks::Notice>,
+    callbacks: mpsc::UnboundedSender<crate::hooks::Notice>,
+    /// Their receiving end, until the deliverer takes it (`take_notices`); what is sent
+    /// before waits in the channel.
+    notices: Mutex<Option<mpsc::UnboundedReceiver<crate::hooks::Notice>>>,
     /// Running jobs whose callback asks for progress.
     progress_hooks: Mutex<HashMap<JobId, Arc<gantry_core::Callback>>>,
     /// Agents' listeners and links.
@@ -522,7 +525,7 @@ impl Engine {
         // are recovered onto them and adopted once the agent is back.
         let agents = crate::agents::Agents::default();
         for b in &mut config.backends {
-            if b.url.starts_with(crate::agents::AGENT_SCHEME) {
+            if b.url.starts_with(crate::config::AGENT_SCHEME) {
                 let id = crate::agents::stored_id(&b.url);
                 b.url = agents
                     .reserve(&b.name, id, &shutdown)
@@ -557,6 +560,7 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 callbacks: callbacks_tx,
+                notices: Mutex::new(Some(callbacks_rx)),
                 progress_hooks: Mutex::new(HashMap::new()),
                 agents,
                 late: Mutex::new(Vec::new()),
@@ -624,9 +628,6 @@ impl Engine {
         tasks.spawn(async move { e.schedule().await });
         let e = engine.clone();
         tasks.spawn(async move { e.stats_loop(stats_rx).await });
-        let e = engine.clone();
-        let base_url = e.inner.config.public_url.clone().unwrap_or_default();
-        tasks.spawn(async move { crate::callbacks::run(e, callbacks_rx, base_url).await });
         {
             let week = gantry_store::stats::StatsFilter {
                 since: Some(now_ms() - 7 * 24 * 3_600_000),
@@ -641,8 +642,6 @@ impl Engine {
                     .merge(&row);
             }
         }
-        let e = engine.clone();
-        tasks.spawn(async move { crate::monitor::backend_feed(e).await });
         if !engine.inner.config.retention.is_zero()
             || !engine.inner.config.stats_retention.is_zero()
         {
@@ -1042,6 +1041,16 @@ impl Engine {
                 return;
             }
         }
+    }
+
+    /// The notices for the webhook deliverer: terminal jobs committed here and progress
+    /// of jobs whose callback asks for it. Given once.
+    pub fn take_notices(&self) -> Option<mpsc::UnboundedReceiver<crate::hooks::Notice>> {
+        self.inner
+            .notices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -1937,8 +1946,7 @@ impl Engine {
     /// Tells the webhook deliverer about a job that just ended here, and keeps the set of
     /// running jobs whose callback wants progress.
     fn hooks_after(&self, job: &Job, events: &[EventKind]) {
-        let Some((callback, _)) = crate::callbacks::effective(job, &self.inner.config.callbacks)
-        else {
+        let Some((callback, _)) = crate::hooks::effective(job, &self.inner.config.callbacks) else {
             return;
         };
         let ended = events.iter().any(|k| {
@@ -1969,7 +1977,7 @@ impl Engine {
             let _ = self
                 .inner
                 .callbacks
-                .send(crate::callbacks::Notice::Ended(Arc::new(job.clone())));
+                .send(crate::hooks::Notice::Ended(Arc::new(job.clone())));
         }
     }
 
@@ -1992,14 +2000,11 @@ impl Engine {
                     "value": value,
                     "max": max,
                 });
-                let _ = self
-                    .inner
-                    .callbacks
-                    .send(crate::callbacks::Notice::Progress {
-                        job_id: event.job_id.clone(),
-                        callback,
-                        body,
-                    });
+                let _ = self.inner.callbacks.send(crate::hooks::Notice::Progress {
+                    job_id: event.job_id.clone(),
+                    callback,
+                    body,
+                });
             }
         }
         match &event.kind {

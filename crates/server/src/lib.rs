@@ -15,6 +15,7 @@ mod command;
 pub mod config;
 mod driver;
 pub mod engine;
+pub mod hooks;
 mod instant;
 pub mod metrics;
 pub mod monitor;
@@ -136,6 +137,13 @@ impl Server {
             tasks.spawn(async move { a.refresh_loop(stop).await });
             let (e, m) = (engine.clone(), metrics.clone());
             tasks.spawn(async move { metrics::follow(e, m).await });
+            let e = engine.clone();
+            tasks.spawn(async move { monitor::backend_feed(e).await });
+            if let Some(notices) = engine.take_notices() {
+                let e = engine.clone();
+                let base_url = e.config().public_url.clone().unwrap_or_default();
+                tasks.spawn(async move { callbacks::run(e, notices, base_url).await });
+            }
         }
         let app = api::router(api::App {
             engine: engine.clone(),

@@ -138,7 +138,7 @@ pub async fn render(engine: &Engine, m: &Metrics) -> Result<String, gantry_store
     let statuses: Vec<BackendStatus> = engine
         .backends()
         .values()
-        .map(|b| crate::monitor::status_of(b, now, stale))
+        .map(|b| crate::api::views::status_of(b, now, stale))
         .collect();
     for status in BackendStatus::ALL {
         let n = statuses.iter().filter(|s| **s == status).count();

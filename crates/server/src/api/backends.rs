@@ -221,7 +221,7 @@ pub(crate) fn set_draining(
             let status = engine
                 .backends()
                 .get(name)
-                .map(|b| crate::monitor::status_of(b, now, stale))
+                .map(|b| crate::api::views::status_of(b, now, stale))
                 .unwrap_or(wire::BackendStatus::Offline);
             Ok(Json(wire::BackendStatusOf {
                 name: name.to_owned(),

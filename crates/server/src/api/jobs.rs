@@ -79,10 +79,7 @@ pub(crate) async fn create_job(
             };
             let req: wire::CallbackRequest =
                 serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?;
-            Some(
-                crate::callbacks::parse(&req, &engine.config().callbacks.allow_hosts)
-                    .map_err(bad)?,
-            )
+            Some(crate::hooks::parse(&req, &engine.config().callbacks.allow_hosts).map_err(bad)?)
         }
     };
     spec.owner = principal.map(|Extension(p)| p.id);

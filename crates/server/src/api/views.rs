@@ -5,8 +5,9 @@ use gantry_core::{Job, JobId, Millis};
 
 use gantry_api as wire;
 
+use crate::clock::now_ms;
 use crate::clock::rfc3339;
-use crate::engine::{now_ms, Engine};
+use crate::engine::{BackendState, Connection, Engine};
 use crate::outputs::{content_type, url_segment};
 
 pub fn opt_time(ms: Option<Millis>) -> Option<String> {
@@ -179,7 +180,7 @@ pub(crate) fn backend_view(
         url: b.config.url.clone(),
         tags: b.config.tags.clone(),
         priority: b.config.priority,
-        status: crate::monitor::status_of(b, now, stale_after),
+        status: status_of(b, now, stale_after),
         current_job: b.current.as_ref().map(|(j, _)| j.to_string()),
         current_attempt: b.current.as_ref().map(|(_, n)| *n),
         next_job: b.next.as_ref().map(|(j, _)| j.to_string()),
@@ -208,5 +209,81 @@ pub(crate) fn backend_view(
             prompt_id: pid.clone(),
             since: rfc3339(*since),
         }),
+    }
+}
+
+/// A backend's status from what is true of it now.
+pub fn status_of(b: &BackendState, now: Millis, stale_after: Millis) -> wire::BackendStatus {
+    use wire::BackendStatus as S;
+    let heard_lately = b.last_seen.is_some_and(|t| now - t <= stale_after);
+    match (b.connection, &b.current) {
+        _ if b.stuck.is_some() => S::Stuck,
+        (_, Some(_)) if b.draining => S::Draining,
+        _ if b.draining => S::Drained,
+        // An agent's supervised ComfyUI keeps exiting: why it cannot be reached.
+        (Connection::Connecting | Connection::Offline, _) if b.crash_looping => S::CrashLooping,
+        (Connection::Connecting, _) => S::Connecting,
+        // Never reached yet from here, while this coordinator drives it: still coming up,
+        // as far as anyone knows. (One driven by another coordinator is offline here.)
+        (Connection::Offline, _) if !b.connected_once && b.lease.is_some() => S::Connecting,
+        (Connection::Offline, _) => S::Offline,
+        (Connection::Connected, _) if !b.health.accepts_work() => S::Unhealthy,
+        (Connection::Connected, _) if !heard_lately => S::Stale,
+        (Connection::Connected, Some(_)) => S::Busy,
+        (Connection::Connected, None) if b.health.blocks().values().any(|until| *until > now) => {
+            S::Blocked
+        }
+        (Connection::Connected, None) => S::Idle,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendConfig;
+
+    fn backend() -> BackendState {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let config = BackendConfig::parse("a=http://127.0.0.1:1").expect("a backend spec");
+        let mut b = BackendState::new(config, tx);
+        b.connection = Connection::Connected;
+        b.connected_once = true;
+        b.last_seen = Some(1_000);
+        b
+    }
+
+    #[test]
+    fn status_comes_from_live_facts() {
+        use wire::BackendStatus as S;
+        let mut b = backend();
+        assert_eq!(status_of(&b, 1_500, 1_000), S::Idle);
+        // Nothing heard for longer than the interval: stale, whatever it said last.
+        assert_eq!(status_of(&b, 2_001, 1_000), S::Stale);
+        b.last_seen = Some(2_000);
+        let policy = gantry_core::health::HealthPolicy {
+            block_ms: 3_000,
+            circuit_threshold: 0,
+            ..Default::default()
+        };
+        b.health.on_fault(Some("shape"), 2_000, &policy);
+        assert_eq!(status_of(&b, 2_500, 1_000), S::Blocked);
+        // A block that has ended no longer counts, lifted yet or not.
+        b.last_seen = Some(5_000);
+        assert_eq!(status_of(&b, 5_001, 1_000), S::Idle);
+        b.current = Some((gantry_core::JobId::random(), 1));
+        b.health.on_fault(Some("shape"), 5_000, &policy);
+        // Busy with blocks beside it shows busy (the blocks are in the row).
+        assert_eq!(status_of(&b, 5_500, 1_000), S::Busy);
+        b.draining = true;
+        assert_eq!(status_of(&b, 5_500, 1_000), S::Draining);
+        b.draining = false;
+        b.connection = Connection::Offline;
+        assert_eq!(status_of(&b, 5_500, 1_000), S::Offline);
+        b.connection = Connection::Connecting;
+        assert_eq!(status_of(&b, 5_500, 1_000), S::Connecting);
+        // Not reached once yet: a failed connect is no reason to say it went away.
+        b.connection = Connection::Offline;
+        b.connected_once = false;
+        assert_eq!(status_of(&b, 5_500, 1_000), S::Connecting);
     }
 }
