@@ -6,22 +6,23 @@ pub mod agent;
 pub mod agents;
 pub mod api;
 pub mod auth;
+pub mod backend;
 pub mod bus;
 pub mod callbacks;
-mod classify;
+
 pub mod clock;
 pub mod cluster;
-mod command;
+
 pub mod config;
-mod driver;
+
 pub mod engine;
 pub mod hooks;
-mod instant;
+
 pub mod metrics;
 pub mod monitor;
 pub mod outputs;
 pub mod process;
-pub mod profiling;
+
 pub mod supervise;
 pub mod tunnel;
 pub mod ui;

@@ -88,7 +88,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         let t = Instant::now();
         let mut b = ProfileBuilder::default();
         for (i, m) in messages.iter().enumerate() {
-            gantry_server::profiling::observe(&mut b, 10 + i as i64 * 7, m);
+            gantry_server::backend::comfy::profiling::observe(&mut b, 10 + i as i64 * 7, m);
         }
         let profile = b.finish(&workflow, &attempt);
         let text = serde_json::to_string(&profile)?;

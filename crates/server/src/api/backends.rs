@@ -49,7 +49,7 @@ pub(crate) async fn agent_connect(
     query: Query<crate::agents::ConnectQuery>,
     ws: axum::extract::WebSocketUpgrade,
 ) -> Response {
-    crate::agents::connect(state, query, ws).await
+    crate::agents::link::connect(state, query, ws).await
 }
 
 #[utoipa::path(get, path = "/v1/backends", tag = "backends",

@@ -37,7 +37,7 @@ fn profiles_of(capture: &str, workflow: Value) -> Vec<AttemptProfile> {
             .entry(i)
             .or_insert_with(|| (pid, ProfileBuilder::default(), at));
         entry.2 = at;
-        gantry_server::profiling::observe(&mut entry.1, at, &m);
+        gantry_server::backend::comfy::profiling::observe(&mut entry.1, at, &m);
     }
     builders
         .into_values()

@@ -10,10 +10,9 @@ use gantry_comfy::client::{Client, Session, SessionEvent, Submitted};
 use gantry_comfy::rest::{FileRef, HistoryEntry, Outcome, PromptRequest, Queue};
 use gantry_comfy::ws::ServerMessage;
 use gantry_core::profile::Observed;
-use gantry_core::watchdog::{Expired, Limits, Phase, Timer, Watch};
+use gantry_core::watchdog::{Expired, Phase, Timer, Watch};
 use gantry_core::{
-    Attachment, Attempt, AttemptStatus, Exclusion, Failure, FailureKind, Input, Job, JobError,
-    JobId, Millis, Output, Workflow,
+    Attachment, AttemptStatus, Failure, FailureKind, Input, JobError, JobId, Millis, Output,
 };
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -24,78 +23,12 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::bus::{LiveEvent, LiveKind};
-use crate::classify;
+pub mod classify;
+pub mod profiling;
+
+use crate::backend::protocol::{Assignment, Command};
 use crate::clock::now_ms;
 use crate::engine::{Applied, Connection, Engine};
-
-/// What the engine asks of a driver.
-#[derive(Debug)]
-pub enum Command {
-    /// Run this attempt (or, when `adopt` is set, find and follow one a previous process
-    /// started).
-    Run(Box<Assignment>),
-    /// Stop an attempt on the backend. With `confirm`, the job waits for the backend to
-    /// confirm (a cancel); without, the attempt is already over for gantry.
-    Stop {
-        job_id: JobId,
-        attempt: u32,
-        prompt_id: String,
-        confirm: bool,
-    },
-}
-
-/// One attempt, with what the driver needs to run and judge it.
-#[derive(Debug, Clone)]
-pub struct Assignment {
-    pub job_id: JobId,
-    pub attempt: u32,
-    pub prompt_id: String,
-    pub workflow: Workflow,
-    pub models: Vec<String>,
-    /// Input files to upload before the submit; `uploaded` maps each attachment's name
-    /// to where this backend put it, once uploaded.
-    pub attachments: Vec<Attachment>,
-    pub uploaded: HashMap<String, String>,
-    pub limits: Limits,
-    /// The job's deadline on the wall clock, and its length.
-    pub deadline: Option<(Millis, u64)>,
-    pub excluded: Vec<Exclusion>,
-    /// A command job's program, run by the agent instead of a prompt (`command`).
-    pub command: Option<gantry_core::CommandSpec>,
-    pub adopt: bool,
-    pub status: AttemptStatus,
-    /// The attempt's span: what the driver logs while handling it carries the job id,
-    /// the attempt number and the backend.
-    pub span: tracing::Span,
-}
-
-impl Assignment {
-    pub fn new(job: &Job, attempt: &Attempt, limits: Limits, adopt: bool) -> Assignment {
-        Assignment {
-            job_id: job.id.clone(),
-            attempt: attempt.number,
-            prompt_id: attempt.prompt_id.clone(),
-            workflow: job.spec.workflow.clone(),
-            models: job.spec.workflow.model_files(),
-            attachments: job.spec.attachments.clone(),
-            uploaded: HashMap::new(),
-            deadline: limits
-                .deadline()
-                .map(|ms| (job.created_at + ms as Millis, ms)),
-            limits,
-            excluded: job.excluded.clone(),
-            command: job.spec.command.clone(),
-            adopt,
-            status: attempt.status,
-            span: tracing::info_span!(
-                "attempt",
-                job_id = %job.id,
-                attempt = attempt.number,
-                backend = %attempt.backend
-            ),
-        }
-    }
-}
 
 /// Where the attempt is on the backend, as far as the driver knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -708,7 +641,7 @@ impl Driver {
         }
         let heard = now_ms();
         let news = self.engine.observe(&cur.a.job_id, cur.a.attempt, |p| {
-            crate::profiling::observe(p, heard, &m)
+            profiling::observe(p, heard, &m)
         });
         let draining = cur.draining.is_some();
         // Node steps go into the job's history before what the message does next (an
@@ -810,7 +743,7 @@ impl Driver {
                 self.command = Some(((a.job_id.clone(), a.attempt), tx));
                 let span = a.span.clone();
                 tokio::spawn(
-                    crate::command::run(self.engine.clone(), self.name.clone(), a, rx)
+                    crate::backend::command::run(self.engine.clone(), self.name.clone(), a, rx)
                         .instrument(span),
                 );
             }
@@ -1381,7 +1314,7 @@ impl Driver {
         if let Some(cur) = &self.current {
             let now = now_ms();
             self.engine.observe(&cur.a.job_id, cur.a.attempt, |p| {
-                crate::profiling::recall_history(p, now, &entry)
+                profiling::recall_history(p, now, &entry)
             });
         }
         match entry.outcome() {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::backend::protocol::Assignment;
 use crate::bus::{LiveEvent, LiveKind};
-use crate::driver::Assignment;
 use crate::engine::{now_ms, Engine};
 
 /// How long past the time limit and the kill grace the agent may take to say how the

@@ -1,77 +1,14 @@
-//! Several coordinators on one PostgreSQL database: who drives which backend, and how
-//! every coordinator hears what the others commit.
-//!
-//! Each backend is driven by the one coordinator holding its lease (`lease_loop`): it
-//! renews its leases every third of the lease, takes free or expired ones up to its fair
-//! share of the backends among the live coordinators, and gives extras back when a
-//! coordinator joins. Every write about a backend carries the lease's fencing token,
-//! checked by the store in the writing statement, so a coordinator that lost a lease
-//! (paused, partitioned) changes nothing about that backend. A lease gained starts a
-//! driver that first adopts the attempts the database says are running there.
-//!
-//! The event tail (`tail_loop`) is the one publisher of persisted events in this mode:
-//! woken by LISTEN/NOTIFY (and every second, in case a notification is lost), it reads
-//! the event rows in sequence and puts them on the local bus, so every coordinator's
-//! streams show the whole farm in one order. It also carries out what another
-//! coordinator's change asks of this one: a job queued elsewhere joins the local queue
-//! index, a cancel requested elsewhere stops the attempt on a backend driven here.
+//! The loops of a coordinator in a farm: `lease_loop` (its share of the backends' leases,
+//! a driver for each lease gained) and `tail_loop` (every coordinator's events onto the
+//! local bus, and what another coordinator's change asks of this one).
 
 use gantry_core::{EventKind, JobState};
-use gantry_store::{Event, PgStore, Store};
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use gantry_store::{Event, Store};
 use std::time::Duration;
-use tokio::sync::Notify;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
+use super::Cluster;
 use crate::bus::BusEvent;
 use crate::engine::Engine;
-
-/// This coordinator's place in a farm of several.
-pub struct Cluster {
-    pub store: Arc<PgStore>,
-    /// This coordinator's id, unique among the live ones.
-    pub id: String,
-    /// How long a lease lasts without renewal.
-    pub lease: Duration,
-    /// Wakes the lease loop at once (a write was refused by its fence).
-    pub check: Notify,
-    /// Sequence numbers this coordinator wrote and the tail has not passed yet: the tail
-    /// publishes them but does not act on them again.
-    local: Mutex<HashSet<i64>>,
-    /// The running driver of each backend leased here, with what stops it.
-    drivers: Mutex<HashMap<String, (CancellationToken, JoinHandle<()>)>>,
-    /// Writes the store refused because their lease was gone.
-    pub fenced_writes: std::sync::atomic::AtomicU64,
-}
-
-impl Cluster {
-    pub fn new(store: Arc<PgStore>, id: String, lease: Duration) -> Cluster {
-        Cluster {
-            store,
-            id,
-            lease,
-            check: Notify::new(),
-            local: Mutex::new(HashSet::new()),
-            drivers: Mutex::new(HashMap::new()),
-            fenced_writes: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Remember events this coordinator committed (the tail will publish them).
-    pub fn wrote(&self, events: &[Event]) {
-        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        local.extend(events.iter().map(|e| e.seq));
-    }
-
-    fn was_local(&self, seq: i64) -> bool {
-        self.local
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&seq)
-    }
-}
 
 /// The backends this coordinator should drive: its share, rounded up.
 fn fair_share(n_backends: usize, n_live: usize) -> usize {
@@ -270,10 +207,11 @@ async fn gain(engine: &Engine, name: &str, token: i64) -> gantry_store::Result<(
     let rx = engine.take_backend(name, token);
     let running = engine.store().running_jobs().await?;
     engine.recover_on(name, running).await;
+    let Some(kind) = engine.kind_of(name) else {
+        return Ok(());
+    };
     let stop = engine.shutdown_token().child_token();
-    let e = engine.clone();
-    let (n, s) = (name.to_owned(), stop.clone());
-    let handle = tokio::spawn(async move { crate::driver::run(e, n, rx, s).await });
+    let handle = crate::backend::spawn(engine.clone(), name.to_owned(), kind, rx, stop.clone());
     cluster
         .drivers
         .lock()

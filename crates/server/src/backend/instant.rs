@@ -8,10 +8,15 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-use crate::driver::Command;
+use crate::backend::protocol::Command;
 use crate::engine::{now_ms, Connection, Engine};
 
-pub async fn run(engine: Engine, name: String, mut commands: mpsc::UnboundedReceiver<Command>) {
+pub async fn run(
+    engine: Engine,
+    name: String,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     {
         let mut backends = engine.backends();
         let Some(b) = backends.get_mut(&name) else {
@@ -24,7 +29,6 @@ pub async fn run(engine: Engine, name: String, mut commands: mpsc::UnboundedRece
         b.last_seen = Some(now_ms());
     }
     engine.wake_scheduler();
-    let shutdown = engine.shutdown_token().clone();
     loop {
         let cmd = tokio::select! {
             _ = shutdown.cancelled() => return,
