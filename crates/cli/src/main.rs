@@ -248,8 +248,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    gantry_server::agent::check_urls(&args.server, &args.comfyui)
-        .map_err(|e| anyhow::anyhow!(e))?;
+    gantry_agent::link::check_urls(&args.server, &args.comfyui).map_err(|e| anyhow::anyhow!(e))?;
     if let Some(p) = args
         .allow
         .iter()
@@ -261,9 +260,9 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     if heartbeat.is_zero() {
         anyhow::bail!("--heartbeat 0s: the link needs a heartbeat");
     }
-    let (name, id) = gantry_server::agent::identity(&args.state, args.name.as_deref())
+    let (name, id) = gantry_agent::link::identity(&args.state, args.name.as_deref())
         .map_err(|e| anyhow::anyhow!(e))?;
-    let config = gantry_server::agent::AgentConfig {
+    let config = gantry_agent::link::AgentConfig {
         server: args.server,
         token: args.token,
         name,
@@ -271,7 +270,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         tags: args.tags,
         spawn: args
             .spawn
-            .map(|command| gantry_server::supervise::SpawnConfig {
+            .map(|command| gantry_agent::supervise::SpawnConfig {
                 command,
                 cwd: args.cwd,
                 comfyui: args.comfyui.clone(),
@@ -299,7 +298,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         }
         on_signal.cancel();
     });
-    gantry_server::agent::run(config, stop)
+    gantry_agent::link::run(config, stop)
         .await
         .map_err(|e| anyhow::anyhow!(e))
 }

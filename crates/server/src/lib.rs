@@ -2,7 +2,6 @@
 //! `Store`, and the v1 HTTP API in front of it. `start` runs it all on one listener
 //! until the shutdown token fires.
 
-pub mod agent;
 pub mod agents;
 pub mod api;
 pub mod auth;
@@ -21,10 +20,7 @@ pub mod hooks;
 pub mod metrics;
 pub mod monitor;
 pub mod outputs;
-pub mod process;
 
-pub mod supervise;
-pub mod tunnel;
 pub mod ui;
 
 use gantry_store::{PgStore, SqliteStore, Store};

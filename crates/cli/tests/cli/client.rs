@@ -1611,7 +1611,7 @@ async fn gantry_exec_runs_a_program_on_an_agent_and_ctrl_c_kills_its_process_gro
     })
     .await
     .unwrap();
-    assert!(gantry_server::process::group_alive(pgid));
+    assert!(gantry_agent::process::group_alive(pgid));
     let pid = exec.id().to_string();
     assert!(Command::new("kill")
         .args(["-INT", &pid])
@@ -1623,7 +1623,7 @@ async fn gantry_exec_runs_a_program_on_an_agent_and_ctrl_c_kills_its_process_gro
         .unwrap();
     assert_eq!(status.code(), Some(130));
     assert!(
-        !gantry_server::process::group_alive(pgid),
+        !gantry_agent::process::group_alive(pgid),
         "a process of the command's group survived Ctrl+C"
     );
 }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::config::BackendConfig;
 use crate::engine::Engine;
-use crate::tunnel::Mux;
+use gantry_agent::tunnel::Mux;
 
 use super::{run_key, stored_url, valid_name, ConnectQuery, Slot, RESTARTS_KEPT};
 
@@ -155,7 +155,7 @@ pub(crate) fn on_control(engine: &Engine, name: &str, slot: &Slot, m: serde_json
         }
         Some("child") => c.state = m,
         Some("log") => {
-            if c.lines.len() >= crate::supervise::LOG_LINES {
+            if c.lines.len() >= gantry_agent::supervise::LOG_LINES {
                 c.lines.pop_front();
             }
             c.lines
@@ -239,13 +239,16 @@ async fn serve_link(
     }
     tracing::info!(agent = %name, "agent connected");
     let (sink, stream) = socket.split();
+    let sink =
+        futures_util::SinkExt::with(sink, |m: Ws| std::future::ready(Ok::<_, axum::Error>(m.0)));
+    let stream = stream.map(|m| m.map(Ws));
     let heartbeat = engine.config().agent_heartbeat;
     // The coordinator opens streams; the agent may not.
     let refuse_opens = None::<&fn() -> std::future::Ready<std::io::Result<tokio::net::TcpStream>>>;
     let stop = engine.shutdown_token().clone();
     tokio::select! {
-        end = crate::tunnel::carry(sink, stream, &mut out_rx, heartbeat, &mux, refuse_opens) => {
-            if end == crate::tunnel::LinkEnd::Silent {
+        end = gantry_agent::tunnel::carry(sink, stream, &mut out_rx, heartbeat, &mux, refuse_opens) => {
+            if end == gantry_agent::tunnel::LinkEnd::Silent {
                 tracing::warn!(agent = %name, "nothing from the agent for three heartbeats: the link is dropped");
             }
         }
@@ -282,4 +285,28 @@ async fn serve_link(
         cluster.check.notify_one();
     }
     tracing::info!(agent = %name, "agent disconnected");
+}
+
+/// axum's WebSocket message as the link's framing sees it (the agent's side has
+/// tungstenite's; the trait is the agent crate's, so this side wraps its type).
+struct Ws(axum::extract::ws::Message);
+
+impl gantry_agent::tunnel::LinkMessage for Ws {
+    fn binary(frame: Vec<u8>) -> Self {
+        Ws(axum::extract::ws::Message::Binary(frame.into()))
+    }
+
+    fn ping() -> Self {
+        Ws(axum::extract::ws::Message::Ping(bytes::Bytes::new()))
+    }
+
+    fn into_incoming(self) -> gantry_agent::tunnel::Incoming {
+        use axum::extract::ws::Message;
+        use gantry_agent::tunnel::Incoming;
+        match self.0 {
+            Message::Binary(b) => Incoming::Frame(b),
+            Message::Close(_) => Incoming::Close,
+            Message::Text(_) | Message::Ping(_) | Message::Pong(_) => Incoming::Other,
+        }
+    }
 }

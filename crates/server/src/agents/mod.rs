@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::tunnel::Mux;
+use gantry_agent::tunnel::Mux;
 
 /// How an agent's backend is stored: its URL is made anew (a loopback port) at each start.
 use crate::config::AGENT_SCHEME;
@@ -54,7 +54,7 @@ pub(crate) struct Child {
 }
 
 /// Restarts kept per agent.
-pub(crate) const RESTARTS_KEPT: usize = crate::supervise::RESTARTS_KEPT;
+pub(crate) const RESTARTS_KEPT: usize = gantry_agent::supervise::RESTARTS_KEPT;
 
 impl Slot {
     fn link(&self) -> Option<Mux> {

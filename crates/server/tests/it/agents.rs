@@ -3,7 +3,7 @@
 //! the coordinator has no URL for.
 
 use crate::support::{poll_until, sim_config, sleep_workflow, tiny_workflow, TestApp};
-use gantry_server::agent::{self, AgentConfig};
+use gantry_agent::link::{self as agent, AgentConfig};
 use gantry_server::config::Config;
 use gantry_server::Server;
 use serde_json::{json, Value};
@@ -302,7 +302,7 @@ async fn a_spawned_comfyui_that_keeps_exiting_shows_crash_looping_with_each_rest
     let app = TestApp::attach(Server::start(config).await.unwrap());
     let stop = CancellationToken::new();
     let mut c = agent_config(&app.url, "http://127.0.0.1:9");
-    c.spawn = Some(gantry_server::supervise::SpawnConfig {
+    c.spawn = Some(gantry_agent::supervise::SpawnConfig {
         command: "echo starting up; echo no GPU found >&2; false".into(),
         cwd: None,
         comfyui: "http://127.0.0.1:9".into(),
@@ -346,7 +346,7 @@ async fn restarts_made_while_the_link_is_down_reach_the_coordinator() {
     let starts = dir.path().join("starts");
     let stop = CancellationToken::new();
     let mut c = agent_config(&server, "http://127.0.0.1:9");
-    c.spawn = Some(gantry_server::supervise::SpawnConfig {
+    c.spawn = Some(gantry_agent::supervise::SpawnConfig {
         command: format!("echo start >> {}; false", starts.display()),
         cwd: None,
         comfyui: "http://127.0.0.1:9".into(),

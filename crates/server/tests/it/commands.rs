@@ -5,9 +5,9 @@
 
 use crate::agents::wait_status;
 use crate::support::{assert_error, parse_sse_blocks, poll_until, sim_config, Sse, TestApp};
-use gantry_server::agent::{self, AgentConfig};
+use gantry_agent::link::{self as agent, AgentConfig};
+use gantry_agent::process::group_alive;
 use gantry_server::config::Config;
-use gantry_server::process::group_alive;
 use gantry_server::Server;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -527,7 +527,7 @@ async fn a_command_runs_on_an_agent_whose_comfyui_is_down_so_it_can_repair_it() 
     let stop = CancellationToken::new();
     // Its ComfyUI cannot start (a missing dependency, say): the backend crash-loops.
     let mut c = agent_config(&app.url, "http://127.0.0.1:9", &[SH]);
-    c.spawn = Some(gantry_server::supervise::SpawnConfig {
+    c.spawn = Some(gantry_agent::supervise::SpawnConfig {
         command: "echo No module named torch >&2; false".into(),
         cwd: None,
         comfyui: "http://127.0.0.1:9".into(),

@@ -524,7 +524,7 @@ async fn backend_row(app: &TestApp, name: &str) -> Option<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_links_to_one_coordinator_and_the_whole_farm_uses_it() {
-    use gantry_server::agent::{self, AgentConfig};
+    use gantry_agent::link::{self as agent, AgentConfig};
     let Some(farm) = Farm::new(1).await else {
         return;
     };

@@ -321,31 +321,24 @@ pub enum Incoming {
     Other,
 }
 
-/// The two libraries' message types have the same variants.
-macro_rules! link_message {
-    ($($t:ty),*) => {$(
-        impl LinkMessage for $t {
-            fn binary(frame: Vec<u8>) -> Self {
-                Self::Binary(frame.into())
-            }
-            fn ping() -> Self {
-                Self::Ping(Bytes::new())
-            }
-            fn into_incoming(self) -> Incoming {
-                match self {
-                    Self::Binary(b) => Incoming::Frame(b),
-                    Self::Close(_) => Incoming::Close,
-                    _ => Incoming::Other,
-                }
-            }
-        }
-    )*};
-}
+/// tungstenite's message, the agent's end (the coordinator wraps axum's the same way).
+impl LinkMessage for tokio_tungstenite::tungstenite::Message {
+    fn binary(frame: Vec<u8>) -> Self {
+        Self::Binary(frame.into())
+    }
 
-link_message!(
-    axum::extract::ws::Message,
-    tokio_tungstenite::tungstenite::Message
-);
+    fn ping() -> Self {
+        Self::Ping(Bytes::new())
+    }
+
+    fn into_incoming(self) -> Incoming {
+        match self {
+            Self::Binary(b) => Incoming::Frame(b),
+            Self::Close(_) => Incoming::Close,
+            Self::Text(_) | Self::Ping(_) | Self::Pong(_) | Self::Frame(_) => Incoming::Other,
+        }
+    }
+}
 
 /// How a link ended.
 #[derive(Debug, PartialEq, Eq)]

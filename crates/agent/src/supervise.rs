@@ -89,7 +89,7 @@ impl Shared {
     /// Keeps a restart (stamped with `at`) and answers it, to report.
     fn restart(&self, reason: &str, pid: Option<u32>) -> Value {
         let v = json!({"type": "restart", "reason": reason, "pid": pid,
-            "at": crate::clock::rfc3339(crate::clock::now_ms())});
+            "at": crate::now_rfc3339()});
         let mut g = self.lock();
         if g.restarts.len() == RESTARTS_KEPT {
             g.restarts.pop_front();
