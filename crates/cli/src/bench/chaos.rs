@@ -31,7 +31,9 @@
 //!   from the adoption. Such attempts (in flight at a kill) are reported apart, with
 //!   their time from the kill as well;
 //! - the farm's event stream, followed across every kill with `since=`, carried every
-//!   stored event once and in order.
+//!   stored event once and in order;
+//! - on PostgreSQL, no two coordinators claimed one backend under one lease (the
+//!   dispatch log).
 //!
 //! Any of these broken is listed under `problems`, and `gantry bench` then exits 1.
 
@@ -61,22 +63,25 @@ const SHAPES: usize = 16;
 
 /// The faults of simulator `i % 8`; each spec as `gantry sim --fault` takes it (times
 /// are simulated, so divided by `--speed`).
+/// Stalls are spread over several simulators at a modest rate each: a stall holds its
+/// backend for the whole limit, and three faults in a row open its circuit, so one
+/// simulator stalling often would mostly sit out the run and give few samples.
 const MIXES: [&[&str]; 8] = [
     // A node that stops half way or on its last step, and a server that goes quiet.
-    &["stall:at=50,p=0.25", "stall:at=99,p=0.1"],
+    &["stall:at=50,p=0.15", "stall:at=99,p=0.05"],
     // A node that stops (or never starts) while the socket repeats the same progress.
-    &["stall:at=30,chatty,p=0.2", "stall:at=0,chatty,p=0.1"],
-    // A worker that hangs before starting and takes nothing more: `operate` restarts it
-    // when gantry reports the timeout, as an operator would.
-    &["hang-before-start:p=0.1"],
-    // A server that dies at every 15th run and comes back empty.
-    &["crash:after_jobs=14,restart_ms=2000"],
+    &["stall:at=30,chatty,p=0.1", "stall:at=0,chatty,p=0.05"],
+    // A worker that hangs before starting and takes nothing more (`operate` restarts it
+    // when gantry reports the timeout, as an operator would), and a stall.
+    &["hang-before-start:p=0.1", "stall:at=70,p=0.1"],
+    // A server that dies at every 15th run and comes back empty, and a stall.
+    &["crash:after_jobs=14,restart_ms=2000", "stall:at=10,p=0.1"],
     // A node that raises (retried elsewhere) and CUDA out of memory.
     &["error:class=GantrySleep,p=0.15", "oom:p=0.1"],
-    // Slow nodes.
-    &["slow:factor=4,p=0.3"],
-    // Sockets dropped mid-run.
-    &["ws-drop:after_ms=1000,p=0.25"],
+    // Slow nodes, and a node that never makes its first step.
+    &["slow:factor=4,p=0.3", "stall:at=0,p=0.05"],
+    // Sockets dropped mid-run, and a chatty stall.
+    &["ws-drop:after_ms=1000,p=0.25", "stall:at=60,chatty,p=0.1"],
     // A silent socket, a lost history entry, now and then both (a lost prompt).
     &["ws-silent:p=0.2", "lose-history:p=0.2"],
 ];
@@ -186,6 +191,12 @@ impl Shared {
         };
         self.changed.send_modify(|n| *n += 1);
         out
+    }
+
+    /// `update` without waking those who wait.
+    fn quiet<T>(&self, f: impl FnOnce(&mut Progress) -> T) -> T {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut p)
     }
 
     fn read<T>(&self, f: impl FnOnce(&Progress) -> T) -> T {
@@ -507,8 +518,16 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
     }
     drop(sims);
 
+    // With several coordinators, no two ever drove one backend under one lease.
+    let mut claims = None;
     let store: Arc<dyn Store> = match &schema {
-        Some(s) => Arc::new(gantry_store::PgStore::open(&s.url).await?),
+        Some(s) => {
+            let pg = gantry_store::PgStore::open(&s.url).await?;
+            claims = Some(gantry_store::testing::check_dispatch_log(
+                &pg.dispatch_log().await?,
+            ));
+            Arc::new(pg)
+        }
         None => Arc::new(gantry_store::SqliteStore::open(&coords[0].data).await?),
     };
     let progress = std::mem::take(&mut *shared.progress.lock().unwrap_or_else(|e| e.into_inner()));
@@ -528,6 +547,9 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
     let mut problems = verdict.problems.clone();
     if let Some(why) = &gave_up {
         problems.insert(0, why.clone());
+    }
+    if let Some(Err(why)) = &claims {
+        problems.push(format!("two coordinators drove one backend: {why}"));
     }
     if gave_up.is_none() && settled_ms.is_none() {
         problems.insert(
@@ -632,6 +654,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
             "attempts_failed_by_code": verdict.attempt_codes,
             "timeouts_by_phase": verdict.phases,
             "in_flight_at_kills": verdict.in_flight,
+            "attempts_by_backend": verdict.by_backend,
             "stall_lag_ms": verdict.lag,
             "stall_lag_adopted_ms": verdict.lag_adopted,
             "stall_from_kill_max_ms": verdict.from_kill_max_ms,
@@ -641,6 +664,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
             "hang_mended": mends,
             "stream_resumes": progress.resumes,
             "events": verdict.events,
+            "dispatch_claims": claims.and_then(Result::ok),
             "problems": problems,
         }),
     })
@@ -758,7 +782,9 @@ async fn submit_loop(
     loop {
         let mut rx = shared.changed.subscribe();
         let i = loop {
-            let taken = shared.update(|p| {
+            // Taking a job changes nothing anyone waits on: no wake-up (one would wake
+            // the other submitters, which would wake this one, and so on).
+            let taken = shared.quiet(|p| {
                 if p.taken < bodies.len() && p.taken - p.terminal.len().min(p.taken) < window {
                     p.taken += 1;
                     Some(Some(p.taken - 1))
@@ -953,6 +979,8 @@ struct Verdict {
     phases: BTreeMap<String, usize>,
     /// Per kill: attempts in flight at it, by how they ended.
     in_flight: Vec<BTreeMap<String, usize>>,
+    /// Per backend: attempts by how they ended.
+    by_backend: BTreeMap<String, BTreeMap<String, usize>>,
     lag: Stats,
     lag_adopted: Stats,
     from_kill_max_ms: f64,
@@ -1082,6 +1110,7 @@ async fn check(
         attempt_codes: BTreeMap::new(),
         phases: BTreeMap::new(),
         in_flight: vec![BTreeMap::new(); kills.len()],
+        by_backend: BTreeMap::new(),
         lag: Stats::of(&[]),
         lag_adopted: Stats::of(&[]),
         from_kill_max_ms: f64::NAN,
@@ -1209,6 +1238,15 @@ fn check_job(
     }
 
     for a in &job.attempts {
+        let how = match &a.error {
+            Some(e) if a.status == AttemptStatus::Failed => e.code.clone(),
+            _ => a.status.as_str().to_owned(),
+        };
+        *v.by_backend
+            .entry(a.backend.clone())
+            .or_default()
+            .entry(how)
+            .or_default() += 1;
         // In flight at a kill: created before it and not finished by then.
         for (k, kill) in kills.iter().enumerate() {
             if a.created_at <= kill.at_ms && a.finished_at.is_none_or(|f| f > kill.at_ms) {

@@ -101,4 +101,7 @@ fn chaos_with_one_of_two_postgres_coordinators_killed_loses_nothing() {
     check_meaningful(&r);
     assert_eq!(r["store"], "postgres");
     assert_eq!(r["coordinators"], 2);
+    // Every job was claimed at least once, and the log of claims was checked.
+    let claims = r["dispatch_claims"].as_u64().unwrap();
+    assert!(claims >= JOBS.parse().unwrap(), "{claims} claims: {r:#}");
 }
