@@ -33,7 +33,9 @@
 //! - the farm's event stream, followed across every kill with `since=`, carried every
 //!   stored event once and in order;
 //! - on PostgreSQL, no two coordinators claimed one backend under one lease (the
-//!   dispatch log).
+//!   dispatch log);
+//! - nothing is left in a simulator's queue once every job ended: each prompt gantry gave
+//!   up on was stopped (a prompt left running unwatched holds its backend for good).
 //!
 //! Any of these broken is listed under `problems`, and `gantry bench` then exits 1.
 
@@ -489,6 +491,13 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         }
     }
     let wall_s = started.elapsed().as_secs_f64();
+    // Nothing of gantry's is left on a backend once every job ended: each prompt it gave
+    // up on is stopped and drained (no fault here ignores an interrupt).
+    let left_on_backends = if settled_ms.is_some() {
+        left_on(&http, &sims.urls).await
+    } else {
+        Vec::new()
+    };
 
     // The follower reads on to the last event any coordinator reports, so its record
     // can be compared with the store's.
@@ -547,6 +556,11 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
     let mut problems = verdict.problems.clone();
     if let Some(why) = &gave_up {
         problems.insert(0, why.clone());
+    }
+    for (url, left) in &left_on_backends {
+        problems.push(format!(
+            "prompts left on {url} after every job ended: {left}"
+        ));
     }
     if let Some(Err(why)) = &claims {
         problems.push(format!("two coordinators drove one backend: {why}"));
@@ -729,6 +743,37 @@ async fn healthy(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
             bail!("{url}/healthz did not answer 200 within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The simulators whose queue still holds a prompt 30 s on (each with its `/queue`).
+async fn left_on(http: &reqwest::Client, sims: &[String]) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut left = Vec::new();
+        for url in sims {
+            let q: Value = match http.get(format!("{url}/queue")).send().await {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(e) => json!({"error": e.to_string()}),
+            };
+            let n = |k: &str| q[k].as_array().map_or(0, Vec::len);
+            if q.is_null() || n("queue_running") + n("queue_pending") > 0 {
+                let ids = |k: &str| -> Vec<Value> {
+                    q[k].as_array()
+                        .map(|a| a.iter().map(|i| i[1].clone()).collect())
+                        .unwrap_or_default()
+                };
+                left.push((
+                    url.clone(),
+                    json!({"running": ids("queue_running"), "pending": ids("queue_pending")})
+                        .to_string(),
+                ));
+            }
+        }
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
