@@ -2,6 +2,7 @@
 //! process, so the server's cost is measured alone), drive them, and print a result table
 //! and JSON. BENCHMARKS.md reports their numbers.
 
+mod chaos;
 mod cluster;
 mod engine;
 mod failover;
@@ -51,6 +52,9 @@ enum Scenario {
     Profile(profile::Args),
     /// Warm-model routing against random routing on backends with costly model loads.
     Routing(routing::Args),
+    /// Faulty backends and the coordinator SIGKILLed: no job lost, none succeeded twice,
+    /// none stuck, every stall detected in time (exits 1 on a problem).
+    Chaos(chaos::Args),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -64,6 +68,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Cluster(a) => ("cluster", cluster::run(a).await?),
         Scenario::Profile(a) => ("profile", profile::run(a).await?),
         Scenario::Routing(a) => ("routing", routing::run(a).await?),
+        Scenario::Chaos(a) => ("chaos", chaos::run(a).await?),
     };
     let report = json!({
         "scenario": name,
@@ -78,6 +83,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!("\n{text}");
     if let Some(path) = args.json {
         std::fs::write(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    // A scenario that checks promises lists what it found broken under `problems`.
+    if let Some(problems) = report["results"]["problems"]
+        .as_array()
+        .filter(|p| !p.is_empty())
+    {
+        bail!(
+            "gantry bench {name}: {} problems (listed above)",
+            problems.len()
+        );
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Tests of the `gantry` binary as a user runs it: a real process, killed for real.
 
+mod chaos;
 mod client;
 mod farm;
 

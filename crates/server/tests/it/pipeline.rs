@@ -171,3 +171,108 @@ async fn a_job_behind_a_stalled_prompt_is_taken_back_and_retried() {
     assert_eq!(job["attempts"][0]["error"]["code"], "timeout", "{job:#}");
     app.shutdown().await;
 }
+
+/// A TCP proxy that holds every byte a client sends for `delay` (order kept) and passes
+/// the answers at once: a backend whose requests arrive late, so a request sent right
+/// after another's answer lands well after the first one's effects. It forwards to the
+/// address put in the answered slot (known only once the test's simulator runs).
+async fn slow_link(
+    delay: Duration,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = std::sync::Arc::new(std::sync::OnceLock::new());
+    let target = upstream.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Some(to) = target.get().copied() else {
+                continue;
+            };
+            let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let (mut client_rx, mut client_tx) = client.into_split();
+            let (mut server_rx, mut server_tx) = server.into_split();
+            let (held, mut due) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = client_rx.read(&mut buf).await {
+                    let _ = held.send((tokio::time::Instant::now() + delay, buf[..n].to_vec()));
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((at, bytes)) = due.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    if server_tx.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+            });
+        }
+    });
+    (addr, upstream)
+}
+
+/// The prompt taken back from behind a stalled one is stopped on the backend even when
+/// the backend started it before the dequeue came: here every request reaches the
+/// backend 100 ms late, so the stalled prompt's interrupt lets the one behind start
+/// before the dequeue sent after it arrives. Every run stalls, so a prompt left there
+/// would run unwatched for ever and every later prompt would wait behind it (found by
+/// `gantry bench chaos`: backends taken out of the farm for good).
+#[tokio::test]
+async fn a_prompt_taken_back_is_stopped_even_once_the_backend_started_it() {
+    let (link, upstream) = slow_link(Duration::from_millis(100)).await;
+    let app = crate::support::spawn_app_with(vec![crate::support::sim_config()], |c| {
+        let sim = url::Url::parse(&c.backends[0].url).unwrap();
+        let port = sim.port().unwrap();
+        upstream.set(([127, 0, 0, 1], port).into()).unwrap();
+        c.backends[0].url = format!("http://{link}");
+        c.timeouts.node_stall_ms = Some(400);
+        c.timeouts.first_progress_ms = Some(400);
+        c.max_attempts = 1;
+        c.backoff_base = Duration::from_millis(10);
+        c.backoff_max = Duration::from_millis(20);
+        // Neither a block nor the circuit keeps the second job away from the backend.
+        c.health.block_ms = 0;
+        c.health.circuit_threshold = 0;
+    })
+    .await;
+    set_faults(&app, 0, &["stall:at=50"]).await;
+    let stalled = app
+        .submit_ok(&json!({"workflow": sleep_workflow(4.0, 8, 100)}))
+        .await;
+    app.wait_job(&stalled, "executing", Duration::from_secs(10), |j| {
+        j["phase"] == "executing"
+    })
+    .await;
+    let behind = app
+        .submit_ok(&json!({"workflow": sleep_workflow(4.0, 8, 101)}))
+        .await;
+    app.wait_job(&behind, "pipelined", Duration::from_secs(10), |j| {
+        j["phase"] == "pending"
+    })
+    .await;
+    let job = app.wait_terminal(&behind).await;
+    assert_eq!(job["attempts"][0]["error"]["code"], "displaced", "{job:#}");
+    app.wait_terminal(&stalled).await;
+    poll_until(
+        "nothing of gantry's left on the backend",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || async {
+            match sim_queue(&app, 0).await {
+                (running, pending) if running.is_empty() && pending.is_empty() => Ok(()),
+                left => Err(left),
+            }
+        },
+    )
+    .await;
+    app.shutdown().await;
+}

@@ -51,6 +51,10 @@ struct Draining {
     since: Instant,
     next_poll: Instant,
     stuck: bool,
+    /// The prompt taken back from behind this one (`Driver::evict`): the backend may
+    /// have started it already (it does the moment the one ahead ends, before the driver
+    /// hears of it), so the backend is not free until it is gone too.
+    behind: Option<String>,
 }
 
 /// The attempt in flight on this backend.
@@ -935,14 +939,17 @@ impl Driver {
     /// the backend and give its job back to the queue.
     async fn evict(&mut self) {
         let Some(next) = &self.next else { return };
-        let (job_id, attempt, pid, stage) = (
+        let (job_id, attempt, pid) = (
             next.a.job_id.clone(),
             next.a.attempt,
             next.a.prompt_id.clone(),
-            next.stage,
         );
         self.swap();
-        self.stop_on_backend(&pid, Some(stage)).await;
+        // What the driver last knew of its stage may be stale: the backend starts it the
+        // moment the prompt ahead ends, which the interrupt just sent may have caused.
+        // Both dequeue and interrupt are asked (each a no-op where it does not apply),
+        // and the drain follows it until `/queue` shows it gone.
+        self.stop_on_backend(&pid, None).await;
         let failure = Failure {
             kind: FailureKind::Displaced,
             error: JobError::new(
@@ -958,6 +965,9 @@ impl Driver {
             .await;
         self.end_attempt();
         self.swap();
+        if let Some(d) = self.current.as_mut().and_then(|c| c.draining.as_mut()) {
+            d.behind = Some(pid);
+        }
     }
 
     /// Delete our pending prompt, then confirm it is gone (it may have started or finished
@@ -1546,6 +1556,7 @@ impl Driver {
             since,
             next_poll: Instant::now(),
             stuck: false,
+            behind: None,
         });
     }
 
@@ -1559,12 +1570,35 @@ impl Driver {
             return;
         };
         let poll = self.drain_poll();
+        let behind = self
+            .current
+            .as_ref()
+            .and_then(|c| c.draining.as_ref())
+            .and_then(|d| d.behind.clone());
         match client.queue().await {
             Ok(q) => {
                 self.contact();
                 let running = q.queue_running.iter().any(|i| i.prompt_id == pid);
                 let pending = q.queue_pending.iter().any(|i| i.prompt_id == pid);
-                if !running && !pending {
+                // The prompt taken back from behind ours: stopped again while it is there.
+                let behind_there = behind.as_ref().and_then(|b| {
+                    if q.queue_running.iter().any(|i| &i.prompt_id == b) {
+                        Some((b.clone(), Stage::Executing))
+                    } else if q.queue_pending.iter().any(|i| &i.prompt_id == b) {
+                        Some((b.clone(), Stage::Pending))
+                    } else {
+                        None
+                    }
+                });
+                match &behind_there {
+                    Some((b, stage)) => self.stop_on_backend(b, Some(*stage)).await,
+                    None => {
+                        if let Some(d) = self.current.as_mut().and_then(|c| c.draining.as_mut()) {
+                            d.behind = None;
+                        }
+                    }
+                }
+                if !running && !pending && behind_there.is_none() {
                     match client.history_of(&pid).await {
                         Ok(Some(entry)) if entry.outcome() == Outcome::Success => {
                             self.succeed(files_of(&entry)).await;
@@ -1581,12 +1615,14 @@ impl Driver {
                 }
                 // Say it again: an interrupt sent while the prompt was still pending, or
                 // lost on the way, does nothing.
-                let again = if running {
-                    Stage::Executing
-                } else {
-                    Stage::Pending
-                };
-                self.stop_on_backend(&pid, Some(again)).await;
+                if running || pending {
+                    let again = if running {
+                        Stage::Executing
+                    } else {
+                        Stage::Pending
+                    };
+                    self.stop_on_backend(&pid, Some(again)).await;
+                }
                 // Still there after the grace: stuck (an unreachable backend is offline,
                 // not stuck, so only a queue that answered says so).
                 let grace = self.engine.config().cancel_grace;
