@@ -5,11 +5,12 @@
 //! is the one the change was computed from) with its event rows in the same transaction,
 //! so a job's row and its history never disagree and two writers never both win.
 
-mod group;
 mod postgres;
+mod rows;
 mod sqlite;
 pub mod stats;
 pub mod testing;
+mod writer;
 
 use async_trait::async_trait;
 use gantry_core::auth::Scope;

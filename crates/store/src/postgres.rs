@@ -12,20 +12,18 @@
 use async_trait::async_trait;
 use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Row;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::group::{
-    backend_from, stats_from, token_from, BackendRow, StatsRow, TokenRow, TOKEN_COLUMNS,
-};
-use crate::group::{
-    counts_of, event_from, finish, job_from, page_of, rounds, Committer, Done, EventRows, JobRow,
-    Op, Write, Writer, COUNT_BY_STATE,
+use crate::rows::{
+    backend_from, counts_of, event_of, job_of, page_of, stats_from, token_from, BackendRow,
+    EventRows, JobRow, StatsRow, TokenRow, COUNT_BY_STATE, TOKEN_COLUMNS,
 };
 use crate::stats::{self, NodeSample, NodeStats, StatsFilter};
+use crate::writer::{finish, rounds, Committer, Done, Op, Write, Writer};
 use crate::{
     BackendRecord, Created, Error, Event, Fence, JobFilter, JobPage, Result, Store, TokenRecord,
 };
@@ -448,14 +446,21 @@ async fn run_group(pool: &PgPool, batch: &[Write]) -> Result<Vec<Result<Done>>> 
     let last_round = rounds.iter().copied().max().unwrap_or(0);
     for round in 0..=last_round {
         let items: Vec<usize> = (0..batch.len()).filter(|i| rounds[*i] == round).collect();
-        let creates: Vec<(usize, &JobRow, &str, &EventRows)> = items
+        let creates: Vec<New> = items
             .iter()
             .filter_map(|&i| match &batch[i].op {
                 Op::Create {
                     row,
+                    spec,
                     request_hash,
                     events,
-                } => Some((i, row, request_hash.as_str(), events)),
+                } => Some(New {
+                    i,
+                    row,
+                    spec,
+                    request_hash,
+                    events,
+                }),
                 _ => None,
             })
             .collect();
@@ -466,7 +471,7 @@ async fn run_group(pool: &PgPool, batch: &[Write]) -> Result<Vec<Result<Done>>> 
         for &i in &items {
             if let Op::Update { row, events, fence } = &batch[i].op {
                 if fence.as_ref().is_some_and(|f| f.claim) && skipped.contains(row.id.as_str()) {
-                    outcomes[i] = Some(Err(conflict(row)));
+                    outcomes[i] = Some(Err(row.conflict()));
                 } else {
                     updates.push((i, row, events, fence.as_ref()));
                 }
@@ -488,13 +493,6 @@ async fn run_group(pool: &PgPool, batch: &[Write]) -> Result<Vec<Result<Done>>> 
     insert_events(&mut tx, pending, &mut outcomes).await?;
     tx.commit().await?;
     Ok(finish(outcomes))
-}
-
-fn conflict(row: &JobRow) -> Error {
-    Error::Conflict {
-        id: row.id.clone(),
-        expected: row.version.saturating_sub(1) as u64,
-    }
 }
 
 /// Conditional updates, each fenced by its lease when it has one: the lease must be
@@ -570,7 +568,7 @@ async fn update<'b>(
                 backend: f.backend.clone(),
                 token: f.token,
             },
-            _ => conflict(row),
+            _ => row.conflict(),
         }));
     }
     if !log.is_empty() {
@@ -596,17 +594,24 @@ async fn update<'b>(
     Ok(())
 }
 
+/// A job to create, with the place of its write in the group.
+struct New<'b> {
+    i: usize,
+    row: &'b JobRow,
+    spec: &'b str,
+    request_hash: &'b str,
+    events: &'b EventRows,
+}
+
 /// Insert new jobs; one whose idempotency key is taken answers the job that has it.
 async fn create<'b>(
     tx: &mut sqlx::PgConnection,
-    creates: &[(usize, &'b JobRow, &str, &'b EventRows)],
+    creates: &[New<'b>],
     outcomes: &mut [Option<Result<Done>>],
     pending: &mut Vec<(usize, &'b EventRows, Pending)>,
 ) -> Result<()> {
-    let text = |f: &dyn Fn(&JobRow, &str) -> String| {
-        creates.iter().map(|c| f(c.1, c.2)).collect::<Vec<_>>()
-    };
-    let num = |f: fn(&JobRow) -> i64| creates.iter().map(|c| f(c.1)).collect::<Vec<_>>();
+    let text = |f: fn(&New<'b>) -> &'b str| creates.iter().map(f).collect::<Vec<_>>();
+    let num = |f: fn(&JobRow) -> i64| creates.iter().map(|c| f(c.row)).collect::<Vec<_>>();
     // ON CONFLICT waits for a concurrent writer of the same key, then skips the row.
     let inserted: HashSet<String> = sqlx::query_scalar(
         "INSERT INTO jobs (id, state, priority, not_before, version, idempotency_key, \
@@ -615,30 +620,30 @@ async fn create<'b>(
          $6::text[], $7::text[], $8::int8[], $9::int8[], $10::text[], $11::text[]) \
          ON CONFLICT DO NOTHING RETURNING id",
     )
-    .bind(text(&|r, _| r.id.as_str().to_owned()))
-    .bind(text(&|r, _| r.state.as_str().to_owned()))
-    .bind(creates.iter().map(|c| c.1.priority).collect::<Vec<i32>>())
+    .bind(text(|c| c.row.id.as_str()))
+    .bind(text(|c| c.row.state.as_str()))
+    .bind(creates.iter().map(|c| c.row.priority).collect::<Vec<i32>>())
     .bind(num(|r| r.not_before))
     .bind(num(|r| r.version))
     .bind(
         creates
             .iter()
-            .map(|c| c.1.idempotency_key.clone())
-            .collect::<Vec<Option<String>>>(),
+            .map(|c| c.row.idempotency_key.as_deref())
+            .collect::<Vec<Option<&str>>>(),
     )
-    .bind(text(&|_, h| h.to_owned()))
+    .bind(text(|c| c.request_hash))
     .bind(num(|r| r.created_at))
     .bind(num(|r| r.updated_at))
-    .bind(text(&|r, _| r.spec.clone().unwrap_or_else(|| "{}".into())))
-    .bind(text(&|r, _| r.doc.clone()))
+    .bind(text(|c| c.spec))
+    .bind(text(|c| c.row.doc.as_str()))
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
     .collect();
     let taken: Vec<&str> = creates
         .iter()
-        .filter(|c| !inserted.contains(c.1.id.as_str()))
-        .filter_map(|c| c.1.idempotency_key.as_deref())
+        .filter(|c| !inserted.contains(c.row.id.as_str()))
+        .filter_map(|c| c.row.idempotency_key.as_deref())
         .collect();
     let mut existing: HashMap<String, (Job, String)> = HashMap::new();
     if !taken.is_empty() {
@@ -654,20 +659,20 @@ async fn create<'b>(
             existing.insert(key, (job_of(&row)?, row.try_get("request_hash")?));
         }
     }
-    for &(i, row, request_hash, events) in creates {
-        if inserted.contains(row.id.as_str()) {
-            pending.push((i, events, Pending::Created));
+    for c in creates {
+        if inserted.contains(c.row.id.as_str()) {
+            pending.push((c.i, c.events, Pending::Created));
             continue;
         }
-        let found = row.idempotency_key.as_ref().and_then(|k| existing.get(k));
-        outcomes[i] = Some(match found {
+        let found = c.row.idempotency_key.as_ref().and_then(|k| existing.get(k));
+        outcomes[c.i] = Some(match found {
             Some((job, stored_hash)) => Ok(Done::Created(Created::Existing {
                 job: Box::new(job.clone()),
-                same_request: stored_hash == request_hash,
+                same_request: stored_hash == c.request_hash,
             })),
             None => Err(Error::Database(sqlx::Error::Protocol(format!(
                 "job {} exists already",
-                row.id
+                c.row.id
             )))),
         });
     }
@@ -751,22 +756,6 @@ async fn purge(tx: &mut sqlx::PgConnection, before: Millis, limit: u32) -> Resul
     Ok(Done::Purged(n as u64))
 }
 
-fn job_of(row: &PgRow) -> Result<Job> {
-    let spec: &str = row.try_get("spec")?;
-    let doc: &str = row.try_get("doc")?;
-    job_from(spec, doc)
-}
-
-fn event_of(row: &PgRow) -> Result<Event> {
-    event_from(
-        row.try_get("seq")?,
-        row.try_get("job_id")?,
-        row.try_get("at")?,
-        row.try_get("state")?,
-        row.try_get("data")?,
-    )
-}
-
 #[async_trait]
 impl Store for PgStore {
     async fn create_job(&self, job: &Job, request_hash: &str) -> Result<Created> {
@@ -806,7 +795,7 @@ impl Store for PgStore {
                 .await?
             }
         };
-        page_of(&rows, limit, job_of)
+        page_of(&rows, limit)
     }
 
     async fn update_job(&self, job: &Job, events: &[EventKind]) -> Result<Vec<Event>> {

@@ -17,14 +17,12 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::group::{
-    backend_from, stats_from, token_from, BackendRow, StatsRow, TokenRow, TOKEN_COLUMNS,
-};
-use crate::group::{
-    counts_of, event_from, finish, job_from, page_of, rounds, Committer, Done, EventRows, JobRow,
-    Op, Write, Writer, COUNT_BY_STATE,
+use crate::rows::{
+    backend_from, counts_of, event_of, job_of, page_of, stats_from, token_from, BackendRow,
+    EventRows, JobRow, StatsRow, TokenRow, COUNT_BY_STATE, TOKEN_COLUMNS,
 };
 use crate::stats::{self, NodeSample, NodeStats, StatsFilter};
+use crate::writer::{finish, rounds, Committer, Done, Op, Write, Writer};
 use crate::{
     BackendRecord, Created, Error, Event, Fence, JobFilter, JobPage, Result, Store, TokenRecord,
 };
@@ -169,9 +167,10 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
             match &batch[i].op {
                 Op::Create {
                     row,
+                    spec,
                     request_hash,
                     events,
-                } => outcomes[i] = Some(create(&mut tx, row, request_hash, events).await),
+                } => outcomes[i] = Some(create(&mut tx, row, spec, request_hash, events).await),
                 Op::Append { .. } => with_events.push(i),
                 Op::Purge { before, limit } => {
                     outcomes[i] = Some(purge(&mut tx, *before, *limit).await)
@@ -222,10 +221,7 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
                 if updated.contains(row.id.as_str()) {
                     with_events.push(i);
                 } else {
-                    outcomes[i] = Some(Err(Error::Conflict {
-                        id: row.id.clone(),
-                        expected: row.version.saturating_sub(1) as u64,
-                    }));
+                    outcomes[i] = Some(Err(row.conflict()));
                 }
             }
         }
@@ -313,9 +309,11 @@ async fn purge(tx: &mut sqlx::SqliteConnection, before: Millis, limit: u32) -> R
     Ok(Done::Purged(ids.len() as u64))
 }
 
+/// Insert a new job, unless its idempotency key is taken: then answer the job that has it.
 async fn create(
     tx: &mut sqlx::SqliteConnection,
     row: &JobRow,
+    spec: &str,
     request_hash: &str,
     events: &EventRows,
 ) -> Result<Done> {
@@ -325,7 +323,7 @@ async fn create(
             .fetch_optional(&mut *tx)
             .await?;
         if let Some(found) = existing {
-            let stored_hash: String = found.try_get("request_hash")?;
+            let stored_hash: &str = found.try_get("request_hash")?;
             return Ok(Done::Created(Created::Existing {
                 job: Box::new(job_of(&found)?),
                 same_request: stored_hash == request_hash,
@@ -346,7 +344,7 @@ async fn create(
     .bind(request_hash)
     .bind(row.created_at)
     .bind(row.updated_at)
-    .bind(row.spec.as_deref().unwrap_or("{}"))
+    .bind(spec)
     .bind(&row.doc)
     .execute(&mut *tx)
     .await?;
@@ -378,25 +376,7 @@ async fn migrate(pool: &SqlitePool) -> Result<()> {
     Ok(())
 }
 
-fn job_of(row: &sqlx::sqlite::SqliteRow) -> Result<Job> {
-    let spec: String = row.try_get("spec")?;
-    let doc: String = row.try_get("doc")?;
-    job_from(&spec, &doc)
-}
-
-fn event_of(row: &sqlx::sqlite::SqliteRow) -> Result<Event> {
-    let job_id: String = row.try_get("job_id")?;
-    let state: String = row.try_get("state")?;
-    let data: String = row.try_get("data")?;
-    event_from(
-        row.try_get("seq")?,
-        &job_id,
-        row.try_get("at")?,
-        &state,
-        &data,
-    )
-}
-
+/// Insert one job's events, one statement each (a create has one).
 async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &EventRows) -> Result<Vec<Event>> {
     let mut out = Vec::with_capacity(rows.kinds.len());
     for (kind, data) in &rows.kinds {
@@ -459,7 +439,7 @@ impl Store for SqliteStore {
                 .await?
             }
         };
-        page_of(&rows, limit, job_of)
+        page_of(&rows, limit)
     }
 
     async fn update_job(&self, job: &Job, events: &[EventKind]) -> Result<Vec<Event>> {
