@@ -4,9 +4,14 @@
 //! Every change to a job is one conditional update (it applies only if the stored version
 //! is the one the change was computed from) with its event rows in the same transaction,
 //! so a job's row and its history never disagree and two writers never both win.
+//!
+//! Both stores are one `Store` implementation (`sql`) over what each database declares
+//! differently; their job writes go through a writer task each (`writer`) that commits
+//! them in groups.
 
 mod postgres;
 mod rows;
+mod sql;
 mod sqlite;
 pub mod stats;
 pub mod testing;

@@ -10,23 +10,17 @@
 //! never deadlock on each other.
 
 use async_trait::async_trait;
-use gantry_core::{EventKind, Job, JobId, JobState, Millis};
-use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use gantry_core::{Job, Millis};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgQueryResult};
 use sqlx::Row;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::rows::{
-    backend_from, counts_of, event_of, job_of, page_of, stats_from, token_from, BackendRow,
-    EventRows, JobRow, StatsRow, TokenRow, COUNT_BY_STATE, TOKEN_COLUMNS,
-};
-use crate::stats::{self, NodeSample, NodeStats, StatsFilter};
+use crate::rows::{job_of, EventRows, JobRow};
+use crate::sql::Sql;
 use crate::writer::{finish, rounds, Committer, Done, Op, Write, Writer};
-use crate::{
-    BackendRecord, Created, Error, Event, Fence, JobFilter, JobPage, Result, Store, TokenRecord,
-};
+use crate::{Created, Error, Fence, Result};
 
 /// Each entry moves the schema one version up; `gantry_schema.version` holds the version.
 /// The schema version this gantry migrates a database to.
@@ -756,316 +750,29 @@ async fn purge(tx: &mut sqlx::PgConnection, before: Millis, limit: u32) -> Resul
     Ok(Done::Purged(n as u64))
 }
 
-#[async_trait]
-impl Store for PgStore {
-    async fn create_job(&self, job: &Job, request_hash: &str) -> Result<Created> {
-        self.writer.create(job, request_hash).await
+impl Sql for PgStore {
+    type Db = sqlx::Postgres;
+
+    const FOR_UPDATE: &'static str = " FOR UPDATE";
+
+    // The counter the group commit takes numbers from (`commit::insert_events`).
+    const LAST_SEQ: &'static str = "SELECT last FROM event_counter";
+
+    const LEASES: bool = true;
+
+    fn writer(&self) -> &Writer {
+        &self.writer
     }
 
-    async fn job(&self, id: &JobId) -> Result<Option<Job>> {
-        let row = sqlx::query("SELECT spec, doc FROM jobs WHERE id = $1")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(job_of).transpose()
+    fn reads(&self) -> &PgPool {
+        &self.pool
     }
 
-    async fn list_jobs(&self, filter: &JobFilter) -> Result<JobPage> {
-        let limit = filter.limit.clamp(1, 1000) as i64;
-        let before = filter.before.unwrap_or(i64::MAX);
-        let rows = match filter.state {
-            Some(state) => {
-                sqlx::query(
-                    "SELECT ord, spec, doc FROM jobs WHERE state = $1 AND ord < $2 \
-                     ORDER BY ord DESC LIMIT $3",
-                )
-                .bind(state.as_str())
-                .bind(before)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query(
-                    "SELECT ord, spec, doc FROM jobs WHERE ord < $1 ORDER BY ord DESC LIMIT $2",
-                )
-                .bind(before)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-            }
-        };
-        page_of(&rows, limit)
+    fn writes(&self) -> &PgPool {
+        &self.pool
     }
 
-    async fn update_job(&self, job: &Job, events: &[EventKind]) -> Result<Vec<Event>> {
-        self.writer.update(job, events, None).await
-    }
-
-    async fn update_job_fenced(
-        &self,
-        job: &Job,
-        events: &[EventKind],
-        fence: &Fence,
-    ) -> Result<Vec<Event>> {
-        self.writer.update(job, events, Some(fence)).await
-    }
-
-    async fn append_events(
-        &self,
-        job: &JobId,
-        state: JobState,
-        at: Millis,
-        events: &[EventKind],
-    ) -> Result<Vec<Event>> {
-        self.writer.append(job, state, at, events).await
-    }
-
-    async fn purge_finished(&self, before: Millis, limit: u32) -> Result<u64> {
-        self.writer.purge(before, limit).await
-    }
-
-    async fn count_by_state(&self) -> Result<Vec<(JobState, u64)>> {
-        counts_of(sqlx::query_as(COUNT_BY_STATE).fetch_all(&self.pool).await?)
-    }
-
-    async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {
-        let rows = sqlx::query(
-            "SELECT spec, doc FROM jobs WHERE state = 'queued' \
-             ORDER BY priority DESC, ord LIMIT $1",
-        )
-        .bind(limit.min(i64::MAX as u32) as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(job_of).collect()
-    }
-
-    async fn running_jobs(&self) -> Result<Vec<Job>> {
-        let rows = sqlx::query("SELECT spec, doc FROM jobs WHERE state = 'running' ORDER BY ord")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(job_of).collect()
-    }
-
-    async fn job_events(&self, id: &JobId, after_seq: i64) -> Result<Vec<Event>> {
-        let rows = sqlx::query(
-            "SELECT seq, job_id, at, state, data FROM events \
-             WHERE job_id = $1 AND seq > $2 ORDER BY seq",
-        )
-        .bind(id.as_str())
-        .bind(after_seq)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(event_of).collect()
-    }
-
-    async fn last_seq(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT last FROM event_counter")
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    async fn events_since(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>> {
-        let rows = sqlx::query(
-            "SELECT seq, job_id, at, state, data FROM events \
-             WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(after_seq)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(event_of).collect()
-    }
-
-    async fn create_token(&self, token: &TokenRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO tokens (id, name, scope, hash, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&token.id)
-        .bind(&token.name)
-        .bind(token.scope.as_str())
-        .bind(&token.hash)
-        .bind(token.created_at)
-        .bind(token.revoked_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
-        let row: Option<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = $1"
-        ))
-        .bind(hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(token_from).transpose()
-    }
-
-    async fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        let rows: Vec<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(token_from).collect()
-    }
-
-    async fn revoke_token(&self, id: &str, at: Millis) -> Result<bool> {
-        let done =
-            sqlx::query("UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-                .bind(at)
-                .bind(id)
-                .execute(&self.pool)
-                .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn active_tokens(&self) -> Result<u64> {
-        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tokens WHERE revoked_at IS NULL")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n as u64)
-    }
-
-    async fn add_backend(&self, backend: &BackendRecord) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO backends (name, url, tags, priority, added_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        )
-        .bind(&backend.name)
-        .bind(&backend.url)
-        .bind(serde_json::to_string(&backend.tags)?)
-        .bind(backend.priority)
-        .bind(backend.added_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn added_backends(&self) -> Result<Vec<BackendRecord>> {
-        let rows: Vec<BackendRow> = sqlx::query_as(
-            "SELECT name, url, tags, priority, added_at FROM backends ORDER BY added_at, name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(backend_from).collect()
-    }
-    async fn record_node_stats(&self, samples: &[NodeSample]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        for add in stats::aggregate(samples) {
-            // The row first (empty), then locked and merged: two writers of one new key
-            // never overwrite each other's counts.
-            sqlx::query(
-                "INSERT INTO node_stats (class, workflow, backend, hour, count, cached, failed, timed_out, sketch) VALUES ($1, $2, $3, $4, 0, 0, 0, 0, $5) ON CONFLICT DO NOTHING",
-            )
-            .bind(&add.class)
-            .bind(&add.workflow)
-            .bind(&add.backend)
-            .bind(add.hour)
-            .bind(String::new())
-            .execute(&mut *tx)
-            .await?;
-            let (count, cached, failed, timed_out, sketch): (i64, i64, i64, i64, String) =
-                sqlx::query_as(
-                    "SELECT count, cached, failed, timed_out, sketch FROM node_stats WHERE class = $1 AND workflow = $2 AND backend = $3 AND hour = $4 FOR UPDATE",
-                )
-                .bind(&add.class)
-                .bind(&add.workflow)
-                .bind(&add.backend)
-                .bind(add.hour)
-                .fetch_one(&mut *tx)
-                .await?;
-            let mut row = NodeStats {
-                count: count as u64,
-                cached: cached as u64,
-                failed: failed as u64,
-                timed_out: timed_out as u64,
-                sketch: stats::decode_sketch(&sketch)?,
-                ..add.clone()
-            };
-            row.merge(&add);
-            sqlx::query(
-                "UPDATE node_stats SET count = $1, cached = $2, failed = $3, timed_out = $4, sketch = $5 WHERE class = $6 AND workflow = $7 AND backend = $8 AND hour = $9",
-            )
-            .bind(row.count as i64)
-            .bind(row.cached as i64)
-            .bind(row.failed as i64)
-            .bind(row.timed_out as i64)
-            .bind(stats::encode_sketch(&row.sketch)?)
-            .bind(&row.class)
-            .bind(&row.workflow)
-            .bind(&row.backend)
-            .bind(row.hour)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn record_delivery(&self, job: &JobId, at: Millis, delivery: &Value) -> Result<()> {
-        sqlx::query("INSERT INTO deliveries (job_id, at, data) VALUES ($1, $2, $3)")
-            .bind(job.as_str())
-            .bind(at)
-            .bind(delivery.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn deliveries(&self, job: &JobId) -> Result<Vec<Value>> {
-        let rows: Vec<String> =
-            sqlx::query_scalar("SELECT data FROM deliveries WHERE job_id = $1 ORDER BY id")
-                .bind(job.as_str())
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|d| serde_json::from_str(d).map_err(Error::from))
-            .collect()
-    }
-
-    async fn purge_node_stats(&self, before: Millis) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM node_stats WHERE hour <= $1")
-            .bind(before - stats::HOUR_MS)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn node_stats(&self, filter: &StatsFilter) -> Result<Vec<NodeStats>> {
-        let mut sql = String::from(
-            "SELECT class, workflow, backend, hour, count, cached, failed, timed_out, sketch FROM node_stats WHERE TRUE",
-        );
-        let mut n = 0;
-        let mut next = |column: &str, op: &str| {
-            n += 1;
-            let p = format!("${n}");
-            format!(" AND {column} {op} {p}")
-        };
-        if filter.class.is_some() {
-            sql.push_str(&next("class", "="));
-        }
-        if filter.workflow.is_some() {
-            sql.push_str(&next("workflow", "="));
-        }
-        if filter.backend.is_some() {
-            sql.push_str(&next("backend", "="));
-        }
-        if filter.since.is_some() {
-            sql.push_str(&next("hour", ">="));
-        }
-        sql.push_str(" ORDER BY class, workflow, backend, hour");
-        let mut q = sqlx::query_as::<_, StatsRow>(&sql);
-        for v in [&filter.class, &filter.workflow, &filter.backend]
-            .into_iter()
-            .flatten()
-        {
-            q = q.bind(v);
-        }
-        if let Some(since) = filter.since {
-            q = q.bind(since - since.rem_euclid(stats::HOUR_MS));
-        }
-        let rows = q.fetch_all(&self.pool).await?;
-        rows.into_iter().map(stats_from).collect()
+    fn rows_affected(done: &PgQueryResult) -> u64 {
+        done.rows_affected()
     }
 }

@@ -209,10 +209,6 @@ fn state_of(state: &str) -> Result<JobState> {
         .ok_or_else(|| Error::Corrupt(serde::de::Error::custom(format!("bad state {state}"))))
 }
 
-/// The statement both stores answer `count_by_state` with.
-pub(crate) const COUNT_BY_STATE: &str =
-    "SELECT state, count(*) FROM jobs GROUP BY state ORDER BY state";
-
 /// `count_by_state` from its rows.
 pub(crate) fn counts_of(rows: Vec<(String, i64)>) -> Result<Vec<(JobState, u64)>> {
     rows.into_iter()
@@ -222,8 +218,6 @@ pub(crate) fn counts_of(rows: Vec<(String, i64)>) -> Result<Vec<(JobState, u64)>
 
 /// A token's row: id, name, scope, hash, created_at, revoked_at.
 pub(crate) type TokenRow = (String, String, String, String, i64, Option<i64>);
-
-pub(crate) const TOKEN_COLUMNS: &str = "id, name, scope, hash, created_at, revoked_at";
 
 pub(crate) fn token_from(row: TokenRow) -> Result<TokenRecord> {
     let (id, name, scope, hash, created_at, revoked_at) = row;

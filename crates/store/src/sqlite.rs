@@ -9,23 +9,21 @@
 //! immutable spec is written once; its changing part is one JSON document.
 
 use async_trait::async_trait;
-use gantry_core::{EventKind, Job, JobId, JobState, Millis};
-use serde_json::Value;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use gantry_core::{EventKind, Millis};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult,
+    SqliteSynchronous,
+};
 use sqlx::{Row, SqlitePool};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::rows::{
-    backend_from, counts_of, event_of, job_of, page_of, stats_from, token_from, BackendRow,
-    EventRows, JobRow, StatsRow, TokenRow, COUNT_BY_STATE, TOKEN_COLUMNS,
-};
-use crate::stats::{self, NodeSample, NodeStats, StatsFilter};
+use crate::rows::{job_of, EventRows, JobRow};
+use crate::sql::Sql;
 use crate::writer::{finish, rounds, Committer, Done, Op, Write, Writer};
-use crate::{
-    BackendRecord, Created, Error, Event, Fence, JobFilter, JobPage, Result, Store, TokenRecord,
-};
+use crate::{Created, Error, Event, Result};
 
 /// Each entry moves the schema one version up; `PRAGMA user_version` holds the version.
 const MIGRATIONS: &[&str] = &[
@@ -104,8 +102,8 @@ CREATE INDEX deliveries_by_job ON deliveries (job_id, id);
 pub struct SqliteStore {
     writer: Writer,
     reader: SqlitePool,
-    /// The write connection, for the rare writes outside jobs (tokens); they wait for
-    /// it like any group of job writes.
+    /// The write connection, for the rare writes outside jobs (tokens, backends,
+    /// statistics, deliveries); they wait for it like any group of job writes.
     admin: SqlitePool,
 }
 
@@ -215,8 +213,7 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
                     .bind(row.updated_at)
                     .bind(&row.doc);
             }
-            let updated: std::collections::HashSet<String> =
-                q.fetch_all(&mut *tx).await?.into_iter().collect();
+            let updated: HashSet<String> = q.fetch_all(&mut *tx).await?.into_iter().collect();
             for (&i, row) in chunk.iter().zip(&rows) {
                 if updated.contains(row.id.as_str()) {
                     with_events.push(i);
@@ -239,7 +236,7 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
                     .flat_map(move |e| e.kinds.iter().map(move |(k, d)| (i, e, k, d)))
             })
             .collect();
-        let mut done: std::collections::HashMap<usize, Vec<Event>> =
+        let mut done: HashMap<usize, Vec<Event>> =
             with_events.iter().map(|i| (*i, Vec::new())).collect();
         for chunk in rows.chunks(EVENT_ROWS) {
             let mut sql = String::from("INSERT INTO events (job_id, at, state, data) VALUES ");
@@ -400,328 +397,42 @@ async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &EventRows) -> Res
     Ok(out)
 }
 
-#[async_trait]
-impl Store for SqliteStore {
-    async fn create_job(&self, job: &Job, request_hash: &str) -> Result<Created> {
-        self.writer.create(job, request_hash).await
+impl Sql for SqliteStore {
+    type Db = sqlx::Sqlite;
+
+    // One write connection: the transaction's first write already holds the database's
+    // write lock, which no other writer can take before the commit.
+    const FOR_UPDATE: &'static str = "";
+
+    // AUTOINCREMENT's own counter: the newest number handed out, even once purged; no
+    // row before the first event.
+    const LAST_SEQ: &'static str =
+        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)";
+
+    const LEASES: bool = false;
+
+    fn writer(&self) -> &Writer {
+        &self.writer
     }
 
-    async fn job(&self, id: &JobId) -> Result<Option<Job>> {
-        let row = sqlx::query("SELECT spec, doc FROM jobs WHERE id = ?")
-            .bind(id.as_str())
-            .fetch_optional(&self.reader)
-            .await?;
-        row.as_ref().map(job_of).transpose()
+    fn reads(&self) -> &SqlitePool {
+        &self.reader
     }
 
-    async fn list_jobs(&self, filter: &JobFilter) -> Result<JobPage> {
-        let limit = filter.limit.clamp(1, 1000) as i64;
-        let before = filter.before.unwrap_or(i64::MAX);
-        let rows = match filter.state {
-            Some(state) => {
-                sqlx::query(
-                    "SELECT ord, spec, doc FROM jobs WHERE state = ? AND ord < ? \
-                     ORDER BY ord DESC LIMIT ?",
-                )
-                .bind(state.as_str())
-                .bind(before)
-                .bind(limit)
-                .fetch_all(&self.reader)
-                .await?
-            }
-            None => {
-                sqlx::query(
-                    "SELECT ord, spec, doc FROM jobs WHERE ord < ? ORDER BY ord DESC LIMIT ?",
-                )
-                .bind(before)
-                .bind(limit)
-                .fetch_all(&self.reader)
-                .await?
-            }
-        };
-        page_of(&rows, limit)
+    fn writes(&self) -> &SqlitePool {
+        &self.admin
     }
 
-    async fn update_job(&self, job: &Job, events: &[EventKind]) -> Result<Vec<Event>> {
-        self.writer.update(job, events, None).await
-    }
-
-    async fn update_job_fenced(
-        &self,
-        _job: &Job,
-        _events: &[EventKind],
-        _fence: &Fence,
-    ) -> Result<Vec<Event>> {
-        Err(Error::NoLeases)
-    }
-
-    async fn append_events(
-        &self,
-        job: &JobId,
-        state: JobState,
-        at: Millis,
-        events: &[EventKind],
-    ) -> Result<Vec<Event>> {
-        self.writer.append(job, state, at, events).await
-    }
-
-    async fn purge_finished(&self, before: Millis, limit: u32) -> Result<u64> {
-        self.writer.purge(before, limit).await
-    }
-
-    async fn count_by_state(&self) -> Result<Vec<(JobState, u64)>> {
-        counts_of(
-            sqlx::query_as(COUNT_BY_STATE)
-                .fetch_all(&self.reader)
-                .await?,
-        )
-    }
-
-    async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>> {
-        let rows = sqlx::query(
-            "SELECT spec, doc FROM jobs WHERE state = 'queued' ORDER BY priority DESC, ord LIMIT ?",
-        )
-        .bind(limit as i64)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter().map(job_of).collect()
-    }
-
-    async fn running_jobs(&self) -> Result<Vec<Job>> {
-        let rows = sqlx::query("SELECT spec, doc FROM jobs WHERE state = 'running' ORDER BY ord")
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter().map(job_of).collect()
-    }
-
-    async fn job_events(&self, id: &JobId, after_seq: i64) -> Result<Vec<Event>> {
-        let rows = sqlx::query(
-            "SELECT seq, job_id, at, state, data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
-        )
-        .bind(id.as_str())
-        .bind(after_seq)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter().map(event_of).collect()
-    }
-
-    async fn last_seq(&self) -> Result<i64> {
-        // AUTOINCREMENT's own counter: the newest number handed out, even once purged.
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
-                .fetch_optional(&self.reader)
-                .await?;
-        Ok(seq.unwrap_or(0))
-    }
-
-    async fn events_since(&self, after_seq: i64, limit: u32) -> Result<Vec<Event>> {
-        let rows = sqlx::query(
-            "SELECT seq, job_id, at, state, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(after_seq)
-        .bind(limit as i64)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter().map(event_of).collect()
-    }
-
-    async fn create_token(&self, token: &TokenRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO tokens (id, name, scope, hash, created_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&token.id)
-        .bind(&token.name)
-        .bind(token.scope.as_str())
-        .bind(&token.hash)
-        .bind(token.created_at)
-        .bind(token.revoked_at)
-        .execute(&self.admin)
-        .await?;
-        Ok(())
-    }
-
-    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
-        let row: Option<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?"
-        ))
-        .bind(hash)
-        .fetch_optional(&self.reader)
-        .await?;
-        row.map(token_from).transpose()
-    }
-
-    async fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        let rows: Vec<TokenRow> = sqlx::query_as(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"
-        ))
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter().map(token_from).collect()
-    }
-
-    async fn revoke_token(&self, id: &str, at: Millis) -> Result<bool> {
-        let done =
-            sqlx::query("UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-                .bind(at)
-                .bind(id)
-                .execute(&self.admin)
-                .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn active_tokens(&self) -> Result<u64> {
-        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM tokens WHERE revoked_at IS NULL")
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(n as u64)
-    }
-
-    async fn add_backend(&self, backend: &BackendRecord) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO backends (name, url, tags, priority, added_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        )
-        .bind(&backend.name)
-        .bind(&backend.url)
-        .bind(serde_json::to_string(&backend.tags)?)
-        .bind(backend.priority)
-        .bind(backend.added_at)
-        .execute(&self.admin)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn added_backends(&self) -> Result<Vec<BackendRecord>> {
-        let rows: Vec<BackendRow> = sqlx::query_as(
-            "SELECT name, url, tags, priority, added_at FROM backends ORDER BY added_at, name",
-        )
-        .fetch_all(&self.reader)
-        .await?;
-        rows.into_iter().map(backend_from).collect()
-    }
-    async fn record_node_stats(&self, samples: &[NodeSample]) -> Result<()> {
-        let mut tx = self.admin.begin().await?;
-        for add in stats::aggregate(samples) {
-            // The row first (empty), then locked and merged: two writers of one new key
-            // never overwrite each other's counts.
-            sqlx::query(
-                "INSERT INTO node_stats (class, workflow, backend, hour, count, cached, failed, timed_out, sketch) VALUES (?, ?, ?, ?, 0, 0, 0, 0, ?) ON CONFLICT DO NOTHING",
-            )
-            .bind(&add.class)
-            .bind(&add.workflow)
-            .bind(&add.backend)
-            .bind(add.hour)
-            .bind(String::new())
-            .execute(&mut *tx)
-            .await?;
-            let (count, cached, failed, timed_out, sketch): (i64, i64, i64, i64, String) =
-                sqlx::query_as(
-                    "SELECT count, cached, failed, timed_out, sketch FROM node_stats WHERE class = ? AND workflow = ? AND backend = ? AND hour = ?",
-                )
-                .bind(&add.class)
-                .bind(&add.workflow)
-                .bind(&add.backend)
-                .bind(add.hour)
-                .fetch_one(&mut *tx)
-                .await?;
-            let mut row = NodeStats {
-                count: count as u64,
-                cached: cached as u64,
-                failed: failed as u64,
-                timed_out: timed_out as u64,
-                sketch: stats::decode_sketch(&sketch)?,
-                ..add.clone()
-            };
-            row.merge(&add);
-            sqlx::query(
-                "UPDATE node_stats SET count = ?, cached = ?, failed = ?, timed_out = ?, sketch = ? WHERE class = ? AND workflow = ? AND backend = ? AND hour = ?",
-            )
-            .bind(row.count as i64)
-            .bind(row.cached as i64)
-            .bind(row.failed as i64)
-            .bind(row.timed_out as i64)
-            .bind(stats::encode_sketch(&row.sketch)?)
-            .bind(&row.class)
-            .bind(&row.workflow)
-            .bind(&row.backend)
-            .bind(row.hour)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn record_delivery(&self, job: &JobId, at: Millis, delivery: &Value) -> Result<()> {
-        sqlx::query("INSERT INTO deliveries (job_id, at, data) VALUES (?, ?, ?)")
-            .bind(job.as_str())
-            .bind(at)
-            .bind(delivery.to_string())
-            .execute(&self.admin)
-            .await?;
-        Ok(())
-    }
-
-    async fn deliveries(&self, job: &JobId) -> Result<Vec<Value>> {
-        let rows: Vec<String> =
-            sqlx::query_scalar("SELECT data FROM deliveries WHERE job_id = ? ORDER BY id")
-                .bind(job.as_str())
-                .fetch_all(&self.reader)
-                .await?;
-        rows.iter()
-            .map(|d| serde_json::from_str(d).map_err(Error::from))
-            .collect()
-    }
-
-    async fn purge_node_stats(&self, before: Millis) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM node_stats WHERE hour <= ?")
-            .bind(before - stats::HOUR_MS)
-            .execute(&self.admin)
-            .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn node_stats(&self, filter: &StatsFilter) -> Result<Vec<NodeStats>> {
-        let mut sql = String::from(
-            "SELECT class, workflow, backend, hour, count, cached, failed, timed_out, sketch FROM node_stats WHERE TRUE",
-        );
-        let mut n = 0;
-        let mut next = |column: &str, op: &str| {
-            n += 1;
-            let p = "?".to_owned();
-            format!(" AND {column} {op} {p}")
-        };
-        if filter.class.is_some() {
-            sql.push_str(&next("class", "="));
-        }
-        if filter.workflow.is_some() {
-            sql.push_str(&next("workflow", "="));
-        }
-        if filter.backend.is_some() {
-            sql.push_str(&next("backend", "="));
-        }
-        if filter.since.is_some() {
-            sql.push_str(&next("hour", ">="));
-        }
-        sql.push_str(" ORDER BY class, workflow, backend, hour");
-        let mut q = sqlx::query_as::<_, StatsRow>(&sql);
-        for v in [&filter.class, &filter.workflow, &filter.backend]
-            .into_iter()
-            .flatten()
-        {
-            q = q.bind(v);
-        }
-        if let Some(since) = filter.since {
-            q = q.bind(since - since.rem_euclid(stats::HOUR_MS));
-        }
-        let rows = q.fetch_all(&self.reader).await?;
-        rows.into_iter().map(stats_from).collect()
+    fn rows_affected(done: &SqliteQueryResult) -> u64 {
+        done.rows_affected()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gantry_core::{JobSpec, Timeouts, Workflow};
+    use crate::Store;
+    use gantry_core::{Job, JobId, JobSpec, Timeouts, Workflow};
 
     fn job(key: Option<&str>, priority: i32, now: Millis) -> Job {
         let workflow = Workflow::parse(&serde_json::json!({
