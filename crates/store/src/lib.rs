@@ -7,7 +7,7 @@
 //!
 //! Both stores are one `Store` implementation (`sql`) over what each database declares
 //! differently; their job writes go through a writer task each (`writer`) that commits
-//! them in groups.
+//! them in groups, in each store's own `commit` module.
 
 mod postgres;
 mod rows;

@@ -1,142 +1,17 @@
-//! The embedded store: one SQLite file in the data dir, in WAL mode.
-//!
-//! Writes go to one writer task that owns the only write connection, so they are
-//! serialised and event sequence numbers commit in order. It commits in groups: whatever
-//! writes queued up while the previous commit was syncing go into the next transaction
-//! together, each still conditional on its own and answered only after the commit is
-//! durable (one fsync for many writes is what lets a 202 mean "on disk" at thousands of
-//! jobs a second). Reads use their own pool and never block on a writer (WAL). A job's
-//! immutable spec is written once; its changing part is one JSON document.
+//! The embedded store's group commit: every job write of a group in one transaction on
+//! the one write connection, updates and event inserts as multi-row statements.
 
 use async_trait::async_trait;
 use gantry_core::{EventKind, Millis};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult,
-    SqliteSynchronous,
-};
 use sqlx::{Row, SqlitePool};
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
-use std::str::FromStr;
-use std::time::Duration;
 
 use crate::rows::{job_of, EventRows, JobRow};
-use crate::sql::Sql;
-use crate::writer::{finish, rounds, Committer, Done, Op, Write, Writer};
+use crate::writer::{finish, rounds, Committer, Done, Op, Write};
 use crate::{Created, Error, Event, Result};
 
-/// Each entry moves the schema one version up; `PRAGMA user_version` holds the version.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE jobs (
-    ord INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    not_before INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    idempotency_key TEXT UNIQUE,
-    request_hash TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    spec TEXT NOT NULL,
-    doc TEXT NOT NULL
-);
-CREATE INDEX jobs_by_state ON jobs (state, priority DESC, ord);
-CREATE TABLE events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    data TEXT NOT NULL
-);
-CREATE INDEX events_by_job ON events (job_id, seq);
-"#,
-    r#"
-CREATE INDEX jobs_finished ON jobs (updated_at) WHERE state IN ('succeeded', 'failed', 'cancelled');
-"#,
-    r#"
-CREATE TABLE tokens (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    scope TEXT NOT NULL,
-    hash TEXT NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL,
-    revoked_at INTEGER
-);
-"#,
-    r#"
-CREATE TABLE backends (
-    name TEXT PRIMARY KEY,
-    url TEXT NOT NULL UNIQUE,
-    tags TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    added_at INTEGER NOT NULL
-);
-"#,
-    r#"
-CREATE TABLE node_stats (
-    class TEXT NOT NULL,
-    workflow TEXT NOT NULL,
-    backend TEXT NOT NULL,
-    hour INTEGER NOT NULL,
-    count INTEGER NOT NULL,
-    cached INTEGER NOT NULL,
-    failed INTEGER NOT NULL,
-    timed_out INTEGER NOT NULL,
-    sketch TEXT NOT NULL,
-    PRIMARY KEY (class, workflow, backend, hour)
-);
-"#,
-    r#"
-CREATE TABLE deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    at INTEGER NOT NULL,
-    data TEXT NOT NULL
-);
-CREATE INDEX deliveries_by_job ON deliveries (job_id, id);
-"#,
-];
-
-pub struct SqliteStore {
-    writer: Writer,
-    reader: SqlitePool,
-    /// The write connection, for the rare writes outside jobs (tokens, backends,
-    /// statistics, deliveries); they wait for it like any group of job writes.
-    admin: SqlitePool,
-}
-
-impl SqliteStore {
-    /// Open (creating if needed) `gantry.db` in `dir` and bring its schema up to date.
-    pub async fn open(dir: &Path) -> Result<SqliteStore> {
-        let options = SqliteConnectOptions::from_str("sqlite://gantry.db")?
-            .filename(dir.join("gantry.db"))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // A 202 promises the job survives a power cut, not only a crash.
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await?;
-        migrate(&writer).await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.read_only(true))
-            .await?;
-        Ok(SqliteStore {
-            admin: writer.clone(),
-            writer: Writer::spawn(Sqlite(writer)),
-            reader,
-        })
-    }
-}
-
 /// The writer connection, committing groups.
-struct Sqlite(SqlitePool);
+pub(super) struct Sqlite(pub(super) SqlitePool);
 
 #[async_trait]
 impl Committer for Sqlite {
@@ -354,25 +229,6 @@ async fn create(
     Ok(Done::Created(Created::New(events.remove(0))))
 }
 
-async fn migrate(pool: &SqlitePool) -> Result<()> {
-    let known = MIGRATIONS.len() as i64;
-    let found: i64 = sqlx::query_scalar("PRAGMA user_version")
-        .fetch_one(pool)
-        .await?;
-    if found > known {
-        return Err(Error::SchemaTooNew { found, known });
-    }
-    for (idx, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let mut tx = pool.begin().await?;
-        sqlx::raw_sql(sql).execute(&mut *tx).await?;
-        sqlx::raw_sql(&format!("PRAGMA user_version = {}", idx + 1))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-    }
-    Ok(())
-}
-
 /// Insert one job's events, one statement each (a create has one).
 async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &EventRows) -> Result<Vec<Event>> {
     let mut out = Vec::with_capacity(rows.kinds.len());
@@ -395,98 +251,4 @@ async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &EventRows) -> Res
         });
     }
     Ok(out)
-}
-
-impl Sql for SqliteStore {
-    type Db = sqlx::Sqlite;
-
-    // One write connection: the transaction's first write already holds the database's
-    // write lock, which no other writer can take before the commit.
-    const FOR_UPDATE: &'static str = "";
-
-    // AUTOINCREMENT's own counter: the newest number handed out, even once purged; no
-    // row before the first event.
-    const LAST_SEQ: &'static str =
-        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)";
-
-    const LEASES: bool = false;
-
-    fn writer(&self) -> &Writer {
-        &self.writer
-    }
-
-    fn reads(&self) -> &SqlitePool {
-        &self.reader
-    }
-
-    fn writes(&self) -> &SqlitePool {
-        &self.admin
-    }
-
-    fn rows_affected(done: &SqliteQueryResult) -> u64 {
-        done.rows_affected()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::Store;
-    use gantry_core::{Job, JobId, JobSpec, Timeouts, Workflow};
-
-    fn job(key: Option<&str>, priority: i32, now: Millis) -> Job {
-        let workflow = Workflow::parse(&serde_json::json!({
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 8}}
-        }))
-        .unwrap();
-        Job::new(
-            JobId::random(),
-            JobSpec {
-                workflow,
-                priority,
-                max_attempts: 3,
-                tags: vec![],
-                timeouts: Timeouts::default(),
-                idempotency_key: key.map(String::from),
-                metadata: Default::default(),
-                owner: None,
-                attachments: Vec::new(),
-                callback: None,
-                command: None,
-            },
-            now,
-        )
-    }
-
-    #[tokio::test]
-    async fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = job(None, 0, 5);
-        {
-            let store = SqliteStore::open(dir.path()).await.unwrap();
-            store.create_job(&j, "h").await.unwrap();
-        }
-        let store = SqliteStore::open(dir.path()).await.unwrap();
-        assert_eq!(store.job(&j.id).await.unwrap().unwrap(), j);
-        assert_eq!(store.events_since(0, 10).await.unwrap().len(), 1);
-        drop(store);
-        let raw = SqlitePool::connect_with(
-            SqliteConnectOptions::new().filename(dir.path().join("gantry.db")),
-        )
-        .await
-        .unwrap();
-        sqlx::raw_sql("PRAGMA user_version = 99")
-            .execute(&raw)
-            .await
-            .unwrap();
-        raw.close().await;
-        let err = SqliteStore::open(dir.path()).await.err().unwrap();
-        assert!(
-            matches!(
-                err,
-                Error::SchemaTooNew { found: 99, known } if known == MIGRATIONS.len() as i64
-            ),
-            "{err}"
-        );
-    }
 }
