@@ -26,7 +26,7 @@ use serde_json::Value;
 pub use postgres::{
     DispatchRecord, Lease, PgStore, EVENTS_CHANNEL, SCHEMA_VERSION as PG_SCHEMA_VERSION,
 };
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, SCHEMA_VERSION as SQLITE_SCHEMA_VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

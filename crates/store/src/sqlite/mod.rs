@@ -21,6 +21,8 @@ use crate::sql::Sql;
 use crate::writer::Writer;
 use crate::Result;
 
+pub use schema::SCHEMA_VERSION;
+
 pub struct SqliteStore {
     writer: Writer,
     reader: SqlitePool,
@@ -85,68 +87,5 @@ impl Sql for SqliteStore {
 
     fn rows_affected(done: &SqliteQueryResult) -> u64 {
         done.rows_affected()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{Error, Store};
-    use gantry_core::{Job, JobId, JobSpec, Millis, Timeouts, Workflow};
-
-    fn job(key: Option<&str>, priority: i32, now: Millis) -> Job {
-        let workflow = Workflow::parse(&serde_json::json!({
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 8}}
-        }))
-        .unwrap();
-        Job::new(
-            JobId::random(),
-            JobSpec {
-                workflow,
-                priority,
-                max_attempts: 3,
-                tags: vec![],
-                timeouts: Timeouts::default(),
-                idempotency_key: key.map(String::from),
-                metadata: Default::default(),
-                owner: None,
-                attachments: Vec::new(),
-                callback: None,
-                command: None,
-            },
-            now,
-        )
-    }
-
-    #[tokio::test]
-    async fn reopening_keeps_everything_and_a_newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let j = job(None, 0, 5);
-        {
-            let store = SqliteStore::open(dir.path()).await.unwrap();
-            store.create_job(&j, "h").await.unwrap();
-        }
-        let store = SqliteStore::open(dir.path()).await.unwrap();
-        assert_eq!(store.job(&j.id).await.unwrap().unwrap(), j);
-        assert_eq!(store.events_since(0, 10).await.unwrap().len(), 1);
-        drop(store);
-        let raw = SqlitePool::connect_with(
-            SqliteConnectOptions::new().filename(dir.path().join("gantry.db")),
-        )
-        .await
-        .unwrap();
-        sqlx::raw_sql("PRAGMA user_version = 99")
-            .execute(&raw)
-            .await
-            .unwrap();
-        raw.close().await;
-        let err = SqliteStore::open(dir.path()).await.err().unwrap();
-        assert!(
-            matches!(
-                err,
-                Error::SchemaTooNew { found: 99, known } if known == schema::SCHEMA_VERSION
-            ),
-            "{err}"
-        );
     }
 }
