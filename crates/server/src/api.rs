@@ -2185,7 +2185,7 @@ async fn cluster(State(engine): State<Engine>) -> Result<Json<wire::Cluster>, Ap
         .map(|(backend, token)| wire::HeldLease { backend, token })
         .collect();
     let all = cluster
-        .store
+        .leases
         .leases()
         .await?
         .into_iter()

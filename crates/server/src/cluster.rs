@@ -17,7 +17,7 @@
 //! index, a cancel requested elsewhere stops the attempt on a backend driven here.
 
 use gantry_core::{EventKind, JobState};
-use gantry_store::{Event, PgStore, Store};
+use gantry_store::{Event, Leases, PgStore, Store};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,7 +30,10 @@ use crate::engine::Engine;
 
 /// This coordinator's place in a farm of several.
 pub struct Cluster {
+    /// The shared store, for what only PostgreSQL does (LISTEN/NOTIFY, the event tail).
     pub store: Arc<PgStore>,
+    /// Backend leases and coordinator heartbeats (the same store, by what it must do).
+    pub leases: Arc<dyn Leases>,
     /// This coordinator's id, unique among the live ones.
     pub id: String,
     /// How long a lease lasts without renewal.
@@ -49,6 +52,7 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(store: Arc<PgStore>, id: String, lease: Duration) -> Cluster {
         Cluster {
+            leases: store.clone(),
             store,
             id,
             lease,
@@ -134,9 +138,12 @@ pub async fn lease_loop(engine: Engine) {
     let owned: Vec<(String, i64)> = engine.owned_leases();
     for (name, token) in owned {
         lose(&engine, &name).await;
-        let _ = cluster.store.release_lease(&name, &cluster.id, token).await;
+        let _ = cluster
+            .leases
+            .release_lease(&name, &cluster.id, token)
+            .await;
     }
-    let _ = cluster.store.leave(&cluster.id).await;
+    let _ = cluster.leases.leave(&cluster.id).await;
 }
 
 /// One pass; answers how soon the next is worth making (a lease this coordinator wants
@@ -146,7 +153,7 @@ async fn lease_pass(
     cluster: &Cluster,
     names: &[String],
 ) -> gantry_store::Result<Duration> {
-    let live = cluster.store.heartbeat(&cluster.id, cluster.lease).await?;
+    let live = cluster.leases.heartbeat(&cluster.id, cluster.lease).await?;
     // Agents' backends are not shared out: each is leased by the coordinator it links to.
     let (agents, names): (Vec<String>, Vec<String>) = {
         let backends = engine.backends();
@@ -158,7 +165,7 @@ async fn lease_pass(
     let share = fair_share(names.len(), live.len());
     for (name, token) in engine.owned_leases() {
         if !cluster
-            .store
+            .leases
             .renew_lease(&name, &cluster.id, token, cluster.lease)
             .await?
         {
@@ -181,7 +188,7 @@ async fn lease_pass(
                     tracing::info!(agent = %name, "agent not linked here: its lease goes back");
                     lose(engine, name).await;
                     cluster
-                        .store
+                        .leases
                         .release_lease(name, &cluster.id, token)
                         .await?;
                 }
@@ -190,7 +197,7 @@ async fn lease_pass(
             // Refused while another coordinator still sees an attempt through there;
             // the next pass asks again.
             if let Some(token) = cluster
-                .store
+                .leases
                 .acquire_lease(name, &cluster.id, cluster.lease)
                 .await?
             {
@@ -214,7 +221,7 @@ async fn lease_pass(
         tracing::info!(backend = %name, share, "giving a lease back to rebalance");
         lose(engine, &name).await;
         cluster
-            .store
+            .leases
             .release_lease(&name, &cluster.id, token)
             .await?;
         owned -= 1;
@@ -234,7 +241,7 @@ async fn lease_pass(
                 continue;
             }
             if let Some(token) = cluster
-                .store
+                .leases
                 .acquire_lease(name, &cluster.id, cluster.lease)
                 .await?
             {
@@ -246,7 +253,7 @@ async fn lease_pass(
         if owned < share {
             // Try again the moment the first lease held elsewhere expires.
             let soonest = cluster
-                .store
+                .leases
                 .leases()
                 .await?
                 .iter()

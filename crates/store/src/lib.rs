@@ -1,5 +1,6 @@
 //! gantry's durable store: the `Store` trait the engine writes through, its embedded
-//! SQLite implementation, and PostgreSQL for farms with several coordinators.
+//! SQLite implementation, and PostgreSQL for farms with several coordinators, whose
+//! backend leases are behind `Leases`.
 //!
 //! Every change to a job is one conditional update (it applies only if the stored version
 //! is the one the change was computed from) with its event rows in the same transaction,
@@ -9,6 +10,7 @@
 //! differently; their job writes go through a writer task each (`writer`) that commits
 //! them in groups, in each store's own `commit` module.
 
+mod leases;
 mod postgres;
 mod rows;
 mod sql;
@@ -23,9 +25,8 @@ use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use serde::Serialize;
 use serde_json::Value;
 
-pub use postgres::{
-    DispatchRecord, Lease, PgStore, EVENTS_CHANNEL, SCHEMA_VERSION as PG_SCHEMA_VERSION,
-};
+pub use leases::{DispatchRecord, Lease, Leases};
+pub use postgres::{PgStore, EVENTS_CHANNEL, SCHEMA_VERSION as PG_SCHEMA_VERSION};
 pub use sqlite::{SqliteStore, SCHEMA_VERSION as SQLITE_SCHEMA_VERSION};
 
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,6 @@ use crate::sql::Sql;
 use crate::writer::Writer;
 use crate::Result;
 
-pub use leases::{DispatchRecord, Lease};
 pub use schema::SCHEMA_VERSION;
 
 pub struct PgStore {
