@@ -138,12 +138,17 @@ pub async fn lease_loop(engine: Engine) {
     let owned: Vec<(String, i64)> = engine.owned_leases();
     for (name, token) in owned {
         lose(&engine, &name).await;
-        let _ = cluster
+        if let Err(e) = cluster
             .leases
             .release_lease(&name, &cluster.id, token)
-            .await;
+            .await
+        {
+            tracing::warn!(backend = %name, token, error = %e, "lease not given back: another coordinator takes the backend once it expires");
+        }
     }
-    let _ = cluster.leases.leave(&cluster.id).await;
+    if let Err(e) = cluster.leases.leave(&cluster.id).await {
+        tracing::warn!(error = %e, "leaving not recorded: the others rebalance once this coordinator's heartbeat expires");
+    }
 }
 
 /// One pass; answers how soon the next is worth making (a lease this coordinator wants

@@ -204,7 +204,16 @@ async fn write_loop(mut committer: impl Committer, mut rx: mpsc::UnboundedReceiv
             }
         };
         for (w, outcome) in batch.drain(..).zip(outcomes) {
-            let _ = w.reply.send(outcome);
+            // A caller that stopped waiting (its request was dropped) changes nothing: the
+            // write stands or fails all the same, and whatever it committed is read from
+            // the store by whoever needs it (a stream fills a gap on its bus from there).
+            if let Err(outcome) = w.reply.send(outcome) {
+                tracing::debug!(
+                    job = ?w.op.job_id(),
+                    committed = outcome.is_ok(),
+                    "a store write's caller left before its outcome"
+                );
+            }
         }
     }
 }
