@@ -1,15 +1,23 @@
 //! gantry's durable store: the `Store` trait the engine writes through, its embedded
-//! SQLite implementation, and PostgreSQL for farms with several coordinators.
+//! SQLite implementation, and PostgreSQL for farms with several coordinators, whose
+//! backend leases are behind `Leases`.
 //!
 //! Every change to a job is one conditional update (it applies only if the stored version
 //! is the one the change was computed from) with its event rows in the same transaction,
 //! so a job's row and its history never disagree and two writers never both win.
+//!
+//! Both stores are one `Store` implementation (`sql`) over what each database declares
+//! differently; their job writes go through a writer task each (`writer`) that commits
+//! them in groups, in each store's own `commit` module.
 
-mod group;
+mod leases;
 mod postgres;
+mod rows;
+mod sql;
 mod sqlite;
 pub mod stats;
 pub mod testing;
+mod writer;
 
 use async_trait::async_trait;
 use gantry_core::auth::Scope;
@@ -17,10 +25,9 @@ use gantry_core::{EventKind, Job, JobId, JobState, Millis};
 use serde::Serialize;
 use serde_json::Value;
 
-pub use postgres::{
-    DispatchRecord, Lease, PgStore, EVENTS_CHANNEL, SCHEMA_VERSION as PG_SCHEMA_VERSION,
-};
-pub use sqlite::SqliteStore;
+pub use leases::{DispatchRecord, Lease, Leases};
+pub use postgres::{PgStore, EVENTS_CHANNEL, SCHEMA_VERSION as PG_SCHEMA_VERSION};
+pub use sqlite::{SqliteStore, SCHEMA_VERSION as SQLITE_SCHEMA_VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -83,18 +83,29 @@ impl NodeStats {
         }
     }
 
-    /// Fold `other` in (same sketch configuration, so merging cannot fail).
+    /// Fold `other` in. Every sketch gantry makes has the default configuration, so
+    /// the durations merge; one stored with another (by another version) would not,
+    /// and its durations are then left out of this aggregate, said in the log.
     pub fn merge(&mut self, other: &NodeStats) {
         self.count += other.count;
         self.cached += other.cached;
         self.failed += other.failed;
         self.timed_out += other.timed_out;
         if let Err(e) = self.sketch.merge(&other.sketch) {
-            tracing::warn!(error = ?e, "node stats: sketches do not merge");
+            tracing::warn!(
+                class = %self.class,
+                workflow = %self.workflow,
+                backend = %self.backend,
+                hour = self.hour,
+                durations = other.sketch.count(),
+                error = ?e,
+                "node stats: durations left out, their sketches do not merge"
+            );
         }
     }
 
-    /// The `q` quantile of the measured durations, in ms.
+    /// The `q` quantile of the measured durations, in ms; none without durations. The
+    /// sketch refuses only a `q` outside 0..=1, which no caller asks for.
     pub fn quantile(&self, q: f64) -> Option<f64> {
         self.sketch.quantile(q).ok().flatten()
     }

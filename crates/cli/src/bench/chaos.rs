@@ -45,7 +45,7 @@ use super::failover::{duration, rfc3339_ms};
 use super::{backends_toml, http, now_us, Results, ServerProc, Sims, Stats};
 use anyhow::{bail, Context};
 use gantry_core::{AttemptStatus, Job, JobId, JobState};
-use gantry_store::{JobFilter, Store};
+use gantry_store::{JobFilter, Leases, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};

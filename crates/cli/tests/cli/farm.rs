@@ -2,7 +2,7 @@
 //! simulators, killed and paused for real (issue 6's proof).
 
 use gantry_store::testing::FreshSchema;
-use gantry_store::{PgStore, Store};
+use gantry_store::{Leases, PgStore, Store};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};

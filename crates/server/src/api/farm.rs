@@ -71,7 +71,7 @@ pub(crate) async fn cluster(State(engine): State<Engine>) -> Result<Json<wire::C
         .map(|(backend, token)| wire::HeldLease { backend, token })
         .collect();
     let all = cluster
-        .store
+        .leases
         .leases()
         .await?
         .into_iter()

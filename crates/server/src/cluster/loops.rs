@@ -71,9 +71,17 @@ pub async fn lease_loop(engine: Engine) {
     let owned: Vec<(String, i64)> = engine.owned_leases();
     for (name, token) in owned {
         lose(&engine, &name).await;
-        let _ = cluster.store.release_lease(&name, &cluster.id, token).await;
+        if let Err(e) = cluster
+            .leases
+            .release_lease(&name, &cluster.id, token)
+            .await
+        {
+            tracing::warn!(backend = %name, token, error = %e, "lease not given back: another coordinator takes the backend once it expires");
+        }
     }
-    let _ = cluster.store.leave(&cluster.id).await;
+    if let Err(e) = cluster.leases.leave(&cluster.id).await {
+        tracing::warn!(error = %e, "leaving not recorded: the others rebalance once this coordinator's heartbeat expires");
+    }
 }
 
 /// One pass; answers how soon the next is worth making (a lease this coordinator wants
@@ -83,7 +91,7 @@ async fn lease_pass(
     cluster: &Cluster,
     names: &[String],
 ) -> gantry_store::Result<Duration> {
-    let live = cluster.store.heartbeat(&cluster.id, cluster.lease).await?;
+    let live = cluster.leases.heartbeat(&cluster.id, cluster.lease).await?;
     // Agents' backends are not shared out: each is leased by the coordinator it links to.
     let (agents, names): (Vec<String>, Vec<String>) = {
         let backends = engine.backends();
@@ -95,7 +103,7 @@ async fn lease_pass(
     let share = fair_share(names.len(), live.len());
     for (name, token) in engine.owned_leases() {
         if !cluster
-            .store
+            .leases
             .renew_lease(&name, &cluster.id, token, cluster.lease)
             .await?
         {
@@ -118,7 +126,7 @@ async fn lease_pass(
                     tracing::info!(agent = %name, "agent not linked here: its lease goes back");
                     lose(engine, name).await;
                     cluster
-                        .store
+                        .leases
                         .release_lease(name, &cluster.id, token)
                         .await?;
                 }
@@ -127,7 +135,7 @@ async fn lease_pass(
             // Refused while another coordinator still sees an attempt through there;
             // the next pass asks again.
             if let Some(token) = cluster
-                .store
+                .leases
                 .acquire_lease(name, &cluster.id, cluster.lease)
                 .await?
             {
@@ -151,7 +159,7 @@ async fn lease_pass(
         tracing::info!(backend = %name, share, "giving a lease back to rebalance");
         lose(engine, &name).await;
         cluster
-            .store
+            .leases
             .release_lease(&name, &cluster.id, token)
             .await?;
         owned -= 1;
@@ -171,7 +179,7 @@ async fn lease_pass(
                 continue;
             }
             if let Some(token) = cluster
-                .store
+                .leases
                 .acquire_lease(name, &cluster.id, cluster.lease)
                 .await?
             {
@@ -183,7 +191,7 @@ async fn lease_pass(
         if owned < share {
             // Try again the moment the first lease held elsewhere expires.
             let soonest = cluster
-                .store
+                .leases
                 .leases()
                 .await?
                 .iter()

@@ -18,7 +18,7 @@
 
 pub mod loops;
 
-use gantry_store::{Event, PgStore};
+use gantry_store::{Event, Leases, PgStore};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,7 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 /// This coordinator's place in a farm of several.
 pub struct Cluster {
+    /// The shared store, for what only PostgreSQL does (LISTEN/NOTIFY, the event tail).
     pub store: Arc<PgStore>,
+    /// Backend leases and coordinator heartbeats (the same store, by what it must do).
+    pub leases: Arc<dyn Leases>,
     /// This coordinator's id, unique among the live ones.
     pub id: String,
     /// How long a lease lasts without renewal.
@@ -47,6 +50,7 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(store: Arc<PgStore>, id: String, lease: Duration) -> Cluster {
         Cluster {
+            leases: store.clone(),
             store,
             id,
             lease,

@@ -6,7 +6,7 @@ use crate::support::{
     TestApp,
 };
 use gantry_server::{BackendConfig, Config, Server, StoreConfig};
-use gantry_store::Store;
+use gantry_store::{Leases, Store};
 use serde_json::{json, Value};
 use std::time::Duration;
 

@@ -1,7 +1,9 @@
 //! The `Store` conformance suite, run against every store kind (see `suite.rs`), and the
-//! checks only PostgreSQL's store has (several coordinators on one database).
+//! checks only one kind has: PostgreSQL's (several coordinators on one database) and
+//! SQLite's (its schema version).
 
 mod postgres;
+mod sqlite;
 mod suite;
 
 use gantry_store::testing::FreshSchema;

@@ -4,7 +4,7 @@
 use crate::suite::job;
 use gantry_core::{transition, EventKind, Input, Policy};
 use gantry_store::testing::FreshSchema;
-use gantry_store::{Error, Fence, PgStore, Store};
+use gantry_store::{Error, Fence, Leases, PgStore, Store};
 use sqlx::Connection;
 use std::time::{Duration, Instant};
 
