@@ -1,12 +1,8 @@
-//! The coordinator's end of an agent's link: `GET /v1/agents/connect` upgraded to a
-//! WebSocket, the agent registered as a backend, its streams carried to the loopback
+//! The coordinator's end of an agent's link: the agent admitted (`admit`), then, over
+//! its WebSocket (`serve`), registered as a backend, its streams carried to the loopback
 //! listener, and its control messages (hello, child state, log lines, restarts, command
 //! output) taken in.
 
-use axum::extract::ws::{WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -17,50 +13,61 @@ use gantry_agent::tunnel::Mux;
 
 use super::{run_key, stored_url, valid_name, ConnectQuery, Slot, RESTARTS_KEPT};
 
-/// `GET /v1/agents/connect?name=NAME&tags=a,b`: an agent's link (WebSocket).
-pub async fn connect(
-    State(engine): State<Engine>,
-    Query(q): Query<ConnectQuery>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    let refuse = |status: axum::http::StatusCode, code: &str, message: String| {
-        let body = serde_json::json!({"error": {"code": code, "message": message, "details": {}}});
-        (status, axum::Json(body)).into_response()
-    };
+/// Why a link is refused, by what kind of refusal it is.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The request is wrong (a bad name).
+    Invalid { code: &'static str, message: String },
+    /// The name belongs to someone else.
+    Taken { code: &'static str, message: String },
+    /// This coordinator cannot take links now.
+    Unavailable { code: &'static str, message: String },
+}
+
+/// An agent admitted to link, before its socket is open.
+pub struct Admitted {
+    name: String,
+    id: Option<String>,
+    tags: Vec<String>,
+    url: String,
+    slot: Arc<Slot>,
+}
+
+/// Check an agent's request to link (`GET /v1/agents/connect?name=NAME&tags=a,b`): its
+/// name, its identity against the one that registered the name, and a configured URL
+/// backend of the same name. Nothing is changed for a refused agent but the listener of
+/// its name.
+pub async fn admit(engine: &Engine, q: &ConnectQuery) -> Result<Admitted, Refusal> {
     if !valid_name(&q.name) {
-        return refuse(
-            axum::http::StatusCode::BAD_REQUEST,
-            "invalid_name",
-            format!(
+        return Err(Refusal::Invalid {
+            code: "invalid_name",
+            message: format!(
                 "agent name {:?}: use 1 to 64 letters, digits, '.', '_' or '-'",
                 q.name
             ),
-        );
+        });
     }
     let known_url = engine.backends().get(&q.name).map(|b| b.config.url.clone());
-    let slot = match engine.agents().slot(&q.name, engine.shutdown_token()).await {
-        Ok(slot) => slot,
-        Err(e) => {
-            return refuse(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "agent_listener",
-                format!("cannot listen for agent {}: {e}", q.name),
-            )
-        }
-    };
+    let slot = engine
+        .agents()
+        .slot(&q.name, engine.shutdown_token())
+        .await
+        .map_err(|e| Refusal::Unavailable {
+            code: "agent_listener",
+            message: format!("cannot listen for agent {}: {e}", q.name),
+        })?;
     let url = format!("http://127.0.0.1:{}", slot.port);
     {
         let mut known = slot.id.lock().unwrap_or_else(|p| p.into_inner());
         match (known.as_deref(), q.id.as_deref()) {
             (Some(k), Some(offered)) if k != offered => {
-                return refuse(
-                    axum::http::StatusCode::CONFLICT,
-                    "name_taken",
-                    format!(
+                return Err(Refusal::Taken {
+                    code: "name_taken",
+                    message: format!(
                         "backend {} belongs to another agent (id {k}, this one is {offered}): give this machine another --name",
                         q.name
                     ),
-                );
+                });
             }
             // Seed 002: an unknown id never replaces a known one.
             (None, Some(offered)) => *known = Some(offered.to_owned()),
@@ -69,14 +76,13 @@ pub async fn connect(
     }
     if let Some(known) = known_url {
         if known != url {
-            return refuse(
-                axum::http::StatusCode::CONFLICT,
-                "name_taken",
-                format!(
+            return Err(Refusal::Taken {
+                code: "name_taken",
+                message: format!(
                     "a backend named {} is already configured with URL {known}: give the agent another --name",
                     q.name
                 ),
-            );
+            });
         }
     }
     let tags: Vec<String> = q
@@ -88,9 +94,13 @@ pub async fn connect(
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
         .collect();
-    let name = q.name.clone();
-    let id = q.id.clone();
-    ws.on_upgrade(move |socket| serve_link(engine, name, id, tags, url, slot, socket))
+    Ok(Admitted {
+        name: q.name.clone(),
+        id: q.id.clone(),
+        tags,
+        url,
+        slot,
+    })
 }
 
 /// A control message from an agent.
@@ -177,15 +187,21 @@ pub(crate) fn on_control(engine: &Engine, name: &str, slot: &Slot, m: serde_json
     }
 }
 
-async fn serve_link(
-    engine: Engine,
-    name: String,
-    agent_id: Option<String>,
-    tags: Vec<String>,
-    url: String,
-    slot: Arc<Slot>,
-    socket: WebSocket,
-) {
+/// Serve an admitted agent's link over its socket (`sink` and `stream` of whatever
+/// WebSocket library carries it) until it ends or the coordinator stops.
+pub async fn serve<M, Si, St, E>(engine: Engine, admitted: Admitted, sink: Si, stream: St)
+where
+    M: gantry_agent::tunnel::LinkMessage,
+    Si: futures_util::Sink<M> + Unpin,
+    St: futures_util::Stream<Item = Result<M, E>> + Unpin,
+{
+    let Admitted {
+        name,
+        id: agent_id,
+        tags,
+        url,
+        slot,
+    } = admitted;
     let id = engine.agents().links.fetch_add(1, Ordering::Relaxed);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(256);
     let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
@@ -238,10 +254,6 @@ async fn serve_link(
         cluster.check.notify_one();
     }
     tracing::info!(agent = %name, "agent connected");
-    let (sink, stream) = socket.split();
-    let sink =
-        futures_util::SinkExt::with(sink, |m: Ws| std::future::ready(Ok::<_, axum::Error>(m.0)));
-    let stream = stream.map(|m| m.map(Ws));
     let heartbeat = engine.config().agent_heartbeat;
     // The coordinator opens streams; the agent may not.
     let refuse_opens = None::<&fn() -> std::future::Ready<std::io::Result<tokio::net::TcpStream>>>;
@@ -285,28 +297,4 @@ async fn serve_link(
         cluster.check.notify_one();
     }
     tracing::info!(agent = %name, "agent disconnected");
-}
-
-/// axum's WebSocket message as the link's framing sees it (the agent's side has
-/// tungstenite's; the trait is the agent crate's, so this side wraps its type).
-struct Ws(axum::extract::ws::Message);
-
-impl gantry_agent::tunnel::LinkMessage for Ws {
-    fn binary(frame: Vec<u8>) -> Self {
-        Ws(axum::extract::ws::Message::Binary(frame.into()))
-    }
-
-    fn ping() -> Self {
-        Ws(axum::extract::ws::Message::Ping(bytes::Bytes::new()))
-    }
-
-    fn into_incoming(self) -> gantry_agent::tunnel::Incoming {
-        use axum::extract::ws::Message;
-        use gantry_agent::tunnel::Incoming;
-        match self.0 {
-            Message::Binary(b) => Incoming::Frame(b),
-            Message::Close(_) => Incoming::Close,
-            Message::Text(_) | Message::Ping(_) | Message::Pong(_) => Incoming::Other,
-        }
-    }
 }

@@ -45,11 +45,53 @@ pub(crate) async fn backend_logs(
         (status = 409, description = "The name belongs to a configured URL backend", body = wire::ErrorBody),
     ))]
 pub(crate) async fn agent_connect(
-    state: State<Engine>,
-    query: Query<crate::agents::ConnectQuery>,
+    State(engine): State<Engine>,
+    Query(q): Query<crate::agents::ConnectQuery>,
     ws: axum::extract::WebSocketUpgrade,
-) -> Response {
-    crate::agents::link::connect(state, query, ws).await
+) -> Result<Response, ApiError> {
+    use crate::agents::link::{admit, serve, Refusal};
+    use futures_util::StreamExt;
+    let admitted = admit(&engine, &q).await.map_err(|r| match r {
+        Refusal::Invalid { code, message } => ApiError::bad(code, message, json!({})),
+        Refusal::Taken { code, message } => ApiError::Conflict {
+            code,
+            message,
+            details: json!({}),
+        },
+        Refusal::Unavailable { code, message } => ApiError::Unable { code, message },
+    })?;
+    Ok(ws.on_upgrade(move |socket| {
+        let (sink, stream) = socket.split();
+        let sink = futures_util::SinkExt::with(sink, |m: Ws| {
+            std::future::ready(Ok::<_, axum::Error>(m.0))
+        });
+        let stream = stream.map(|m| m.map(Ws));
+        serve(engine, admitted, sink, stream)
+    }))
+}
+
+/// axum's WebSocket message as the link's framing sees it (the agent's side has
+/// tungstenite's; the trait is the agent crate's, so this side wraps its type).
+struct Ws(axum::extract::ws::Message);
+
+impl gantry_agent::tunnel::LinkMessage for Ws {
+    fn binary(frame: Vec<u8>) -> Self {
+        Ws(axum::extract::ws::Message::Binary(frame.into()))
+    }
+
+    fn ping() -> Self {
+        Ws(axum::extract::ws::Message::Ping(bytes::Bytes::new()))
+    }
+
+    fn into_incoming(self) -> gantry_agent::tunnel::Incoming {
+        use axum::extract::ws::Message;
+        use gantry_agent::tunnel::Incoming;
+        match self.0 {
+            Message::Binary(b) => Incoming::Frame(b),
+            Message::Close(_) => Incoming::Close,
+            Message::Text(_) | Message::Ping(_) | Message::Pong(_) => Incoming::Other,
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/v1/backends", tag = "backends",

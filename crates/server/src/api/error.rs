@@ -31,6 +31,11 @@ pub enum ApiError {
     },
     /// The store cannot be reached: nothing was accepted or changed.
     Unavailable(String),
+    /// Something else this server cannot do now (a listener it cannot open), by code.
+    Unable {
+        code: &'static str,
+        message: String,
+    },
     /// No token, or one that is not (or no longer) valid.
     Unauthorized {
         code: &'static str,
@@ -103,6 +108,9 @@ impl IntoResponse for ApiError {
                 format!("{message}; nothing was accepted or changed, try again shortly"),
                 json!({}),
             ),
+            ApiError::Unable { code, message } => {
+                (StatusCode::SERVICE_UNAVAILABLE, code, message, json!({}))
+            }
             ApiError::Unauthorized { code, message } => {
                 let body = json!({"error": {"code": code, "message": message, "details": {}}});
                 return (
