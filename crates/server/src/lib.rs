@@ -1,27 +1,17 @@
-//! gantry's server: the engine (scheduler, one driver per backend, event bus) over a
-//! `Store`, and the v1 HTTP API in front of it. `start` runs it all on one listener
-//! until the shutdown token fires.
+//! gantry's server: the v1 HTTP API, the monitor page and the engine's followers
+//! (webhooks, metrics, the backends' feed) on top of `gantry-engine`. `Server::start`
+//! opens the store, starts the engine and serves it all on one listener until the
+//! shutdown token fires.
 
-pub mod agents;
 pub mod api;
 pub mod auth;
-pub mod backend;
-pub mod bus;
 pub mod callbacks;
-
-pub mod clock;
-pub mod cluster;
-
-pub mod config;
-
-pub mod engine;
-pub mod hooks;
-
 pub mod metrics;
 pub mod monitor;
-pub mod outputs;
-
 pub mod ui;
+
+// The engine's modules, under the names the server's code and its tests have used.
+pub use gantry_engine::{agents, backend, bus, clock, cluster, config, engine, hooks, outputs};
 
 use gantry_store::{PgStore, SqliteStore, Store};
 use std::net::SocketAddr;

@@ -229,7 +229,7 @@ impl Engine {
         self.inner.changed.notify_one();
     }
 
-    pub(crate) fn changed(&self) -> &Notify {
+    pub fn changed(&self) -> &Notify {
         &self.inner.changed
     }
 
