@@ -213,7 +213,9 @@ pub async fn run(config: AgentConfig, stop: CancellationToken) -> Result<(), Str
     }
     // The child goes down with the agent (SIGTERM to its group, then SIGKILL).
     if let Some(child) = child {
-        let _ = child.await;
+        if let Err(e) = child.await {
+            tracing::error!(error = %e, "the supervisor of the local ComfyUI ended abnormally");
+        }
     }
     Ok(())
 }
@@ -257,12 +259,22 @@ async fn run_command(
             };
             let exit = crate::process::run(&spec, &allow, tx, cancel.clone()).await;
             // Every line goes before the end.
-            let _ = forward.await;
+            if let Err(e) = forward.await {
+                tracing::error!(error = %e, "a command's output forwarder ended abnormally");
+            }
             exit
         }
     };
     cancel.cancel();
-    let mut report = serde_json::to_value(&exit).unwrap_or_default();
+    let mut report = match serde_json::to_value(&exit) {
+        Ok(v) => v,
+        // `Exit` is plain data: a failure is a bug, and the coordinator still hears the
+        // command ended (as lost: `cancelled`, retried) rather than a null it cannot read.
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialise a command's exit");
+            serde_json::json!({"outcome": "cancelled", "message": e.to_string()})
+        }
+    };
     report["type"] = "command_exit".into();
     report["job"] = job;
     report["attempt"] = attempt;

@@ -104,6 +104,8 @@ pub async fn run(
         exit.message = "the process ended before it could be followed".into();
         return exit;
     };
+    // The first event on a fresh channel: it always fits, and a caller that stopped
+    // listening needs no start.
     let _ = events.try_send(Event::Started { pid });
     let (lines_tx, mut lines) = mpsc::unbounded_channel();
     if let Some(out) = child.stdout.take() {

@@ -126,6 +126,8 @@ pub async fn run(
                 o.extend(e.clone());
             }
             shared.set_state(v.clone());
+            // The link reads reports while it lives; the state is kept in `shared` and
+            // sent again in the next hello, so one with no reader is not lost.
             let _ = reports.send(v);
         };
         let mut child = match spawn(&config) {
@@ -259,6 +261,7 @@ fn forward_output(child: &mut Child, shared: &Shared, reports: &mpsc::UnboundedS
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 shared.line(line.clone());
+                // Kept in `shared` too (the coordinator's logs route reads those).
                 let _ = reports.send(json!({"type": "log", "stream": stream, "line": line}));
             }
         });

@@ -124,6 +124,7 @@ impl Mux {
 
     /// Sends a control message; false when the link is gone.
     pub async fn send_control(&self, message: &serde_json::Value) -> bool {
+        // A `Value` always serialises (its map keys are strings).
         let bytes = serde_json::to_vec(message).unwrap_or_default();
         self.out.send(frame(0, DATA, &bytes)).await.is_ok()
     }

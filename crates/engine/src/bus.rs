@@ -108,6 +108,7 @@ impl Bus {
 
     pub fn publish(&self, event: BusEvent) {
         // No subscriber is fine: nobody is watching.
+        // Refused only when no one subscribes: nothing is waiting for it then.
         let _ = self.tx.send(event);
     }
 

@@ -152,6 +152,7 @@ fn spawn_progress(
     let done = done.clone();
     tokio::spawn(async move {
         delivery.run(body).await;
+        // Refused only once the deliverer stopped (shutdown): no progress waits then.
         let _ = done.send(job_id);
     });
 }

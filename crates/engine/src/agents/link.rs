@@ -113,6 +113,8 @@ pub(crate) fn on_control(engine: &Engine, name: &str, slot: &Slot, m: serde_json
         // An agent reports only the attempts it was given over this coordinator's
         // link: anything else is dropped.
         if let Some((_, tx)) = runs.get(&run_key(&m)) {
+            // Refused only once the attempt's task ended (it gave up on the command):
+            // nothing is waiting for what the agent says of it any more.
             let _ = tx.send(m);
         }
         return;
@@ -290,6 +292,7 @@ where
                 return true;
             }
             let lost = serde_json::json!({"type": "command_lost", "job": job, "attempt": attempt});
+            // As above: a task that already ended needs no word of the loss.
             let _ = tx.send(lost);
             false
         });

@@ -103,8 +103,8 @@ pub async fn run(
                 format!("cannot start the command: {e}"),
             )),
             Ok(rx) => {
-                let _ = engine
-                    .apply_held(&a.job_id, Input::Submitted { attempt: a.attempt })
+                engine
+                    .apply_or_log(&a.job_id, Input::Submitted { attempt: a.attempt })
                     .await;
                 follow(&engine, &backend, &a, rx, &mut stop, limit, grace).await
             }
@@ -169,7 +169,7 @@ async fn follow(
                 };
                 match m["type"].as_str() {
                     Some("command_started") => {
-                        let _ = engine.apply_held(&a.job_id, Input::Started { attempt: a.attempt }).await;
+                        engine.apply_or_log(&a.job_id, Input::Started { attempt: a.attempt }).await;
                     }
                     Some("command_output") => {
                         let line = m["line"].as_str().unwrap_or_default().to_owned();
@@ -213,7 +213,7 @@ async fn follow(
             _ = tokio::time::sleep_until(deadline_at), if deadline.is_some() => {
                 deadline = None;
                 let limit_ms = a.deadline.map_or(0, |(_, ms)| ms);
-                let _ = engine.apply_held(&a.job_id, Input::DeadlinePassed { limit_ms }).await;
+                engine.apply_or_log(&a.job_id, Input::DeadlinePassed { limit_ms }).await;
                 engine.agents().cancel_command(backend, &job, a.attempt).await;
                 abandoned = true;
                 give_up = give_up.min(Instant::now() + grace + WORD_SLACK);

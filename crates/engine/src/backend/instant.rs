@@ -63,9 +63,12 @@ pub async fn run(
                 ..
             } => {
                 if confirm {
-                    let _ = engine
+                    if let Err(e) = engine
                         .apply(&job_id, Input::CancelConfirmed { attempt })
-                        .await;
+                        .await
+                    {
+                        tracing::error!(backend = %name, job_id = %job_id, error = %e, "instant backend cannot record a cancel");
+                    }
                 }
                 free(&engine, &name, &job_id, attempt);
             }

@@ -244,7 +244,9 @@ async fn lose(engine: &Engine, name: &str) {
         .remove(name);
     if let Some((stop, handle)) = driver {
         stop.cancel();
-        let _ = handle.await;
+        if let Err(e) = handle.await {
+            tracing::error!(backend = %name, error = %e, "the backend's driver ended abnormally");
+        }
     }
     engine.drop_backend(name);
 }

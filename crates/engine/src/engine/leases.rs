@@ -77,7 +77,7 @@ impl Engine {
                     continue;
                 };
                 if job.state.is_terminal() || confirm {
-                    let _ = b.commands.send(Command::Stop {
+                    b.tell(Command::Stop {
                         job_id: job.id.clone(),
                         attempt: *n,
                         prompt_id: a.prompt_id.clone(),

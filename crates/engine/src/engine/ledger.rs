@@ -201,6 +201,20 @@ impl Engine {
         }
     }
 
+    /// As `apply_held`, for a caller with nothing better to do with a refusal than say it:
+    /// the write fails only when this coordinator lost the backend's lease (its next
+    /// driver takes over), stops, or the job is gone, and each is logged with the input.
+    pub async fn apply_or_log(&self, id: &JobId, input: Input) -> Option<Applied> {
+        let name = input.name();
+        match self.apply_held(id, input).await {
+            Ok(applied) => Some(applied),
+            Err(e) => {
+                tracing::warn!(job_id = %id, input = name, error = %e, "cannot record a job change");
+                None
+            }
+        }
+    }
+
     /// Apply `input` to job `id`: recompute on a concurrent change, record late inputs.
     /// A queued job starts from the queue index's copy instead of reading its row; that
     /// is safe because the write is conditional on the version, and a refusal is decided
@@ -339,10 +353,12 @@ impl Engine {
                 .remove(&job.id);
         }
         if ended && job.state.is_terminal() {
-            let _ = self
-                .inner
-                .callbacks
-                .send(crate::hooks::Notice::Ended(Arc::new(job.clone())));
+            let notice = crate::hooks::Notice::Ended(Arc::new(job.clone()));
+            if self.inner.callbacks.send(notice).is_err() {
+                // Only once the deliverer stopped (shutdown): the delivery is not lost,
+                // `callbacks::resume` sends what was not delivered at the next start.
+                tracing::debug!(job_id = %job.id, "webhook deliverer stopped; the callback is sent at the next start");
+            }
         }
     }
 
@@ -365,6 +381,8 @@ impl Engine {
                     "value": value,
                     "max": max,
                 });
+                // Progress is a moment's news: with the deliverer stopped (shutdown) it
+                // has no one to go to, and the next step says more.
                 let _ = self.inner.callbacks.send(crate::hooks::Notice::Progress {
                     job_id: event.job_id.clone(),
                     callback,
@@ -430,7 +448,7 @@ impl Engine {
                     let confirm = job.state == JobState::Running && job.cancel_requested;
                     let backends = self.backends();
                     if let Some(b) = backends.get(&backend) {
-                        let _ = b.commands.send(Command::Stop {
+                        b.tell(Command::Stop {
                             job_id: job.id.clone(),
                             attempt,
                             prompt_id,

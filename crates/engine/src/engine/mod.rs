@@ -46,6 +46,8 @@ pub enum Error {
     NotFound(JobId),
     #[error("{0}")]
     Agent(String),
+    #[error("{0}")]
+    Http(String),
 }
 
 impl Error {
@@ -122,7 +124,9 @@ impl Engine {
     pub async fn join_late(&self) {
         let handles = std::mem::take(&mut *self.lock_late());
         for h in handles {
-            let _ = h.await;
+            if let Err(e) = h.await {
+                tracing::error!(error = %e, "a backend's driver ended abnormally");
+            }
         }
     }
 

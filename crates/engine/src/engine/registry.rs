@@ -96,6 +96,21 @@ impl BackendState {
         }
     }
 
+    /// Hand `command` to the backend's driver. A driver stops only when this coordinator
+    /// stops or loses the backend's lease; whoever drives the backend next adopts what
+    /// runs there, so what the command asked is left to it, and said in the log.
+    pub fn tell(&self, command: Command) {
+        if let Err(mpsc::error::SendError(command)) = self.commands.send(command) {
+            let (what, job, attempt) = match &command {
+                Command::Run(a) => ("run", a.job_id.clone(), a.attempt),
+                Command::Stop {
+                    job_id, attempt, ..
+                } => ("stop", job_id.clone(), *attempt),
+            };
+            tracing::warn!(backend = %self.config.name, job_id = %job, attempt, "cannot {what} the attempt: the backend's driver has stopped; its next driver adopts what runs there");
+        }
+    }
+
     /// Take the node classes a (re)connection reported, unless the answer was empty: a
     /// known value is never replaced by an unknown one (DESIGN.md invariant 8, seed 002).
     pub fn learn_classes(&mut self, classes: HashSet<String>, models: ModelChoices) -> bool {

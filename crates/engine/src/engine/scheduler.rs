@@ -426,7 +426,7 @@ impl Engine {
                 if let Some(attempt) = job.live_attempt() {
                     let limits = self.limits_for(&job, backend);
                     let assignment = Assignment::new(&job, attempt, limits, false);
-                    let _ = b.commands.send(Command::Run(Box::new(assignment)));
+                    b.tell(Command::Run(Box::new(assignment)));
                 } else {
                     release(b);
                 }

@@ -58,7 +58,7 @@ impl Engine {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()
-            .unwrap_or_default();
+            .map_err(|e| Error::Http(format!("cannot make the HTTP client for backends: {e}")))?;
         let policy = Policy {
             backoff_base_ms: config.backoff_base.as_millis() as u64,
             backoff_max_ms: config.backoff_max.as_millis() as u64,

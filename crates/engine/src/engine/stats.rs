@@ -161,7 +161,11 @@ impl Engine {
                     .add(s);
             }
         }
-        let _ = self.inner.stats.send(samples);
+        if self.inner.stats.send(samples).is_err() {
+            // The stats writer stops only with the coordinator: these samples would be
+            // of an attempt ended during shutdown.
+            tracing::debug!(job_id = %job.id, "node samples not recorded: the stats writer has stopped");
+        }
     }
 
     /// Write node samples to the store's aggregates, gathered for up to a second, so

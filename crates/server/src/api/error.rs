@@ -61,7 +61,7 @@ impl From<engine::Error> for ApiError {
         match e {
             engine::Error::NotFound(id) => ApiError::NotFound(format!("no job {id}")),
             engine::Error::Store(e) => e.into(),
-            engine::Error::Agent(m) => ApiError::Internal(m),
+            engine::Error::Agent(m) | engine::Error::Http(m) => ApiError::Internal(m),
         }
     }
 }

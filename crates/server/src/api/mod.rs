@@ -151,6 +151,8 @@ async fn shape_errors(request: axum::extract::Request, next: axum::middleware::N
     let text = axum::body::to_bytes(body, 64 * 1024)
         .await
         .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        // axum's own refusal text, only to quote: without it the message still names
+        // the status.
         .unwrap_or_default();
     let reason = status
         .canonical_reason()
@@ -191,6 +193,13 @@ async fn shape_errors(request: axum::extract::Request, next: axum::middleware::N
     responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json")))]
 async fn openapi_json() -> Response {
     static DOC: OnceLock<String> = OnceLock::new();
-    let doc = DOC.get_or_init(|| openapi().to_json().unwrap_or_default());
+    let doc = DOC.get_or_init(|| {
+        openapi().to_json().unwrap_or_else(|e| {
+            // The document is made from types alone: a failure is a bug, and the route
+            // says so rather than answer an empty body.
+            tracing::error!(error = %e, "cannot serialise the OpenAPI document");
+            format!(r#"{{"error": "cannot serialise the OpenAPI document: {e}"}}"#)
+        })
+    });
     ([(header::CONTENT_TYPE, "application/json")], doc.as_str()).into_response()
 }

@@ -34,7 +34,17 @@ pub(crate) fn event_data(e: &Event) -> String {
         state: e.state,
         kind: e.kind.clone(),
     };
-    serde_json::to_string(&wire).unwrap_or_default()
+    json_of(&wire, "event")
+}
+
+/// A frame's JSON. Serialising gantry's own wire types cannot fail (no map has other
+/// than string keys, no value is a float NaN): a failure would be a bug, logged, and the
+/// frame carries an error object rather than an empty `data:`.
+pub(crate) fn json_of<T: serde::Serialize>(value: &T, what: &str) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| {
+        tracing::error!(error = %e, what, "cannot serialise a stream frame");
+        format!(r#"{{"error":"cannot serialise this {what}"}}"#)
+    })
 }
 
 pub(crate) fn sse_with(e: &Event, data: &str) -> SseEvent {
@@ -202,11 +212,14 @@ pub(crate) async fn all_events(
         None
     };
     if let Some(reason) = resync {
-        let data = serde_json::to_string(&wire::Resync {
-            seq: newest,
-            reason,
-        })
-        .unwrap_or_default();
+        let data = json_of(
+            &wire::Resync {
+                seq: newest,
+                reason,
+            },
+            "resync",
+        );
+        // The channel is new and empty: the one frame always fits.
         let _ = tx.try_send(frame(None, "resync", &data));
         drop(tx);
         return Ok(farm_body(rx));
@@ -289,13 +302,7 @@ pub(crate) async fn all_events(
                         }
                     }
                     Ok(BusEvent::BackendState(b)) => {
-                        let bytes = b.frame(|b| {
-                            frame(
-                                None,
-                                "backend",
-                                &serde_json::to_string(b).unwrap_or_default(),
-                            )
-                        });
+                        let bytes = b.frame(|b| frame(None, "backend", &json_of(b, "backend row")));
                         feed.flush().await && feed.tx.send(bytes).await.is_ok()
                     }
                     // A command's output goes to its job's stream only.
@@ -541,7 +548,7 @@ impl Feed {
     /// Every backend's row as it is now.
     async fn backends(&mut self, engine: &Engine) -> bool {
         for (b, _) in backend_rows(engine) {
-            let data = serde_json::to_string(&b).unwrap_or_default();
+            let data = json_of(&b, "backend row");
             if self.tx.send(frame(None, "backend", &data)).await.is_err() {
                 return false;
             }
@@ -572,13 +579,15 @@ pub(crate) fn live_kind(l: &crate::bus::LiveEvent) -> &'static str {
 
 /// A live event's JSON as the streams send it.
 pub(crate) fn live_data(l: &crate::bus::LiveEvent) -> String {
-    serde_json::to_string(&wire::LiveEvent {
-        job_id: l.job_id.to_string(),
-        attempt: l.attempt,
-        backend: l.backend.clone(),
-        kind: l.kind.clone(),
-    })
-    .unwrap_or_default()
+    json_of(
+        &wire::LiveEvent {
+            job_id: l.job_id.to_string(),
+            attempt: l.attempt,
+            backend: l.backend.clone(),
+            kind: l.kind.clone(),
+        },
+        "live event",
+    )
 }
 
 /// Send every stored event after `last`; false once the client has left.

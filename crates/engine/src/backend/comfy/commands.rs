@@ -138,6 +138,8 @@ impl Driver {
                 Stage::Pending => self.dequeue_for_cancel().await,
                 Stage::Executing => {
                     if let Some(client) = &self.client {
+                        // The cancel's grace (`stop_grace_passed`) covers an interrupt
+                        // that did not land: the prompt is then drained.
                         let _ = client.interrupt(Some(&prompt_id)).await;
                     }
                 }
@@ -252,6 +254,7 @@ impl Driver {
         let Some(pid) = self.current.as_ref().map(|c| c.a.prompt_id.clone()) else {
             return;
         };
+        // Whether it landed is read from `/queue` just below.
         let _ = client.delete_pending(std::slice::from_ref(&pid)).await;
         match client.queue().await {
             Ok(q) if q.queue_running.iter().any(|i| i.prompt_id == pid) => {

@@ -63,6 +63,8 @@ impl Driver {
     pub(super) async fn stop_on_backend(&self, prompt_id: &str, stage: Option<Stage>) {
         let Some(client) = &self.client else { return };
         if stage != Some(Stage::Executing) {
+            // Best effort, each: the drain asks `/queue` until the prompt is gone and
+            // says it again (`drain_check`), so a request lost here is repeated there.
             let _ = client.delete_pending(&[prompt_id.to_owned()]).await;
         }
         if stage != Some(Stage::Pending) {
