@@ -776,4 +776,6 @@ fn live_attempt_mut(job: &mut Job, number: u32) -> Option<&mut Attempt> {
 }
 
 #[cfg(test)]
+mod table;
+#[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
 //! Hand-written traces of `transition`: one story per test (a happy path, a late success,
 //! a cancel racing the end, retries and their delays), each checking the steps it tells.
+//! `table` holds the exhaustive check of every (situation, input) pair.
 
 use super::*;
 use crate::job::{JobId, JobSpec, Timeouts};
