@@ -98,7 +98,8 @@ pub struct State {
     runs: u64,
     /// A `hang-before-start` fault has stuck the worker.
     pub hung: bool,
-    /// Dequeued (and shown as running) but not yet picked up by the worker task.
+    /// Dequeued (and shown as running) but not yet started by the worker task; no prompt
+    /// is enqueued meanwhile (`Sim::enqueue`).
     ready: Option<Item>,
     /// The running prompt's messages are not sent (`ws-silent`).
     silent: bool,
@@ -205,6 +206,8 @@ pub struct Sim {
     pub faults: Mutex<FaultSet>,
     /// Wakes the worker: the queue or the faults changed.
     pub wake: Notify,
+    /// Wakes `POST /prompt`s held back by a dequeued prompt: it has started.
+    started: Notify,
     /// ComfyUI's processing-interrupted flag.
     pub interrupt: AtomicBool,
     next_conn: AtomicU64,
@@ -242,6 +245,7 @@ impl Sim {
             state: Mutex::new(State::default()),
             faults: Mutex::new(faults),
             wake: Notify::new(),
+            started: Notify::new(),
             interrupt: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
             crash_tx,
@@ -284,6 +288,7 @@ impl Sim {
         }
         *st = State::default();
         self.interrupt.store(false, Ordering::SeqCst);
+        self.started.notify_waiters();
     }
 
     /// Every file of the input folder as `sub/name` (or `name`): what LoadImage's and
@@ -358,18 +363,19 @@ impl Sim {
     /// The worker: ComfyUI's prompt_worker loop. Runs until its life is cancelled.
     pub async fn worker(self: Arc<Self>) {
         loop {
-            let item = loop {
+            let started = loop {
                 let notified = self.wake.notified();
                 {
                     let mut st = self.state();
                     self.dequeue(&mut st);
                     if let Some(item) = st.ready.take() {
-                        break item;
+                        break self.start(&mut st, item);
                     }
                 }
                 notified.await;
             };
-            self.run(item).await;
+            self.started.notify_waiters();
+            self.run(started).await;
         }
     }
 
@@ -383,6 +389,27 @@ impl Sim {
             .replace(faults);
         if !hang {
             self.state().hung = false;
+        }
+        self.wake.notify_waiters();
+    }
+
+    /// `POST /prompt`'s enqueue: the prompt joins the queue, and is dequeued at once when
+    /// nothing runs. While a dequeued prompt waits for the worker task to start it, the
+    /// enqueue waits too: ComfyUI's worker thread sends `execution_start` right after the
+    /// dequeue `status` while the server's loop is still validating the next POST, so no
+    /// enqueue `status` ever comes between the two.
+    pub async fn enqueue(&self, item: Item) {
+        loop {
+            let started = self.started.notified();
+            {
+                let mut st = self.state();
+                if st.ready.is_none() {
+                    st.push(item);
+                    self.dequeue(&mut st);
+                    break;
+                }
+            }
+            started.await;
         }
         self.wake.notify_waiters();
     }

@@ -1,10 +1,13 @@
 //! One prompt's run, from `execution_start` to its history entry and end marker, and the
 //! messages a run sends on the way (`add_message`, `progress_state`, `progress`, previews),
 //! with the stall fault that freezes them. What each node does is in `execute`.
+//!
+//! A run begins in `Sim::start`, in the worker's critical section that takes the prompt,
+//! and goes on in `Sim::run`.
 
 use super::cache::{execution_order, signature};
 use super::execute::Data;
-use super::{Item, Out, RunRecord, Sim, MAX_HISTORY, POLL};
+use super::{Item, Out, RunRecord, Sim, State, MAX_HISTORY, POLL};
 use crate::faults::Kind;
 use crate::image::Picture;
 use bytes::Bytes;
@@ -29,14 +32,51 @@ pub(super) enum Stop {
     },
 }
 
+/// A prompt the worker took whose `execution_start` is sent: the rest of its run.
+#[derive(Debug)]
+pub(super) struct Started {
+    item: Item,
+    /// The faults that hit this run.
+    kinds: Vec<Kind>,
+    /// `crash`: die at the first node, then restart after the duration (or stay down).
+    crash: Option<Option<Duration>>,
+    started_us: i64,
+    /// `execution_start`, for the history entry.
+    messages: Vec<(String, Value)>,
+}
+
+impl State {
+    /// execution.py add_message: recorded for history; sent to the prompt's client, or
+    /// broadcast when `broadcast` and the prompt has none; never sent while ws-silent.
+    fn add_message(
+        &self,
+        messages: &mut Vec<(String, Value)>,
+        client_id: Option<&str>,
+        event: &str,
+        mut data: Value,
+        broadcast: bool,
+    ) {
+        if let Some(m) = data.as_object_mut() {
+            m.insert("timestamp".into(), Value::from(now_ms()));
+        }
+        messages.push((event.to_string(), data.clone()));
+        if (client_id.is_some() || broadcast) && !self.silent {
+            self.send(event, data, client_id);
+        }
+    }
+}
+
 impl Sim {
-    pub(super) async fn run(&self, item: Item) {
-        let faults = {
+    /// The start of a run, up to `execution_start`: which faults hit it, and the flags
+    /// ComfyUI's execute_async sets first. Called by the worker with the lock held as it
+    /// takes the dequeued prompt, so nothing but that prompt's own frames can follow the
+    /// dequeue `status` (`Sim::enqueue` waits for this).
+    pub(super) fn start(&self, st: &mut State, item: Item) -> Started {
+        let (kinds, crash) = {
             let mut f = self.faults.lock().unwrap_or_else(|p| p.into_inner());
             let kinds = f.roll(|k| !matches!(k, Kind::HangBeforeStart | Kind::Crash { .. }));
-            let runs = self.state().runs;
             let crash = match f.crash() {
-                Some((after, restart, _)) if runs >= after => {
+                Some((after, restart, _)) if st.runs >= after => {
                     let hit = f.roll(|k| matches!(k, Kind::Crash { .. }));
                     (!hit.is_empty()).then_some(restart)
                 }
@@ -44,7 +84,54 @@ impl Sim {
             };
             (kinds, crash)
         };
-        let (kinds, crash) = faults;
+        if let Some(after) = kinds.iter().find_map(|k| match k {
+            Kind::WsDrop { after } => Some(*after),
+            _ => None,
+        }) {
+            let sim_drop = self.scaled(after, 1.0);
+            let sockets: Vec<mpsc::UnboundedSender<Out>> =
+                st.sockets.values().map(|s| s.tx.clone()).collect();
+            tokio::spawn(async move {
+                tokio::time::sleep(sim_drop).await;
+                for tx in sockets {
+                    let _ = tx.send(Out::Drop);
+                }
+            });
+        }
+        let client_id = item.client_id();
+        let started_us = now_us();
+        // execute_async: the flag is cleared when a prompt starts.
+        self.interrupt.store(false, Ordering::SeqCst);
+        st.runs += 1;
+        st.client_id = client_id.clone();
+        st.silent = kinds.iter().any(|k| matches!(k, Kind::WsSilent));
+        let mut messages = Vec::new();
+        st.add_message(
+            &mut messages,
+            client_id.as_deref(),
+            "execution_start",
+            json!({"prompt_id": item.prompt_id}),
+            false,
+        );
+        Started {
+            item,
+            kinds,
+            crash,
+            started_us,
+            messages,
+        }
+    }
+
+    /// The rest of a run, on the worker task: the cache, every node, the history entry and
+    /// the end marker.
+    pub(super) async fn run(&self, started: Started) {
+        let Started {
+            item,
+            kinds,
+            crash,
+            started_us,
+            mut messages,
+        } = started;
         let slow: f64 = kinds
             .iter()
             .map(|k| match k {
@@ -53,37 +140,8 @@ impl Sim {
             })
             .product();
         let lose_history = kinds.iter().any(|k| matches!(k, Kind::LoseHistory));
-        if let Some(after) = kinds.iter().find_map(|k| match k {
-            Kind::WsDrop { after } => Some(*after),
-            _ => None,
-        }) {
-            let sim_drop = self.scaled(after, 1.0);
-            let sockets: Vec<mpsc::UnboundedSender<Out>> = self
-                .state()
-                .sockets
-                .values()
-                .map(|s| s.tx.clone())
-                .collect();
-            tokio::spawn(async move {
-                tokio::time::sleep(sim_drop).await;
-                for tx in sockets {
-                    let _ = tx.send(Out::Drop);
-                }
-            });
-        }
-
         let prompt_id = item.prompt_id.clone();
         let client_id = item.client_id();
-        let started_us = now_us();
-        let mut messages: Vec<(String, Value)> = Vec::new();
-        // execute_async: the flag is cleared when a prompt starts.
-        self.interrupt.store(false, Ordering::SeqCst);
-        {
-            let mut st = self.state();
-            st.runs += 1;
-            st.client_id = client_id.clone();
-            st.silent = kinds.iter().any(|k| matches!(k, Kind::WsSilent));
-        }
         let mut run = Run {
             sim: self,
             item: &item,
@@ -96,13 +154,6 @@ impl Sim {
             stalled: false,
             crash,
         };
-        run.add_message(
-            &mut messages,
-            "execution_start",
-            json!({"prompt_id": prompt_id}),
-            false,
-        );
-
         // Signatures of every node; the cache keeps only what this prompt uses.
         let mut sigs: HashMap<String, String> = HashMap::new();
         for id in item.prompt.keys() {
@@ -265,22 +316,17 @@ fn float(f: f64) -> Number {
 }
 
 impl Run<'_> {
-    /// execution.py add_message: recorded for history; sent to the prompt's client, or
-    /// broadcast when `broadcast` and the prompt has none.
+    /// `State::add_message` for this run's client.
     fn add_message(
         &self,
         messages: &mut Vec<(String, Value)>,
         event: &str,
-        mut data: Value,
+        data: Value,
         broadcast: bool,
     ) {
-        if let Some(m) = data.as_object_mut() {
-            m.insert("timestamp".into(), Value::from(now_ms()));
-        }
-        messages.push((event.to_string(), data.clone()));
-        if self.client_id.is_some() || broadcast {
-            self.send(event, data);
-        }
+        self.sim
+            .state()
+            .add_message(messages, self.client_id.as_deref(), event, data, broadcast);
     }
 
     /// send_sync to the prompt's client (broadcast when it has none), unless ws-silent.
