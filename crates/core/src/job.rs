@@ -8,9 +8,7 @@ use utoipa::ToSchema;
 
 use crate::workflow::Workflow;
 
-/// Wall-clock milliseconds since the Unix epoch. Core never reads a clock: callers pass
-/// `now` in, so tests choose the time.
-pub type Millis = i64;
+pub use crate::clock::Millis;
 
 /// A job's id: a UUID, parsed at the edge.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]

@@ -171,18 +171,14 @@ async fn post_prompt(State(app): State<App>, body: Bytes) -> Response {
             outputs,
             node_errors,
         } => {
-            {
-                let mut st = sim.state();
-                st.push(Item {
-                    number: number.clone(),
-                    prompt_id: prompt_id.clone(),
-                    prompt: graph,
-                    extra_data,
-                    outputs,
-                });
-                sim.dequeue(&mut st);
-            }
-            sim.wake.notify_waiters();
+            sim.enqueue(Item {
+                number: number.clone(),
+                prompt_id: prompt_id.clone(),
+                prompt: graph,
+                extra_data,
+                outputs,
+            })
+            .await;
             ok_json(&json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors}))
         }
         Verdict::Rejected { error, node_errors } => json_response(
