@@ -8,7 +8,8 @@ module (`src/a.rs` and `src/a/mod.rs` are `a`, `src/a/b.rs` is `a::b`); an arrow
 from a file to the module a `crate::`, `super::` or `self::` path in it names (the
 longest module prefix of the path). A module's own children and parent are modules like
 any other: a parent that re-exports from a child and a child that imports through its
-parent make a circle.
+parent make a circle. Test code is left out (a `#[cfg(test)]` inline module, and a
+module a `#[cfg(test)] mod name;` declares): a test may reach anywhere.
 
 Prints the crate graph and, per crate, the module graph (one line per module: what it
 imports), then every circle found. Exits 1 when a circle is found that is not in
@@ -62,29 +63,36 @@ def strip_comments(text):
     return "\n".join(out)
 
 
-def inline_modules_flattened(text):
-    """Inside an inline `mod name { ... }` (tests, mostly), `super::` is the file's own
-    module: rewrite it as `self::` so the arrow lands on the file."""
-    lines = text.split("\n")
-    depth_of_inline = []
-    depth = 0
-    out = []
-    for line in lines:
-        opening = re.match(r"^\s*(pub(\([a-z]+\))?\s+)?mod\s+\w+\s*\{", line)
-        if depth_of_inline:
-            line = re.sub(r"\bsuper::", "self::", line)
-        out.append(line)
-        if opening:
-            depth_of_inline.append(depth)
-        depth += line.count("{") - line.count("}")
-        while depth_of_inline and depth <= depth_of_inline[-1]:
-            depth_of_inline.pop()
-    return "\n".join(out)
+TEST_MOD_FILE = re.compile(r"#\[cfg\(test\)\]\s*(?:pub(?:\([a-z]+\))?\s+)?mod\s+(\w+)\s*;")
+TEST_MOD_BLOCK = re.compile(r"#\[cfg\(test\)\]\s*(?:pub(?:\([a-z]+\))?\s+)?mod\s+\w+\s*\{")
+
+
+def without_test_blocks(text):
+    """The text with every `#[cfg(test)] mod name { ... }` cut out."""
+    while True:
+        m = TEST_MOD_BLOCK.search(text)
+        if not m:
+            return text
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        text = text[: m.start()] + text[i:]
 
 
 def arrows_of(src: pathlib.Path):
     files = sorted(src.rglob("*.rs"))
     modules = {module_of(src, f): f for f in files}
+    # Modules that exist only for tests, and their descendants, are not rooms of the house.
+    test_only = set()
+    for module, file in modules.items():
+        for name in TEST_MOD_FILE.findall(strip_comments(file.read_text())):
+            test_only.add(module + (name,))
+    modules = {
+        m: f
+        for m, f in modules.items()
+        if not any(m[: len(t)] == t for t in test_only)
+    }
     graph = {m: set() for m in modules}
 
     def resolve(here, head, rest):
@@ -107,7 +115,7 @@ def arrows_of(src: pathlib.Path):
     for module, file in modules.items():
         # A file that is a directory's mod.rs sits one level below its path.
         here = module
-        text = inline_modules_flattened(strip_comments(file.read_text()))
+        text = without_test_blocks(strip_comments(file.read_text()))
         targets = set()
         for head, tail, group in USE_GROUP.findall(text):
             prefix = [p for p in tail.split("::") if p]

@@ -463,3 +463,25 @@ impl Job {
         self.excluded.iter().any(|e| e.backend == backend)
     }
 }
+
+impl crate::profile::AttemptTimes for Attempt {
+    fn prompt_id(&self) -> &str {
+        &self.prompt_id
+    }
+
+    fn created_at(&self) -> Millis {
+        self.created_at
+    }
+
+    fn submitted_at(&self) -> Option<Millis> {
+        self.submitted_at
+    }
+
+    fn started_at(&self) -> Option<Millis> {
+        self.started_at
+    }
+
+    fn finished_at(&self) -> Option<Millis> {
+        self.finished_at
+    }
+}

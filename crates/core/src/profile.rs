@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use utoipa::ToSchema;
 
-use crate::job::{Attempt, Millis};
+use crate::clock::Millis;
 use crate::workflow::Workflow;
 
 /// Most progress points kept per node: the first, the last, and an evenly thinned middle.
@@ -209,6 +209,16 @@ pub enum NodeStep {
     Cached(Vec<String>),
 }
 
+/// When an attempt went through its phases, as its record says (`job::Attempt`): what a
+/// profile takes from the record for what it did not hear.
+pub trait AttemptTimes {
+    fn prompt_id(&self) -> &str;
+    fn created_at(&self) -> Millis;
+    fn submitted_at(&self) -> Option<Millis>;
+    fn started_at(&self) -> Option<Millis>;
+    fn finished_at(&self) -> Option<Millis>;
+}
+
 /// The record of one attempt as it runs.
 #[derive(Clone, Debug, Default)]
 pub struct ProfileBuilder {
@@ -402,7 +412,7 @@ impl ProfileBuilder {
     }
 
     /// The profile of `attempt` (now ended) of a job running `workflow`.
-    pub fn finish(&self, workflow: &Workflow, attempt: &Attempt) -> AttemptProfile {
+    pub fn finish(&self, workflow: &Workflow, attempt: &impl AttemptTimes) -> AttemptProfile {
         let complete = self.gaps.is_empty() && self.ended_at.is_some();
         let mut ids: Vec<&String> = self.order.iter().collect();
         let mut rest: Vec<&String> = workflow
@@ -486,22 +496,22 @@ impl ProfileBuilder {
                 .map(|n| n.id.clone())
                 .collect(),
         };
-        let started_at = self.started_at.or(attempt.started_at);
-        let completed_at = self.ended_at.or(attempt.finished_at);
+        let started_at = self.started_at.or(attempt.started_at());
+        let completed_at = self.ended_at.or(attempt.finished_at());
         let mut gaps = self.gaps.clone();
         if let Some(last) = gaps.last_mut() {
             if last.to.is_none() {
-                last.to = attempt.finished_at;
+                last.to = attempt.finished_at();
             }
         }
         AttemptProfile {
-            prompt_id: attempt.prompt_id.clone(),
-            queued_at: attempt.submitted_at,
+            prompt_id: attempt.prompt_id().to_owned(),
+            queued_at: attempt.submitted_at(),
             started_at,
             completed_at,
-            queue_ms: attempt.submitted_at.zip(started_at).map(|(q, s)| s - q),
+            queue_ms: attempt.submitted_at().zip(started_at).map(|(q, s)| s - q),
             execution_ms: started_at.zip(completed_at).map(|(s, c)| c - s),
-            total_ms: completed_at.map(|c| c - attempt.created_at),
+            total_ms: completed_at.map(|c| c - attempt.created_at()),
             nodes,
             summary,
             complete,
@@ -513,6 +523,7 @@ impl ProfileBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::Attempt;
 
     #[test]
     fn a_status_name_is_its_wire_name() {

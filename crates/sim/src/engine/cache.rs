@@ -1,9 +1,23 @@
 //! ComfyUI's classic output cache: the signature that says two nodes compute the same
 //! thing, and the order a prompt runs in, which skips what the cache already holds.
 
-use super::execute::Data;
+use crate::image::Picture;
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
+
+/// A value flowing along a link.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Data {
+    Image(Picture),
+    /// LoadAudio's file, passed on as bytes (the simulator does not decode audio).
+    Audio(std::sync::Arc<Vec<u8>>),
+    Latent {
+        width: u32,
+        height: u32,
+        seed: u64,
+    },
+    Opaque(&'static str),
+}
 
 /// What the output cache keeps for one node signature.
 #[derive(Debug, Clone)]

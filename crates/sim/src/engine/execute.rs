@@ -2,7 +2,7 @@
 //! faults aimed at it (error, out of memory, stall at 0%), the files it reads and writes,
 //! and the values it passes along its links; a node found in the cache only replays it.
 
-use super::cache::{is_always_run, Cached};
+use super::cache::{is_always_run, Cached, Data};
 use super::run::{Run, Stop};
 use crate::faults::Kind;
 use crate::image::{next_file_name, Picture};
@@ -10,20 +10,6 @@ use crate::nodes::{cost, Catalog, Cost};
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
-
-/// A value flowing along a link.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) enum Data {
-    Image(Picture),
-    /// LoadAudio's file, passed on as bytes (the simulator does not decode audio).
-    Audio(std::sync::Arc<Vec<u8>>),
-    Latent {
-        width: u32,
-        height: u32,
-        seed: u64,
-    },
-    Opaque(&'static str),
-}
 
 impl Run<'_> {
     /// Executes (or serves from cache) one node. Ok(true) when it really executed.

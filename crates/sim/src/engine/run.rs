@@ -5,8 +5,7 @@
 //! A run begins in `Sim::start`, in the worker's critical section that takes the prompt,
 //! and goes on in `Sim::run`.
 
-use super::cache::{execution_order, signature};
-use super::execute::Data;
+use super::cache::{execution_order, signature, Data};
 use super::{Item, Out, RunRecord, Sim, State, MAX_HISTORY, POLL};
 use crate::faults::Kind;
 use crate::image::Picture;
