@@ -41,8 +41,8 @@
 //!
 //! Any of these broken is listed under `problems`, and `gantry bench` then exits 1.
 
-use super::failover::{duration, rfc3339_ms};
-use super::{backends_toml, http, now_us, Results, ServerProc, Sims, Stats};
+use super::failover::rfc3339_ms;
+use super::{backends_toml, http, now_us, Binary, Results, ServerProc, Sims, Stats};
 use anyhow::{bail, Context};
 use gantry_core::{AttemptStatus, Job, JobId, JobState};
 use gantry_store::{JobFilter, Leases, Store};
@@ -92,45 +92,34 @@ const MIXES: [&[&str]; 8] = [
 /// The mix whose hang needs an operator.
 const HANG_MIX: usize = 2;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench chaos` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Jobs to send (every one until acknowledged).
-    #[arg(long, default_value_t = 10_000)]
-    jobs: usize,
+    pub jobs: usize,
     /// Simulated backends, each with a mix of faults (eight mixes, repeated beyond).
-    #[arg(long, default_value_t = 8)]
-    sims: usize,
+    pub sims: usize,
     /// SIGKILLs of a coordinator, each followed by its restart.
-    #[arg(long, default_value_t = 2)]
-    kills: usize,
+    pub kills: usize,
     /// A PostgreSQL database: `--coordinators` share a fresh schema in it (dropped at
     /// the end). Without it, one coordinator on the embedded store.
-    #[arg(long, value_name = "URL")]
-    store: Option<String>,
+    pub store: Option<String>,
     /// Coordinators on the Postgres store.
-    #[arg(long, default_value_t = 2)]
-    coordinators: usize,
+    pub coordinators: usize,
     /// The seed of the load, the faults and the kill points (random when not given;
     /// printed either way).
-    #[arg(long, env = "GANTRY_CHAOS_SEED")]
-    seed: Option<u64>,
+    pub seed: Option<u64>,
     /// Simulator speed (times faster than real).
-    #[arg(long, default_value_t = 20.0)]
-    speed: f64,
+    pub speed: f64,
     /// The server's start, first-progress and node-stall limits.
-    #[arg(long, default_value = "1s", value_parser = duration)]
-    limit: Duration,
+    pub limit: Duration,
     /// Jobs sent and not yet terminal, at most.
-    #[arg(long, default_value_t = 32)]
-    window: usize,
+    pub window: usize,
     /// Every job must be terminal this long after the later of the last acknowledged
     /// submit and the last restart; also the longest the run may go without a job
     /// ending while some are outstanding.
-    #[arg(long, default_value = "2m", value_parser = duration)]
-    settle: Duration,
+    pub settle: Duration,
     /// The lease of each backend (Postgres store).
-    #[arg(long, default_value = "2s", value_parser = duration)]
-    lease: Duration,
+    pub lease: Duration,
 }
 
 /// What kind of job the load sent.
@@ -266,7 +255,7 @@ struct Kill {
     ready_ms: i64,
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.sims == 0 || a.window == 0 {
         bail!("--jobs, --sims and --window must be at least 1");
     }
@@ -310,7 +299,13 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
 
     let http = http();
     let started = Instant::now();
-    let sims = Sims::spawn_args(a.sims, a.speed, &["--seed".into(), seed.to_string()]).await?;
+    let sims = Sims::spawn_args(
+        gantry,
+        a.sims,
+        a.speed,
+        &["--seed".into(), seed.to_string()],
+    )
+    .await?;
     for (i, url) in sims.urls.iter().enumerate() {
         set_faults(&http, url, MIXES[i % MIXES.len()]).await?;
     }
@@ -348,7 +343,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         backends_toml(&sims.urls, &format!("{top}{common}"))
     };
     for c in &mut coords {
-        let proc = ServerProc::spawn(&c.data, &config_of(c)).await?;
+        let proc = ServerProc::spawn(gantry, &c.data, &config_of(c)).await?;
         healthy(&http, &proc.url).await?;
         c.proc = Some(proc);
     }
@@ -425,7 +420,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
                 .context("cannot SIGKILL gantry serve")?;
         }
         let spawned = Instant::now();
-        let proc = ServerProc::spawn(&c.data, &config_of(c)).await?;
+        let proc = ServerProc::spawn(gantry, &c.data, &config_of(c)).await?;
         let serving_ms = spawned.elapsed().as_secs_f64() * 1000.0;
         healthy(&http, &proc.url).await?;
         let healthy_ms = spawned.elapsed().as_secs_f64() * 1000.0;

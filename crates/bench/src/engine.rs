@@ -14,20 +14,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench engine` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Jobs to run.
-    #[arg(long, default_value_t = 50_000)]
-    jobs: usize,
+    pub jobs: usize,
     /// In-process backends.
-    #[arg(long, default_value_t = 64)]
-    backends: usize,
+    pub backends: usize,
     /// Tasks submitting at once.
-    #[arg(long, default_value_t = 256)]
-    submitters: usize,
+    pub submitters: usize,
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.backends == 0 || a.submitters == 0 {
         bail!("--jobs, --backends and --submitters must be at least 1");
     }

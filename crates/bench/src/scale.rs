@@ -19,8 +19,8 @@
 //!   between two prompts while jobs wait), so that S streams can be seen not to slow it.
 
 use super::{
-    backends_toml, follow_events, http, ms, now_us, sleep_workflow, submit, Results, ServerProc,
-    Sims, Stats, StreamEvent,
+    backends_toml, follow_events, http, ms, now_us, sleep_workflow, submit, Binary, Results,
+    ServerProc, Sims, Stats, StreamEvent,
 };
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -31,56 +31,44 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Part {
+/// The parts of the scenario (`--parts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
     Backends,
     Queue,
     Fanout,
 }
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench scale` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Which parts to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values = ["backends", "queue", "fanout"])]
-    parts: Vec<Part>,
+    pub parts: Vec<Part>,
     /// Backend counts for the memory-per-backend part, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 100, 1000])]
-    backends: Vec<usize>,
+    pub backends: Vec<usize>,
     /// Queue depths (parked jobs) for the queue part, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [100usize, 10_000, 100_000])]
-    queued: Vec<usize>,
+    pub queued: Vec<usize>,
     /// Event subscriber counts for the fan-out part, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 10, 200])]
-    subscribers: Vec<usize>,
+    pub subscribers: Vec<usize>,
     /// Submissions in flight at once while filling a queue.
-    #[arg(long, default_value_t = 32)]
-    in_flight: usize,
+    pub in_flight: usize,
     /// Longest time spent submitting one queue, in seconds; past it the queue is capped
     /// at what was submitted, and the table says so.
-    #[arg(long, default_value_t = 180)]
-    submit_budget_s: u64,
+    pub submit_budget_s: u64,
     /// Probe jobs per queue depth at a higher priority than the parked jobs.
-    #[arg(long, default_value_t = 50)]
-    probes: usize,
+    pub probes: usize,
     /// Probe jobs per queue depth at the parked jobs' priority (stops at the first that
     /// is not dispatched in time).
-    #[arg(long, default_value_t = 5)]
-    equal_probes: usize,
+    pub equal_probes: usize,
     /// How long a probe may wait for its dispatch before it counts as starved, in seconds.
-    #[arg(long, default_value_t = 5)]
-    probe_timeout_s: u64,
+    pub probe_timeout_s: u64,
     /// Simulated backends in the fan-out part.
-    #[arg(long, default_value_t = 8)]
-    fanout_backends: usize,
+    pub fanout_backends: usize,
     /// Jobs in the fan-out batch.
-    #[arg(long, default_value_t = 200)]
-    fanout_jobs: usize,
+    pub fanout_jobs: usize,
     /// How long each fan-out job (and each probe) runs on its backend, in ms.
-    #[arg(long, default_value_t = 50)]
-    job_ms: u64,
+    pub job_ms: u64,
     /// Longest wait for the backends to connect, in seconds.
-    #[arg(long, default_value_t = 180)]
-    connect_timeout_s: u64,
+    pub connect_timeout_s: u64,
 }
 
 /// A URL on which nothing listens (the discard port): its backend never connects, so its
@@ -88,7 +76,7 @@ pub struct Args {
 const NOWHERE: &str = "http://127.0.0.1:9";
 const PARK_TAG: &str = "parked";
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.in_flight == 0 || a.fanout_backends == 0 || a.fanout_jobs == 0 {
         bail!("--in-flight, --fanout-backends and --fanout-jobs must be at least 1");
     }
@@ -97,17 +85,21 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
     let mut doc = serde_json::Map::new();
     doc.insert("open_files_limit".into(), json!(open_files_limit()));
     if a.parts.contains(&Part::Backends) {
-        let (lines, v) = backends_part(&a, &http).await.context("backends part")?;
+        let (lines, v) = backends_part(&a, gantry, &http)
+            .await
+            .context("backends part")?;
         table.extend(lines);
         doc.insert("backends".into(), v);
     }
     if a.parts.contains(&Part::Queue) {
-        let (lines, v) = queue_part(&a, &http).await.context("queue part")?;
+        let (lines, v) = queue_part(&a, gantry, &http).await.context("queue part")?;
         table.extend(lines);
         doc.insert("queue".into(), v);
     }
     if a.parts.contains(&Part::Fanout) {
-        let (lines, v) = fanout_part(&a, &http).await.context("fan-out part")?;
+        let (lines, v) = fanout_part(&a, gantry, &http)
+            .await
+            .context("fan-out part")?;
         table.extend(lines);
         doc.insert("fanout".into(), v);
     }
@@ -329,14 +321,18 @@ fn opt_f(v: Option<f64>, digits: usize) -> String {
 // ---------------------------------------------------------------------------------------
 // (a) Memory per backend.
 
-async fn backends_part(a: &Args, http: &reqwest::Client) -> anyhow::Result<(Vec<String>, Value)> {
+async fn backends_part(
+    a: &Options,
+    gantry: &Binary,
+    http: &reqwest::Client,
+) -> anyhow::Result<(Vec<String>, Value)> {
     let counts = levels(&a.backends);
     let mut table = vec!["[backends] server RSS with B connected simulated backends".to_owned()];
     let mut rows = Vec::new();
     let mut points: Vec<(usize, u64)> = Vec::new();
     for &b in &counts {
         eprintln!("scale/backends: B={b}");
-        match one_backend_count(a, http, b).await {
+        match one_backend_count(a, gantry, http, b).await {
             Ok(row) => {
                 if let (Some(rss), true) = (row["rss_kib"].as_u64(), row["all_connected"] == true) {
                     points.push((b, rss));
@@ -379,15 +375,20 @@ async fn backends_part(a: &Args, http: &reqwest::Client) -> anyhow::Result<(Vec<
     Ok((table, json!({"runs": rows, "kib_per_backend": slope})))
 }
 
-async fn one_backend_count(a: &Args, http: &reqwest::Client, b: usize) -> anyhow::Result<Value> {
+async fn one_backend_count(
+    a: &Options,
+    gantry: &Binary,
+    http: &reqwest::Client,
+    b: usize,
+) -> anyhow::Result<Value> {
     let t_sims = Instant::now();
-    let sims = Sims::spawn(b, 1.0, &[])
+    let sims = Sims::spawn(gantry, b, 1.0, &[])
         .await
         .with_context(|| format!("starting {b} simulators"))?;
     let sims_s = t_sims.elapsed().as_secs_f64();
     let dir = tempfile::tempdir()?;
     let t0 = Instant::now();
-    let server = ServerProc::spawn(dir.path(), &backends_toml(&sims.urls, "")).await?;
+    let server = ServerProc::spawn(gantry, dir.path(), &backends_toml(&sims.urls, "")).await?;
     let rss_start = server.rss_kib();
     let limit = Duration::from_secs(a.connect_timeout_s);
     let (up, wait_s, statuses) = wait_connected(http, &server.url, b, limit).await?;
@@ -515,7 +516,11 @@ struct Probe {
     outcome: Option<String>,
 }
 
-async fn queue_part(a: &Args, http: &reqwest::Client) -> anyhow::Result<(Vec<String>, Value)> {
+async fn queue_part(
+    a: &Options,
+    gantry: &Binary,
+    http: &reqwest::Client,
+) -> anyhow::Result<(Vec<String>, Value)> {
     let depths = levels(&a.queued);
     let mut table = vec![format!(
         "[queue] Q jobs parked (tag {PARK_TAG:?}, only on a backend at {NOWHERE}) + 1 idle simulated backend; probes of {} ms one at a time",
@@ -525,7 +530,7 @@ async fn queue_part(a: &Args, http: &reqwest::Client) -> anyhow::Result<(Vec<Str
     let mut p50s = Vec::new();
     for &q in &depths {
         eprintln!("scale/queue: Q={q}");
-        let row = one_queue_depth(a, http, q).await?;
+        let row = one_queue_depth(a, gantry, http, q).await?;
         let submitted = row["submitted"].as_u64().unwrap_or(0);
         let capped = row["capped"] == true;
         table.push(format!(
@@ -623,8 +628,13 @@ async fn queue_part(a: &Args, http: &reqwest::Client) -> anyhow::Result<(Vec<Str
     ))
 }
 
-async fn one_queue_depth(a: &Args, http: &reqwest::Client, q: usize) -> anyhow::Result<Value> {
-    let sims = Sims::spawn(1, 1.0, &[]).await?;
+async fn one_queue_depth(
+    a: &Options,
+    gantry: &Binary,
+    http: &reqwest::Client,
+    q: usize,
+) -> anyhow::Result<Value> {
+    let sims = Sims::spawn(gantry, 1, 1.0, &[]).await?;
     let dir = tempfile::tempdir()?;
     let config = backends_toml(
         &sims.urls,
@@ -632,7 +642,7 @@ async fn one_queue_depth(a: &Args, http: &reqwest::Client, q: usize) -> anyhow::
             "[[backends]]\nname = \"parking\"\nurl = \"{NOWHERE}\"\ntags = [\"{PARK_TAG}\"]\n"
         ),
     );
-    let server = ServerProc::spawn(dir.path(), &config).await?;
+    let server = ServerProc::spawn(gantry, dir.path(), &config).await?;
     server.wait_backends(http, 1).await?;
     let watch = Watch::spawn(follow_events(http, &server.url, 0).await?);
     let (rss_before, _) = settle(&server, Duration::from_secs(5)).await;
@@ -716,7 +726,7 @@ async fn one_queue_depth(a: &Args, http: &reqwest::Client, q: usize) -> anyhow::
 /// Submit one probe job at `priority` and follow it to its end (cancelling it if it is
 /// not dispatched within `timeout`), so the next probe finds the backend idle.
 async fn probe(
-    a: &Args,
+    a: &Options,
     http: &reqwest::Client,
     server: &str,
     watch: &Watch,
@@ -850,7 +860,11 @@ fn gaps(seqs: &[i64]) -> usize {
     }
 }
 
-async fn fanout_part(a: &Args, http: &reqwest::Client) -> anyhow::Result<(Vec<String>, Value)> {
+async fn fanout_part(
+    a: &Options,
+    gantry: &Binary,
+    http: &reqwest::Client,
+) -> anyhow::Result<(Vec<String>, Value)> {
     let counts = levels(&a.subscribers);
     let mut table = vec![format!(
         "[fanout] {} jobs x {} ms on {} simulated backends, S subscribers on /v1/events",
@@ -859,7 +873,7 @@ async fn fanout_part(a: &Args, http: &reqwest::Client) -> anyhow::Result<(Vec<St
     let mut rows = Vec::new();
     for &s in &counts {
         eprintln!("scale/fanout: S={s}");
-        let row = one_fanout(a, http, s).await?;
+        let row = one_fanout(a, gantry, http, s).await?;
         let spread: Stats =
             serde_json::from_value(row["spread_ms"].clone()).unwrap_or(Stats::of(&[]));
         let lag: Stats =
@@ -914,10 +928,15 @@ async fn fanout_part(a: &Args, http: &reqwest::Client) -> anyhow::Result<(Vec<St
     Ok((table, json!({"runs": rows})))
 }
 
-async fn one_fanout(a: &Args, http: &reqwest::Client, s: usize) -> anyhow::Result<Value> {
-    let sims = Sims::spawn(a.fanout_backends, 1.0, &[]).await?;
+async fn one_fanout(
+    a: &Options,
+    gantry: &Binary,
+    http: &reqwest::Client,
+    s: usize,
+) -> anyhow::Result<Value> {
+    let sims = Sims::spawn(gantry, a.fanout_backends, 1.0, &[]).await?;
     let dir = tempfile::tempdir()?;
-    let server = ServerProc::spawn(dir.path(), &backends_toml(&sims.urls, "")).await?;
+    let server = ServerProc::spawn(gantry, dir.path(), &backends_toml(&sims.urls, "")).await?;
     server.wait_backends(http, a.fanout_backends).await?;
     // Everything a batch can take, generously: its work spread over the backends, plus
     // a minute for overheads.

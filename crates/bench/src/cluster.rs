@@ -7,7 +7,8 @@
 
 use super::overhead::Tracker;
 use super::{
-    backends_toml, follow_events, http, sleep_workflow, submit, Results, ServerProc, Sims, Stats,
+    backends_toml, follow_events, http, sleep_workflow, submit, Binary, Results, ServerProc, Sims,
+    Stats,
 };
 use anyhow::bail;
 use serde_json::{json, Value};
@@ -18,37 +19,32 @@ use tokio::task::JoinSet;
 /// Jobs run one at a time on the idle farm before the load.
 const IDLE_JOBS: usize = 200;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench cluster` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// The PostgreSQL database to run on (a fresh schema is made in it and dropped).
-    #[arg(long, env = "GANTRY_TEST_POSTGRES_URL")]
-    store: String,
+    pub store: String,
     /// Jobs per run.
-    #[arg(long, default_value_t = 5_000)]
-    jobs: usize,
+    pub jobs: usize,
     /// Simulated backends, shared by the coordinators.
-    #[arg(long, default_value_t = 24)]
-    backends: usize,
+    pub backends: usize,
     /// Client connections submitting at once, spread over the coordinators.
-    #[arg(long, default_value_t = 48)]
-    submitters: usize,
+    pub submitters: usize,
     /// Coordinator counts to measure, one run each.
-    #[arg(long, value_delimiter = ',', default_value = "1,3")]
-    coordinators: Vec<usize>,
+    pub coordinators: Vec<usize>,
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.backends == 0 || a.submitters == 0 || a.coordinators.contains(&0) {
         bail!("--jobs, --backends, --submitters and each --coordinators must be at least 1");
     }
-    let sims = Sims::spawn(a.backends, 1.0, &[]).await?;
+    let sims = Sims::spawn(gantry, a.backends, 1.0, &[]).await?;
     let mut table = vec![format!(
         "{} fully cached jobs per run, {} simulated backends (separate process), {} submitters, postgres store",
         a.jobs, a.backends, a.submitters
     )];
     let mut runs = Vec::new();
     for &n in &a.coordinators {
-        let r = one(&a, &sims, n).await?;
+        let r = one(&a, gantry, &sims, n).await?;
         table.push(format!(
             "{n} coordinator(s), idle farm, one job at a time: dispatch {}; job {}",
             stats_line(&r["idle_dispatch_ms"]),
@@ -74,7 +70,7 @@ fn stats_line(v: &Value) -> String {
     format!("p50 {:.2} / p99 {:.2} ms", f("p50"), f("p99"))
 }
 
-async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
+async fn one(a: &Options, gantry: &Binary, sims: &Sims, n: usize) -> anyhow::Result<Value> {
     let schema = gantry_store::testing::FreshSchema::create_on(&a.store).await;
     let dir = tempfile::tempdir()?;
     let http = http();
@@ -86,7 +82,8 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
             dir.path().join("artifacts").display().to_string(),
         );
         let data = dir.path().join(format!("c{i}"));
-        coordinators.push(ServerProc::spawn(&data, &backends_toml(&sims.urls, &extra)).await?);
+        coordinators
+            .push(ServerProc::spawn(gantry, &data, &backends_toml(&sims.urls, &extra)).await?);
     }
     // Every backend leased and connected somewhere.
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -1,17 +1,21 @@
-//! `gantry bench`: benchmarks that start their own simulators and server (each in its own
-//! process, so the server's cost is measured alone), drive them, and print a result table
-//! and JSON. BENCHMARKS.md reports their numbers.
+//! The benchmarks of `gantry bench`: scenarios that start their own simulators and server
+//! (each in its own process, so the server's cost is measured alone), drive them, and
+//! print a result table and JSON. BENCHMARKS.md reports their numbers.
+//!
+//! The cli parses the flags into each scenario's `Options` and calls [`run`]. Errors are
+//! `anyhow`'s: a scenario is the body of a command whose every error goes to the person
+//! who ran it, with its context, and nothing matches on them.
 
-mod chaos;
-mod cluster;
-mod engine;
-mod failover;
-mod overhead;
-mod profile;
-mod restart;
-mod routing;
-mod scale;
-mod throughput;
+pub mod chaos;
+pub mod cluster;
+pub mod engine;
+pub mod failover;
+pub mod overhead;
+pub mod profile;
+pub mod restart;
+pub mod routing;
+pub mod scale;
+pub mod throughput;
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -23,52 +27,49 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-#[derive(clap::Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    scenario: Scenario,
-    /// Also write the results as JSON to this file.
-    #[arg(long, global = true)]
-    json: Option<PathBuf>,
+/// A scenario and what it runs with.
+pub enum Scenario {
+    Overhead(overhead::Options),
+    Throughput(throughput::Options),
+    Engine(engine::Options),
+    Failover(failover::Options),
+    Scale(scale::Options),
+    Restart(restart::Options),
+    Cluster(cluster::Options),
+    Profile(profile::Options),
+    Routing(routing::Options),
+    Chaos(chaos::Options),
 }
 
-#[derive(clap::Subcommand)]
-enum Scenario {
-    /// Direct client against gantry on the same simulators: wall time, added latency, idle gap.
-    Overhead(overhead::Args),
-    /// Fully cached jobs through many simulated backends: jobs per second, and a profile.
-    Throughput(throughput::Args),
-    /// The engine alone (store, scheduler, bus) with in-process backends that finish at once.
-    Engine(engine::Args),
-    /// Some backends hang or stall: detection lag past the configured limit.
-    Failover(failover::Args),
-    /// Many backends, deep queues, many event subscribers: memory and latency as they grow.
-    Scale(scale::Args),
-    /// SIGKILL the server under load and time the recovery.
-    Restart(restart::Args),
-    /// One and several coordinators on one PostgreSQL database: throughput, dispatch latency.
-    Cluster(cluster::Args),
-    /// What the always-on per-node profile costs each job.
-    Profile(profile::Args),
-    /// Warm-model routing against random routing on backends with costly model loads.
-    Routing(routing::Args),
-    /// Faulty backends and the coordinator SIGKILLed: no job lost, none succeeded twice,
-    /// none stuck, every stall detected in time (exits 1 on a problem).
-    Chaos(chaos::Args),
+/// The `gantry` executable the scenarios start `gantry serve` and `gantry sim` from, each
+/// in a process of its own (`gantry bench` gives its own).
+#[derive(Clone, Debug)]
+pub struct Binary(PathBuf);
+
+impl Binary {
+    pub fn at(path: PathBuf) -> Binary {
+        Binary(path)
+    }
+
+    fn command(&self) -> Command {
+        Command::new(&self.0)
+    }
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let (name, results) = match args.scenario {
-        Scenario::Overhead(a) => ("overhead", overhead::run(a).await?),
-        Scenario::Throughput(a) => ("throughput", throughput::run(a).await?),
+/// Run `scenario`, print its table and its JSON report on stdout, write the report to
+/// `json` too when given; an error when it could not run or found `problems`.
+pub async fn run(gantry: &Binary, scenario: Scenario, json: Option<&Path>) -> anyhow::Result<()> {
+    let (name, results) = match scenario {
+        Scenario::Overhead(a) => ("overhead", overhead::run(a, gantry).await?),
+        Scenario::Throughput(a) => ("throughput", throughput::run(a, gantry).await?),
         Scenario::Engine(a) => ("engine", engine::run(a).await?),
-        Scenario::Failover(a) => ("failover", failover::run(a).await?),
-        Scenario::Scale(a) => ("scale", scale::run(a).await?),
-        Scenario::Restart(a) => ("restart", restart::run(a).await?),
-        Scenario::Cluster(a) => ("cluster", cluster::run(a).await?),
+        Scenario::Failover(a) => ("failover", failover::run(a, gantry).await?),
+        Scenario::Scale(a) => ("scale", scale::run(a, gantry).await?),
+        Scenario::Restart(a) => ("restart", restart::run(a, gantry).await?),
+        Scenario::Cluster(a) => ("cluster", cluster::run(a, gantry).await?),
         Scenario::Profile(a) => ("profile", profile::run(a).await?),
-        Scenario::Routing(a) => ("routing", routing::run(a).await?),
-        Scenario::Chaos(a) => ("chaos", chaos::run(a).await?),
+        Scenario::Routing(a) => ("routing", routing::run(a, gantry).await?),
+        Scenario::Chaos(a) => ("chaos", chaos::run(a, gantry).await?),
     };
     let report = json!({
         "scenario": name,
@@ -81,8 +82,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let text = serde_json::to_string_pretty(&report)?;
     println!("\n{text}");
-    if let Some(path) = args.json {
-        std::fs::write(&path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+    if let Some(path) = json {
+        std::fs::write(path, &text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     // A scenario that checks promises lists what it found broken under `problems`.
     if let Some(problems) = report["results"]["problems"]
@@ -180,10 +181,6 @@ pub fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
-fn gantry_exe() -> anyhow::Result<PathBuf> {
-    std::env::current_exe().context("cannot find the gantry executable")
-}
-
 /// Read `child`'s stdout until `count` lines starting with `prefix` have come; answer
 /// what followed the prefix on each.
 async fn read_announced(
@@ -222,17 +219,27 @@ pub struct Sims {
 }
 
 impl Sims {
-    pub async fn spawn(count: usize, speed: f64, faults: &[String]) -> anyhow::Result<Sims> {
+    pub async fn spawn(
+        gantry: &Binary,
+        count: usize,
+        speed: f64,
+        faults: &[String],
+    ) -> anyhow::Result<Sims> {
         let args: Vec<String> = faults
             .iter()
             .flat_map(|f| ["--fault".to_owned(), f.clone()])
             .collect();
-        Self::spawn_args(count, speed, &args).await
+        Self::spawn_args(gantry, count, speed, &args).await
     }
 
     /// As `spawn`, with `args` given to `gantry sim` as they are.
-    pub async fn spawn_args(count: usize, speed: f64, args: &[String]) -> anyhow::Result<Sims> {
-        let mut cmd = Command::new(gantry_exe()?);
+    pub async fn spawn_args(
+        gantry: &Binary,
+        count: usize,
+        speed: f64,
+        args: &[String],
+    ) -> anyhow::Result<Sims> {
+        let mut cmd = gantry.command();
         cmd.args(["sim", "--listen", "127.0.0.1:0", "--count"])
             .arg(count.to_string())
             .arg("--speed")
@@ -314,12 +321,17 @@ pub struct ServerProc {
 }
 
 impl ServerProc {
-    pub async fn spawn(data_dir: &Path, config_toml: &str) -> anyhow::Result<ServerProc> {
-        Self::spawn_wrapped(data_dir, config_toml, &[]).await
+    pub async fn spawn(
+        gantry: &Binary,
+        data_dir: &Path,
+        config_toml: &str,
+    ) -> anyhow::Result<ServerProc> {
+        Self::spawn_wrapped(gantry, data_dir, config_toml, &[]).await
     }
 
     /// Start the server under `wrapper` (e.g. `perf record ... --`), or alone when empty.
     pub async fn spawn_wrapped(
+        gantry: &Binary,
         data_dir: &Path,
         config_toml: &str,
         wrapper: &[String],
@@ -330,10 +342,10 @@ impl ServerProc {
         let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(gantry_exe()?);
+                c.args(args).arg(&gantry.0);
                 c
             }
-            None => Command::new(gantry_exe()?),
+            None => gantry.command(),
         };
         let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])

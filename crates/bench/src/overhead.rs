@@ -7,8 +7,8 @@
 //! measured on the same clock at the same place.
 
 use super::{
-    backends_toml, follow_events, http, idle_gaps, ms, now_us, sleep_workflow, submit, Results,
-    ServerProc, Sims, Stats, StreamEvent,
+    backends_toml, follow_events, http, idle_gaps, ms, now_us, sleep_workflow, submit, Binary,
+    Results, ServerProc, Sims, Stats, StreamEvent,
 };
 use anyhow::{bail, Context};
 use gantry_comfy::client::Submitted;
@@ -23,17 +23,14 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench overhead` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Jobs per run.
-    #[arg(long, default_value_t = 640)]
-    jobs: usize,
+    pub jobs: usize,
     /// Simulated backends.
-    #[arg(long, default_value_t = 64)]
-    backends: usize,
+    pub backends: usize,
     /// How long each job's work takes on the backend, in ms.
-    #[arg(long, default_value_t = 1000)]
-    job_ms: u64,
+    pub job_ms: u64,
 }
 
 /// One job's timeline, in wall µs.
@@ -84,7 +81,7 @@ impl Mode {
     }
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.backends == 0 {
         bail!("--jobs and --backends must be at least 1");
     }
@@ -93,13 +90,13 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         "overhead: {} jobs of {} ms on {} backends",
         a.jobs, a.job_ms, a.backends
     );
-    let direct = direct(&a, &http).await.context("direct run")?;
+    let direct = direct(&a, gantry, &http).await.context("direct run")?;
     eprintln!("  direct: {:.2} s", direct.wall_s);
-    let closed = through_gantry(&a, &http, false)
+    let closed = through_gantry(&a, gantry, &http, false)
         .await
         .context("gantry closed-loop run")?;
     eprintln!("  gantry closed loop: {:.2} s", closed.wall_s);
-    let backlog = through_gantry(&a, &http, true)
+    let backlog = through_gantry(&a, gantry, &http, true)
         .await
         .context("gantry backlog run")?;
     eprintln!("  gantry backlog: {:.2} s", backlog.wall_s);
@@ -165,8 +162,8 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
 }
 
 /// One worker per backend: submit a job, wait for its success on the socket, repeat.
-async fn direct(a: &Args, http: &reqwest::Client) -> anyhow::Result<Mode> {
-    let sims = Sims::spawn(a.backends, 1.0, &[]).await?;
+async fn direct(a: &Options, gantry: &Binary, http: &reqwest::Client) -> anyhow::Result<Mode> {
+    let sims = Sims::spawn(gantry, a.backends, 1.0, &[]).await?;
     let next = Arc::new(AtomicUsize::new(0));
     let mut sessions = Vec::new();
     for url in &sims.urls {
@@ -305,10 +302,15 @@ impl Tracker {
     }
 }
 
-async fn through_gantry(a: &Args, http: &reqwest::Client, backlog: bool) -> anyhow::Result<Mode> {
-    let sims = Sims::spawn(a.backends, 1.0, &[]).await?;
+async fn through_gantry(
+    a: &Options,
+    gantry: &Binary,
+    http: &reqwest::Client,
+    backlog: bool,
+) -> anyhow::Result<Mode> {
+    let sims = Sims::spawn(gantry, a.backends, 1.0, &[]).await?;
     let dir = tempfile::tempdir()?;
-    let server = ServerProc::spawn(dir.path(), &backends_toml(&sims.urls, "")).await?;
+    let server = ServerProc::spawn(gantry, dir.path(), &backends_toml(&sims.urls, "")).await?;
     server.wait_backends(http, a.backends).await?;
     let tracker = Tracker::spawn(follow_events(http, &server.url, 0).await?);
     let cpu0 = server.cpu_seconds();

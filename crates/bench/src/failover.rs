@@ -24,8 +24,8 @@
 //! The target: detection lag p99 under 250 ms past the configured limit.
 
 use super::{
-    backends_toml, follow_events, follow_until_terminal, http, ms, sleep_workflow, submit, Results,
-    ServerProc, Sims, Stats, UntilTerminal,
+    backends_toml, follow_events, follow_until_terminal, http, ms, sleep_workflow, submit, Binary,
+    Results, ServerProc, Sims, Stats, UntilTerminal,
 };
 use anyhow::{bail, Context};
 use gantry_sim::faults::{Fault, Kind};
@@ -36,49 +36,34 @@ use std::time::{Duration, Instant};
 /// The target for the detection lag's p99, past the limit.
 const TARGET_P99_MS: f64 = 250.0;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench failover` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Simulated backends.
-    #[arg(long, default_value_t = 8)]
-    backends: usize,
+    pub backends: usize,
     /// Jobs to run; every one must succeed.
-    #[arg(long, default_value_t = 100)]
-    jobs: usize,
+    pub jobs: usize,
     /// Share of the backends that hang before start; as many again stall mid-node (at
     /// least one of each when above 0).
-    #[arg(long, default_value_t = 0.25)]
-    faulty: f64,
+    pub faulty: f64,
     /// The simulator fault the stalling backends get (see `gantry sim --fault`).
-    #[arg(long, default_value = "stall:at=50")]
-    stall_spec: String,
+    pub stall_spec: String,
     /// How long each job's work takes on a healthy backend, in ms.
-    #[arg(long, default_value_t = 500)]
-    job_ms: u64,
+    pub job_ms: u64,
     /// The server's start, first-progress and node-stall limits.
-    #[arg(long, default_value = "1s", value_parser = duration)]
-    limit: Duration,
+    pub limit: Duration,
     /// The server's block_cooldown: how long a backend takes no job of the same workflow
     /// shape (here: the same job) after a fault there.
-    #[arg(long, default_value = "60s", value_parser = duration)]
-    block_cooldown: Duration,
+    pub block_cooldown: Duration,
     /// The server's circuit_threshold: faults in a row that take a backend out of service
     /// (0, the default here, keeps the faulty backends taking work).
-    #[arg(long, default_value_t = 0)]
-    circuit_threshold: u32,
+    pub circuit_threshold: u32,
     /// Give every job the same workflow shape (then a fault blocks its backend for every
     /// job, and a retry may go back to it once the block lifts).
-    #[arg(long)]
-    same_shape: bool,
+    pub same_shape: bool,
     /// The server's max_attempts (a job may meet several faulty backends in a row).
-    #[arg(long, default_value_t = 10)]
-    max_attempts: u32,
+    pub max_attempts: u32,
     /// Stop waiting for the jobs after this long.
-    #[arg(long, default_value = "5m", value_parser = duration)]
-    timeout: Duration,
-}
-
-pub(super) fn duration(s: &str) -> Result<Duration, String> {
-    gantry_server::config::parse_duration("duration", s).map_err(|e| e.to_string())
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -133,7 +118,7 @@ enum Retry {
     },
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.backends == 0 || a.job_ms == 0 {
         bail!("--jobs, --backends and --job-ms must be at least 1");
     }
@@ -188,7 +173,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         "failover: {} jobs of {} ms on {} backends ({per_kind} hang, {per_kind} stall), limit {limit_ms} ms",
         a.jobs, a.job_ms, a.backends
     );
-    let sims = Sims::spawn(a.backends, 1.0, &[]).await?;
+    let sims = Sims::spawn(gantry, a.backends, 1.0, &[]).await?;
     for (url, h) in sims.urls.iter().zip(&health) {
         let specs: Vec<&str> = match h {
             Health::Hang => vec!["hang-before-start"],
@@ -210,7 +195,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         a.circuit_threshold
     );
     let dir = tempfile::tempdir()?;
-    let server = ServerProc::spawn(dir.path(), &backends_toml(&sims.urls, &extra)).await?;
+    let server = ServerProc::spawn(gantry, dir.path(), &backends_toml(&sims.urls, &extra)).await?;
     server.wait_backends(&http, a.backends).await?;
     let mut events = follow_events(&http, &server.url, 0).await?;
 
