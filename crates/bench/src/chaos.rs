@@ -41,8 +41,13 @@
 //!
 //! Any of these broken is listed under `problems`, and `gantry bench` then exits 1.
 
-use super::failover::rfc3339_ms;
-use super::{backends_toml, http, now_us, Binary, Results, ServerProc, Sims, Stats};
+use crate::client::http;
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::Sims;
+use crate::stats::Stats;
+use crate::time::{now_us, rfc3339_ms};
 use anyhow::{bail, Context};
 use gantry_core::{AttemptStatus, Job, JobId, JobState};
 use gantry_store::{JobFilter, Leases, Store};
@@ -901,7 +906,7 @@ async fn follow(
     hang: mpsc::UnboundedSender<String>,
     stop: CancellationToken,
 ) {
-    let http = super::http();
+    let http = http();
     let mut turn = 0usize;
     let mut opened = false;
     while !stop.is_cancelled() {

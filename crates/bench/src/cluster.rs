@@ -5,11 +5,14 @@
 //! same latencies under a closed-loop load (where they include waiting for a backend).
 //! Dispatch latency is submit answered -> `dispatched` seen on the farm's event stream.
 
-use super::overhead::Tracker;
-use super::{
-    backends_toml, follow_events, http, sleep_workflow, submit, Binary, Results, ServerProc, Sims,
-    Stats,
-};
+use crate::client::{http, sleep_workflow, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::Sims;
+use crate::stats::Stats;
+use crate::stream::{follow_events, Tracker};
+use crate::time::now_us;
 use anyhow::bail;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -129,7 +132,7 @@ async fn one(a: &Options, gantry: &Binary, sims: &Sims, n: usize) -> anyhow::Res
     for i in 0..IDLE_JOBS {
         let url = &coordinators[i % n].url;
         let id = submit(&http, url, &json!({ "workflow": workflow })).await?;
-        let accepted_us = super::now_us();
+        let accepted_us = now_us();
         let (ok, done_us) = Tracker::wait(&tracker, &id).await?;
         if !ok {
             bail!("job {id} did not succeed");
@@ -166,7 +169,7 @@ async fn one(a: &Options, gantry: &Binary, sims: &Sims, n: usize) -> anyhow::Res
                     return Ok::<_, anyhow::Error>(out);
                 }
                 let id = submit(&http, &url, &json!({ "workflow": workflow })).await?;
-                let accepted_us = super::now_us();
+                let accepted_us = now_us();
                 let (ok, done_us) = Tracker::wait(&tracker, &id).await?;
                 if !ok {
                     bail!("job {id} did not succeed");

@@ -23,10 +23,14 @@
 //!
 //! The target: detection lag p99 under 250 ms past the configured limit.
 
-use super::{
-    backends_toml, follow_events, follow_until_terminal, http, ms, sleep_workflow, submit, Binary,
-    Results, ServerProc, Sims, Stats, UntilTerminal,
-};
+use crate::client::{http, sleep_workflow, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::Sims;
+use crate::stats::Stats;
+use crate::stream::{follow_events, follow_until_terminal, UntilTerminal};
+use crate::time::{ms, rfc3339_ms};
 use anyhow::{bail, Context};
 use gantry_sim::faults::{Fault, Kind};
 use serde_json::{json, Value};
@@ -556,73 +560,4 @@ fn own_shape(workflow: &Value, i: usize) -> Value {
         })
         .collect();
     Value::Object(renamed)
-}
-
-/// Milliseconds since the epoch of an RFC 3339 time (`2025-01-02T03:04:05.678Z`, or with
-/// an offset), as the API writes them.
-pub(super) fn rfc3339_ms(s: &str) -> Option<i64> {
-    let num = |from: usize, to: usize| -> Option<i64> {
-        let part = s.get(from..to)?;
-        if !part.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        part.parse().ok()
-    };
-    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (h, mi, sec) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    if s.get(4..5)? != "-" || s.get(7..8)? != "-" || !matches!(s.get(10..11)?, "T" | "t" | " ") {
-        return None;
-    }
-    let mut rest = s.get(19..)?;
-    let mut frac_ms = 0;
-    if let Some(r) = rest.strip_prefix('.') {
-        let n = r.bytes().take_while(u8::is_ascii_digit).count();
-        let digits = r.get(..n)?;
-        let padded = format!("{:0<3}", digits.get(..n.min(3))?);
-        frac_ms = padded.parse::<i64>().ok()?;
-        rest = r.get(n..)?;
-    }
-    let offset_min = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let sign = match rest.get(..1)? {
-                "+" => 1,
-                "-" => -1,
-                _ => return None,
-            };
-            let oh: i64 = rest.get(1..3)?.parse().ok()?;
-            let om: i64 = rest.get(4..6)?.parse().ok()?;
-            sign * (oh * 60 + om)
-        }
-    };
-    // Days from the civil date (H. Hinnant's algorithm).
-    let yy = if mo <= 2 { y - 1 } else { y };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
-    Some(secs * 1000 + frac_ms)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rfc3339_ms;
-
-    #[test]
-    fn parses_the_api_times() {
-        assert_eq!(rfc3339_ms("1970-01-01T00:00:00.000Z"), Some(0));
-        assert_eq!(
-            rfc3339_ms("2024-02-29T12:34:56.789Z"),
-            Some(1_709_210_096_789)
-        );
-        assert_eq!(
-            rfc3339_ms("2024-02-29T13:34:56.7+01:00"),
-            Some(1_709_210_096_700)
-        );
-        assert_eq!(rfc3339_ms("2024-02-29 12:34:56Z"), Some(1_709_210_096_000));
-        assert_eq!(rfc3339_ms("yesterday"), None);
-    }
 }

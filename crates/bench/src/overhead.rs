@@ -6,10 +6,14 @@
 //! Times of execution come from the simulators' own `/sim/runs` (µs), so both paths are
 //! measured on the same clock at the same place.
 
-use super::{
-    backends_toml, follow_events, http, idle_gaps, ms, now_us, sleep_workflow, submit, Binary,
-    Results, ServerProc, Sims, Stats, StreamEvent,
-};
+use crate::client::{http, sleep_workflow, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::{idle_gaps, Run, Sims};
+use crate::stats::Stats;
+use crate::stream::{follow_events, Tracker};
+use crate::time::{ms, now_us};
 use anyhow::{bail, Context};
 use gantry_comfy::client::Submitted;
 use gantry_comfy::rest::{Graph, PromptRequest};
@@ -18,9 +22,8 @@ use gantry_comfy::{Client, SessionEvent};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 /// What `gantry bench overhead` runs (the command's flags, parsed by the cli).
@@ -47,13 +50,13 @@ struct Mode {
     wall_s: f64,
     jobs: Vec<JobTimes>,
     /// Per backend, what ran there.
-    runs: Vec<Vec<super::Run>>,
+    runs: Vec<Vec<Run>>,
     server_cpu_s: Option<f64>,
 }
 
 impl Mode {
     fn analyse(&self) -> Value {
-        let runs: HashMap<&str, &super::Run> = self
+        let runs: HashMap<&str, &Run> = self
             .runs
             .iter()
             .flatten()
@@ -238,67 +241,6 @@ fn graph(v: Value) -> anyhow::Result<Graph> {
     match v {
         Value::Object(m) => Ok(m),
         _ => bail!("a workflow is a JSON object"),
-    }
-}
-
-/// Terminal events and prompt ids by job, filled from `/v1/events`.
-#[derive(Default)]
-pub(super) struct Tracker {
-    waiting: HashMap<String, oneshot::Sender<(bool, i64)>>,
-    done: HashMap<String, (bool, i64)>,
-    pub prompt_of: HashMap<String, String>,
-    /// When each job's `dispatched` event arrived (wall µs).
-    pub dispatched_us: HashMap<String, i64>,
-}
-
-impl Tracker {
-    /// Route events until the stream ends.
-    pub fn spawn(mut events: mpsc::UnboundedReceiver<StreamEvent>) -> Arc<Mutex<Tracker>> {
-        let tracker = Arc::new(Mutex::new(Tracker::default()));
-        let t = tracker.clone();
-        tokio::spawn(async move {
-            while let Some(e) = events.recv().await {
-                let Some(job) = e.data["job_id"].as_str().map(str::to_owned) else {
-                    continue;
-                };
-                let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
-                match e.kind.as_str() {
-                    "dispatched" => {
-                        t.dispatched_us.entry(job.clone()).or_insert(e.at_us);
-                        if let Some(pid) = e.data["prompt_id"].as_str() {
-                            t.prompt_of.insert(job, pid.to_owned());
-                        }
-                    }
-                    "succeeded" | "failed" | "cancelled" => {
-                        let outcome = (e.kind == "succeeded", e.at_us);
-                        match t.waiting.remove(&job) {
-                            Some(tx) => {
-                                let _ = tx.send(outcome);
-                            }
-                            None => {
-                                t.done.insert(job, outcome);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        });
-        tracker
-    }
-
-    /// Wait for `job`'s terminal event: (succeeded, when it arrived).
-    pub async fn wait(tracker: &Mutex<Tracker>, job: &str) -> anyhow::Result<(bool, i64)> {
-        let rx = {
-            let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(done) = t.done.remove(job) {
-                return Ok(done);
-            }
-            let (tx, rx) = oneshot::channel();
-            t.waiting.insert(job.to_owned(), tx);
-            rx
-        };
-        rx.await.context("the event stream ended")
     }
 }
 

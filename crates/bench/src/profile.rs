@@ -4,7 +4,8 @@
 //! is finished and serialised as the store and the terminal event keep it; measured
 //! against parsing those same messages, which the driver does for every job anyway.
 
-use super::{Results, Stats};
+use crate::report::Results;
+use crate::stats::Stats;
 use anyhow::Context;
 use gantry_comfy::ws::ServerMessage;
 use gantry_core::profile::ProfileBuilder;

@@ -20,11 +20,16 @@
 //! those of the new one by their server stamp (`at`, before the kill) and checked by
 //! sequence number.
 
-use super::failover::rfc3339_ms;
-use super::{
-    backends_toml, follow_events, follow_until_terminal, http, is_terminal, ms, now_us,
-    sleep_workflow, submit, Binary, Results, ServerProc, Sims, Stats, StreamEvent, UntilTerminal,
+use crate::client::{http, sleep_workflow, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::Sims;
+use crate::stats::Stats;
+use crate::stream::{
+    follow_events, follow_until_terminal, is_terminal, StreamEvent, UntilTerminal,
 };
+use crate::time::{ms, now_us, rfc3339_ms};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -8,10 +8,13 @@
 //! (read from each job's profile: the loader node executed rather than cached) and the
 //! ratio.
 
-use super::{
-    backends_toml, follow_events, follow_until_terminal, http, submit, Binary, Results, ServerProc,
-    Sims, Stats,
-};
+use crate::client::{http, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::Sims;
+use crate::stats::Stats;
+use crate::stream::{follow_events, follow_until_terminal};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};

@@ -18,10 +18,14 @@
 //!   server's CPU time for the batch, and dispatch as the backends see it (the idle gap
 //!   between two prompts while jobs wait), so that S streams can be seen not to slow it.
 
-use super::{
-    backends_toml, follow_events, http, ms, now_us, sleep_workflow, submit, Binary, Results,
-    ServerProc, Sims, Stats, StreamEvent,
-};
+use crate::client::{http, sleep_workflow, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::{idle_gaps, Sims};
+use crate::stats::Stats;
+use crate::stream::{follow_events, StreamEvent};
+use crate::time::{ms, now_us, rfc3339_ms};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -255,59 +259,6 @@ async fn submit_many(
         r??;
     }
     Ok((done.load(Ordering::Relaxed), t0.elapsed().as_secs_f64()))
-}
-
-/// Milliseconds since the epoch of an RFC 3339 time such as `2025-01-02T03:04:05.678Z`
-/// (the server's format; an offset `+hh:mm` is understood too).
-fn rfc3339_ms(s: &str) -> Option<i64> {
-    let num = |from: usize, to: usize| s.get(from..to)?.parse::<i64>().ok();
-    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (h, mi, sec) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    if s.get(4..5)? != "-" || s.get(7..8)? != "-" || !matches!(s.get(10..11)?, "T" | "t" | " ") {
-        return None;
-    }
-    let mut rest = s.get(19..)?;
-    let mut frac_ms = 0;
-    if let Some(r) = rest.strip_prefix('.') {
-        let digits = r.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let mut padded: String = r[..digits.min(3)].to_owned();
-        while padded.len() < 3 {
-            padded.push('0');
-        }
-        frac_ms = padded.parse::<i64>().ok()?;
-        rest = &r[digits..];
-    }
-    let offset_min = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let sign = match rest.get(0..1)? {
-                "+" => 1,
-                "-" => -1,
-                _ => return None,
-            };
-            let oh = rest.get(1..3)?.parse::<i64>().ok()?;
-            let om = rest.get(4..6)?.parse::<i64>().ok()?;
-            if rest.len() != 6 {
-                return None;
-            }
-            sign * (oh * 60 + om)
-        }
-    };
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
-        return None;
-    }
-    // Days from the civil date (proleptic Gregorian), after H. Hinnant.
-    let yy = if mo <= 2 { y - 1 } else { y };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let doy = (153 * ((mo + 9) % 12) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
-    Some(secs * 1000 + frac_ms)
 }
 
 fn stats_json(s: &Stats) -> Value {
@@ -985,7 +936,7 @@ async fn one_fanout(
     let rss_after = server.rss_kib();
     // Dispatch, seen from the backends: how long each stays idle between two prompts
     // while jobs wait (the streams must not widen it).
-    let idle_gap = Stats::of(&super::idle_gaps(&sims.runs(http).await?));
+    let idle_gap = Stats::of(&idle_gaps(&sims.runs(http).await?));
     drop(sims);
 
     let reference: Vec<i64> = all
@@ -1048,22 +999,6 @@ async fn one_fanout(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_times() {
-        assert_eq!(rfc3339_ms("1970-01-01T00:00:00.000Z"), Some(0));
-        assert_eq!(rfc3339_ms("1970-01-01T00:00:01.5Z"), Some(1500));
-        assert_eq!(
-            rfc3339_ms("2024-02-29T12:34:56.789Z"),
-            Some(1_709_210_096_789)
-        );
-        assert_eq!(
-            rfc3339_ms("2024-02-29T14:34:56.789+02:00"),
-            Some(1_709_210_096_789)
-        );
-        assert_eq!(rfc3339_ms("2024-02-29 12:34"), None);
-        assert_eq!(rfc3339_ms("not a time at all!!"), None);
-    }
 
     #[test]
     fn order_checks() {

@@ -3,11 +3,13 @@
 //! the embedded store. Reports jobs per second sustained and, when `perf` is installed,
 //! where the server's CPU time goes.
 
-use super::overhead::Tracker;
-use super::{
-    backends_toml, follow_events, http, sleep_workflow, submit, Binary, Results, ServerProc, Sims,
-    Stats,
-};
+use crate::client::{http, sleep_workflow, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::Sims;
+use crate::stats::Stats;
+use crate::stream::{follow_events, Tracker};
 use anyhow::{bail, Context};
 use serde_json::json;
 use std::process::Stdio;
