@@ -76,7 +76,7 @@ fn stats_line(v: &Value) -> String {
 async fn one(a: &Options, gantry: &Binary, sims: &Sims, n: usize) -> anyhow::Result<Value> {
     let schema = gantry_store::testing::FreshSchema::create_on(&a.store).await;
     let dir = tempfile::tempdir()?;
-    let http = http();
+    let http = http()?;
     let mut coordinators = Vec::new();
     for i in 0..n {
         let extra = format!(

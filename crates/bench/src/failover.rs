@@ -172,7 +172,7 @@ pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     };
     let stall_offset_us = (before_us + stall_step * step_us) as i64;
 
-    let http = http();
+    let http = http()?;
     eprintln!(
         "failover: {} jobs of {} ms on {} backends ({per_kind} hang, {per_kind} stall), limit {limit_ms} ms",
         a.jobs, a.job_ms, a.backends
@@ -393,9 +393,7 @@ pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
             Retry::None => none += 1,
         }
     }
-    let stat = |v: &Value, key: &str| -> Stats {
-        serde_json::from_value(v[key].clone()).unwrap_or(Stats::of(&[]))
-    };
+    let stat = |v: &Value, key: &str| -> Stats { Stats::from_json(&v[key]) };
     let p99 = stat(&all, "detection_lag_ms").p99;
     let met = p99 < TARGET_P99_MS;
 

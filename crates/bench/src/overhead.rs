@@ -88,7 +88,7 @@ pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.backends == 0 {
         bail!("--jobs and --backends must be at least 1");
     }
-    let http = http();
+    let http = http()?;
     eprintln!(
         "overhead: {} jobs of {} ms on {} backends",
         a.jobs, a.job_ms, a.backends
@@ -134,7 +134,7 @@ pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
             if name == "gantry backlog" && key == "submit_to_start_ms" {
                 continue; // includes the wait in gantry's queue
             }
-            let s: Stats = serde_json::from_value(v[key].clone()).unwrap_or(Stats::of(&[]));
+            let s: Stats = Stats::from_json(&v[key]);
             table.push(format!("[{name}] {key}: {}", s.line("ms")));
         }
     }

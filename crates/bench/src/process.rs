@@ -51,7 +51,8 @@ pub(crate) async fn read_announced(
             found.push(rest.trim().to_owned());
         }
     }
-    // Keep draining so the child never blocks on a full pipe.
+    // Keep draining so the child never blocks on a full pipe; a read error means the
+    // pipe is gone, and with it anything to drain.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(found)
 }

@@ -41,7 +41,8 @@ pub struct Results {
     pub json: Value,
 }
 
-/// The machine the numbers come from.
+/// The machine the numbers come from. It describes, it measures nothing: where `/proc`
+/// cannot be read (not Linux), memory 0 and an empty CPU name say "unknown".
 fn machine() -> Value {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();

@@ -74,7 +74,7 @@ pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
         bail!("--running and --job-ms must be at least 1");
     }
     let total = a.running + a.queued;
-    let http = http();
+    let http = http()?;
     eprintln!(
         "restart: {} running + {} queued jobs of {} ms on {} backends",
         a.running, a.queued, a.job_ms, a.running

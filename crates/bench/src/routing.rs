@@ -75,7 +75,7 @@ async fn run_mode(
     routing: &str,
     models: &[String],
 ) -> anyhow::Result<Run> {
-    let http = http();
+    let http = http()?;
     let sims = Sims::spawn_args(
         gantry,
         a.backends,

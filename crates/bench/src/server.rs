@@ -83,10 +83,16 @@ impl ServerProc {
     /// Ask the server to shut down as on Ctrl+C, and wait for the child to end.
     pub async fn interrupt(mut self) -> anyhow::Result<()> {
         if let Some(pid) = self.pid() {
-            Command::new("kill")
+            let status = Command::new("kill")
                 .args(["-INT", &pid.to_string()])
                 .status()
-                .await?;
+                .await
+                .context("cannot run kill")?;
+            // A server that ended already is fine; one still running would never be
+            // waited out.
+            if !status.success() && self.child.try_wait()?.is_none() {
+                bail!("kill -INT {pid} failed ({status}) and the server still runs");
+            }
         }
         self.child.wait().await?;
         Ok(())

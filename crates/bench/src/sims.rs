@@ -66,19 +66,19 @@ impl Sims {
                 .error_for_status()?
                 .json()
                 .await?;
+            // No list at all would read as a simulator that ran nothing: every figure
+            // made from it would be empty, without a word.
             let runs = v["runs"]
                 .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|r| Run {
-                            prompt_id: r["prompt_id"].as_str().unwrap_or_default().to_owned(),
-                            started_us: r["started_us"].as_i64().unwrap_or(0),
-                            finished_us: r["finished_us"].as_i64().unwrap_or(0),
-                            status: r["status"].as_str().unwrap_or_default().to_owned(),
-                        })
-                        .collect()
+                .with_context(|| format!("{url}/sim/runs answered no runs: {v}"))?
+                .iter()
+                .map(|r| Run {
+                    prompt_id: r["prompt_id"].as_str().unwrap_or_default().to_owned(),
+                    started_us: r["started_us"].as_i64().unwrap_or(0),
+                    finished_us: r["finished_us"].as_i64().unwrap_or(0),
+                    status: r["status"].as_str().unwrap_or_default().to_owned(),
                 })
-                .unwrap_or_default();
+                .collect();
             all.push(runs);
         }
         Ok(all)

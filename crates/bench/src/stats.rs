@@ -40,6 +40,13 @@ impl Stats {
         }
     }
 
+    /// Read back from a report's JSON, where `json!` put it. Only an empty sample fails
+    /// to read (its NaNs are written as null, which an f64 does not take), and that one
+    /// reads back as the empty sample it was.
+    pub fn from_json(v: &serde_json::Value) -> Stats {
+        serde_json::from_value(v.clone()).unwrap_or(Stats::of(&[]))
+    }
+
     /// `p50 1.2 / p99 3.4 / max 5.6 ms (n=100)`.
     pub fn line(&self, unit: &str) -> String {
         format!(

@@ -29,9 +29,20 @@ pub async fn follow_events(
         .await?
         .error_for_status()?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let server = server.to_owned();
     tokio::spawn(async move {
         let mut buf = String::new();
-        while let Ok(Some(chunk)) = resp.chunk().await {
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                // The receiver sees the stream end; the reason goes to stderr, as nothing
+                // else would say it.
+                Err(e) => {
+                    eprintln!("bench: the event stream of {server} broke: {e}");
+                    break;
+                }
+            };
             let at_us = now_us();
             buf.push_str(&String::from_utf8_lossy(&chunk));
             // One pass over what came (a chunk may hold many events), then one drain:
@@ -58,7 +69,12 @@ pub async fn follow_events(
                 if data.is_empty() {
                     continue;
                 }
-                let data = serde_json::from_str(&data).unwrap_or(Value::Null);
+                // Delivered all the same (as null), so counts by kind stay whole; said on
+                // stderr, since a server that sends such an event is broken.
+                let data = serde_json::from_str(&data).unwrap_or_else(|e| {
+                    eprintln!("bench: a {kind} event of {server} is not JSON ({e}): {data}");
+                    Value::Null
+                });
                 if tx.send(StreamEvent { kind, data, at_us }).is_err() {
                     return;
                 }
@@ -149,6 +165,7 @@ impl Tracker {
                         let outcome = (e.kind == "succeeded", e.at_us);
                         match t.waiting.remove(&job) {
                             Some(tx) => {
+                                // Refused only when its waiter is gone: no one to tell.
                                 let _ = tx.send(outcome);
                             }
                             None => {

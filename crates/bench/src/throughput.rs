@@ -34,7 +34,7 @@ pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.backends == 0 || a.submitters == 0 {
         bail!("--jobs, --backends and --submitters must be at least 1");
     }
-    let http = http();
+    let http = http()?;
     let sims = Sims::spawn(gantry, a.backends, 1.0, &[]).await?;
     let dir = tempfile::tempdir()?;
     let server = ServerProc::spawn(gantry, dir.path(), &backends_toml(&sims.urls, "")).await?;
@@ -186,7 +186,7 @@ async fn profile(
         .map(|s| s.to_string())
         .chain([data.display().to_string(), "--".into()])
         .collect();
-    let http = http();
+    let http = http()?;
     let server = ServerProc::spawn_wrapped(
         gantry,
         &dir.path().join("db"),
@@ -236,6 +236,15 @@ async fn profile(
         .output()
         .await
         .context("perf report")?;
+    // A failed report printed nothing to parse: say so in the table rather than show an
+    // empty profile.
+    if !out.status.success() {
+        return Ok(vec![format!(
+            "(perf report failed, {}: {})",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )]);
+    }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| {

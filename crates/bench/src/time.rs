@@ -3,6 +3,8 @@
 
 /// Wall-clock microseconds, comparable with the simulator's `/sim/runs` timestamps.
 pub fn now_us() -> i64 {
+    // A clock before 1970 reads as 0: the benchmarks compare such times with each other
+    // and with the simulators' on the same clock, never with a calendar.
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)

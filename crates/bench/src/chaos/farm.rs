@@ -68,7 +68,11 @@ pub(super) async fn left_on(http: &reqwest::Client, sims: &[String]) -> Vec<(Str
         let mut left = Vec::new();
         for url in sims {
             let q: Value = match http.get(format!("{url}/queue")).send().await {
-                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                // What went wrong is kept: it ends up in the problem's text.
+                Ok(r) => r
+                    .json()
+                    .await
+                    .unwrap_or_else(|e| json!({"error": e.to_string()})),
                 Err(e) => json!({"error": e.to_string()}),
             };
             if q.get("queue_running").is_none() {

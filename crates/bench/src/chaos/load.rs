@@ -5,7 +5,6 @@
 
 use super::farm::set_faults;
 use super::plan::{HANG_MIX, MIXES};
-use crate::client::http;
 use crate::time::now_us;
 use anyhow::{bail, Context};
 use serde_json::Value;
@@ -48,17 +47,16 @@ pub(super) struct Progress {
 }
 
 impl Shared {
+    // A lock poisoned by a panicking holder still holds whole values (each write is one
+    // assignment), so every lock here is taken with `into_inner` rather than skipped: a
+    // skipped one lost a coordinator's URL, and the submitters then waited for ever.
     pub(super) fn live_urls(&self) -> Vec<String> {
-        self.urls
-            .lock()
-            .map(|u| u.iter().flatten().cloned().collect())
-            .unwrap_or_default()
+        let urls = self.urls.lock().unwrap_or_else(|e| e.into_inner());
+        urls.iter().flatten().cloned().collect()
     }
 
     pub(super) fn set_url(&self, i: usize, url: Option<String>) {
-        if let Ok(mut u) = self.urls.lock() {
-            u[i] = url;
-        }
+        self.urls.lock().unwrap_or_else(|e| e.into_inner())[i] = url;
     }
 
     pub(super) fn update<T>(&self, f: impl FnOnce(&mut Progress) -> T) -> T {
@@ -181,6 +179,9 @@ pub(super) async fn submit_loop(
                 .send()
                 .await
             {
+                // No answer, or a body cut short by a coordinator dying under it: the
+                // submit may or may not have been taken, so it is sent again with the same
+                // idempotency key, which answers the same job if it was.
                 Ok(r) => {
                     let status = r.status();
                     r.json::<Value>().await.ok().map(|v| (status, v))
@@ -214,12 +215,12 @@ pub(super) async fn submit_loop(
 /// last event read (`since=`) whenever the stream is lost; count what ended and tell
 /// the operator of timeouts on a backend that hangs.
 pub(super) async fn follow(
+    http: reqwest::Client,
     shared: Arc<Shared>,
     hang_backends: HashSet<String>,
     hang: mpsc::UnboundedSender<String>,
     stop: CancellationToken,
 ) {
-    let http = http();
     let mut turn = 0usize;
     let mut opened = false;
     while !stop.is_cancelled() {
@@ -235,6 +236,7 @@ pub(super) async fn follow(
             .send()
             .await
             .and_then(|r| r.error_for_status());
+        // A coordinator being killed or restarted answers nothing: try the next one.
         let Ok(mut resp) = resp else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
@@ -249,6 +251,7 @@ pub(super) async fn follow(
                 c = resp.chunk() => c,
                 _ = stop.cancelled() => return,
             };
+            // Lost (a kill), or ended: open it again after the last event read.
             let Ok(Some(chunk)) = chunk else { break };
             buf.extend_from_slice(&chunk);
             let mut start = 0;
@@ -281,13 +284,21 @@ fn on_block(
             data.push_str(v.strip_prefix(' ').unwrap_or(v));
         }
     }
+    // Without an id (or with one that is not a number) it is not a persisted event; one
+    // the server meant as such shows up in `check` as missing from the stream.
     let Some(seq) = seq else { return };
-    let v: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+    // Counted all the same (its number is in the stream), and said on stderr.
+    let v: Value = serde_json::from_str(&data).unwrap_or_else(|e| {
+        eprintln!("chaos: event {seq} ({kind}) is not JSON ({e}): {data}");
+        Value::Null
+    });
     let job = v["job_id"].as_str().unwrap_or_default().to_owned();
     if kind == "attempt_failed"
         && v["error"]["code"] == "timeout"
         && hang_backends.contains(v["backend"].as_str().unwrap_or_default())
     {
+        // Refused only once the operator is gone, which happens when it panicked: the
+        // run reports that when it joins it.
         let _ = hang.send(v["backend"].as_str().unwrap_or_default().to_owned());
     }
     shared.update(|p| {
@@ -318,10 +329,15 @@ pub(super) async fn operate(
         else {
             continue;
         };
-        if set_faults(&http, url, &[]).await.is_ok()
-            && set_faults(&http, url, MIXES[HANG_MIX]).await.is_ok()
-        {
-            mends += 1;
+        // A mend that fails leaves the worker hung, and its backend times out again:
+        // the run goes on, but the operator says so.
+        let mended = match set_faults(&http, url, &[]).await {
+            Ok(()) => set_faults(&http, url, MIXES[HANG_MIX]).await,
+            Err(e) => Err(e),
+        };
+        match mended {
+            Ok(()) => mends += 1,
+            Err(e) => eprintln!("chaos: cannot mend the hang of {backend} ({url}): {e:#}"),
         }
     }
     mends

@@ -50,7 +50,7 @@ pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
         .collect();
     let kill_points = plan::kill_points(&a, n_coord, &mut rng);
 
-    let http = http();
+    let http = http()?;
     let started = Instant::now();
     let sims = Sims::spawn_args(
         gantry,
@@ -130,7 +130,13 @@ pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
         .filter(|i| i % MIXES.len() == HANG_MIX)
         .map(|i| format!("b{i}"))
         .collect();
-    let follower = tokio::spawn(follow(shared.clone(), hang_backends, hang_tx, stop.clone()));
+    let follower = tokio::spawn(follow(
+        http.clone(),
+        shared.clone(),
+        hang_backends,
+        hang_tx,
+        stop.clone(),
+    ));
     let operator = tokio::spawn(operate(http.clone(), sims.urls.clone(), hang_rx));
     let bodies = Arc::new(bodies);
     let mut submitters = tokio::task::JoinSet::new();

@@ -107,10 +107,8 @@ pub(super) async fn fanout_part(
     for &s in &counts {
         eprintln!("scale/fanout: S={s}");
         let row = one_fanout(a, gantry, http, s).await?;
-        let spread: Stats =
-            serde_json::from_value(row["spread_ms"].clone()).unwrap_or(Stats::of(&[]));
-        let lag: Stats =
-            serde_json::from_value(row["at_to_arrival_ms"].clone()).unwrap_or(Stats::of(&[]));
+        let spread: Stats = Stats::from_json(&row["spread_ms"]);
+        let lag: Stats = Stats::from_json(&row["at_to_arrival_ms"]);
         table.push(format!(
             "[fanout] S={s:>4}: {} events; {} of {s} subscribers got every event once and in order (gaps in the reference: {}); wall {:.2} s; server CPU {} s ({} ms per job)",
             row["events"],
@@ -128,8 +126,7 @@ pub(super) async fn fanout_part(
             "[fanout] S={s:>4}: event at -> arrival {}",
             lag.line("ms")
         ));
-        let gap: Stats =
-            serde_json::from_value(row["idle_gap_ms"].clone()).unwrap_or(Stats::of(&[]));
+        let gap: Stats = Stats::from_json(&row["idle_gap_ms"]);
         table.push(format!(
             "[fanout] S={s:>4}: backend idle gap between queued jobs (dispatch) {}",
             gap.line("ms")

@@ -156,6 +156,7 @@ pub(super) async fn submit_many(
     Ok((done.load(Ordering::Relaxed), t0.elapsed().as_secs_f64()))
 }
 
+/// `s` as JSON. Stats are numbers only (a NaN is written as null), so this cannot fail.
 pub(super) fn stats_json(s: &Stats) -> Value {
     serde_json::to_value(s).unwrap_or(Value::Null)
 }

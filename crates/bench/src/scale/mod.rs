@@ -74,7 +74,7 @@ pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.in_flight == 0 || a.fanout_backends == 0 || a.fanout_jobs == 0 {
         bail!("--in-flight, --fanout-backends and --fanout-jobs must be at least 1");
     }
-    let http = http();
+    let http = http()?;
     let mut table = Vec::new();
     let mut doc = serde_json::Map::new();
     doc.insert(

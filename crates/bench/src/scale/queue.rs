@@ -173,10 +173,8 @@ pub(super) async fn queue_part(
                 continue;
             }
             let dispatched = p["dispatched"].as_u64().unwrap_or(0);
-            let d: Stats = serde_json::from_value(p["submit_to_dispatched_ms"].clone())
-                .unwrap_or(Stats::of(&[]));
-            let s: Stats =
-                serde_json::from_value(p["submit_to_started_ms"].clone()).unwrap_or(Stats::of(&[]));
+            let d: Stats = Stats::from_json(&p["submit_to_dispatched_ms"]);
+            let s: Stats = Stats::from_json(&p["submit_to_started_ms"]);
             table.push(format!(
                 "[queue] Q={q:>6}: {label}: {dispatched} of {n} dispatched; submit->dispatched {}",
                 d.line("ms")
