@@ -3,8 +3,6 @@
 mod bench;
 mod client;
 mod demo;
-mod profile;
-mod stats;
 mod token;
 
 use anyhow::Context;
@@ -47,28 +45,28 @@ enum Command {
     /// Measure what gantry costs and how it scales (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// Submit a workflow; with --watch, follow it live (Ctrl+C cancels it on the server).
-    Submit(client::SubmitArgs),
+    Submit(client::submit::SubmitArgs),
     /// Follow a job until it ends (Ctrl+C cancels it on the server).
-    Watch(client::WatchArgs),
+    Watch(client::watch::WatchArgs),
     /// Run a program on an agent that allows it, as a command job: its output comes
     /// here, Ctrl+C kills it there (gantry exec --tag gpu -- /usr/bin/prog args).
-    Exec(client::ExecArgs),
+    Exec(client::exec::ExecArgs),
     /// Cancel jobs, down to the backend.
-    Cancel(client::CancelArgs),
+    Cancel(client::jobs::CancelArgs),
     /// Show one job: state, attempts, outputs, error.
-    Show(client::JobArgs),
+    Show(client::jobs::JobArgs),
     /// List jobs, newest first.
-    Jobs(client::JobsArgs),
+    Jobs(client::jobs::JobsArgs),
     /// Download a finished job's outputs.
-    Outputs(client::OutputsArgs),
+    Outputs(client::jobs::OutputsArgs),
     /// Submit a job's workflow and options again, as a new job.
-    Retry(client::RetryArgs),
+    Retry(client::jobs::RetryArgs),
     /// The backends: status, current job, tags.
-    Backends(client::BackendsArgs),
+    Backends(client::backends::BackendsArgs),
     /// Where a job's time went, node by node (--vs JOB2: the differences).
-    Profile(profile::ProfileArgs),
+    Profile(client::profile::ProfileArgs),
     /// Node timings over the farm's history: runs, cached ratio, failures, quantiles.
-    Stats(stats::StatsArgs),
+    Stats(client::stats::StatsArgs),
     /// API tokens: create (printed once), list, revoke.
     Token(token::TokenArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -220,18 +218,18 @@ async fn main() -> std::process::ExitCode {
         Command::Agent(args) => agent(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Token(args) => token::run(args).await,
-        // The client commands answer their own exit codes (see client.rs).
-        Command::Submit(args) => return client::exit(client::submit(args).await),
-        Command::Watch(args) => return client::exit(client::watch(args).await),
-        Command::Exec(args) => return client::exit(client::exec(args).await),
-        Command::Cancel(args) => return client::exit(client::cancel(args).await),
-        Command::Show(args) => return client::exit(client::show(args).await),
-        Command::Jobs(args) => return client::exit(client::jobs(args).await),
-        Command::Outputs(args) => return client::exit(client::outputs(args).await),
-        Command::Retry(args) => return client::exit(client::retry(args).await),
-        Command::Backends(args) => return client::exit(client::backends(args).await),
-        Command::Profile(args) => return client::exit(profile::run(args).await),
-        Command::Stats(args) => return client::exit(stats::run(args).await),
+        // The client commands answer their own exit codes (see client/mod.rs).
+        Command::Submit(args) => return client::exit(client::submit::run(args).await),
+        Command::Watch(args) => return client::exit(client::watch::run(args).await),
+        Command::Exec(args) => return client::exit(client::exec::run(args).await),
+        Command::Cancel(args) => return client::exit(client::jobs::cancel(args).await),
+        Command::Show(args) => return client::exit(client::jobs::show(args).await),
+        Command::Jobs(args) => return client::exit(client::jobs::list(args).await),
+        Command::Outputs(args) => return client::exit(client::jobs::outputs(args).await),
+        Command::Retry(args) => return client::exit(client::jobs::retry(args).await),
+        Command::Backends(args) => return client::exit(client::backends::run(args).await),
+        Command::Profile(args) => return client::exit(client::profile::run(args).await),
+        Command::Stats(args) => return client::exit(client::stats::run(args).await),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut std::io::stdout());

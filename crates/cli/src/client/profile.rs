@@ -1,7 +1,7 @@
 //! `gantry profile JOB [--vs JOB2] [--format table|json|csv]`: where an attempt's time
 //! went, node by node, on one time axis; or the per-node deltas between two jobs.
 
-use crate::client::ServerOpts;
+use super::opts::ServerOpts;
 use gantry_client::wire::{AttemptProfile, NodeProfile, NodeStatus};
 use gantry_client::{Error, Job};
 use serde_json::json;
