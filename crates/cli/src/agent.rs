@@ -1,6 +1,8 @@
 //! `gantry agent`: on a GPU machine, the link out to a coordinator that serves it the
 //! local ComfyUI (and runs the command jobs `--allow` permits), until Ctrl+C or SIGTERM.
 
+use anyhow::Context;
+
 #[derive(clap::Args)]
 pub struct AgentArgs {
     /// The coordinator, http(s)://host:port.
@@ -74,19 +76,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let on_signal = stop.clone();
-    // Ctrl+C, or systemd's SIGTERM: close the link and exit.
+    // Ctrl+C, or systemd's SIGTERM: close the link and exit. Both are listened for
+    // before the link starts, so a failure to listen is an error now: with
+    // `tokio::signal::ctrl_c()`, whose failure answers at once, the agent stopped as if
+    // interrupted, without a word.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl+C")?;
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = term.recv() => {}
         }
         on_signal.cancel();
     });

@@ -3,7 +3,7 @@
 
 use super::opts::ServerOpts;
 use super::watch::{download_all, follow};
-use super::{fail, USAGE};
+use super::{fail, pretty_json, USAGE};
 use gantry_client::wire::JobState;
 use gantry_client::Error;
 use serde_json::json;
@@ -85,7 +85,7 @@ pub async fn show(a: JobArgs) -> Result<ExitCode, Error> {
     let client = a.opts.client()?;
     let job = client.job(&a.job).await?;
     if a.opts.json() {
-        println!("{}", serde_json::to_string_pretty(&job).unwrap_or_default());
+        println!("{}", pretty_json(&job, &format!("job {}", job.id))?);
         return Ok(ExitCode::SUCCESS);
     }
     println!("job       {}", job.id);

@@ -35,6 +35,16 @@ fn error_exit(e: &Error) -> ExitCode {
     fail(USAGE, e)
 }
 
+/// `value` as indented JSON, for `--json` and `--format json`. (Written with
+/// `unwrap_or_default` before, a failure printed an empty line, which a script reads as
+/// no answer at all; now it is a client error, exit code 2, saying what failed.)
+fn pretty_json(value: &impl serde::Serialize, what: &str) -> Result<String, Error> {
+    serde_json::to_string_pretty(value).map_err(|e| Error::Io {
+        what: format!("writing {what} as JSON"),
+        reason: e.to_string(),
+    })
+}
+
 /// A command's exit code: its own, or 2 when it stopped on a client error.
 pub fn exit(done: Result<ExitCode, Error>) -> ExitCode {
     done.unwrap_or_else(|e| error_exit(&e))

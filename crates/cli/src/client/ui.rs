@@ -23,6 +23,7 @@ impl Ui {
         let bars = (show && !raw_logs && std::io::stderr().is_terminal()).then(|| {
             let multi = MultiProgress::new();
             let overall = multi.add(ProgressBar::new(nodes as u64));
+            // The templates are constants, known to parse: the default bar is never used.
             overall.set_style(
                 ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} nodes {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -48,6 +49,7 @@ impl Ui {
     pub(super) fn line(&self, text: &str) {
         match &self.bars {
             Some((multi, ..)) => {
+                // Only fails when stderr cannot be written: nowhere left to say anything.
                 let _ = multi.println(text);
             }
             None if self.show => eprintln!("{text}"),
@@ -161,6 +163,7 @@ impl Ui {
         if let Some((multi, overall, node)) = self.bars.take() {
             overall.finish_and_clear();
             node.finish_and_clear();
+            // As in `line`: only fails when stderr cannot be written.
             let _ = multi.clear();
         }
     }

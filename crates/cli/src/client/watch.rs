@@ -155,7 +155,11 @@ impl Interrupts {
         }
         #[cfg(not(unix))]
         {
-            let _ = tokio::signal::ctrl_c().await;
+            // A failure to listen answers at once, which would read as a Ctrl+C and
+            // cancel the job: it waits for ever instead (`new` cannot check it here).
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 }
