@@ -120,7 +120,12 @@ async fn submit(http: &reqwest::Client, base: &str, n: u64) -> anyhow::Result<St
     if status.as_u16() != 202 {
         anyhow::bail!("the demo job was refused ({status}): {body}");
     }
-    Ok(body["id"].as_str().unwrap_or_default().to_owned())
+    // An answer without an id was taken as an empty one, and the batch then polled
+    // `/v1/jobs/` for it.
+    body["id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("the demo job's answer has no id: {body}"))
 }
 
 async fn trickle(http: &reqwest::Client, base: &str, interval: Duration) -> anyhow::Result<()> {
@@ -131,7 +136,11 @@ async fn trickle(http: &reqwest::Client, base: &str, interval: Duration) -> anyh
     let mut tick = tokio::time::interval(interval);
     for n in 0.. {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            // A failure to listen answers at once: it ended the demo as a Ctrl+C would.
+            done = tokio::signal::ctrl_c() => {
+                done.context("waiting for Ctrl+C")?;
+                return Ok(());
+            }
             _ = tick.tick() => {
                 let id = submit(http, base, n).await?;
                 println!("  submitted job {id}");
@@ -168,7 +177,10 @@ async fn run_batch(
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     while !pending.is_empty() {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted with {} jobs unfinished", pending.len()),
+            done = tokio::signal::ctrl_c() => {
+                done.context("waiting for Ctrl+C")?;
+                anyhow::bail!("interrupted with {} jobs unfinished", pending.len())
+            }
             _ = tick.tick() => {}
         }
         let mut still = Vec::new();

@@ -6,10 +6,14 @@
 //! Times of execution come from the simulators' own `/sim/runs` (µs), so both paths are
 //! measured on the same clock at the same place.
 
-use super::{
-    backends_toml, follow_events, http, idle_gaps, ms, now_us, sleep_workflow, submit, Results,
-    ServerProc, Sims, Stats, StreamEvent,
-};
+use crate::client::{http, sleep_workflow, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::{idle_gaps, Run, Sims};
+use crate::stats::Stats;
+use crate::stream::{follow_events, Tracker};
+use crate::time::{ms, now_us};
 use anyhow::{bail, Context};
 use gantry_comfy::client::Submitted;
 use gantry_comfy::rest::{Graph, PromptRequest};
@@ -18,22 +22,18 @@ use gantry_comfy::{Client, SessionEvent};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench overhead` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Jobs per run.
-    #[arg(long, default_value_t = 640)]
-    jobs: usize,
+    pub jobs: usize,
     /// Simulated backends.
-    #[arg(long, default_value_t = 64)]
-    backends: usize,
+    pub backends: usize,
     /// How long each job's work takes on the backend, in ms.
-    #[arg(long, default_value_t = 1000)]
-    job_ms: u64,
+    pub job_ms: u64,
 }
 
 /// One job's timeline, in wall µs.
@@ -50,13 +50,13 @@ struct Mode {
     wall_s: f64,
     jobs: Vec<JobTimes>,
     /// Per backend, what ran there.
-    runs: Vec<Vec<super::Run>>,
+    runs: Vec<Vec<Run>>,
     server_cpu_s: Option<f64>,
 }
 
 impl Mode {
     fn analyse(&self) -> Value {
-        let runs: HashMap<&str, &super::Run> = self
+        let runs: HashMap<&str, &Run> = self
             .runs
             .iter()
             .flatten()
@@ -84,22 +84,22 @@ impl Mode {
     }
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.backends == 0 {
         bail!("--jobs and --backends must be at least 1");
     }
-    let http = http();
+    let http = http()?;
     eprintln!(
         "overhead: {} jobs of {} ms on {} backends",
         a.jobs, a.job_ms, a.backends
     );
-    let direct = direct(&a, &http).await.context("direct run")?;
+    let direct = direct(&a, gantry, &http).await.context("direct run")?;
     eprintln!("  direct: {:.2} s", direct.wall_s);
-    let closed = through_gantry(&a, &http, false)
+    let closed = through_gantry(&a, gantry, &http, false)
         .await
         .context("gantry closed-loop run")?;
     eprintln!("  gantry closed loop: {:.2} s", closed.wall_s);
-    let backlog = through_gantry(&a, &http, true)
+    let backlog = through_gantry(&a, gantry, &http, true)
         .await
         .context("gantry backlog run")?;
     eprintln!("  gantry backlog: {:.2} s", backlog.wall_s);
@@ -134,7 +134,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
             if name == "gantry backlog" && key == "submit_to_start_ms" {
                 continue; // includes the wait in gantry's queue
             }
-            let s: Stats = serde_json::from_value(v[key].clone()).unwrap_or(Stats::of(&[]));
+            let s: Stats = Stats::from_json(&v[key]);
             table.push(format!("[{name}] {key}: {}", s.line("ms")));
         }
     }
@@ -165,8 +165,8 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
 }
 
 /// One worker per backend: submit a job, wait for its success on the socket, repeat.
-async fn direct(a: &Args, http: &reqwest::Client) -> anyhow::Result<Mode> {
-    let sims = Sims::spawn(a.backends, 1.0, &[]).await?;
+async fn direct(a: &Options, gantry: &Binary, http: &reqwest::Client) -> anyhow::Result<Mode> {
+    let sims = Sims::spawn(gantry, a.backends, 1.0, &[]).await?;
     let next = Arc::new(AtomicUsize::new(0));
     let mut sessions = Vec::new();
     for url in &sims.urls {
@@ -244,71 +244,15 @@ fn graph(v: Value) -> anyhow::Result<Graph> {
     }
 }
 
-/// Terminal events and prompt ids by job, filled from `/v1/events`.
-#[derive(Default)]
-pub(super) struct Tracker {
-    waiting: HashMap<String, oneshot::Sender<(bool, i64)>>,
-    done: HashMap<String, (bool, i64)>,
-    pub prompt_of: HashMap<String, String>,
-    /// When each job's `dispatched` event arrived (wall µs).
-    pub dispatched_us: HashMap<String, i64>,
-}
-
-impl Tracker {
-    /// Route events until the stream ends.
-    pub fn spawn(mut events: mpsc::UnboundedReceiver<StreamEvent>) -> Arc<Mutex<Tracker>> {
-        let tracker = Arc::new(Mutex::new(Tracker::default()));
-        let t = tracker.clone();
-        tokio::spawn(async move {
-            while let Some(e) = events.recv().await {
-                let Some(job) = e.data["job_id"].as_str().map(str::to_owned) else {
-                    continue;
-                };
-                let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
-                match e.kind.as_str() {
-                    "dispatched" => {
-                        t.dispatched_us.entry(job.clone()).or_insert(e.at_us);
-                        if let Some(pid) = e.data["prompt_id"].as_str() {
-                            t.prompt_of.insert(job, pid.to_owned());
-                        }
-                    }
-                    "succeeded" | "failed" | "cancelled" => {
-                        let outcome = (e.kind == "succeeded", e.at_us);
-                        match t.waiting.remove(&job) {
-                            Some(tx) => {
-                                let _ = tx.send(outcome);
-                            }
-                            None => {
-                                t.done.insert(job, outcome);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        });
-        tracker
-    }
-
-    /// Wait for `job`'s terminal event: (succeeded, when it arrived).
-    pub async fn wait(tracker: &Mutex<Tracker>, job: &str) -> anyhow::Result<(bool, i64)> {
-        let rx = {
-            let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(done) = t.done.remove(job) {
-                return Ok(done);
-            }
-            let (tx, rx) = oneshot::channel();
-            t.waiting.insert(job.to_owned(), tx);
-            rx
-        };
-        rx.await.context("the event stream ended")
-    }
-}
-
-async fn through_gantry(a: &Args, http: &reqwest::Client, backlog: bool) -> anyhow::Result<Mode> {
-    let sims = Sims::spawn(a.backends, 1.0, &[]).await?;
+async fn through_gantry(
+    a: &Options,
+    gantry: &Binary,
+    http: &reqwest::Client,
+    backlog: bool,
+) -> anyhow::Result<Mode> {
+    let sims = Sims::spawn(gantry, a.backends, 1.0, &[]).await?;
     let dir = tempfile::tempdir()?;
-    let server = ServerProc::spawn(dir.path(), &backends_toml(&sims.urls, "")).await?;
+    let server = ServerProc::spawn(gantry, dir.path(), &backends_toml(&sims.urls, "")).await?;
     server.wait_backends(http, a.backends).await?;
     let tracker = Tracker::spawn(follow_events(http, &server.url, 0).await?);
     let cpu0 = server.cpu_seconds();

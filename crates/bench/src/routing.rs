@@ -8,37 +8,33 @@
 //! (read from each job's profile: the loader node executed rather than cached) and the
 //! ratio.
 
-use super::{
-    backends_toml, follow_events, follow_until_terminal, http, submit, Results, ServerProc, Sims,
-    Stats,
-};
+use crate::client::{http, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::Sims;
+use crate::stats::Stats;
+use crate::stream::{follow_events, follow_until_terminal};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench routing` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Simulated backends.
-    #[arg(long, default_value_t = 4)]
-    backends: usize,
+    pub backends: usize,
     /// Jobs in the batch.
-    #[arg(long, default_value_t = 200)]
-    jobs: usize,
+    pub jobs: usize,
     /// Distinct checkpoints the batch uses.
-    #[arg(long, default_value_t = 4)]
-    models: usize,
+    pub models: usize,
     /// What a checkpoint load costs when the backend's previous prompt used another.
-    #[arg(long, default_value_t = 3000)]
-    cold_ms: u64,
+    pub cold_ms: u64,
     /// What it costs when the previous prompt used the same one.
-    #[arg(long, default_value_t = 0)]
-    warm_ms: u64,
+    pub warm_ms: u64,
     /// Sampler steps per job (50 ms each in the simulator).
-    #[arg(long, default_value_t = 4)]
-    steps: u64,
+    pub steps: u64,
     /// Seed of the batch's order of models.
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
+    pub seed: u64,
 }
 
 /// One routing mode's run of the batch.
@@ -61,7 +57,7 @@ fn workflow(model: &str, steps: u64, seed: u64) -> Value {
 }
 
 /// The batch's models, in a reproducible random order (xorshift; no statistics needed).
-fn order(a: &Args) -> Vec<usize> {
+fn order(a: &Options) -> Vec<usize> {
     let mut x = a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..a.jobs)
         .map(|_| {
@@ -73,9 +69,15 @@ fn order(a: &Args) -> Vec<usize> {
         .collect()
 }
 
-async fn run_mode(a: &Args, routing: &str, models: &[String]) -> anyhow::Result<Run> {
-    let http = http();
+async fn run_mode(
+    a: &Options,
+    gantry: &Binary,
+    routing: &str,
+    models: &[String],
+) -> anyhow::Result<Run> {
+    let http = http()?;
     let sims = Sims::spawn_args(
+        gantry,
         a.backends,
         1.0,
         &[
@@ -88,7 +90,7 @@ async fn run_mode(a: &Args, routing: &str, models: &[String]) -> anyhow::Result<
     .await?;
     let dir = tempfile::tempdir()?;
     let config = backends_toml(&sims.urls, &format!("routing = \"{routing}\""));
-    let server = ServerProc::spawn(dir.path(), &config).await?;
+    let server = ServerProc::spawn(gantry, dir.path(), &config).await?;
     server.wait_backends(&http, a.backends).await?;
     let mut events = follow_events(&http, &server.url, 0).await?;
     let t0 = Instant::now();
@@ -147,15 +149,15 @@ async fn run_mode(a: &Args, routing: &str, models: &[String]) -> anyhow::Result<
     })
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.backends == 0 || a.jobs == 0 || a.models == 0 {
         bail!("--backends, --jobs and --models must be at least 1");
     }
     let models: Vec<String> = (0..a.models)
         .map(|i| format!("checkpoint-{i}.safetensors"))
         .collect();
-    let warm = run_mode(&a, "warm", &models).await?;
-    let random = run_mode(&a, "random", &models).await?;
+    let warm = run_mode(&a, gantry, "warm", &models).await?;
+    let random = run_mode(&a, gantry, "random", &models).await?;
     let ratio = random.total_s / warm.total_s;
     let line = |name: &str, r: &Run| {
         format!(

@@ -4,7 +4,9 @@
 //! submit returns), the scheduler and the event bus: the figure to hold against general
 //! job queues.
 
-use super::{Results, Stats};
+use crate::client::sleep_workflow;
+use crate::report::Results;
+use crate::stats::Stats;
 use anyhow::{bail, Context};
 use gantry_core::{JobSpec, JobState, Timeouts, Workflow};
 use gantry_server::{BackendConfig, Config, Server};
@@ -14,24 +16,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench engine` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Jobs to run.
-    #[arg(long, default_value_t = 50_000)]
-    jobs: usize,
+    pub jobs: usize,
     /// In-process backends.
-    #[arg(long, default_value_t = 64)]
-    backends: usize,
+    pub backends: usize,
     /// Tasks submitting at once.
-    #[arg(long, default_value_t = 256)]
-    submitters: usize,
+    pub submitters: usize,
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.backends == 0 || a.submitters == 0 {
         bail!("--jobs, --backends and --submitters must be at least 1");
     }
-    let workflow = Workflow::parse(&super::sleep_workflow(0, 1, 0)).context("workflow")?;
+    let workflow = Workflow::parse(&sleep_workflow(0, 1, 0)).context("workflow")?;
     let classes: Vec<String> = workflow.nodes().map(|(_, c)| c.to_owned()).collect();
     let dir = tempfile::tempdir()?;
     let mut config = Config::new("127.0.0.1:0".parse()?, dir.path().join("data"));

@@ -1,7 +1,7 @@
 //! `gantry stats`: node timings over the farm's history, per class (and per workflow or
 //! backend with `--by`), from `GET /v1/stats/nodes`.
 
-use crate::client::ServerOpts;
+use super::opts::ServerOpts;
 use gantry_client::Error;
 use serde_json::json;
 use std::process::ExitCode;

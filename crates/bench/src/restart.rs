@@ -20,11 +20,16 @@
 //! those of the new one by their server stamp (`at`, before the kill) and checked by
 //! sequence number.
 
-use super::failover::{duration, rfc3339_ms};
-use super::{
-    backends_toml, follow_events, follow_until_terminal, http, is_terminal, ms, now_us,
-    sleep_workflow, submit, Results, ServerProc, Sims, Stats, StreamEvent, UntilTerminal,
+use crate::client::{http, sleep_workflow, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::Sims;
+use crate::stats::Stats;
+use crate::stream::{
+    follow_events, follow_until_terminal, is_terminal, StreamEvent, UntilTerminal,
 };
+use crate::time::{ms, now_us, rfc3339_ms};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -33,21 +38,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench restart` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Jobs waiting in gantry's queue at the kill, beyond those running.
-    #[arg(long, default_value_t = 1000)]
-    queued: usize,
+    pub queued: usize,
     /// Jobs running at the kill: one simulated backend each.
-    #[arg(long, default_value_t = 64)]
-    running: usize,
+    pub running: usize,
     /// How long each job's work takes on the backend, in ms.
-    #[arg(long, default_value_t = 3000)]
-    job_ms: u64,
+    pub job_ms: u64,
     /// Stop waiting (for the running jobs before the kill, for the end after it) after
     /// this long.
-    #[arg(long, default_value = "10m", value_parser = duration)]
-    timeout: Duration,
+    pub timeout: Duration,
 }
 
 /// An attempt the old process left in flight.
@@ -68,20 +69,20 @@ struct Followed {
     outcome: Option<(i64, String)>,
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.running == 0 || a.job_ms == 0 {
         bail!("--running and --job-ms must be at least 1");
     }
     let total = a.running + a.queued;
-    let http = http();
+    let http = http()?;
     eprintln!(
         "restart: {} running + {} queued jobs of {} ms on {} backends",
         a.running, a.queued, a.job_ms, a.running
     );
-    let sims = Sims::spawn(a.running, 1.0, &[]).await?;
+    let sims = Sims::spawn(gantry, a.running, 1.0, &[]).await?;
     let dir = tempfile::tempdir()?;
     let config = backends_toml(&sims.urls, "");
-    let mut server = ServerProc::spawn(dir.path(), &config).await?;
+    let mut server = ServerProc::spawn(gantry, dir.path(), &config).await?;
     server.wait_backends(&http, a.running).await?;
     let mut events = follow_events(&http, &server.url, 0).await?;
 
@@ -152,7 +153,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
     drop(server);
 
     let spawn_us = now_us();
-    let server = ServerProc::spawn(dir.path(), &config).await?;
+    let server = ServerProc::spawn(gantry, dir.path(), &config).await?;
     let serving_us = now_us();
     http.get(format!("{}/healthz", server.url))
         .send()

@@ -23,10 +23,14 @@
 //!
 //! The target: detection lag p99 under 250 ms past the configured limit.
 
-use super::{
-    backends_toml, follow_events, follow_until_terminal, http, ms, sleep_workflow, submit, Results,
-    ServerProc, Sims, Stats, UntilTerminal,
-};
+use crate::client::{http, sleep_workflow, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::Sims;
+use crate::stats::Stats;
+use crate::stream::{follow_events, follow_until_terminal, UntilTerminal};
+use crate::time::{ms, rfc3339_ms};
 use anyhow::{bail, Context};
 use gantry_sim::faults::{Fault, Kind};
 use serde_json::{json, Value};
@@ -36,49 +40,34 @@ use std::time::{Duration, Instant};
 /// The target for the detection lag's p99, past the limit.
 const TARGET_P99_MS: f64 = 250.0;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench failover` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Simulated backends.
-    #[arg(long, default_value_t = 8)]
-    backends: usize,
+    pub backends: usize,
     /// Jobs to run; every one must succeed.
-    #[arg(long, default_value_t = 100)]
-    jobs: usize,
+    pub jobs: usize,
     /// Share of the backends that hang before start; as many again stall mid-node (at
     /// least one of each when above 0).
-    #[arg(long, default_value_t = 0.25)]
-    faulty: f64,
+    pub faulty: f64,
     /// The simulator fault the stalling backends get (see `gantry sim --fault`).
-    #[arg(long, default_value = "stall:at=50")]
-    stall_spec: String,
+    pub stall_spec: String,
     /// How long each job's work takes on a healthy backend, in ms.
-    #[arg(long, default_value_t = 500)]
-    job_ms: u64,
+    pub job_ms: u64,
     /// The server's start, first-progress and node-stall limits.
-    #[arg(long, default_value = "1s", value_parser = duration)]
-    limit: Duration,
+    pub limit: Duration,
     /// The server's block_cooldown: how long a backend takes no job of the same workflow
     /// shape (here: the same job) after a fault there.
-    #[arg(long, default_value = "60s", value_parser = duration)]
-    block_cooldown: Duration,
+    pub block_cooldown: Duration,
     /// The server's circuit_threshold: faults in a row that take a backend out of service
     /// (0, the default here, keeps the faulty backends taking work).
-    #[arg(long, default_value_t = 0)]
-    circuit_threshold: u32,
+    pub circuit_threshold: u32,
     /// Give every job the same workflow shape (then a fault blocks its backend for every
     /// job, and a retry may go back to it once the block lifts).
-    #[arg(long)]
-    same_shape: bool,
+    pub same_shape: bool,
     /// The server's max_attempts (a job may meet several faulty backends in a row).
-    #[arg(long, default_value_t = 10)]
-    max_attempts: u32,
+    pub max_attempts: u32,
     /// Stop waiting for the jobs after this long.
-    #[arg(long, default_value = "5m", value_parser = duration)]
-    timeout: Duration,
-}
-
-pub(super) fn duration(s: &str) -> Result<Duration, String> {
-    gantry_server::config::parse_duration("duration", s).map_err(|e| e.to_string())
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -133,7 +122,7 @@ enum Retry {
     },
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.backends == 0 || a.job_ms == 0 {
         bail!("--jobs, --backends and --job-ms must be at least 1");
     }
@@ -183,12 +172,12 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
     };
     let stall_offset_us = (before_us + stall_step * step_us) as i64;
 
-    let http = http();
+    let http = http()?;
     eprintln!(
         "failover: {} jobs of {} ms on {} backends ({per_kind} hang, {per_kind} stall), limit {limit_ms} ms",
         a.jobs, a.job_ms, a.backends
     );
-    let sims = Sims::spawn(a.backends, 1.0, &[]).await?;
+    let sims = Sims::spawn(gantry, a.backends, 1.0, &[]).await?;
     for (url, h) in sims.urls.iter().zip(&health) {
         let specs: Vec<&str> = match h {
             Health::Hang => vec!["hang-before-start"],
@@ -210,7 +199,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
         a.circuit_threshold
     );
     let dir = tempfile::tempdir()?;
-    let server = ServerProc::spawn(dir.path(), &backends_toml(&sims.urls, &extra)).await?;
+    let server = ServerProc::spawn(gantry, dir.path(), &backends_toml(&sims.urls, &extra)).await?;
     server.wait_backends(&http, a.backends).await?;
     let mut events = follow_events(&http, &server.url, 0).await?;
 
@@ -404,9 +393,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
             Retry::None => none += 1,
         }
     }
-    let stat = |v: &Value, key: &str| -> Stats {
-        serde_json::from_value(v[key].clone()).unwrap_or(Stats::of(&[]))
-    };
+    let stat = |v: &Value, key: &str| -> Stats { Stats::from_json(&v[key]) };
     let p99 = stat(&all, "detection_lag_ms").p99;
     let met = p99 < TARGET_P99_MS;
 
@@ -571,73 +558,4 @@ fn own_shape(workflow: &Value, i: usize) -> Value {
         })
         .collect();
     Value::Object(renamed)
-}
-
-/// Milliseconds since the epoch of an RFC 3339 time (`2025-01-02T03:04:05.678Z`, or with
-/// an offset), as the API writes them.
-pub(super) fn rfc3339_ms(s: &str) -> Option<i64> {
-    let num = |from: usize, to: usize| -> Option<i64> {
-        let part = s.get(from..to)?;
-        if !part.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        part.parse().ok()
-    };
-    let (y, mo, d) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (h, mi, sec) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    if s.get(4..5)? != "-" || s.get(7..8)? != "-" || !matches!(s.get(10..11)?, "T" | "t" | " ") {
-        return None;
-    }
-    let mut rest = s.get(19..)?;
-    let mut frac_ms = 0;
-    if let Some(r) = rest.strip_prefix('.') {
-        let n = r.bytes().take_while(u8::is_ascii_digit).count();
-        let digits = r.get(..n)?;
-        let padded = format!("{:0<3}", digits.get(..n.min(3))?);
-        frac_ms = padded.parse::<i64>().ok()?;
-        rest = r.get(n..)?;
-    }
-    let offset_min = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let sign = match rest.get(..1)? {
-                "+" => 1,
-                "-" => -1,
-                _ => return None,
-            };
-            let oh: i64 = rest.get(1..3)?.parse().ok()?;
-            let om: i64 = rest.get(4..6)?.parse().ok()?;
-            sign * (oh * 60 + om)
-        }
-    };
-    // Days from the civil date (H. Hinnant's algorithm).
-    let yy = if mo <= 2 { y - 1 } else { y };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
-    Some(secs * 1000 + frac_ms)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rfc3339_ms;
-
-    #[test]
-    fn parses_the_api_times() {
-        assert_eq!(rfc3339_ms("1970-01-01T00:00:00.000Z"), Some(0));
-        assert_eq!(
-            rfc3339_ms("2024-02-29T12:34:56.789Z"),
-            Some(1_709_210_096_789)
-        );
-        assert_eq!(
-            rfc3339_ms("2024-02-29T13:34:56.7+01:00"),
-            Some(1_709_210_096_700)
-        );
-        assert_eq!(rfc3339_ms("2024-02-29 12:34:56Z"), Some(1_709_210_096_000));
-        assert_eq!(rfc3339_ms("yesterday"), None);
-    }
 }

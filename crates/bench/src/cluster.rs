@@ -5,10 +5,14 @@
 //! same latencies under a closed-loop load (where they include waiting for a backend).
 //! Dispatch latency is submit answered -> `dispatched` seen on the farm's event stream.
 
-use super::overhead::Tracker;
-use super::{
-    backends_toml, follow_events, http, sleep_workflow, submit, Results, ServerProc, Sims, Stats,
-};
+use crate::client::{http, sleep_workflow, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::Sims;
+use crate::stats::Stats;
+use crate::stream::{follow_events, Tracker};
+use crate::time::now_us;
 use anyhow::bail;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -18,37 +22,32 @@ use tokio::task::JoinSet;
 /// Jobs run one at a time on the idle farm before the load.
 const IDLE_JOBS: usize = 200;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench cluster` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// The PostgreSQL database to run on (a fresh schema is made in it and dropped).
-    #[arg(long, env = "GANTRY_TEST_POSTGRES_URL")]
-    store: String,
+    pub store: String,
     /// Jobs per run.
-    #[arg(long, default_value_t = 5_000)]
-    jobs: usize,
+    pub jobs: usize,
     /// Simulated backends, shared by the coordinators.
-    #[arg(long, default_value_t = 24)]
-    backends: usize,
+    pub backends: usize,
     /// Client connections submitting at once, spread over the coordinators.
-    #[arg(long, default_value_t = 48)]
-    submitters: usize,
+    pub submitters: usize,
     /// Coordinator counts to measure, one run each.
-    #[arg(long, value_delimiter = ',', default_value = "1,3")]
-    coordinators: Vec<usize>,
+    pub coordinators: Vec<usize>,
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.backends == 0 || a.submitters == 0 || a.coordinators.contains(&0) {
         bail!("--jobs, --backends, --submitters and each --coordinators must be at least 1");
     }
-    let sims = Sims::spawn(a.backends, 1.0, &[]).await?;
+    let sims = Sims::spawn(gantry, a.backends, 1.0, &[]).await?;
     let mut table = vec![format!(
         "{} fully cached jobs per run, {} simulated backends (separate process), {} submitters, postgres store",
         a.jobs, a.backends, a.submitters
     )];
     let mut runs = Vec::new();
     for &n in &a.coordinators {
-        let r = one(&a, &sims, n).await?;
+        let r = one(&a, gantry, &sims, n).await?;
         table.push(format!(
             "{n} coordinator(s), idle farm, one job at a time: dispatch {}; job {}",
             stats_line(&r["idle_dispatch_ms"]),
@@ -74,10 +73,10 @@ fn stats_line(v: &Value) -> String {
     format!("p50 {:.2} / p99 {:.2} ms", f("p50"), f("p99"))
 }
 
-async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
+async fn one(a: &Options, gantry: &Binary, sims: &Sims, n: usize) -> anyhow::Result<Value> {
     let schema = gantry_store::testing::FreshSchema::create_on(&a.store).await;
     let dir = tempfile::tempdir()?;
-    let http = http();
+    let http = http()?;
     let mut coordinators = Vec::new();
     for i in 0..n {
         let extra = format!(
@@ -86,7 +85,8 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
             dir.path().join("artifacts").display().to_string(),
         );
         let data = dir.path().join(format!("c{i}"));
-        coordinators.push(ServerProc::spawn(&data, &backends_toml(&sims.urls, &extra)).await?);
+        coordinators
+            .push(ServerProc::spawn(gantry, &data, &backends_toml(&sims.urls, &extra)).await?);
     }
     // Every backend leased and connected somewhere.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -132,7 +132,7 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
     for i in 0..IDLE_JOBS {
         let url = &coordinators[i % n].url;
         let id = submit(&http, url, &json!({ "workflow": workflow })).await?;
-        let accepted_us = super::now_us();
+        let accepted_us = now_us();
         let (ok, done_us) = Tracker::wait(&tracker, &id).await?;
         if !ok {
             bail!("job {id} did not succeed");
@@ -169,7 +169,7 @@ async fn one(a: &Args, sims: &Sims, n: usize) -> anyhow::Result<Value> {
                     return Ok::<_, anyhow::Error>(out);
                 }
                 let id = submit(&http, &url, &json!({ "workflow": workflow })).await?;
-                let accepted_us = super::now_us();
+                let accepted_us = now_us();
                 let (ok, done_us) = Tracker::wait(&tracker, &id).await?;
                 if !ok {
                     bail!("job {id} did not succeed");

@@ -3,10 +3,13 @@
 //! the embedded store. Reports jobs per second sustained and, when `perf` is installed,
 //! where the server's CPU time goes.
 
-use super::overhead::Tracker;
-use super::{
-    backends_toml, follow_events, http, sleep_workflow, submit, Results, ServerProc, Sims, Stats,
-};
+use crate::client::{http, sleep_workflow, submit};
+use crate::process::Binary;
+use crate::report::Results;
+use crate::server::{backends_toml, ServerProc};
+use crate::sims::Sims;
+use crate::stats::Stats;
+use crate::stream::{follow_events, Tracker};
 use anyhow::{bail, Context};
 use serde_json::json;
 use std::process::Stdio;
@@ -15,30 +18,26 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::task::JoinSet;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench throughput` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Jobs to run.
-    #[arg(long, default_value_t = 20_000)]
-    jobs: usize,
+    pub jobs: usize,
     /// Simulated backends.
-    #[arg(long, default_value_t = 64)]
-    backends: usize,
+    pub backends: usize,
     /// Client connections submitting at once.
-    #[arg(long, default_value_t = 64)]
-    submitters: usize,
+    pub submitters: usize,
     /// Then profile a second server with `perf record` under a quarter of the load.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    profile: bool,
+    pub profile: bool,
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options, gantry: &Binary) -> anyhow::Result<Results> {
     if a.jobs == 0 || a.backends == 0 || a.submitters == 0 {
         bail!("--jobs, --backends and --submitters must be at least 1");
     }
-    let http = http();
-    let sims = Sims::spawn(a.backends, 1.0, &[]).await?;
+    let http = http()?;
+    let sims = Sims::spawn(gantry, a.backends, 1.0, &[]).await?;
     let dir = tempfile::tempdir()?;
-    let server = ServerProc::spawn(dir.path(), &backends_toml(&sims.urls, "")).await?;
+    let server = ServerProc::spawn(gantry, dir.path(), &backends_toml(&sims.urls, "")).await?;
     server.wait_backends(&http, a.backends).await?;
     let workflow = sleep_workflow(0, 1, 0);
     // Warm every backend's cache: the first run of the workflow executes, later ones
@@ -99,7 +98,7 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
     let rss_after = server.rss_kib();
     drop(server);
     let profile = if a.profile {
-        profile(&a, &sims, &workflow).await?
+        profile(&a, gantry, &sims, &workflow).await?
     } else {
         Vec::new()
     };
@@ -165,7 +164,8 @@ pub async fn run(a: Args) -> anyhow::Result<Results> {
 /// Run `jobs` jobs on a second server started under `perf record`, and name the top items
 /// by self time. Sampling slows the server, so this run's rate is not the one reported.
 async fn profile(
-    a: &Args,
+    a: &Options,
+    gantry: &Binary,
     sims: &Sims,
     workflow: &serde_json::Value,
 ) -> anyhow::Result<Vec<String>> {
@@ -186,8 +186,9 @@ async fn profile(
         .map(|s| s.to_string())
         .chain([data.display().to_string(), "--".into()])
         .collect();
-    let http = http();
+    let http = http()?;
     let server = ServerProc::spawn_wrapped(
+        gantry,
         &dir.path().join("db"),
         &backends_toml(&sims.urls, ""),
         &wrapper,
@@ -235,6 +236,15 @@ async fn profile(
         .output()
         .await
         .context("perf report")?;
+    // A failed report printed nothing to parse: say so in the table rather than show an
+    // empty profile.
+    if !out.status.success() {
+        return Ok(vec![format!(
+            "(perf report failed, {}: {})",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )]);
+    }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| {

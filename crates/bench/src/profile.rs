@@ -4,7 +4,8 @@
 //! is finished and serialised as the store and the terminal event keep it; measured
 //! against parsing those same messages, which the driver does for every job anyway.
 
-use super::{Results, Stats};
+use crate::report::Results;
+use crate::stats::Stats;
 use anyhow::Context;
 use gantry_comfy::ws::ServerMessage;
 use gantry_core::profile::ProfileBuilder;
@@ -12,14 +13,12 @@ use gantry_core::{Attempt, AttemptStatus, Workflow};
 use serde_json::json;
 use std::time::Instant;
 
-#[derive(clap::Args)]
-pub struct Args {
+/// What `gantry bench profile` runs (the command's flags, parsed by the cli).
+pub struct Options {
     /// Jobs to profile.
-    #[arg(long, default_value_t = 5000)]
-    jobs: usize,
+    pub jobs: usize,
     /// Sampler steps per job (progress messages).
-    #[arg(long, default_value_t = 30)]
-    steps: u32,
+    pub steps: u32,
 }
 
 fn txt2img() -> anyhow::Result<Workflow> {
@@ -56,7 +55,7 @@ fn frames(pid: &str, steps: u32) -> Vec<String> {
     out.into_iter().map(|v| v.to_string()).collect()
 }
 
-pub async fn run(a: Args) -> anyhow::Result<Results> {
+pub async fn run(a: Options) -> anyhow::Result<Results> {
     let workflow = txt2img()?;
     let pid = "6b3a2f7b-f106-45bf-9e98-c2b7efb2e409";
     let frames = frames(pid, a.steps);

@@ -1,7 +1,8 @@
 //! `gantry profile JOB [--vs JOB2] [--format table|json|csv]`: where an attempt's time
 //! went, node by node, on one time axis; or the per-node deltas between two jobs.
 
-use crate::client::ServerOpts;
+use super::opts::ServerOpts;
+use super::pretty_json;
 use gantry_client::wire::{AttemptProfile, NodeProfile, NodeStatus};
 use gantry_client::{Error, Job};
 use serde_json::json;
@@ -239,10 +240,10 @@ pub async fn run(a: ProfileArgs) -> Result<ExitCode, Error> {
             Format::Table => print_table(&job, number, &backend, &p),
             Format::Json => println!(
                 "{}",
-                serde_json::to_string_pretty(
-                    &json!({"job": job.id, "attempt": number, "backend": backend, "profile": p})
-                )
-                .unwrap_or_default()
+                pretty_json(
+                    &json!({"job": job.id, "attempt": number, "backend": backend, "profile": p}),
+                    &format!("the profile of job {}", job.id)
+                )?
             ),
             Format::Csv => print_csv(&p),
         }
@@ -261,13 +262,15 @@ pub async fn run(a: ProfileArgs) -> Result<ExitCode, Error> {
     match a.format {
         Format::Json => println!(
             "{}",
-            serde_json::to_string_pretty(&json!({
-                "a": {"job": job.id, "attempt": number, "execution_ms": p.execution_ms},
-                "b": {"job": job_b.id, "attempt": number_b, "execution_ms": pb.execution_ms},
-                "execution_delta_ms": total,
-                "nodes": rows,
-            }))
-            .unwrap_or_default()
+            pretty_json(
+                &json!({
+                    "a": {"job": job.id, "attempt": number, "execution_ms": p.execution_ms},
+                    "b": {"job": job_b.id, "attempt": number_b, "execution_ms": pb.execution_ms},
+                    "execution_delta_ms": total,
+                    "nodes": rows,
+                }),
+                &format!("the comparison of jobs {} and {}", job.id, job_b.id)
+            )?
         ),
         Format::Csv => {
             println!("node,class_type,a_status,b_status,a_ms,b_ms,delta_ms");
