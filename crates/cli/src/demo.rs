@@ -6,7 +6,8 @@ use anyhow::Context;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const TXT2IMG: &str = include_str!("../../../fixtures/workflows/txt2img.json");
 

@@ -7,7 +7,8 @@ mod farm;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 fn workflow(seed: u64, seconds: f64) -> Value {
     let text = std::fs::read_to_string(concat!(

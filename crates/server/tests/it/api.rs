@@ -4,7 +4,8 @@ use crate::support::{
     assert_error, fixture, names, poll_until, sleep_workflow, spawn_app, tiny_workflow,
 };
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 #[tokio::test]
 async fn bad_requests_are_refused_naming_the_culprit_and_create_no_job() {

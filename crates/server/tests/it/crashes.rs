@@ -3,15 +3,9 @@
 //! workflow block is recorded, and while it waits the job and its events say what for.
 
 use crate::support::{ms_of, poll_until, sleep_workflow, spawn_app, tiny_workflow, TestApp};
+use gantry_server::clock::now_ms as wall_ms;
 use serde_json::{json, Value};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
+use std::time::Duration;
 
 fn backends_of(job: &Value) -> Vec<&str> {
     job["attempts"]

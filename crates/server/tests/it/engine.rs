@@ -8,7 +8,8 @@ use crate::support::{
 use gantry_core::Timeouts;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const PERSISTED_SUCCESS: [&str; 5] = ["queued", "dispatched", "submitted", "started", "succeeded"];
 

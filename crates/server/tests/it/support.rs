@@ -8,7 +8,8 @@ use gantry_store::testing::FreshSchema;
 use serde_json::{json, Value};
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Simulated time runs this many times faster than real time.
 pub const SPEED: f64 = 20.0;

@@ -480,6 +480,9 @@ impl Run<'_> {
     }
 }
 
+// The simulated server's own wall clock, read as a real ComfyUI reads its host's: the
+// timestamps it sends are the server's, not the test's.
+#[allow(clippy::disallowed_methods)]
 fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -487,6 +490,7 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
+#[allow(clippy::disallowed_methods)] // As `now_us`.
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -41,7 +41,8 @@ use gantry_sim::{spawn, SimConfig};
 use replay::{Replayed, Replayer};
 use script::{route, Script};
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Simulator speed. The simulator divides every timed phase by it, and the replay divides
 /// the capture's client schedule by it too, so both stay in step.

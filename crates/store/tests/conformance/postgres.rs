@@ -6,7 +6,8 @@ use gantry_core::{transition, EventKind, Input, Policy};
 use gantry_store::testing::FreshSchema;
 use gantry_store::{Error, Fence, Leases, PgStore, Store};
 use sqlx::Connection;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 #[tokio::test]
 async fn reopening_keeps_everything_and_a_newer_schema_is_refused() {

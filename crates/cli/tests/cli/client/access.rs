@@ -4,7 +4,8 @@
 use super::{farm, run, sleep_graph, stderr, write};
 use serde_json::Value;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Tokens made by `gantry token create` in the running server's store: from then on the
 /// server asks for one, a read token cannot submit, and a revoked one is refused.

@@ -4,7 +4,8 @@
 use super::{farm, farm_with, run, sleep_graph, stderr, write, Farm};
 use serde_json::{json, Value};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gantry_agent_serves_its_local_comfyui_until_sigterm() {

@@ -5,7 +5,8 @@ use super::{farm, run, stderr, Farm};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gantry_watch_streams_a_command_jobs_output_from_an_agent_that_allows_it() {

@@ -13,7 +13,8 @@ mod submit;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 struct Farm {
     server: gantry_server::Server,

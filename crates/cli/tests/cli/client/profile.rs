@@ -3,7 +3,8 @@
 
 use super::{farm, run, sleep_graph, stderr, write};
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// `gantry profile`: the table (slowest first, a bar on the time axis, cached nodes
 /// marked), CSV and JSON exports, and `--vs` with per-node deltas.

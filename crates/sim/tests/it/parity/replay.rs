@@ -11,7 +11,8 @@ use crate::support::{
 use gantry_sim::SimHandle;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// What a replay recorded.
 pub(super) struct Replayed {
@@ -338,7 +339,7 @@ impl<'s> Replayer<'s> {
                 continue;
             };
             let due = start + shift + scaled(ev.t_ms);
-            tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+            tokio::time::sleep_until(due).await;
             shift += self.catch_up(index).await;
             self.perform(index, action).await;
         }
