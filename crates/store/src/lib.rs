@@ -190,6 +190,16 @@ pub trait Store: Send + Sync + 'static {
         fence: &Fence,
     ) -> Result<Vec<Event>>;
 
+    /// As `update_job` (as `update_job_fenced` with a fence), for several state changes
+    /// made at once and committed as one row write: `steps` holds each change's events
+    /// with the job's state after it, and `job` is the job after the last.
+    async fn update_job_steps(
+        &self,
+        job: &Job,
+        steps: &[(JobState, Vec<EventKind>)],
+        fence: Option<&Fence>,
+    ) -> Result<Vec<Event>>;
+
     /// Record events that change no job (late inputs, a node's steps), stamped with
     /// the job's state `state`.
     async fn append_events(

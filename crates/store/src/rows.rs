@@ -46,12 +46,12 @@ impl JobRow {
     }
 }
 
-/// Events to insert for one job, with their JSON.
+/// Events to insert for one job, with their JSON, each with the job's state after it
+/// (several state changes may be committed in one write).
 pub(crate) struct EventRows {
     pub job_id: JobId,
-    pub state: JobState,
     pub at: Millis,
-    pub kinds: Vec<(EventKind, String)>,
+    pub kinds: Vec<(JobState, EventKind, String)>,
 }
 
 impl EventRows {
@@ -67,11 +67,28 @@ impl EventRows {
     ) -> Result<EventRows> {
         Ok(EventRows {
             job_id: job_id.clone(),
-            state,
             at,
             kinds: kinds
                 .iter()
-                .map(|k| Ok((k.clone(), serde_json::to_string(k)?)))
+                .map(|k| Ok((state, k.clone(), serde_json::to_string(k)?)))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// The events of several state changes in a row: each step's events with the state
+    /// that step left the job in.
+    pub fn steps(
+        job_id: &JobId,
+        at: Millis,
+        steps: &[(JobState, Vec<EventKind>)],
+    ) -> Result<EventRows> {
+        Ok(EventRows {
+            job_id: job_id.clone(),
+            at,
+            kinds: steps
+                .iter()
+                .flat_map(|(state, kinds)| kinds.iter().map(move |k| (*state, k)))
+                .map(|(state, k)| Ok((state, k.clone(), serde_json::to_string(k)?)))
                 .collect::<Result<_>>()?,
         })
     }
@@ -81,11 +98,11 @@ impl EventRows {
         self.kinds
             .iter()
             .enumerate()
-            .map(|(n, (kind, _))| Event {
+            .map(|(n, (state, kind, _))| Event {
                 seq: first + n as i64,
                 job_id: self.job_id.clone(),
                 at: self.at,
-                state: self.state,
+                state: *state,
                 kind: kind.clone(),
             })
             .collect()

@@ -133,6 +133,18 @@ where
         self.writer().update(job, events, Some(fence)).await
     }
 
+    async fn update_job_steps(
+        &self,
+        job: &Job,
+        steps: &[(JobState, Vec<EventKind>)],
+        fence: Option<&Fence>,
+    ) -> Result<Vec<Event>> {
+        if fence.is_some() && !S::LEASES {
+            return Err(Error::NoLeases);
+        }
+        self.writer().update_steps(job, steps, fence).await
+    }
+
     async fn append_events(
         &self,
         job: &JobId,

@@ -140,6 +140,20 @@ impl Writer {
         events_of(self.write(op).await?)
     }
 
+    pub async fn update_steps(
+        &self,
+        job: &Job,
+        steps: &[(JobState, Vec<EventKind>)],
+        fence: Option<&Fence>,
+    ) -> Result<Vec<Event>> {
+        let op = Op::Update {
+            row: JobRow::of(job)?,
+            events: EventRows::steps(&job.id, job.updated_at, steps)?,
+            fence: fence.cloned(),
+        };
+        events_of(self.write(op).await?)
+    }
+
     pub async fn append(
         &self,
         job: &JobId,

@@ -40,7 +40,8 @@ pub async fn run(
         match cmd {
             Command::Run(a) => {
                 let (job, attempt) = (a.job_id, a.attempt);
-                for input in [
+                // All three are known at once: one commit, as a cached prompt's would be.
+                let inputs = vec![
                     Input::Submitted { attempt },
                     Input::Started { attempt },
                     Input::Succeeded {
@@ -48,11 +49,9 @@ pub async fn run(
                         outputs: Vec::new(),
                         result: None,
                     },
-                ] {
-                    if let Err(e) = engine.apply(&job, input).await {
-                        tracing::error!(backend = %name, job_id = %job, error = %e, "instant backend cannot record a change");
-                        break;
-                    }
+                ];
+                if let Err(e) = engine.apply_steps(&job, inputs).await {
+                    tracing::error!(backend = %name, job_id = %job, error = %e, "instant backend cannot record a change");
                 }
                 free(&engine, &name, &job, attempt);
             }

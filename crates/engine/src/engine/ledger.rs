@@ -257,24 +257,7 @@ impl Engine {
                             if let Some(change) = health {
                                 self.change_health(change, now);
                             }
-                            self.sample_nodes(&applied.job, &ended);
-                            if !ended.is_empty() {
-                                let mut profiles = self.lock_profiles();
-                                for n in ended {
-                                    profiles.remove(&(id.clone(), n));
-                                }
-                            }
-                            self.queue().note(&applied.job, &self.inner.config.timeouts);
-                            if applied.job.state != JobState::Running {
-                                self.lock_progress().remove(id);
-                            }
-                            self.publish_persisted(events);
-                            self.hooks_after(&applied.job, &applied.events);
-                            self.carry_out(&applied.job, applied.effects);
-                            if applied.job.state != JobState::Running {
-                                self.wake_scheduler();
-                            }
-                            return Ok(Applied::Changed(applied.job));
+                            return Ok(Applied::Changed(self.committed(applied, events, ended)));
                         }
                         // Someone wrote first: reread.
                         Err(gantry_store::Error::Conflict { .. }) => continue,
@@ -320,6 +303,100 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// What follows a committed change: node statistics, the profiles of ended attempts
+    /// dropped, the queue index told, the events announced, webhooks, effects carried
+    /// out. Answers the job as it now stands.
+    fn committed(&self, applied: gantry_core::Applied, events: Vec<Event>, ended: Vec<u32>) -> Job {
+        let id = &applied.job.id;
+        self.sample_nodes(&applied.job, &ended);
+        if !ended.is_empty() {
+            let mut profiles = self.lock_profiles();
+            for n in ended {
+                profiles.remove(&(id.clone(), n));
+            }
+        }
+        self.queue().note(&applied.job, &self.inner.config.timeouts);
+        if applied.job.state != JobState::Running {
+            self.lock_progress().remove(id);
+        }
+        self.publish_persisted(events);
+        self.hooks_after(&applied.job, &applied.events);
+        self.carry_out(&applied.job, applied.effects);
+        if applied.job.state != JobState::Running {
+            self.wake_scheduler();
+        }
+        applied.job
+    }
+
+    /// Inputs that arrived together about one attempt (an in-process backend's
+    /// submitted, started and succeeded), applied in order and committed as one write:
+    /// one row write and one event batch, each event with the state its change left the
+    /// job in. Nothing is announced before that commit, as with `apply`. When any of
+    /// them is refused, or is a failure (which settles the backend's health), each goes
+    /// through `apply` on its own instead, which decides refusals on the stored row.
+    pub async fn apply_steps(&self, id: &JobId, inputs: Vec<Input>) -> Result<Applied, Error> {
+        let alone = inputs.len() < 2 || inputs.iter().any(|i| matches!(i, Input::Failed { .. }));
+        if !alone {
+            let hot = self.queue().hot(id);
+            let job = match hot {
+                Some(job) => Some(job),
+                None => self.inner.store.job(id).await?.map(Arc::new),
+            };
+            if let Some(job) = job {
+                let now = now_ms();
+                let mut current = (*job).clone();
+                let mut steps: Vec<(JobState, Vec<EventKind>)> = Vec::new();
+                let mut events = Vec::new();
+                let mut effects = Vec::new();
+                let mut ended = Vec::new();
+                let mut refused = false;
+                for input in &inputs {
+                    match transition(&current, input.clone(), now, &self.inner.policy) {
+                        Ok(mut applied) => {
+                            ended.extend(self.attach_profiles(&current, &mut applied));
+                            steps.push((applied.job.state, applied.events.clone()));
+                            events.extend(applied.events);
+                            effects.extend(applied.effects);
+                            current = applied.job;
+                        }
+                        Err(_) => {
+                            refused = true;
+                            break;
+                        }
+                    }
+                }
+                let fence = self.fence(&job, &inputs[0]);
+                if !refused && fence.is_none() {
+                    // One write: one version past the row's.
+                    current.version = job.version + 1;
+                    match self
+                        .inner
+                        .store
+                        .update_job_steps(&current, &steps, None)
+                        .await
+                    {
+                        Ok(stored) => {
+                            let applied = gantry_core::Applied {
+                                job: current,
+                                events,
+                                effects,
+                            };
+                            return Ok(Applied::Changed(self.committed(applied, stored, ended)));
+                        }
+                        // Someone wrote first: each on its own, from the stored row.
+                        Err(gantry_store::Error::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        let mut last = None;
+        for input in inputs {
+            last = Some(self.apply(id, input).await?);
+        }
+        last.ok_or_else(|| Error::NotFound(id.clone()))
     }
 
     /// Tells the webhook deliverer about a job that just ended here, and keeps the set of

@@ -541,3 +541,64 @@ async fn a_runnable_job_is_not_starved_by_thousands_waiting_ahead_of_it() {
     assert_eq!(engine.queue_len(), parked, "the parked jobs still wait");
     server.shutdown().await;
 }
+
+/// An in-process backend knows a prompt's submission, start and success at once: they
+/// are applied in order and committed as one write (`Engine::apply_steps`), and the job's
+/// history still tells each change apart, each with the state it left the job in.
+#[tokio::test]
+async fn changes_known_at_once_commit_together_and_each_keeps_its_own_state() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config =
+        gantry_server::Config::new("127.0.0.1:0".parse().unwrap(), data.path().join("data"));
+    config.backends = vec![gantry_server::BackendConfig::instant(
+        "i0",
+        vec!["EmptyImage".into(), "SaveImage".into()],
+    )];
+    let server = gantry_server::Server::start(config).await.unwrap();
+    let app = crate::support::TestApp::attach(server);
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(
+            app.submit_ok(&json!({"workflow": tiny_workflow(&format!("at-once-{n}"))}))
+                .await,
+        );
+    }
+    for id in &ids {
+        let job = app.wait_terminal(id).await;
+        assert_eq!(job["state"], "succeeded", "{job:#}");
+        let events = app.read_sse(id).await;
+        assert_eq!(names(&events), PERSISTED_SUCCESS, "{events:#?}");
+        let states: Vec<&str> = events
+            .iter()
+            .map(|e| e.data["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            states,
+            ["queued", "running", "running", "running", "succeeded"],
+            "{events:#?}"
+        );
+        // The last three: one commit, numbered in a row, at one moment.
+        let seqs: Vec<i64> = events
+            .iter()
+            .map(|e| e.data["seq"].as_i64().unwrap())
+            .collect();
+        assert_eq!(
+            (seqs[3] - seqs[2], seqs[4] - seqs[3]),
+            (1, 1),
+            "{events:#?}"
+        );
+        assert_eq!(events[2].data["at"], events[4].data["at"], "{events:#?}");
+        assert_eq!(job["attempts"][0]["status"], "succeeded", "{job:#}");
+        // Three row writes: created, dispatched, and the three changes together.
+        let stored = app
+            .server
+            .engine
+            .store()
+            .job(&gantry_core::JobId::parse(id).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.version, 3, "{job:#}");
+    }
+    app.server.shutdown().await;
+}

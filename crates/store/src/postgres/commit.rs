@@ -340,10 +340,10 @@ async fn insert_events(
             Vec::with_capacity(total),
         );
         for (_, events, _) in &pending {
-            for (_, json) in &events.kinds {
+            for (event_state, _, json) in &events.kinds {
                 job_id.push(events.job_id.as_str());
                 at.push(events.at);
-                state.push(events.state.as_str());
+                state.push(event_state.as_str());
                 data.push(json.as_str());
             }
         }

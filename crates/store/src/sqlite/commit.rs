@@ -2,7 +2,7 @@
 //! the one write connection, updates and event inserts as multi-row statements.
 
 use async_trait::async_trait;
-use gantry_core::{EventKind, Millis};
+use gantry_core::{EventKind, JobState, Millis};
 use sqlx::{Row, SqlitePool};
 use std::collections::{HashMap, HashSet};
 
@@ -28,6 +28,7 @@ impl Committer for Sqlite {
 /// job written twice in one group is written in two rounds, in order.
 async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done>>> {
     const UPDATE_ROWS: usize = 100;
+    const CREATE_ROWS: usize = 100;
     const EVENT_ROWS: usize = 200;
     let mut tx = pool.begin().await?;
     let mut outcomes: Vec<Option<Result<Done>>> = (0..batch.len()).map(|_| None).collect();
@@ -36,8 +37,37 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
     for round in 0..=last_round {
         let items: Vec<usize> = (0..batch.len()).filter(|i| rounds[*i] == round).collect();
         let mut with_events: Vec<usize> = Vec::new();
+        // New jobs without an idempotency key (nothing to look up first) go in multi-row
+        // inserts; their events join the updates' below.
+        let plain: Vec<usize> = items
+            .iter()
+            .copied()
+            .filter(|i| {
+                matches!(&batch[*i].op, Op::Create { row, .. } if row.idempotency_key.is_none())
+            })
+            .collect();
+        for chunk in plain.chunks(CREATE_ROWS) {
+            if insert_jobs(&mut tx, batch, chunk).await.is_ok() {
+                with_events.extend_from_slice(chunk);
+                continue;
+            }
+            // A row the statement refused (a duplicate id) fails that job alone: SQLite
+            // undoes the failed statement, not the transaction, so each goes again alone.
+            for &i in chunk {
+                if let Op::Create {
+                    row,
+                    spec,
+                    request_hash,
+                    events,
+                } = &batch[i].op
+                {
+                    outcomes[i] = Some(create(&mut tx, row, spec, request_hash, events).await);
+                }
+            }
+        }
         for &i in &items {
             match &batch[i].op {
+                Op::Create { .. } if plain.contains(&i) => {}
                 Op::Create {
                     row,
                     spec,
@@ -99,16 +129,18 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
         }
         // Events in the order their writes came.
         with_events.sort_unstable();
-        let rows: Vec<(usize, &EventRows, &EventKind, &String)> = with_events
+        let rows: Vec<(usize, &EventRows, JobState, &EventKind, &String)> = with_events
             .iter()
             .flat_map(|&i| {
                 let events = match &batch[i].op {
-                    Op::Update { events, .. } | Op::Append { events } => Some(events),
-                    Op::Create { .. } | Op::Purge { .. } => None,
+                    Op::Update { events, .. }
+                    | Op::Append { events }
+                    | Op::Create { events, .. } => Some(events),
+                    Op::Purge { .. } => None,
                 };
                 events
                     .into_iter()
-                    .flat_map(move |e| e.kinds.iter().map(move |(k, d)| (i, e, k, d)))
+                    .flat_map(move |e| e.kinds.iter().map(move |(s, k, d)| (i, e, *s, k, d)))
             })
             .collect();
         let mut done: HashMap<usize, Vec<Event>> =
@@ -123,34 +155,84 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
                 });
             }
             let mut q = sqlx::query(&sql);
-            for (_, e, _, data) in chunk {
+            for (_, e, state, _, data) in chunk {
                 q = q
                     .bind(e.job_id.as_str())
                     .bind(e.at)
-                    .bind(e.state.as_str())
+                    .bind(state.as_str())
                     .bind(data.as_str());
             }
             let result = q.execute(&mut *tx).await?;
             // One statement, one writer: AUTOINCREMENT numbers its rows consecutively.
             let first = result.last_insert_rowid() - chunk.len() as i64 + 1;
-            for (n, (i, e, kind, _)) in chunk.iter().enumerate() {
+            for (n, (i, e, state, kind, _)) in chunk.iter().enumerate() {
                 if let Some(list) = done.get_mut(i) {
                     list.push(Event {
                         seq: first + n as i64,
                         job_id: e.job_id.clone(),
                         at: e.at,
-                        state: e.state,
+                        state: *state,
                         kind: (*kind).clone(),
                     });
                 }
             }
         }
-        for (i, events) in done {
-            outcomes[i] = Some(Ok(Done::Events(events)));
+        for (i, mut events) in done {
+            outcomes[i] = Some(match &batch[i].op {
+                Op::Create { .. } if events.is_empty() => Err(Error::Database(
+                    sqlx::Error::Protocol("a new job needs its first event".into()),
+                )),
+                Op::Create { .. } => Ok(Done::Created(Created::New(events.remove(0)))),
+                _ => Ok(Done::Events(events)),
+            });
         }
     }
     tx.commit().await?;
     Ok(finish(outcomes))
+}
+
+/// Insert the new jobs of `chunk` (indices into `batch`, each a `Create`) in one statement.
+async fn insert_jobs(
+    tx: &mut sqlx::SqliteConnection,
+    batch: &[Write],
+    chunk: &[usize],
+) -> Result<()> {
+    let mut sql = String::from(
+        "INSERT INTO jobs (id, state, priority, not_before, version, idempotency_key, \
+         request_hash, created_at, updated_at, spec, doc) VALUES ",
+    );
+    for n in 0..chunk.len() {
+        sql.push_str(if n == 0 {
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        } else {
+            ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        });
+    }
+    let mut q = sqlx::query(&sql);
+    for &i in chunk {
+        if let Op::Create {
+            row,
+            spec,
+            request_hash,
+            ..
+        } = &batch[i].op
+        {
+            q = q
+                .bind(row.id.as_str())
+                .bind(row.state.as_str())
+                .bind(row.priority)
+                .bind(row.not_before)
+                .bind(row.version)
+                .bind(row.idempotency_key.as_deref())
+                .bind(request_hash.as_str())
+                .bind(row.created_at)
+                .bind(row.updated_at)
+                .bind(spec.as_str())
+                .bind(row.doc.as_str());
+        }
+    }
+    q.execute(&mut *tx).await?;
+    Ok(())
 }
 
 /// Delete up to `limit` terminal jobs last changed before `before`, with their events.
@@ -232,13 +314,13 @@ async fn create(
 /// Insert one job's events, one statement each (a create has one).
 async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &EventRows) -> Result<Vec<Event>> {
     let mut out = Vec::with_capacity(rows.kinds.len());
-    for (kind, data) in &rows.kinds {
+    for (state, kind, data) in &rows.kinds {
         let seq: i64 = sqlx::query_scalar(
             "INSERT INTO events (job_id, at, state, data) VALUES (?, ?, ?, ?) RETURNING seq",
         )
         .bind(rows.job_id.as_str())
         .bind(rows.at)
-        .bind(rows.state.as_str())
+        .bind(state.as_str())
         .bind(data)
         .fetch_one(&mut *tx)
         .await?;
@@ -246,7 +328,7 @@ async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &EventRows) -> Res
             seq,
             job_id: rows.job_id.clone(),
             at: rows.at,
-            state: rows.state,
+            state: *state,
             kind: kind.clone(),
         });
     }

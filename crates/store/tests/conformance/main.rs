@@ -24,7 +24,9 @@ macro_rules! conformance {
                 every_transition_is_stored_as_applied,
                 idempotency_keys_answer_the_existing_job,
                 queue_order_is_priority_then_submission_and_pages_walk_back,
-                finished_jobs_are_purged_with_their_events_and_deliveries_and_live_ones_kept
+                finished_jobs_are_purged_with_their_events_and_deliveries_and_live_ones_kept,
+                several_changes_commit_as_one_write_with_each_events_own_state,
+                a_new_job_whose_id_is_taken_fails_alone
             );
             conformance!(@each $make, $n;
                 concurrent_writes_share_commits_but_keep_their_own_outcomes,

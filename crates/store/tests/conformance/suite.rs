@@ -659,3 +659,103 @@ pub async fn node_stats_add_up_and_filter(stores: Vec<Arc<dyn Store>>) {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].class, "VAEDecode");
 }
+
+/// Several state changes made at once (an in-process backend's submitted, started and
+/// succeeded) go in as one row write, one version on, with each event stamped with the
+/// state its change left the job in; a second write of the same version is refused.
+pub async fn several_changes_commit_as_one_write_with_each_events_own_state(
+    stores: Vec<Arc<dyn Store>>,
+) {
+    let store = &stores[0];
+    let j = job(None, 0, 5);
+    store.create_job(&j, "h").await.unwrap();
+    let dispatch = Input::Dispatch {
+        backend: "a".into(),
+        prompt_id: "p".into(),
+    };
+    let j = step(store, &j, dispatch, 6).await;
+    let policy = Policy::default();
+    let mut current = j.clone();
+    let mut steps: Vec<(JobState, Vec<EventKind>)> = Vec::new();
+    for input in [
+        Input::Submitted { attempt: 1 },
+        Input::Started { attempt: 1 },
+        Input::Succeeded {
+            attempt: 1,
+            outputs: Vec::new(),
+            result: None,
+        },
+    ] {
+        let applied = transition(&current, input, 7, &policy).unwrap();
+        steps.push((applied.job.state, applied.events));
+        current = applied.job;
+    }
+    current.version = j.version + 1;
+    let events = store
+        .update_job_steps(&current, &steps, None)
+        .await
+        .unwrap();
+    let expected: Vec<(JobState, EventKind)> = steps
+        .iter()
+        .flat_map(|(s, kinds)| kinds.iter().map(move |k| (*s, k.clone())))
+        .collect();
+    let got: Vec<(JobState, EventKind)> =
+        events.iter().map(|e| (e.state, e.kind.clone())).collect();
+    assert_eq!(got, expected);
+    assert_eq!(
+        got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [JobState::Running, JobState::Running, JobState::Succeeded]
+    );
+    for pair in events.windows(2) {
+        assert_eq!(pair[1].seq, pair[0].seq + 1, "one batch, numbered in order");
+    }
+    let stored = store.job(&j.id).await.unwrap().unwrap();
+    assert_eq!(stored, current);
+    assert_eq!(stored.version, j.version + 1);
+    let all = store.job_events(&j.id, 0).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(all[2..], events[..]);
+    let err = store
+        .update_job_steps(&current, &steps, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    assert_eq!(store.job_events(&j.id, 0).await.unwrap().len(), 5);
+}
+
+/// New jobs written together go in together, and one whose id is taken fails alone: the
+/// others of its group are stored with their events.
+pub async fn a_new_job_whose_id_is_taken_fails_alone(stores: Vec<Arc<dyn Store>>) {
+    let store = &stores[0];
+    let first = job(None, 0, 1);
+    store.create_job(&first, "h").await.unwrap();
+    let mut again = job(None, 0, 2);
+    again.id = first.id.clone();
+    let others: Vec<Job> = (0..20).map(|i| job(None, 0, 10 + i)).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for j in others.iter().cloned().chain([again]) {
+        let store = store.clone();
+        tasks.spawn(async move { (j.id.clone(), j.created_at, store.create_job(&j, "h").await) });
+    }
+    let mut refused = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (id, created_at, outcome) = r.unwrap();
+        match outcome {
+            Ok(Created::New(event)) => {
+                assert_eq!(event.job_id, id);
+                assert_eq!(event.state, JobState::Queued);
+            }
+            Ok(Created::Existing { .. }) => panic!("no key, so no existing job"),
+            Err(_) => {
+                assert_eq!((&id, created_at), (&first.id, 2));
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 1);
+    assert_eq!(store.job(&first.id).await.unwrap().unwrap().created_at, 1);
+    for j in &others {
+        assert_eq!(store.job(&j.id).await.unwrap().unwrap(), *j);
+        assert_eq!(store.job_events(&j.id, 0).await.unwrap().len(), 1);
+    }
+}
