@@ -223,16 +223,7 @@ impl Engine {
         let mut cached = self.queue().hot(id);
         loop {
             let from_cache = cached.is_some();
-            let job = match cached.take() {
-                Some(job) => job,
-                None => Arc::new(
-                    self.inner
-                        .store
-                        .job(id)
-                        .await?
-                        .ok_or_else(|| Error::NotFound(id.clone()))?,
-                ),
-            };
+            let job = self.current(id, cached.take()).await?;
             let now = now_ms();
             match transition(&job, input.clone(), now, &self.inner.policy) {
                 Ok(mut applied) => {
@@ -305,6 +296,21 @@ impl Engine {
         }
     }
 
+    /// The job as a change starts from: the queue index's copy when there is one,
+    /// the stored row otherwise.
+    async fn current(&self, id: &JobId, hot: Option<Arc<Job>>) -> Result<Arc<Job>, Error> {
+        match hot {
+            Some(job) => Ok(job),
+            None => Ok(Arc::new(
+                self.inner
+                    .store
+                    .job(id)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(id.clone()))?,
+            )),
+        }
+    }
+
     /// What follows a committed change: node statistics, the profiles of ended attempts
     /// dropped, the queue index told, the events announced, webhooks, effects carried
     /// out. Answers the job as it now stands.
@@ -340,55 +346,48 @@ impl Engine {
         let alone = inputs.len() < 2 || inputs.iter().any(|i| matches!(i, Input::Failed { .. }));
         if !alone {
             let hot = self.queue().hot(id);
-            let job = match hot {
-                Some(job) => Some(job),
-                None => self.inner.store.job(id).await?.map(Arc::new),
-            };
-            if let Some(job) = job {
-                let now = now_ms();
-                let mut current = (*job).clone();
-                let mut steps: Vec<(JobState, Vec<EventKind>)> = Vec::new();
-                let mut events = Vec::new();
-                let mut effects = Vec::new();
-                let mut ended = Vec::new();
-                let mut refused = false;
-                for input in &inputs {
-                    match transition(&current, input.clone(), now, &self.inner.policy) {
-                        Ok(mut applied) => {
-                            ended.extend(self.attach_profiles(&current, &mut applied));
-                            steps.push((applied.job.state, applied.events.clone()));
-                            events.extend(applied.events);
-                            effects.extend(applied.effects);
-                            current = applied.job;
-                        }
-                        Err(_) => {
-                            refused = true;
-                            break;
-                        }
+            let job = self.current(id, hot).await?;
+            let now = now_ms();
+            let mut current = (*job).clone();
+            let mut steps: Vec<(JobState, Vec<EventKind>)> = Vec::new();
+            let mut effects = Vec::new();
+            let mut ended = Vec::new();
+            let mut refused = false;
+            for input in &inputs {
+                match transition(&current, input.clone(), now, &self.inner.policy) {
+                    Ok(mut applied) => {
+                        ended.extend(self.attach_profiles(&current, &mut applied));
+                        effects.extend(applied.effects);
+                        steps.push((applied.job.state, applied.events));
+                        current = applied.job;
+                    }
+                    Err(_) => {
+                        refused = true;
+                        break;
                     }
                 }
-                let fence = self.fence(&job, &inputs[0]);
-                if !refused && fence.is_none() {
-                    // One write: one version past the row's.
-                    current.version = job.version + 1;
-                    match self
-                        .inner
-                        .store
-                        .update_job_steps(&current, &steps, None)
-                        .await
-                    {
-                        Ok(stored) => {
-                            let applied = gantry_core::Applied {
-                                job: current,
-                                events,
-                                effects,
-                            };
-                            return Ok(Applied::Changed(self.committed(applied, stored, ended)));
-                        }
-                        // Someone wrote first: each on its own, from the stored row.
-                        Err(gantry_store::Error::Conflict { .. }) => {}
-                        Err(e) => return Err(e.into()),
+            }
+            let fence = self.fence(&job, &inputs[0]);
+            if !refused && fence.is_none() {
+                // One write: one version past the row's.
+                current.version = job.version + 1;
+                match self
+                    .inner
+                    .store
+                    .update_job_steps(&current, &steps, None)
+                    .await
+                {
+                    Ok(stored) => {
+                        let applied = gantry_core::Applied {
+                            job: current,
+                            events: steps.into_iter().flat_map(|(_, kinds)| kinds).collect(),
+                            effects,
+                        };
+                        return Ok(Applied::Changed(self.committed(applied, stored, ended)));
                     }
+                    // Someone wrote first: each on its own, from the stored row.
+                    Err(gantry_store::Error::Conflict { .. }) => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
         }

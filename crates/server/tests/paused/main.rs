@@ -16,12 +16,18 @@
 //! under a second. A guard of real time (`within`) turns a wait that never ends into a
 //! failure that says what was awaited.
 
+// The integration tests' helpers (this binary uses a few of them).
+#[allow(dead_code)]
+#[path = "../it/support.rs"]
+mod support;
+
 use gantry_server::bus::BusEvent;
 use gantry_server::{clock, BackendConfig, Config, Server};
 use gantry_sim::{SimConfig, SimHandle};
 use serde_json::{json, Value};
 use std::future::Future;
 use std::time::Duration;
+use support::{ms_of, sleep_workflow};
 use tokio::sync::broadcast;
 
 /// The simulator's slice of a node's sleep.
@@ -228,6 +234,24 @@ impl Farm {
         }
     }
 
+    /// Lets `limit_ms` pass but its last millisecond, checks the job still runs, lets
+    /// that millisecond pass and answers the job once it has ended.
+    async fn ended_exactly_after(&self, id: &str, limit_ms: u64) -> Value {
+        self.run_ms(limit_ms - 1).await;
+        self.assert_not_ended(id).await;
+        self.advance_ms(1).await;
+        self.job_until(id, "the job ended", ended).await
+    }
+
+    /// Runs the sleep node's first `n` steps of `step_ms` each, waiting for each.
+    async fn steps(&mut self, n: u32, step_ms: u64) {
+        for step in 1..=n {
+            self.run_ms(step_ms).await;
+            self.event(&format!("step {step}"), |e| is_progress(e, f64::from(step)))
+                .await;
+        }
+    }
+
     /// The job has not ended (what the last `advance_ms` woke has been served).
     async fn assert_not_ended(&self, id: &str) {
         let job = self.job(id).await;
@@ -258,23 +282,6 @@ fn ended(job: &Value) -> bool {
         job["state"].as_str(),
         Some("succeeded" | "failed" | "cancelled")
     )
-}
-
-/// Milliseconds since the epoch of an RFC 3339 timestamp.
-fn ms_of(v: &Value) -> i64 {
-    let s = v.as_str().unwrap_or_else(|| panic!("not a timestamp: {v}"));
-    chrono::DateTime::parse_from_rfc3339(s)
-        .unwrap_or_else(|e| panic!("{s}: {e}"))
-        .timestamp_millis()
-}
-
-/// EmptyImage -> GantrySleep -> SaveImage: `seconds` in `steps` steps of the paused clock.
-fn sleep_workflow(seconds: f64, steps: u64, seed: u64) -> Value {
-    json!({
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0xff00}},
-        "2": {"class_type": "GantrySleep", "inputs": {"image": ["1", 0], "seconds": seconds, "steps": steps, "seed": seed}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "paused"}}
-    })
 }
 
 fn is_node_started(event: &Value, node: &str) -> bool {
@@ -311,10 +318,7 @@ async fn the_start_timer_fires_when_its_limit_has_passed_and_not_before() {
     .await;
     let pending_at = clock::now_ms();
 
-    farm.run_ms(29_999).await;
-    farm.assert_not_ended(&id).await;
-    farm.advance_ms(1).await;
-    let job = farm.job_until(&id, "the job failed", ended).await;
+    let job = farm.ended_exactly_after(&id, 30_000).await;
     let details = timeout_of(&job, "start", 30_000);
     let finished = ms_of(&job["attempts"][0]["finished_at"]);
     assert_eq!(finished - ms_of(&details["since"]), 30_000, "{job:#}");
@@ -352,10 +356,7 @@ async fn the_first_progress_timer_counts_from_the_nodes_start() {
     farm.node_two_started().await;
     let started_at = clock::now_ms();
 
-    farm.run_ms(19_999).await;
-    farm.assert_not_ended(&id).await;
-    farm.advance_ms(1).await;
-    let job = farm.job_until(&id, "the job failed", ended).await;
+    let job = farm.ended_exactly_after(&id, 20_000).await;
     let details = timeout_of(&job, "first_progress", 20_000);
     assert_eq!(details["node"], "2", "{job:#}");
     let finished = ms_of(&job["attempts"][0]["finished_at"]);
@@ -378,17 +379,10 @@ async fn the_node_stall_timer_counts_from_the_last_step_and_each_step_resets_it(
         .submit(json!({"workflow": sleep_workflow(10.0, 10, 3), "max_attempts": 1}))
         .await;
     farm.node_two_started().await;
-    for step in 1..=5 {
-        farm.run_ms(1_000).await;
-        farm.event(&format!("step {step}"), |e| is_progress(e, f64::from(step)))
-            .await;
-    }
+    farm.steps(5, 1_000).await;
     let last_step_at = clock::now_ms();
 
-    farm.run_ms(14_999).await;
-    farm.assert_not_ended(&id).await;
-    farm.advance_ms(1).await;
-    let job = farm.job_until(&id, "the job failed", ended).await;
+    let job = farm.ended_exactly_after(&id, 15_000).await;
     let details = timeout_of(&job, "node_stall", 15_000);
     assert_eq!(details["progress"], json!({"value": 5.0, "max": 10.0}));
     let finished = ms_of(&job["attempts"][0]["finished_at"]);
@@ -414,16 +408,9 @@ async fn the_deadline_ends_a_progressing_job_at_its_limit_from_submission() {
         }))
         .await;
     farm.node_two_started().await;
-    for step in 1..=2 {
-        farm.run_ms(10_000).await;
-        farm.event(&format!("step {step}"), |e| is_progress(e, f64::from(step)))
-            .await;
-    }
-    // 1 ms of node 1 and 20 s of node 2 have passed.
-    farm.run_ms(4_998).await;
-    farm.assert_not_ended(&id).await;
-    farm.advance_ms(1).await;
-    let job = farm.job_until(&id, "the job failed", ended).await;
+    farm.steps(2, 10_000).await;
+    // 1 ms of node 1 and 20 s of node 2 have passed: 4 999 ms to the deadline.
+    let job = farm.ended_exactly_after(&id, 4_999).await;
     assert_eq!(job["state"], "failed", "{job:#}");
     assert_eq!(job["error"]["code"], "deadline", "{job:#}");
     assert_eq!(ms_of(&job["created_at"]), submitted_at, "{job:#}");
@@ -450,11 +437,7 @@ async fn a_cancel_the_backend_ignores_ends_after_the_grace_and_marks_it_stuck() 
         .submit(json!({"workflow": sleep_workflow(10.0, 10, 5)}))
         .await;
     farm.node_two_started().await;
-    for step in 1..=5 {
-        farm.run_ms(1_000).await;
-        farm.event(&format!("step {step}"), |e| is_progress(e, f64::from(step)))
-            .await;
-    }
+    farm.steps(5, 1_000).await;
     let response = farm
         .http
         .delete(format!("{}/v1/jobs/{id}", farm.server.url()))
@@ -464,10 +447,7 @@ async fn a_cancel_the_backend_ignores_ends_after_the_grace_and_marks_it_stuck() 
     assert_eq!(response.status(), 202);
     let asked_at = clock::now_ms();
 
-    farm.run_ms(19_999).await;
-    farm.assert_not_ended(&id).await;
-    farm.advance_ms(1).await;
-    let job = farm.job_until(&id, "the job cancelled", ended).await;
+    let job = farm.ended_exactly_after(&id, 20_000).await;
     assert_eq!(job["state"], "cancelled", "{job:#}");
     assert_eq!(ms_of(&job["updated_at"]) - asked_at, 20_000, "{job:#}");
     let prompt_id = job["attempts"][0]["prompt_id"].clone();

@@ -39,15 +39,25 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
         let mut with_events: Vec<usize> = Vec::new();
         // New jobs without an idempotency key (nothing to look up first) go in multi-row
         // inserts; their events join the updates' below.
-        let plain: Vec<usize> = items
+        let plain = |i: usize| -> Option<NewRow<'_>> {
+            match &batch[i].op {
+                Op::Create {
+                    row,
+                    spec,
+                    request_hash,
+                    ..
+                } if row.idempotency_key.is_none() => Some((row, spec, request_hash)),
+                _ => None,
+            }
+        };
+        let plains: Vec<usize> = items
             .iter()
             .copied()
-            .filter(|i| {
-                matches!(&batch[*i].op, Op::Create { row, .. } if row.idempotency_key.is_none())
-            })
+            .filter(|i| plain(*i).is_some())
             .collect();
-        for chunk in plain.chunks(CREATE_ROWS) {
-            if insert_jobs(&mut tx, batch, chunk).await.is_ok() {
+        for chunk in plains.chunks(CREATE_ROWS) {
+            let rows: Vec<NewRow<'_>> = chunk.iter().filter_map(|i| plain(*i)).collect();
+            if insert_jobs(&mut tx, &rows).await.is_ok() {
                 with_events.extend_from_slice(chunk);
                 continue;
             }
@@ -67,7 +77,7 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
         }
         for &i in &items {
             match &batch[i].op {
-                Op::Create { .. } if plain.contains(&i) => {}
+                Op::Create { .. } if plain(i).is_some() => {}
                 Op::Create {
                     row,
                     spec,
@@ -191,17 +201,16 @@ async fn run_group(pool: &SqlitePool, batch: &[Write]) -> Result<Vec<Result<Done
     Ok(finish(outcomes))
 }
 
-/// Insert the new jobs of `chunk` (indices into `batch`, each a `Create`) in one statement.
-async fn insert_jobs(
-    tx: &mut sqlx::SqliteConnection,
-    batch: &[Write],
-    chunk: &[usize],
-) -> Result<()> {
+/// A new job's row as `insert_jobs` writes it: the row, its spec, its request's hash.
+type NewRow<'a> = (&'a JobRow, &'a str, &'a str);
+
+/// Insert new jobs' rows in one statement.
+async fn insert_jobs(tx: &mut sqlx::SqliteConnection, rows: &[NewRow<'_>]) -> Result<()> {
     let mut sql = String::from(
         "INSERT INTO jobs (id, state, priority, not_before, version, idempotency_key, \
          request_hash, created_at, updated_at, spec, doc) VALUES ",
     );
-    for n in 0..chunk.len() {
+    for n in 0..rows.len() {
         sql.push_str(if n == 0 {
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         } else {
@@ -209,27 +218,19 @@ async fn insert_jobs(
         });
     }
     let mut q = sqlx::query(&sql);
-    for &i in chunk {
-        if let Op::Create {
-            row,
-            spec,
-            request_hash,
-            ..
-        } = &batch[i].op
-        {
-            q = q
-                .bind(row.id.as_str())
-                .bind(row.state.as_str())
-                .bind(row.priority)
-                .bind(row.not_before)
-                .bind(row.version)
-                .bind(row.idempotency_key.as_deref())
-                .bind(request_hash.as_str())
-                .bind(row.created_at)
-                .bind(row.updated_at)
-                .bind(spec.as_str())
-                .bind(row.doc.as_str());
-        }
+    for (row, spec, request_hash) in rows {
+        q = q
+            .bind(row.id.as_str())
+            .bind(row.state.as_str())
+            .bind(row.priority)
+            .bind(row.not_before)
+            .bind(row.version)
+            .bind(row.idempotency_key.as_deref())
+            .bind(*request_hash)
+            .bind(row.created_at)
+            .bind(row.updated_at)
+            .bind(*spec)
+            .bind(row.doc.as_str());
     }
     q.execute(&mut *tx).await?;
     Ok(())
@@ -284,24 +285,7 @@ async fn create(
             }));
         }
     }
-    sqlx::query(
-        "INSERT INTO jobs (id, state, priority, not_before, version, idempotency_key, \
-         request_hash, created_at, updated_at, spec, doc) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(row.id.as_str())
-    .bind(row.state.as_str())
-    .bind(row.priority)
-    .bind(row.not_before)
-    .bind(row.version)
-    .bind(row.idempotency_key.as_deref())
-    .bind(request_hash)
-    .bind(row.created_at)
-    .bind(row.updated_at)
-    .bind(spec)
-    .bind(&row.doc)
-    .execute(&mut *tx)
-    .await?;
+    insert_jobs(tx, &[(row, spec, request_hash)]).await?;
     let mut events = insert_events(tx, events).await?;
     if events.is_empty() {
         return Err(Error::Database(sqlx::Error::Protocol(
